@@ -1,1 +1,112 @@
+//! Roomcast auth service: verifies client tokens (JWT) and decides what a token may do in a
+//! room, over gRPC (`roomcast.v1.AuthService`).
+//!
+//! Layout:
+//! - [`claims`]: the claims Roomcast reads, room-pattern matching, `can_join` / `can_publish`,
+//!   and conversion to and from the proto `Claims`.
+//! - [`verifier`]: builds a [`Verifier`] from settings (`JWT_SECRET` or `JWT_PUBLIC_KEY_FILE`)
+//!   and checks tokens; every refusal is a [`VerifyError`] with a short, client-safe message.
+//! - [`mint`]: HS256 development tokens (the `mint-token` command, standalone mode, tests).
+//! - [`service`]: the tonic `AuthService` implementation.
+//! - [`serve`]: runs the gRPC server on a bound listener; the binary and standalone mode both
+//!   call it.
 
+pub mod claims;
+pub mod mint;
+pub mod service;
+pub mod verifier;
+
+pub use claims::{Claims, pattern_matches};
+pub use mint::{MintError, encode_hs256, mint_hs256};
+pub use service::AuthHandler;
+pub use verifier::{ConfigError, KeyError, Verifier, VerifierConfig, VerifyError};
+
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+/// Serves `AuthService` on `listener` until `shutdown` resolves, then lets in-flight calls
+/// finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    verifier: Verifier,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    // Calls are tiny request/response pairs: without TCP_NODELAY, Nagle's algorithm can hold a
+    // reply back for a delayed ACK.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(AuthHandler::new(verifier).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roomcast_proto::auth_service_client::AuthServiceClient;
+    use roomcast_proto::{AuthorizeRequest, VerifyTokenRequest};
+
+    const SECRET: &[u8] = b"network-test-secret-network-test";
+
+    #[tokio::test]
+    async fn serves_real_grpc_clients_and_stops_on_shutdown() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, Verifier::hs256(SECRET).unwrap(), async {
+            let _ = stopped.await;
+        }));
+
+        let mut client = AuthServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let token = mint_hs256(SECRET, "alice", 60, Some(vec!["chat:*".into()]), None).unwrap();
+
+        let claims = client
+            .verify_token(VerifyTokenRequest {
+                token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .claims
+            .unwrap();
+        assert_eq!(Claims::from(claims).rooms, Some(vec!["chat:*".to_owned()]));
+
+        let allowed = client
+            .authorize(AuthorizeRequest {
+                token: token.clone(),
+                room: "chat:1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(allowed.can_join && allowed.can_publish);
+        let denied = client
+            .authorize(AuthorizeRequest {
+                token,
+                room: "lobby".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!denied.can_join && !denied.can_publish);
+
+        let status = client
+            .verify_token(VerifyTokenRequest {
+                token: "a.b.c".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.message(), "malformed token");
+
+        drop(client);
+        stop.send(()).unwrap();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("server stops after shutdown")
+            .unwrap();
+        assert!(result.is_ok());
+    }
+}

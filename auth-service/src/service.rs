@@ -1,0 +1,165 @@
+//! The gRPC `AuthService`: stateless, so any number of instances can share one address list.
+
+use roomcast_common::error_code::ErrorCode;
+use roomcast_common::room::validate_room_name;
+use roomcast_proto::auth_service_server::{AuthService, AuthServiceServer};
+use roomcast_proto::{
+    AuthorizeRequest, AuthorizeResponse, VerifyTokenRequest, VerifyTokenResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::claims::Claims;
+use crate::verifier::Verifier;
+
+/// Answers `AuthService` calls with one [`Verifier`].
+#[derive(Debug, Clone)]
+pub struct AuthHandler {
+    verifier: Verifier,
+}
+
+impl AuthHandler {
+    pub fn new(verifier: Verifier) -> Self {
+        Self { verifier }
+    }
+
+    /// The handler wrapped as a tonic service, ready for `Server::add_service`.
+    pub fn into_server(self) -> AuthServiceServer<Self> {
+        AuthServiceServer::new(self)
+    }
+
+    fn verify(&self, token: &str) -> Result<Claims, Status> {
+        self.verifier.verify(token).map_err(|e| {
+            tracing::debug!(reason = %e, "token refused");
+            ErrorCode::Unauthorized.status(e.to_string())
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthHandler {
+    async fn verify_token(
+        &self,
+        request: Request<VerifyTokenRequest>,
+    ) -> Result<Response<VerifyTokenResponse>, Status> {
+        let claims = self.verify(&request.get_ref().token)?;
+        Ok(Response::new(VerifyTokenResponse {
+            claims: Some(claims.into()),
+        }))
+    }
+
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
+        let request = request.get_ref();
+        let claims = self.verify(&request.token)?;
+        validate_room_name(&request.room)
+            .map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
+        Ok(Response::new(AuthorizeResponse {
+            can_join: claims.can_join(&request.room),
+            can_publish: claims.can_publish(&request.room),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mint::{encode_hs256, mint_hs256};
+    use crate::verifier::unix_now;
+    use tonic::Code;
+
+    const SECRET: &[u8] = b"service-test-secret-service-test";
+
+    fn handler() -> AuthHandler {
+        AuthHandler::new(Verifier::hs256(SECRET).unwrap())
+    }
+
+    fn token(rooms: Option<&[&str]>, publish: Option<&[&str]>) -> String {
+        let owned = |p: &[&str]| p.iter().map(|s| s.to_string()).collect();
+        mint_hs256(SECRET, "alice", 600, rooms.map(owned), publish.map(owned)).unwrap()
+    }
+
+    async fn authorize(token: &str, room: &str) -> Result<(bool, bool), Status> {
+        let request = Request::new(AuthorizeRequest {
+            token: token.to_owned(),
+            room: room.to_owned(),
+        });
+        let response = handler().authorize(request).await?.into_inner();
+        Ok((response.can_join, response.can_publish))
+    }
+
+    #[tokio::test]
+    async fn verify_token_returns_the_claims() {
+        let token = token(Some(&["chat:*"]), Some(&[]));
+        let request = Request::new(VerifyTokenRequest { token });
+        let claims = handler()
+            .verify_token(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .claims
+            .unwrap();
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.rooms.unwrap().patterns, vec!["chat:*"]);
+        assert_eq!(claims.publish.unwrap().patterns, Vec::<String>::new());
+        assert!(claims.exp > unix_now());
+    }
+
+    #[tokio::test]
+    async fn verify_token_refuses_with_unauthenticated_and_a_reason() {
+        let expired = encode_hs256(
+            SECRET,
+            &Claims {
+                sub: "alice".into(),
+                exp: unix_now() - 10,
+                rooms: None,
+                publish: None,
+            },
+        )
+        .unwrap();
+        let status = handler()
+            .verify_token(Request::new(VerifyTokenRequest { token: expired }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(status.message(), "token expired");
+
+        let status = handler()
+            .verify_token(Request::new(VerifyTokenRequest {
+                token: "junk".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(status.message(), "malformed token");
+    }
+
+    #[tokio::test]
+    async fn authorize_applies_the_patterns() {
+        let t = token(Some(&["chat:*", "lobby"]), Some(&["chat:*"]));
+        assert_eq!(authorize(&t, "chat:general").await.unwrap(), (true, true));
+        assert_eq!(authorize(&t, "lobby").await.unwrap(), (true, false));
+        assert_eq!(authorize(&t, "admin").await.unwrap(), (false, false));
+
+        let everything = token(None, None);
+        assert_eq!(
+            authorize(&everything, "anything").await.unwrap(),
+            (true, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn authorize_refuses_bad_rooms_and_bad_tokens() {
+        let t = token(None, None);
+        let status = authorize(&t, "bad room").await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let status = authorize(&t, "").await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+
+        let other = mint_hs256(b"not the service secret", "eve", 600, None, None).unwrap();
+        let status = authorize(&other, "lobby").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(status.message(), "bad token signature");
+    }
+}
