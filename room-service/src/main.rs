@@ -1,1 +1,101 @@
-fn main() {}
+//! `room-service`: the gRPC room service backed by Redis.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use roomcast_common::ops::{self, Readiness};
+use roomcast_room::config::Config;
+use roomcast_room::{RoomServiceImpl, Store};
+use tokio::sync::watch;
+
+/// How often readiness re-checks that Redis answers.
+const READINESS_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    roomcast_common::telemetry::init();
+    let config = Config::parse();
+    config.validate()?;
+
+    let store = Store::redis(&config.redis_url, config.history_limits())?;
+    let service = RoomServiceImpl::new(store.clone(), config.service_options());
+    let readiness = Readiness::default();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    // Start without Redis if need be: readiness stays false until it answers.
+    tokio::spawn(watch_store(store, readiness.clone(), stopped()));
+
+    let ops_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
+    let grpc_listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding ROOM_SERVICE_ADDR {}", config.addr))?;
+    tracing::info!(addr = %grpc_listener.local_addr()?, metrics_addr = %ops_listener.local_addr()?, "listening");
+
+    let ops_task = tokio::spawn(ops::serve(ops_listener, readiness.clone(), stopped()));
+    let grpc_task = tokio::spawn(roomcast_room::serve(grpc_listener, service, stopped()));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    readiness.set(false);
+    let _ = stop_tx.send(true);
+
+    grpc_task.await?.context("gRPC server")?;
+    ops_task.await?.context("ops server")?;
+    Ok(())
+}
+
+/// Keeps readiness in line with whether Redis answers a PING.
+async fn watch_store(store: Store, readiness: Readiness, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut ticker = tokio::time::interval(READINESS_CHECK_EVERY);
+    let mut was_ready = None;
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = ticker.tick() => {}
+        }
+        let result = store.ping().await;
+        let ready = result.is_ok();
+        readiness.set(ready);
+        if was_ready != Some(ready) {
+            match result {
+                Ok(()) => tracing::info!("store reachable: ready"),
+                Err(error) => tracing::warn!(%error, "store unreachable: not ready"),
+            }
+            was_ready = Some(ready);
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the service");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

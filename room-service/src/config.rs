@@ -1,0 +1,180 @@
+//! Settings, from flags or the environment, checked before anything starts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::service::ServiceOptions;
+use crate::store::HistoryLimits;
+
+/// Largest accepted `MAX_DATA_BYTES`: a publish must fit in one gRPC message (4 MiB by
+/// default) with room to spare.
+pub const MAX_DATA_BYTES_LIMIT: usize = 3 * 1024 * 1024;
+/// Largest accepted `HISTORY_SIZE`.
+pub const HISTORY_SIZE_LIMIT: usize = 1_000_000;
+/// Largest accepted `HISTORY_TTL_SECONDS` (30 days).
+pub const HISTORY_TTL_LIMIT_SECONDS: u64 = 30 * 24 * 3600;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "room-service", version, about = "Roomcast room service (gRPC)")]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "ROOM_SERVICE_ADDR", default_value = "0.0.0.0:50051")]
+    pub addr: SocketAddr,
+    /// Listen address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    pub metrics_addr: SocketAddr,
+    /// The state store.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// The pub/sub leg; must be the Redis of REDIS_URL (the default).
+    #[arg(long, env = "BROKER_URL")]
+    pub broker_url: Option<String>,
+    /// Most messages kept per room.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+    /// Age after which messages leave history; an idle room forgets its history after it.
+    #[arg(long, env = "HISTORY_TTL_SECONDS", default_value_t = 3600)]
+    pub history_ttl_seconds: u64,
+    /// Key of the server API; unset refuses the server API.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest accepted message payload (`data`), in bytes.
+    #[arg(long, env = "MAX_DATA_BYTES", default_value_t = 65536)]
+    pub max_data_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("HISTORY_SIZE must be between 1 and {HISTORY_SIZE_LIMIT}, got {0}")]
+    HistorySize(usize),
+    #[error("HISTORY_TTL_SECONDS must be between 1 and {HISTORY_TTL_LIMIT_SECONDS}, got {0}")]
+    HistoryTtl(u64),
+    #[error("MAX_DATA_BYTES must be between 1 and {MAX_DATA_BYTES_LIMIT}, got {0}")]
+    MaxDataBytes(usize),
+    #[error("REDIS_URL {url:?} is not usable: {reason}")]
+    RedisUrl { url: String, reason: String },
+    #[error(
+        "BROKER_URL {0:?} is not supported by room-service yet: only Redis (redis://, rediss://) is"
+    )]
+    UnsupportedBroker(String),
+    #[error(
+        "BROKER_URL {broker:?} names another Redis than REDIS_URL {store:?}: room-service \
+         publishes from the store's Redis (atomically with the offset), so the broker must be \
+         that Redis; unset BROKER_URL"
+    )]
+    BrokerNotStore { broker: String, store: String },
+}
+
+impl Config {
+    /// Checks every setting; the service refuses to start on the first error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=HISTORY_SIZE_LIMIT).contains(&self.history_size) {
+            return Err(ConfigError::HistorySize(self.history_size));
+        }
+        if !(1..=HISTORY_TTL_LIMIT_SECONDS).contains(&self.history_ttl_seconds) {
+            return Err(ConfigError::HistoryTtl(self.history_ttl_seconds));
+        }
+        if !(1..=MAX_DATA_BYTES_LIMIT).contains(&self.max_data_bytes) {
+            return Err(ConfigError::MaxDataBytes(self.max_data_bytes));
+        }
+        let store = redis_target(&self.redis_url).map_err(|reason| ConfigError::RedisUrl {
+            url: self.redis_url.clone(),
+            reason,
+        })?;
+        if let Some(broker_url) = &self.broker_url {
+            let broker = redis_target(broker_url)
+                .map_err(|_| ConfigError::UnsupportedBroker(broker_url.clone()))?;
+            if broker != store {
+                return Err(ConfigError::BrokerNotStore {
+                    broker: broker_url.clone(),
+                    store: self.redis_url.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn history_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            size: self.history_size,
+            ttl: Duration::from_secs(self.history_ttl_seconds),
+        }
+    }
+
+    pub fn service_options(&self) -> ServiceOptions {
+        ServiceOptions {
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            max_data_bytes: self.max_data_bytes,
+        }
+    }
+}
+
+/// The server and database a Redis URL points at, e.g. `"127.0.0.1:6379/0"`.
+fn redis_target(url: &str) -> Result<String, String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let info = client.get_connection_info();
+    Ok(format!("{}/{}", info.addr(), info.redis_settings().db()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut argv = vec!["room-service"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        // Flags win over the environment, so the defaults are checked with explicit values
+        // that a stray environment cannot change.
+        let config = parse(&["--redis-url", "redis://127.0.0.1:6379"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.history_limits().size, config.history_size);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let base = ["--redis-url", "redis://127.0.0.1:6379"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args).validate()
+        };
+        assert_eq!(
+            with(&["--history-size", "0"]),
+            Err(ConfigError::HistorySize(0))
+        );
+        assert_eq!(
+            with(&["--history-ttl-seconds", "0"]),
+            Err(ConfigError::HistoryTtl(0))
+        );
+        assert_eq!(
+            with(&["--max-data-bytes", "0"]),
+            Err(ConfigError::MaxDataBytes(0))
+        );
+        assert!(matches!(
+            with(&["--broker-url", "nats://127.0.0.1:4222"]),
+            Err(ConfigError::UnsupportedBroker(_))
+        ));
+        assert!(matches!(
+            with(&["--broker-url", "redis://other-host:6379"]),
+            Err(ConfigError::BrokerNotStore { .. })
+        ));
+        assert_eq!(with(&["--broker-url", "redis://127.0.0.1:6379/0"]), Ok(()));
+        assert!(matches!(
+            parse(&["--redis-url", "http://x"]).validate(),
+            Err(ConfigError::RedisUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn empty_api_key_disables_the_server_api() {
+        let config = parse(&["--api-key", ""]);
+        assert_eq!(config.service_options().api_key, None);
+    }
+}

@@ -1,0 +1,532 @@
+//! The gRPC `RoomService`: validation, API-key checks for the server API, and mapping between
+//! proto messages and the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use roomcast_common::envelope::{Control, encode_control};
+use roomcast_common::error_code::ErrorCode;
+use roomcast_common::room::validate_room_name;
+use roomcast_proto as pb;
+use roomcast_proto::room_service_server::RoomService;
+use serde_json::value::RawValue;
+use tonic::{Request, Response, Status};
+
+use crate::store::{Joiner, Position, Store, StoreError, StoredMessage};
+
+/// Longest accepted client id, in bytes.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+/// Longest accepted user id, in bytes.
+pub const MAX_USER_LEN: usize = 256;
+/// Longest accepted gateway id, in bytes.
+pub const MAX_GATEWAY_ID_LEN: usize = 256;
+/// Most rooms one `Broadcast` may name.
+pub const MAX_BROADCAST_ROOMS: usize = 1000;
+/// Lease used when a heartbeat does not say.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Longest lease a heartbeat may ask for.
+pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+/// Longest WebSocket close reason, in bytes (a close frame's payload is at most 125 bytes,
+/// two of them for the code).
+pub const MAX_CLOSE_REASON_LEN: usize = 123;
+/// The close code a `Disconnect` without one uses (policy violation).
+pub const DEFAULT_CLOSE_CODE: u16 = 1008;
+
+/// Settings of the service itself (the store has its own).
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// The key the server API requires; `None` (or empty) disables the server API.
+    pub api_key: Option<String>,
+    /// Largest accepted `data_json`, in bytes.
+    pub max_data_bytes: usize,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            api_key: None,
+            max_data_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The `RoomService` implementation; cheap to clone.
+#[derive(Clone)]
+pub struct RoomServiceImpl {
+    store: Store,
+    options: Arc<ServiceOptions>,
+}
+
+impl RoomServiceImpl {
+    pub fn new(store: Store, options: ServiceOptions) -> Self {
+        RoomServiceImpl {
+            store,
+            options: Arc::new(options),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Checks the server API key: `authorization: Bearer <API_KEY>`.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = self.options.api_key.as_deref().filter(|k| !k.is_empty()) else {
+            return Err(Status::permission_denied(
+                "server API disabled: API_KEY not set",
+            ));
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(bearer_token)
+            .ok_or_else(|| {
+                Status::unauthenticated("missing API key (authorization: Bearer <key>)")
+            })?;
+        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("invalid API key"))
+        }
+    }
+
+    /// Validates `data_json`: at most `max_data_bytes`, and valid JSON. Returns it without
+    /// surrounding whitespace, ready to embed in a frame.
+    fn check_data<'a>(&self, data_json: &'a str) -> Result<&'a str, Status> {
+        if data_json.len() > self.options.max_data_bytes {
+            return Err(ErrorCode::TooLarge.status(format!(
+                "data is {} bytes, more than the limit of {}",
+                data_json.len(),
+                self.options.max_data_bytes
+            )));
+        }
+        serde_json::from_str::<&RawValue>(data_json)
+            .map(RawValue::get)
+            .map_err(|e| Status::invalid_argument(format!("data is not valid JSON: {e}")))
+    }
+
+    async fn publish_checked(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+    ) -> Result<pb::PublishResponse, Status> {
+        let published = self
+            .store
+            .publish(room, user, client_id, data_json)
+            .await
+            .map_err(store_status)?;
+        metrics::counter!("roomcast_room_published_total").increment(1);
+        Ok(pb::PublishResponse {
+            epoch: published.epoch,
+            offset: published.offset,
+        })
+    }
+
+    async fn presence_of(
+        &self,
+        request: pb::PresenceRequest,
+    ) -> Result<pb::PresenceResponse, Status> {
+        check_room(&request.room)?;
+        let members = self
+            .store
+            .presence(&request.room)
+            .await
+            .map_err(store_status)?;
+        Ok(pb::PresenceResponse {
+            members: members
+                .into_iter()
+                .map(|m| pb::Member {
+                    user: m.user,
+                    client_id: m.client_id,
+                })
+                .collect(),
+        })
+    }
+
+    async fn history_of(&self, request: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
+        check_room(&request.room)?;
+        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
+        let page = self
+            .store
+            .history(&request.room, request.since, limit)
+            .await
+            .map_err(store_status)?;
+        Ok(pb::HistoryResponse {
+            epoch: page.epoch,
+            offset: page.offset,
+            publications: page.messages.into_iter().map(publication).collect(),
+        })
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` value (scheme case-insensitive).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Compares without an early exit, so the time taken does not reveal how much of the key a
+/// guess got right (only its length).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn check_room(room: &str) -> Result<(), Status> {
+    validate_room_name(room).map_err(|e| Status::invalid_argument(format!("room {room:?}: {e}")))
+}
+
+/// An id that travels in broker envelope headers: non-empty when `required`, bounded, and free
+/// of whitespace and control characters (a newline would break the envelope).
+fn check_id(what: &str, id: &str, max: usize, required: bool) -> Result<(), Status> {
+    if required && id.is_empty() {
+        return Err(Status::invalid_argument(format!("{what} is required")));
+    }
+    if id.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{what} is longer than {max} bytes"
+        )));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Status::invalid_argument(format!(
+            "{what} may not contain whitespace or control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_user(user: &str, required: bool) -> Result<(), Status> {
+    if required && user.is_empty() {
+        return Err(Status::invalid_argument("user is required"));
+    }
+    if user.len() > MAX_USER_LEN {
+        return Err(Status::invalid_argument(format!(
+            "user is longer than {MAX_USER_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn store_status(error: StoreError) -> Status {
+    match &error {
+        StoreError::Unavailable(_) => {
+            tracing::warn!(%error, "store unavailable");
+            Status::unavailable(error.to_string())
+        }
+        StoreError::Config(_) | StoreError::Internal(_) => {
+            tracing::error!(%error, "store error");
+            Status::internal(error.to_string())
+        }
+    }
+}
+
+fn publication(message: StoredMessage) -> pb::Publication {
+    pb::Publication {
+        offset: message.offset,
+        user: message.user,
+        client_id: message.client_id,
+        data_json: message.data_json,
+    }
+}
+
+/// Accepted WebSocket close codes: the ones an endpoint may send, and the application range.
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+#[tonic::async_trait]
+impl RoomService for RoomServiceImpl {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let request = request.into_inner();
+        check_room(&request.room)?;
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+        check_user(&request.user, true)?;
+        check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, false)?;
+        let since = request.since.map(|p| Position {
+            epoch: p.epoch,
+            offset: p.offset,
+        });
+        let joiner = Joiner {
+            client_id: &request.client_id,
+            user: &request.user,
+            gateway_id: &request.gateway_id,
+        };
+        let joined = self
+            .store
+            .join(&request.room, joiner, since.as_ref())
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::JoinResponse {
+            epoch: joined.epoch,
+            offset: joined.offset,
+            recovered: joined.recovered,
+            missed: joined.missed.into_iter().map(publication).collect(),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let request = request.into_inner();
+        check_room(&request.room)?;
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+        check_user(&request.user, false)?;
+        self.store
+            .leave(&request.room, &request.client_id, &request.user)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let request = request.into_inner();
+        check_room(&request.room)?;
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
+        check_user(&request.user, false)?;
+        let data = self.check_data(&request.data_json)?;
+        self.publish_checked(&request.room, &request.user, &request.client_id, data)
+            .await
+            .map(Response::new)
+    }
+
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceResponse>, Status> {
+        self.presence_of(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.history_of(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn connection_closed(
+        &self,
+        request: Request<pb::ConnectionClosedRequest>,
+    ) -> Result<Response<pb::ConnectionClosedResponse>, Status> {
+        let request = request.into_inner();
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+        check_user(&request.user, false)?;
+        // Try every room even when one fails; leaving is idempotent, so the caller may retry.
+        let mut first_error = None;
+        for room in &request.rooms {
+            if validate_room_name(room).is_err() {
+                continue;
+            }
+            if let Err(error) = self
+                .store
+                .leave(room, &request.client_id, &request.user)
+                .await
+            {
+                first_error.get_or_insert(error);
+            }
+        }
+        match first_error {
+            Some(error) => Err(store_status(error)),
+            None => Ok(Response::new(pb::ConnectionClosedResponse {})),
+        }
+    }
+
+    async fn gateway_heartbeat(
+        &self,
+        request: Request<pb::GatewayHeartbeatRequest>,
+    ) -> Result<Response<pb::GatewayHeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)?;
+        let lease = match request.lease_ms {
+            0 => DEFAULT_LEASE,
+            ms => Duration::from_millis(ms).min(MAX_LEASE),
+        };
+        self.store
+            .gateway_heartbeat(&request.gateway_id, request.connections, lease)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::GatewayHeartbeatResponse {}))
+    }
+
+    async fn server_publish(
+        &self,
+        request: Request<pb::ServerPublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        check_room(&request.room)?;
+        check_user(&request.user, false)?;
+        let data = self.check_data(&request.data_json)?;
+        let user = if request.user.is_empty() {
+            "server"
+        } else {
+            &request.user
+        };
+        self.publish_checked(&request.room, user, "", data)
+            .await
+            .map(Response::new)
+    }
+
+    async fn broadcast(
+        &self,
+        request: Request<pb::BroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        if request.rooms.is_empty() {
+            return Err(Status::invalid_argument("rooms is empty"));
+        }
+        if request.rooms.len() > MAX_BROADCAST_ROOMS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BROADCAST_ROOMS} rooms per broadcast"
+            )));
+        }
+        check_user(&request.user, false)?;
+        let data = self.check_data(&request.data_json)?;
+        let user = if request.user.is_empty() {
+            "server"
+        } else {
+            &request.user
+        };
+        let mut results = Vec::with_capacity(request.rooms.len());
+        for room in &request.rooms {
+            let outcome = match check_room(room) {
+                Ok(()) => self.publish_checked(room, user, "", data).await,
+                Err(status) => Err(status),
+            };
+            results.push(match outcome {
+                Ok(published) => pb::BroadcastResult {
+                    room: room.clone(),
+                    published: Some(published),
+                    error: String::new(),
+                },
+                Err(status) => pb::BroadcastResult {
+                    room: room.clone(),
+                    published: None,
+                    error: status.message().to_owned(),
+                },
+            });
+        }
+        Ok(Response::new(pb::BroadcastResponse { results }))
+    }
+
+    async fn server_presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceResponse>, Status> {
+        self.authorize(&request)?;
+        self.presence_of(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn server_history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.authorize(&request)?;
+        self.history_of(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DisconnectResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        if request.user.is_empty() && request.client_id.is_empty() {
+            return Err(Status::invalid_argument("user or client_id is required"));
+        }
+        check_user(&request.user, false)?;
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
+        let code = match request.code {
+            0 => DEFAULT_CLOSE_CODE,
+            code => u16::try_from(code)
+                .ok()
+                .filter(|c| valid_close_code(*c))
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!("{code} is not a usable WebSocket close code"))
+                })?,
+        };
+        if request.reason.len() > MAX_CLOSE_REASON_LEN {
+            return Err(Status::invalid_argument(format!(
+                "reason is longer than {MAX_CLOSE_REASON_LEN} bytes"
+            )));
+        }
+        let control = Control::Disconnect {
+            user: request.user,
+            client_id: request.client_id,
+            code,
+            reason: request.reason,
+        };
+        self.store
+            .publish_control(encode_control(&control))
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::DisconnectResponse {}))
+    }
+
+    async fn room_stats(
+        &self,
+        request: Request<pb::RoomStatsRequest>,
+    ) -> Result<Response<pb::RoomStatsResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        check_room(&request.room)?;
+        let stats = self
+            .store
+            .room_stats(&request.room)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::RoomStatsResponse {
+            room: request.room,
+            members: stats.members,
+            epoch: stats.epoch,
+            offset: stats.offset,
+            history_len: stats.history_len,
+        }))
+    }
+
+    async fn cluster_stats(
+        &self,
+        request: Request<pb::ClusterStatsRequest>,
+    ) -> Result<Response<pb::ClusterStatsResponse>, Status> {
+        self.authorize(&request)?;
+        let gateways = self.store.gateways().await.map_err(store_status)?;
+        let connections = gateways
+            .iter()
+            .map(|g| g.connections)
+            .fold(0u64, u64::saturating_add);
+        Ok(Response::new(pb::ClusterStatsResponse {
+            gateways: gateways
+                .into_iter()
+                .map(|g| pb::GatewayInfo {
+                    gateway_id: g.gateway_id,
+                    connections: g.connections,
+                    last_seen_ms: g.last_seen_ms,
+                })
+                .collect(),
+            connections,
+        }))
+    }
+}

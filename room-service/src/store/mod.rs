@@ -1,0 +1,403 @@
+//! The room state store: offsets, epochs, history, membership and gateway leases.
+//!
+//! Two implementations behind one enum: [`MemoryStore`] (standalone mode, one process, paired
+//! with a [`MemoryBroker`]) and [`RedisStore`] (a cluster of stateless room-service instances).
+//! Both publish a room message in the same atomic step that assigns its offset and appends it
+//! to history, so publish order on the broker is offset order.
+//!
+//! Callers validate room names (`roomcast_common::room::validate_room_name`) and client ids
+//! before calling; the store trusts them.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use roomcast_common::broker::MemoryBroker;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// Per-room history bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most messages kept per room (at least 1).
+    pub size: usize,
+    /// Messages older than this are neither returned nor kept; a room without publishes or
+    /// joins for this long loses its history and gets a new epoch.
+    pub ttl: Duration,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        Self {
+            size: 1000,
+            ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl HistoryLimits {
+    /// Clamps a requested page size: 0 and anything above the history size mean the size.
+    pub fn clamp_limit(&self, limit: usize) -> usize {
+        let size = self.size.max(1);
+        if limit == 0 { size } else { limit.min(size) }
+    }
+
+    pub(crate) fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The backend is down, slow or refusing work for now; the caller may retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store configuration is unusable (bad URL).
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    /// The backend answered something unexpected; retrying will not help.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// Where a client stands in a room's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A message as kept in history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub offset: u64,
+    pub user: String,
+    /// The sender's connection; empty for server publishes.
+    pub client_id: String,
+    /// Valid JSON, as published.
+    pub data_json: String,
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A page of history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub epoch: String,
+    /// The room's latest offset.
+    pub offset: u64,
+    /// Oldest first.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// The connection that joins a room.
+#[derive(Debug, Clone, Copy)]
+pub struct Joiner<'a> {
+    pub client_id: &'a str,
+    pub user: &'a str,
+    /// The gateway holding the connection; its lease decides whether the member is still alive.
+    pub gateway_id: &'a str,
+}
+
+/// The result of a join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub epoch: String,
+    /// The room's latest offset at the time of the join.
+    pub offset: u64,
+    /// `Some` when a `since` position was given.
+    pub recovered: Option<bool>,
+    /// When recovered: every message after `since.offset`, oldest first.
+    pub missed: Vec<StoredMessage>,
+}
+
+/// A member of a room, as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    pub user: String,
+    pub client_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomStats {
+    pub members: u64,
+    /// Empty when the room holds no history state.
+    pub epoch: String,
+    pub offset: u64,
+    pub history_len: u64,
+}
+
+/// A gateway with a live lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayInfo {
+    pub gateway_id: String,
+    pub connections: u64,
+    /// Unix milliseconds of the last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// How long a gateway's record is kept after its lease ran out. Members whose gateway's lease
+/// ran out are dropped from presence; the record must outlive them.
+pub(crate) const GATEWAY_RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The room state store.
+#[derive(Clone)]
+pub enum Store {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl Store {
+    /// An in-process store that publishes on `broker`.
+    pub fn memory(broker: MemoryBroker, limits: HistoryLimits) -> Self {
+        Store::Memory(MemoryStore::new(broker, limits))
+    }
+
+    /// A Redis store. Connects lazily: a Redis that is down now makes calls fail with
+    /// [`StoreError::Unavailable`] until it is back.
+    pub fn redis(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
+        RedisStore::new(url, limits).map(Store::Redis)
+    }
+
+    pub fn limits(&self) -> HistoryLimits {
+        match self {
+            Store::Memory(s) => s.limits(),
+            Store::Redis(s) => s.limits(),
+        }
+    }
+
+    /// Checks that the backend answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(s) => s.ping().await,
+        }
+    }
+
+    /// Assigns the next offset, appends to history and broadcasts, atomically.
+    /// `data_json` must be valid JSON.
+    pub async fn publish(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+    ) -> Result<Published, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.publish(room, user, client_id, data_json)),
+            Store::Redis(s) => s.publish(room, user, client_id, data_json).await,
+        }
+    }
+
+    /// Adds the member (announcing it when new) and, with `since`, recovers what was missed.
+    pub async fn join(
+        &self,
+        room: &str,
+        joiner: Joiner<'_>,
+        since: Option<&Position>,
+    ) -> Result<Joined, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.join(room, joiner, since)),
+            Store::Redis(s) => s.join(room, joiner, since).await,
+        }
+    }
+
+    /// Removes the member, announcing it when it was there; returns whether it was.
+    pub async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.leave(room, client_id, user)),
+            Store::Redis(s) => s.leave(room, client_id, user).await,
+        }
+    }
+
+    /// The room's members, sorted by user then client id. Members whose gateway's lease ran
+    /// out are removed (and announced as left) on the way.
+    pub async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.presence(room)),
+            Store::Redis(s) => s.presence(room).await,
+        }
+    }
+
+    /// Messages with an offset above `since` (all held ones when `None`), oldest first, at most
+    /// `limit` (clamped by [`HistoryLimits::clamp_limit`]).
+    pub async fn history(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.history(room, since, limit)),
+            Store::Redis(s) => s.history(room, since, limit).await,
+        }
+    }
+
+    pub async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.room_stats(room)),
+            Store::Redis(s) => s.room_stats(room).await,
+        }
+    }
+
+    /// Records that `gateway_id` is alive with `connections` connections until `lease` passes.
+    pub async fn gateway_heartbeat(
+        &self,
+        gateway_id: &str,
+        connections: u64,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => {
+                s.gateway_heartbeat(gateway_id, connections, lease);
+                Ok(())
+            }
+            Store::Redis(s) => s.gateway_heartbeat(gateway_id, connections, lease).await,
+        }
+    }
+
+    /// Gateways whose lease has not run out, sorted by id.
+    pub async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.gateways()),
+            Store::Redis(s) => s.gateways().await,
+        }
+    }
+
+    /// Publishes an encoded control envelope on the control channel.
+    pub async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => {
+                s.publish_control(payload);
+                Ok(())
+            }
+            Store::Redis(s) => s.publish_control(payload).await,
+        }
+    }
+}
+
+/// A fresh random epoch: 16 hex digits, so two epochs of one room practically never collide.
+pub(crate) fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Applies the recovery rule: a join with `since` is recovered when `since` is in the current
+/// epoch and `after` (the held messages with offsets above `since.offset`, oldest first) holds
+/// every offset from `since.offset + 1` to `latest`.
+pub(crate) fn recover(
+    since: &Position,
+    epoch: &str,
+    latest: u64,
+    after: Vec<StoredMessage>,
+) -> (bool, Vec<StoredMessage>) {
+    if since.epoch != epoch || since.offset > latest {
+        return (false, Vec::new());
+    }
+    let missing = latest - since.offset;
+    let contiguous = u64::try_from(after.len()) == Ok(missing)
+        && after
+            .iter()
+            .zip(since.offset + 1..)
+            .all(|(message, expected)| message.offset == expected);
+    if contiguous {
+        (true, after)
+    } else {
+        (false, Vec::new())
+    }
+}
+
+/// The `member_joined` / `member_left` frame.
+pub(crate) fn member_event_frame(kind: &str, room: &str, user: &str, client_id: &str) -> String {
+    use roomcast_common::message::push_json_string;
+    let mut out = String::with_capacity(64 + room.len() + user.len() + client_id.len());
+    out.push_str("{\"type\":");
+    push_json_string(&mut out, kind);
+    out.push_str(",\"room\":");
+    push_json_string(&mut out, room);
+    out.push_str(",\"user\":");
+    push_json_string(&mut out, user);
+    out.push_str(",\"clientId\":");
+    push_json_string(&mut out, client_id);
+    out.push('}');
+    out
+}
+
+/// The broker payload announcing a membership change; the member itself is excluded.
+pub(crate) fn member_event(kind: &str, room: &str, user: &str, client_id: &str) -> Bytes {
+    roomcast_common::envelope::encode_event(
+        client_id,
+        &member_event_frame(kind, room, user, client_id),
+    )
+}
+
+pub(crate) const MEMBER_JOINED: &str = "member_joined";
+pub(crate) const MEMBER_LEFT: &str = "member_left";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(offset: u64) -> StoredMessage {
+        StoredMessage {
+            offset,
+            user: "u".into(),
+            client_id: "c".into(),
+            data_json: "1".into(),
+        }
+    }
+
+    fn pos(epoch: &str, offset: u64) -> Position {
+        Position {
+            epoch: epoch.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn recovery_needs_same_epoch_and_every_offset() {
+        assert_eq!(recover(&pos("e", 5), "e", 5, vec![]), (true, vec![]));
+        assert_eq!(
+            recover(&pos("e", 3), "e", 5, vec![msg(4), msg(5)]),
+            (true, vec![msg(4), msg(5)])
+        );
+        assert_eq!(
+            recover(&pos("x", 3), "e", 5, vec![msg(4), msg(5)]),
+            (false, vec![])
+        );
+        assert_eq!(recover(&pos("e", 3), "e", 5, vec![msg(5)]), (false, vec![]));
+        assert_eq!(recover(&pos("e", 3), "e", 5, vec![msg(4)]), (false, vec![]));
+        assert_eq!(recover(&pos("e", 9), "e", 5, vec![]), (false, vec![]));
+    }
+
+    #[test]
+    fn member_event_is_json() {
+        let frame = member_event_frame(MEMBER_JOINED, "r", "a\"b", "c\n");
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["type"], "member_joined");
+        assert_eq!(v["user"], "a\"b");
+        assert_eq!(v["clientId"], "c\n");
+        let payload = member_event(MEMBER_LEFT, "r", "u", "c1");
+        assert!(payload.starts_with(b"Ec1\n{\"type\":\"member_left\""));
+    }
+
+    #[test]
+    fn limits_clamp() {
+        let limits = HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(1),
+        };
+        assert_eq!(limits.clamp_limit(0), 10);
+        assert_eq!(limits.clamp_limit(3), 3);
+        assert_eq!(limits.clamp_limit(30), 10);
+    }
+}

@@ -1,0 +1,557 @@
+//! Redis store. Every operation that must be atomic is one Lua script (see `prelude.lua` for
+//! the key layout); Redis runs scripts one at a time and pub/sub keeps publish order, so every
+//! subscriber sees a room's messages in offset order even with many room-service instances
+//! publishing concurrently.
+//!
+//! Key layout (a room's keys share the `{<room>}` hash tag, so they live in one slot):
+//! - `rc:{<room>}:epoch` string, `rc:{<room>}:seq` latest offset, `rc:{<room>}:hist` stream
+//!   with ids `<offset>-0`: all three expire together `HISTORY_TTL_SECONDS` after the last
+//!   publish or join; a missing epoch means the history is lost and a new epoch starts.
+//! - `rc:{<room>}:members` hash client id -> `{"user":…,"gateway":…}`; no expiry: members
+//!   leave explicitly or drop out when their gateway's lease runs out.
+//! - `rc:{gateways}:info` hash gateway id -> `{"connections":…,"last_seen_ms":…}` and
+//!   `rc:{gateways}:leases` sorted set gateway id -> lease expiry (unix ms).
+//!
+//! Requires Redis >= 6.2 (`XTRIM MINID`-era stream commands, `ZMSCORE`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use roomcast_common::envelope::{CONTROL_CHANNEL, room_channel};
+use roomcast_common::message::message_frame_tail;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner,
+    MEMBER_JOINED, MEMBER_LEFT, Member, Position, Published, RoomStats, StoreError, StoredMessage,
+    member_event, new_epoch, recover,
+};
+
+/// Upper bound on one store operation, reconnection included: callers fail fast instead of
+/// hanging while Redis is down.
+const OP_TIMEOUT: Duration = Duration::from_millis(2500);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const GATEWAY_INFO_KEY: &str = "rc:{gateways}:info";
+const GATEWAY_LEASES_KEY: &str = "rc:{gateways}:leases";
+
+const PRELUDE: &str = include_str!("prelude.lua");
+
+/// The room scripts, each with the prelude prepended.
+struct Scripts {
+    publish: Script,
+    join: Script,
+    leave: Script,
+    history: Script,
+    stats: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            publish: with_prelude(include_str!("publish.lua")),
+            join: with_prelude(include_str!("join.lua")),
+            leave: Script::new(include_str!("leave.lua")),
+            history: with_prelude(include_str!("history.lua")),
+            stats: with_prelude(include_str!("stats.lua")),
+        }
+    }
+}
+
+/// The keys of one room.
+struct RoomKeys {
+    epoch: String,
+    seq: String,
+    hist: String,
+    members: String,
+}
+
+impl RoomKeys {
+    fn new(room: &str) -> Self {
+        RoomKeys {
+            epoch: format!("rc:{{{room}}}:epoch"),
+            seq: format!("rc:{{{room}}}:seq"),
+            hist: format!("rc:{{{room}}}:hist"),
+            members: format!("rc:{{{room}}}:members"),
+        }
+    }
+}
+
+/// The value of a members hash field.
+#[derive(Serialize, Deserialize)]
+struct MemberRecord {
+    user: String,
+    gateway: String,
+}
+
+/// The value of a gateway info hash field.
+#[derive(Serialize, Deserialize)]
+struct GatewayRecord {
+    connections: u64,
+    last_seen_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    scripts: Arc<Scripts>,
+    limits: HistoryLimits,
+}
+
+impl StoreError {
+    fn from_redis(error: RedisError) -> Self {
+        let transient = error.is_io_error()
+            || error.is_timeout()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.code() == Some("BUSY")
+            || matches!(
+                error.kind(),
+                ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::AuthenticationFailed
+                    | ErrorKind::Server(
+                        ServerErrorKind::BusyLoading
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::ClusterDown
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::ReadOnly
+                    )
+            );
+        if transient {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Internal(error.to_string())
+        }
+    }
+}
+
+fn flat_messages(flat: Vec<String>) -> Result<Vec<StoredMessage>, StoreError> {
+    if flat.len() % 4 != 0 {
+        return Err(StoreError::Internal("malformed history reply".into()));
+    }
+    let mut messages = Vec::with_capacity(flat.len() / 4);
+    let mut fields = flat.into_iter();
+    while let (Some(offset), Some(user), Some(client_id), Some(data_json)) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    {
+        let offset = offset
+            .parse()
+            .map_err(|_| StoreError::Internal(format!("bad offset {offset:?} in history")))?;
+        messages.push(StoredMessage {
+            offset,
+            user,
+            client_id,
+            data_json,
+        });
+    }
+    Ok(messages)
+}
+
+fn parse_offset(latest: &str) -> Result<u64, StoreError> {
+    latest
+        .parse()
+        .map_err(|_| StoreError::Internal(format!("bad offset {latest:?} in store")))
+}
+
+impl RedisStore {
+    /// Creates the store without connecting: the connection is made on first use and remade
+    /// after failures, so the service can start before Redis and survive its restarts.
+    pub fn new(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        Ok(RedisStore {
+            connection,
+            scripts: Arc::new(Scripts::new()),
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> HistoryLimits {
+        self.limits
+    }
+
+    /// Runs one Redis operation within [`OP_TIMEOUT`].
+    async fn run<T>(&self, op: impl Future<Output = RedisResult<T>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(OP_TIMEOUT, op).await {
+            Ok(result) => result.map_err(StoreError::from_redis),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis did not answer within {} ms",
+                OP_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.limits.ttl_ms()
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn publish(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+    ) -> Result<Published, StoreError> {
+        let keys = RoomKeys::new(room);
+        let room_json =
+            serde_json::to_string(room).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let tail = message_frame_tail(user, client_id, data_json);
+        let mut invocation = self.scripts.publish.prepare_invoke();
+        invocation
+            .key(&keys.epoch)
+            .key(&keys.seq)
+            .key(&keys.hist)
+            .arg(new_epoch())
+            .arg(self.ttl_ms())
+            .arg(self.limits.size.max(1))
+            .arg(room_channel(room))
+            .arg(room_json)
+            .arg(client_id)
+            .arg(user)
+            .arg(data_json)
+            .arg(tail);
+        let mut connection = self.connection.clone();
+        let (epoch, offset): (String, u64) = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        Ok(Published { epoch, offset })
+    }
+
+    pub async fn join(
+        &self,
+        room: &str,
+        joiner: Joiner<'_>,
+        since: Option<&Position>,
+    ) -> Result<Joined, StoreError> {
+        let keys = RoomKeys::new(room);
+        let record = serde_json::to_string(&MemberRecord {
+            user: joiner.user.to_owned(),
+            gateway: joiner.gateway_id.to_owned(),
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let event = member_event(MEMBER_JOINED, room, joiner.user, joiner.client_id);
+        // The first missed message's id; none when `since.offset + 1` overflows (such a
+        // position cannot be recovered).
+        let (since_epoch, first_missed) = match since {
+            Some(since) => (
+                since.epoch.as_str(),
+                since
+                    .offset
+                    .checked_add(1)
+                    .map(|first| format!("{first}-0"))
+                    .unwrap_or_default(),
+            ),
+            None => ("", String::new()),
+        };
+        let mut invocation = self.scripts.join.prepare_invoke();
+        invocation
+            .key(&keys.epoch)
+            .key(&keys.seq)
+            .key(&keys.hist)
+            .key(&keys.members)
+            .arg(new_epoch())
+            .arg(self.ttl_ms())
+            .arg(joiner.client_id)
+            .arg(record)
+            .arg(room_channel(room))
+            .arg(event.as_ref())
+            .arg(since_epoch)
+            .arg(first_missed)
+            .arg(self.limits.size.max(1));
+        let mut connection = self.connection.clone();
+        let (epoch, latest, flat): (String, String, Vec<String>) = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        let latest = parse_offset(&latest)?;
+        let (recovered, missed) = match since {
+            Some(since) => {
+                let (recovered, missed) = recover(since, &epoch, latest, flat_messages(flat)?);
+                (Some(recovered), missed)
+            }
+            None => (None, Vec::new()),
+        };
+        Ok(Joined {
+            epoch,
+            offset: latest,
+            recovered,
+            missed,
+        })
+    }
+
+    pub async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
+        let keys = RoomKeys::new(room);
+        let event = member_event(MEMBER_LEFT, room, user, client_id);
+        let mut invocation = self.scripts.leave.prepare_invoke();
+        invocation
+            .key(&keys.members)
+            .arg(client_id)
+            .arg(room_channel(room))
+            .arg(event.as_ref());
+        let mut connection = self.connection.clone();
+        let removed: i64 = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        Ok(removed == 1)
+    }
+
+    pub async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
+        let keys = RoomKeys::new(room);
+        let mut connection = self.connection.clone();
+        let fields: HashMap<String, String> = self
+            .run(async move {
+                redis::cmd("HGETALL")
+                    .arg(&keys.members)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        let mut members: Vec<(String, MemberRecord)> = fields
+            .into_iter()
+            .filter_map(|(client_id, json)| match serde_json::from_str(&json) {
+                Ok(record) => Some((client_id, record)),
+                Err(error) => {
+                    tracing::warn!(room, client_id, %error, "skipping malformed member record");
+                    None
+                }
+            })
+            .collect();
+        let dead = self.dead_gateways(&members).await?;
+        if !dead.is_empty() {
+            let (gone, alive): (Vec<_>, Vec<_>) = members
+                .into_iter()
+                .partition(|(_, record)| dead.contains(&record.gateway));
+            members = alive;
+            for (client_id, record) in gone {
+                self.leave(room, &client_id, &record.user).await?;
+            }
+        }
+        let mut members: Vec<Member> = members
+            .into_iter()
+            .map(|(client_id, record)| Member {
+                user: record.user,
+                client_id,
+            })
+            .collect();
+        members.sort();
+        Ok(members)
+    }
+
+    /// The gateways among `members`' whose lease ran out. A gateway without a lease record
+    /// never sent a heartbeat and cannot be judged.
+    async fn dead_gateways(
+        &self,
+        members: &[(String, MemberRecord)],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut gateways: Vec<&str> = members.iter().map(|(_, r)| r.gateway.as_str()).collect();
+        gateways.sort_unstable();
+        gateways.dedup();
+        if gateways.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        let leases: Vec<Option<f64>> = self
+            .run(async {
+                redis::cmd("ZMSCORE")
+                    .arg(GATEWAY_LEASES_KEY)
+                    .arg(&gateways)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        let now = roomcast_common::unix_millis() as f64;
+        Ok(gateways
+            .into_iter()
+            .zip(leases)
+            .filter(|(_, lease)| lease.is_some_and(|until| until <= now))
+            .map(|(gateway, _)| gateway.to_owned())
+            .collect())
+    }
+
+    pub async fn history(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        let keys = RoomKeys::new(room);
+        let start = match since {
+            None => "-".to_owned(),
+            Some(since) => since
+                .checked_add(1)
+                .map(|first| format!("{first}-0"))
+                .unwrap_or_default(),
+        };
+        let mut invocation = self.scripts.history.prepare_invoke();
+        invocation
+            .key(&keys.epoch)
+            .key(&keys.seq)
+            .key(&keys.hist)
+            .arg(new_epoch())
+            .arg(self.ttl_ms())
+            .arg(start)
+            .arg(self.limits.clamp_limit(limit));
+        let mut connection = self.connection.clone();
+        let (epoch, latest, flat): (String, String, Vec<String>) = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        Ok(HistoryPage {
+            epoch,
+            offset: parse_offset(&latest)?,
+            messages: flat_messages(flat)?,
+        })
+    }
+
+    pub async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
+        let members = u64::try_from(self.presence(room).await?.len()).unwrap_or(u64::MAX);
+        let keys = RoomKeys::new(room);
+        let mut invocation = self.scripts.stats.prepare_invoke();
+        invocation
+            .key(&keys.epoch)
+            .key(&keys.seq)
+            .key(&keys.hist)
+            .arg(self.ttl_ms());
+        let mut connection = self.connection.clone();
+        let (epoch, latest, history_len): (String, String, u64) = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        Ok(RoomStats {
+            members,
+            epoch,
+            offset: parse_offset(&latest)?,
+            history_len,
+        })
+    }
+
+    pub async fn gateway_heartbeat(
+        &self,
+        gateway_id: &str,
+        connections: u64,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let now = roomcast_common::unix_millis();
+        let lease_until = now.saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        let record = serde_json::to_string(&GatewayRecord {
+            connections,
+            last_seen_ms: now,
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(GATEWAY_INFO_KEY)
+            .arg(gateway_id)
+            .arg(record)
+            .ignore()
+            .cmd("ZADD")
+            .arg(GATEWAY_LEASES_KEY)
+            .arg(lease_until)
+            .arg(gateway_id)
+            .ignore();
+        let mut connection = self.connection.clone();
+        self.run(async move { pipe.query_async::<()>(&mut connection).await })
+            .await
+    }
+
+    pub async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
+        let now = roomcast_common::unix_millis();
+        let retention = u64::try_from(GATEWAY_RECORD_RETENTION.as_millis()).unwrap_or(u64::MAX);
+        let mut connection = self.connection.clone();
+        // Forget gateways long dead, then read the live ones.
+        let forgotten: Vec<String> = self
+            .run(async {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(GATEWAY_LEASES_KEY)
+                    .arg("-inf")
+                    .arg(now.saturating_sub(retention))
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        if !forgotten.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HDEL")
+                .arg(GATEWAY_INFO_KEY)
+                .arg(&forgotten)
+                .ignore()
+                .cmd("ZREM")
+                .arg(GATEWAY_LEASES_KEY)
+                .arg(&forgotten)
+                .ignore();
+            self.run(async { pipe.query_async::<()>(&mut connection).await })
+                .await?;
+        }
+        let live: Vec<String> = self
+            .run(async {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(GATEWAY_LEASES_KEY)
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        if live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records: Vec<Option<String>> = self
+            .run(async {
+                redis::cmd("HMGET")
+                    .arg(GATEWAY_INFO_KEY)
+                    .arg(&live)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        let mut gateways: Vec<GatewayInfo> = live
+            .into_iter()
+            .zip(records)
+            .filter_map(|(gateway_id, record)| {
+                let record: GatewayRecord = serde_json::from_str(record.as_deref()?).ok()?;
+                Some(GatewayInfo {
+                    gateway_id,
+                    connections: record.connections,
+                    last_seen_ms: record.last_seen_ms,
+                })
+            })
+            .collect();
+        gateways.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
+        Ok(gateways)
+    }
+
+    pub async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("PUBLISH")
+                .arg(CONTROL_CHANNEL)
+                .arg(payload.as_ref())
+                .query_async::<i64>(&mut connection)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+}
