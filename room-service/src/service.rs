@@ -530,3 +530,521 @@ impl RoomService for RoomServiceImpl {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use roomcast_common::broker::{BrokerEvent, MemoryBroker, Sink, Subscriber};
+    use roomcast_common::envelope::{CONTROL_CHANNEL, Envelope, decode};
+    use tonic::Code;
+
+    use super::*;
+    use crate::store::HistoryLimits;
+
+    const KEY: &str = "s3cret-key";
+
+    fn service(api_key: Option<&str>) -> (RoomServiceImpl, MemoryBroker) {
+        let broker = MemoryBroker::new();
+        let store = Store::memory(broker.clone(), HistoryLimits::default());
+        let options = ServiceOptions {
+            api_key: api_key.map(str::to_owned),
+            max_data_bytes: 32,
+        };
+        (RoomServiceImpl::new(store, options), broker)
+    }
+
+    fn with_key<T>(message: T, authorization: &str) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", authorization.parse().unwrap());
+        request
+    }
+
+    /// The error code of a call, `None` when it succeeded.
+    fn code<T>(result: Result<T, Status>) -> Option<Code> {
+        result.err().map(|s| s.code())
+    }
+
+    fn authed<T>(message: T) -> Request<T> {
+        with_key(message, &format!("Bearer {KEY}"))
+    }
+
+    fn publish_request(room: &str, data_json: &str) -> Request<pb::PublishRequest> {
+        Request::new(pb::PublishRequest {
+            room: room.into(),
+            client_id: "c1".into(),
+            user: "alice".into(),
+            data_json: data_json.into(),
+        })
+    }
+
+    fn join_request(room: &str, client_id: &str) -> pb::JoinRequest {
+        pb::JoinRequest {
+            room: room.into(),
+            client_id: client_id.into(),
+            user: "alice".into(),
+            gateway_id: "gw1".into(),
+            since: None,
+        }
+    }
+
+    async fn listen(
+        broker: &MemoryBroker,
+        channel: &str,
+    ) -> (Subscriber, Arc<Mutex<Vec<Envelope>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let sink: Sink = Arc::new(move |event| {
+            if let BrokerEvent::Message { payload, .. } = event {
+                seen2.lock().unwrap().push(decode(payload).unwrap());
+            }
+        });
+        let subscriber = Subscriber::Memory(broker.subscriber(sink));
+        subscriber.subscribe(channel).await.unwrap();
+        (subscriber, seen)
+    }
+
+    #[tokio::test]
+    async fn bad_rooms_ids_and_data_are_refused() {
+        let (service, _) = service(None);
+        assert_eq!(
+            code(service.publish(publish_request("a b", "1")).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(service.publish(publish_request("", "1")).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(service.publish(publish_request("r", "{")).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(service.publish(publish_request("r", "")).await),
+            Some(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(service.publish(publish_request("r", "1 2")).await),
+            Some(Code::InvalidArgument)
+        );
+        let big = format!("\"{}\"", "x".repeat(40));
+        assert_eq!(
+            code(service.publish(publish_request("r", &big)).await),
+            Some(Code::OutOfRange)
+        );
+        for client_id in ["", "a\nb", "a b", &"c".repeat(MAX_CLIENT_ID_LEN + 1)] {
+            let request = Request::new(join_request("r", client_id));
+            assert_eq!(
+                code(service.join(request).await),
+                Some(Code::InvalidArgument),
+                "{client_id:?}"
+            );
+        }
+        let mut request = join_request("r", "c1");
+        request.user = String::new();
+        assert_eq!(
+            code(service.join(Request::new(request)).await),
+            Some(Code::InvalidArgument)
+        );
+        let request = pb::HistoryRequest {
+            room: "bad/room".into(),
+            since: None,
+            limit: 0,
+        };
+        assert_eq!(
+            code(service.history(Request::new(request)).await),
+            Some(Code::InvalidArgument)
+        );
+        let request = pb::GatewayHeartbeatRequest {
+            gateway_id: String::new(),
+            connections: 1,
+            lease_ms: 0,
+        };
+        assert_eq!(
+            code(service.gateway_heartbeat(Request::new(request)).await),
+            Some(Code::InvalidArgument)
+        );
+    }
+
+    #[tokio::test]
+    async fn publish_join_history_and_close() {
+        let (service, broker) = service(None);
+        let (_sub, seen) = listen(&broker, "rc:room:r").await;
+        let joined = service
+            .join(Request::new(join_request("r", "c1")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((joined.offset, joined.recovered), (0, None));
+        // Surrounding whitespace is dropped so the frame stays compact.
+        let published = service
+            .publish(publish_request("r", " {\"a\": 1} "))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (published.offset, published.epoch.as_str()),
+            (1, joined.epoch.as_str())
+        );
+        service.publish(publish_request("r", "2")).await.unwrap();
+        let mut request = join_request("r", "c2");
+        request.since = Some(pb::Position {
+            epoch: joined.epoch.clone(),
+            offset: 0,
+        });
+        let rejoined = service
+            .join(Request::new(request))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(rejoined.recovered, Some(true));
+        assert_eq!(
+            rejoined.missed.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(rejoined.missed[0].data_json, "{\"a\": 1}");
+        let history = service
+            .history(Request::new(pb::HistoryRequest {
+                room: "r".into(),
+                since: Some(1),
+                limit: 0,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((history.offset, history.publications.len()), (2, 1));
+        let presence = service
+            .presence(Request::new(pb::PresenceRequest { room: "r".into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(presence.members.len(), 2);
+        let closed = pb::ConnectionClosedRequest {
+            client_id: "c1".into(),
+            user: "alice".into(),
+            gateway_id: "gw1".into(),
+            rooms: vec!["r".into(), "not a room".into(), "other".into()],
+        };
+        service
+            .connection_closed(Request::new(closed))
+            .await
+            .unwrap();
+        let presence = service
+            .presence(Request::new(pb::PresenceRequest { room: "r".into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            presence
+                .members
+                .iter()
+                .map(|m| m.client_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["c2"]
+        );
+        let kinds: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                Envelope::Message { .. } => "message".to_owned(),
+                Envelope::Event { frame, .. } => {
+                    let v: serde_json::Value = serde_json::from_slice(frame).unwrap();
+                    v["type"].as_str().unwrap().to_owned()
+                }
+                Envelope::Control(_) => "control".to_owned(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "member_joined",
+                "message",
+                "message",
+                "member_joined",
+                "member_left"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn server_api_requires_the_key() {
+        let stats = || pb::ClusterStatsRequest {};
+        let (disabled, _) = service(None);
+        let status = disabled.cluster_stats(authed(stats())).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message(), "server API disabled: API_KEY not set");
+        let (empty, _) = service(Some(""));
+        assert_eq!(
+            empty
+                .cluster_stats(authed(stats()))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::PermissionDenied
+        );
+
+        let (service, _) = service(Some(KEY));
+        assert_eq!(
+            code(service.cluster_stats(Request::new(stats())).await),
+            Some(Code::Unauthenticated)
+        );
+        for bad in [
+            "Bearer wrong",
+            "Bearer s3cret-ke",
+            "Bearer s3cret-key2",
+            "Basic s3cret-key",
+            "s3cret-key",
+            "Bearer ",
+        ] {
+            assert_eq!(
+                code(service.cluster_stats(with_key(stats(), bad)).await),
+                Some(Code::Unauthenticated),
+                "{bad}"
+            );
+        }
+        assert!(
+            service
+                .cluster_stats(with_key(stats(), &format!("bearer  {KEY} ")))
+                .await
+                .is_ok()
+        );
+        assert!(service.cluster_stats(authed(stats())).await.is_ok());
+        let request = pb::ServerPublishRequest {
+            room: "r".into(),
+            data_json: "1".into(),
+            user: String::new(),
+        };
+        assert_eq!(
+            code(service.server_publish(Request::new(request)).await),
+            Some(Code::Unauthenticated)
+        );
+        let request = pb::PresenceRequest { room: "r".into() };
+        assert_eq!(
+            code(service.server_presence(Request::new(request)).await),
+            Some(Code::Unauthenticated)
+        );
+        let request = pb::HistoryRequest {
+            room: "r".into(),
+            since: None,
+            limit: 0,
+        };
+        assert_eq!(
+            code(service.server_history(Request::new(request)).await),
+            Some(Code::Unauthenticated)
+        );
+        let request = pb::RoomStatsRequest { room: "r".into() };
+        assert_eq!(
+            code(service.room_stats(Request::new(request)).await),
+            Some(Code::Unauthenticated)
+        );
+        let request = pb::DisconnectRequest {
+            user: "u".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(service.disconnect(Request::new(request)).await),
+            Some(Code::Unauthenticated)
+        );
+        let request = pb::BroadcastRequest {
+            rooms: vec!["r".into()],
+            data_json: "1".into(),
+            user: String::new(),
+        };
+        assert_eq!(
+            code(service.broadcast(Request::new(request)).await),
+            Some(Code::Unauthenticated)
+        );
+    }
+
+    #[tokio::test]
+    async fn server_publish_broadcast_and_stats() {
+        let (service, broker) = service(Some(KEY));
+        let (_sub, seen) = listen(&broker, "rc:room:a").await;
+        let request = pb::ServerPublishRequest {
+            room: "a".into(),
+            data_json: "{}".into(),
+            user: String::new(),
+        };
+        let published = service
+            .server_publish(authed(request))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(published.offset, 1);
+        let Envelope::Message { sender, frame, .. } = seen.lock().unwrap()[0].clone() else {
+            panic!("not a message")
+        };
+        assert_eq!(sender, "");
+        let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(
+            (v["user"].as_str(), v["clientId"].as_str()),
+            (Some("server"), Some(""))
+        );
+
+        let request = pb::BroadcastRequest {
+            rooms: vec!["a".into(), "b c".into(), "b".into()],
+            data_json: "[1]".into(),
+            user: "ops".into(),
+        };
+        let results = service
+            .broadcast(authed(request))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0].published.as_ref().map(|p| p.offset), Some(2));
+        assert!(results[1].published.is_none() && !results[1].error.is_empty());
+        assert_eq!(results[2].published.as_ref().map(|p| p.offset), Some(1));
+        let request = pb::BroadcastRequest {
+            rooms: vec![],
+            data_json: "1".into(),
+            user: String::new(),
+        };
+        assert_eq!(
+            service.broadcast(authed(request)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let request = pb::BroadcastRequest {
+            rooms: vec!["a".into()],
+            data_json: "nope".into(),
+            user: String::new(),
+        };
+        assert_eq!(
+            service.broadcast(authed(request)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+
+        let stats = service
+            .room_stats(authed(pb::RoomStatsRequest { room: "a".into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                stats.room.as_str(),
+                stats.offset,
+                stats.history_len,
+                stats.members
+            ),
+            ("a", 2, 2, 0)
+        );
+
+        for (gateway_id, connections) in [("gw1", 3), ("gw2", 4)] {
+            let request = pb::GatewayHeartbeatRequest {
+                gateway_id: gateway_id.into(),
+                connections,
+                lease_ms: 0,
+            };
+            service
+                .gateway_heartbeat(Request::new(request))
+                .await
+                .unwrap();
+        }
+        let cluster = service
+            .cluster_stats(authed(pb::ClusterStatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((cluster.gateways.len(), cluster.connections), (2, 7));
+    }
+
+    #[tokio::test]
+    async fn disconnect_publishes_a_control_command() {
+        let (service, broker) = service(Some(KEY));
+        let (_sub, seen) = listen(&broker, CONTROL_CHANNEL).await;
+        let request = pb::DisconnectRequest {
+            user: "u1".into(),
+            client_id: String::new(),
+            code: 0,
+            reason: "bye".into(),
+        };
+        service.disconnect(authed(request)).await.unwrap();
+        let request = pb::DisconnectRequest {
+            user: String::new(),
+            client_id: "c9".into(),
+            code: 4001,
+            reason: String::new(),
+        };
+        service.disconnect(authed(request)).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                Envelope::Control(Control::Disconnect {
+                    user: "u1".into(),
+                    client_id: String::new(),
+                    code: 1008,
+                    reason: "bye".into()
+                }),
+                Envelope::Control(Control::Disconnect {
+                    user: String::new(),
+                    client_id: "c9".into(),
+                    code: 4001,
+                    reason: String::new()
+                }),
+            ]
+        );
+        for request in [
+            pb::DisconnectRequest::default(),
+            pb::DisconnectRequest {
+                user: "u".into(),
+                code: 1005,
+                ..Default::default()
+            },
+            pb::DisconnectRequest {
+                user: "u".into(),
+                code: 70000,
+                ..Default::default()
+            },
+            pb::DisconnectRequest {
+                user: "u".into(),
+                reason: "r".repeat(124),
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(
+                service
+                    .disconnect(authed(request))
+                    .await
+                    .unwrap_err()
+                    .code(),
+                Code::InvalidArgument
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_is_unavailable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = Store::redis(
+            &format!("redis://127.0.0.1:{port}"),
+            HistoryLimits::default(),
+        )
+        .unwrap();
+        let service = RoomServiceImpl::new(store, ServiceOptions::default());
+        let status = service
+            .publish(publish_request("r", "1"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn bearer_and_constant_time_compare() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Token abc"), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

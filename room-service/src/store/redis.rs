@@ -132,7 +132,7 @@ impl StoreError {
 }
 
 fn flat_messages(flat: Vec<String>) -> Result<Vec<StoredMessage>, StoreError> {
-    if flat.len() % 4 != 0 {
+    if !flat.len().is_multiple_of(4) {
         return Err(StoreError::Internal("malformed history reply".into()));
     }
     let mut messages = Vec::with_capacity(flat.len() / 4);

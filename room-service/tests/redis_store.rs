@@ -1,0 +1,577 @@
+//! The Redis store against a real `redis-server`, started by each test on a free port (never
+//! the default 6379) and killed when the test ends.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use roomcast_common::broker::{BrokerEvent, RedisSubscriber, Sink, Subscriber};
+use roomcast_common::envelope::{Envelope, decode};
+use roomcast_common::message::message_frame;
+use roomcast_room::store::{HistoryLimits, Joiner, Position, RedisStore, StoreError};
+
+/// A `redis-server` child process on its own port.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+            listener.local_addr().expect("local address").port()
+        };
+        let mut server = RedisServer { port, child: None };
+        server.spawn();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); these tests need redis-server on PATH")
+            });
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pong = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if pong.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut connection = client.get_connection().expect("connecting to redis");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut connection).expect("redis command")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn limits(size: usize, ttl: Duration) -> HistoryLimits {
+    HistoryLimits { size, ttl }
+}
+
+fn store(server: &RedisServer, size: usize) -> RedisStore {
+    RedisStore::new(&server.url(), limits(size, Duration::from_secs(3600))).expect("store")
+}
+
+/// Subscribes to `channel` and collects the payloads that arrive.
+async fn listen(server: &RedisServer, channel: &str) -> (Subscriber, Arc<Mutex<Vec<Bytes>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let sink: Sink = Arc::new(move |event| {
+        if let BrokerEvent::Message { payload, .. } = event {
+            seen2.lock().unwrap().push(payload);
+        }
+    });
+    let subscriber =
+        Subscriber::Redis(RedisSubscriber::connect(&server.url(), sink).await.unwrap());
+    subscriber.subscribe(channel).await.unwrap();
+    (subscriber, seen)
+}
+
+/// Waits until `seen` holds `n` payloads.
+async fn wait_for(seen: &Mutex<Vec<Bytes>>, n: usize) -> Vec<Bytes> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = seen.lock().unwrap().clone();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "got {} of {n} payloads",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn joiner<'a>(client_id: &'a str, user: &'a str, gateway_id: &'a str) -> Joiner<'a> {
+    Joiner {
+        client_id,
+        user,
+        gateway_id,
+    }
+}
+
+fn offsets(messages: &[roomcast_room::store::StoredMessage]) -> Vec<u64> {
+    messages.iter().map(|m| m.offset).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishers_get_contiguous_offsets_delivered_in_order() {
+    let server = RedisServer::start();
+    let (_subscriber, seen) = listen(&server, "rc:room:race").await;
+    let stores = [store(&server, 1000), store(&server, 1000)];
+    let mut tasks = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        // Several tasks per store, so publishes really overlap.
+        for t in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for n in 0..25 {
+                    let data = format!("{{\"store\":{i},\"task\":{t},\"n\":{n}}}");
+                    let published = store
+                        .publish("race", "u", &format!("c{i}-{t}"), &data)
+                        .await
+                        .unwrap();
+                    offsets.push((published.offset, published.epoch, data));
+                }
+                offsets
+            }));
+        }
+    }
+    let mut published = Vec::new();
+    for task in tasks {
+        published.extend(task.await.unwrap());
+    }
+    published.sort();
+    assert_eq!(
+        published.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<u64>>()
+    );
+    let epoch = published[0].1.clone();
+    assert!(published.iter().all(|p| p.1 == epoch));
+
+    let received = wait_for(&seen, 200).await;
+    assert_eq!(received.len(), 200);
+    for (expected, payload) in (1u64..).zip(received) {
+        let Envelope::Message {
+            offset,
+            sender,
+            frame,
+        } = decode(payload).unwrap()
+        else {
+            panic!("not a message");
+        };
+        assert_eq!(offset, expected, "delivered out of order");
+        let data = &published[usize::try_from(offset - 1).unwrap()].2;
+        let want = message_frame("race", offset, &epoch, "u", &sender, data);
+        assert_eq!(frame.as_ref(), want.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn lua_frame_is_byte_identical_to_message_frame() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let user = "al\"ice \\ ☃ 𝄞 \u{7}\ttab";
+    let client_id = "gw-1/c\u{e9}";
+    let data = r#"{"text":"héllo \"world\" \u2028 ☃","n":[1,2.5e3,null,true],"o":{}}"#;
+    let (_subscriber, seen) = listen(&server, "rc:room:chat:general").await;
+    let published = store
+        .publish("chat:general", user, client_id, data)
+        .await
+        .unwrap();
+    let payload = wait_for(&seen, 1).await.remove(0);
+    let want = format!(
+        "M{} {client_id}\n{}",
+        published.offset,
+        message_frame(
+            "chat:general",
+            published.offset,
+            &published.epoch,
+            user,
+            client_id,
+            data
+        )
+    );
+    assert_eq!(payload.as_ref(), want.as_bytes());
+    let frame: serde_json::Value = serde_json::from_str(want.split_once('\n').unwrap().1).unwrap();
+    assert_eq!(frame["user"], user);
+
+    let page = store.history("chat:general", None, 0).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].user, user);
+    assert_eq!(page.messages[0].client_id, client_id);
+    assert_eq!(page.messages[0].data_json, data);
+}
+
+#[tokio::test]
+async fn history_is_bounded_by_count() {
+    let server = RedisServer::start();
+    let store = store(&server, 5);
+    for n in 1..=8 {
+        store.publish("r", "u", "c", &n.to_string()).await.unwrap();
+    }
+    let page = store.history("r", None, 0).await.unwrap();
+    assert_eq!(page.offset, 8);
+    assert_eq!(offsets(&page.messages), vec![4, 5, 6, 7, 8]);
+    assert_eq!(page.messages[0].data_json, "4");
+    let page = store.history("r", Some(6), 0).await.unwrap();
+    assert_eq!(offsets(&page.messages), vec![7, 8]);
+    let page = store.history("r", Some(0), 2).await.unwrap();
+    assert_eq!(offsets(&page.messages), vec![4, 5]);
+    let page = store.history("r", None, 100).await.unwrap();
+    assert_eq!(page.messages.len(), 5);
+    assert!(
+        store
+            .history("r", Some(8), 0)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    assert!(
+        store
+            .history("r", Some(u64::MAX), 0)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+    let stats = store.room_stats("r").await.unwrap();
+    assert_eq!(
+        (stats.offset, stats.history_len, stats.epoch),
+        (8, 5, page.epoch)
+    );
+    assert_eq!(
+        server.command(&["XLEN", "rc:{r}:hist"]),
+        redis::Value::Int(5)
+    );
+}
+
+#[tokio::test]
+async fn history_is_bounded_by_age() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), limits(100, Duration::from_secs(2))).unwrap();
+    let first = store.publish("r", "u", "c", "1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    store.publish("r", "u", "c", "2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Message 1 is 2.2 s old, message 2 is 1 s old; the keys live on (refreshed by publish 2).
+    let page = store.history("r", None, 0).await.unwrap();
+    assert_eq!(page.epoch, first.epoch);
+    assert_eq!(page.offset, 2);
+    assert_eq!(offsets(&page.messages), vec![2]);
+    let recovered = store
+        .join(
+            "r",
+            joiner("c9", "u", "g"),
+            Some(&Position {
+                epoch: first.epoch.clone(),
+                offset: 0,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(recovered.recovered, Some(false));
+    // Idle past the TTL: everything is gone and offsets restart under a new epoch. (The join
+    // above refreshed the keys, so wait a full TTL from now.)
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let next = store.publish("r", "u", "c", "3").await.unwrap();
+    assert_eq!(next.offset, 1);
+    assert_ne!(next.epoch, first.epoch);
+}
+
+#[tokio::test]
+async fn join_recovers_only_what_history_still_holds() {
+    let server = RedisServer::start();
+    let store = store(&server, 3);
+    let j = joiner("c1", "alice", "gw1");
+    let joined = store.join("r", j, None).await.unwrap();
+    assert_eq!((joined.offset, joined.recovered), (0, None));
+    assert!(!joined.epoch.is_empty());
+    let at = |offset| Position {
+        epoch: joined.epoch.clone(),
+        offset,
+    };
+    // Nothing published, nothing missed.
+    let r = store.join("r", j, Some(&at(0))).await.unwrap();
+    assert_eq!((r.recovered, r.missed.len()), (Some(true), 0));
+    for n in 1..=2 {
+        let p = store
+            .publish("r", "bob", "c2", &n.to_string())
+            .await
+            .unwrap();
+        assert_eq!(p.epoch, joined.epoch);
+    }
+    let r = store.join("r", j, Some(&at(2))).await.unwrap();
+    assert_eq!((r.recovered, r.missed.len(), r.offset), (Some(true), 0, 2));
+    let r = store.join("r", j, Some(&at(0))).await.unwrap();
+    assert_eq!(r.recovered, Some(true));
+    assert_eq!(offsets(&r.missed), vec![1, 2]);
+    assert_eq!(
+        (r.missed[0].user.as_str(), r.missed[0].client_id.as_str()),
+        ("bob", "c2")
+    );
+    for n in 3..=5 {
+        store
+            .publish("r", "bob", "c2", &n.to_string())
+            .await
+            .unwrap();
+    }
+    // History holds 3..=5: offset 2 is gone.
+    let r = store.join("r", j, Some(&at(1))).await.unwrap();
+    assert_eq!((r.recovered, r.missed.len()), (Some(false), 0));
+    let r = store.join("r", j, Some(&at(2))).await.unwrap();
+    assert_eq!(r.recovered, Some(true));
+    assert_eq!(offsets(&r.missed), vec![3, 4, 5]);
+    let other = Position {
+        epoch: "0123456789abcdef".into(),
+        offset: 4,
+    };
+    assert_eq!(
+        store.join("r", j, Some(&other)).await.unwrap().recovered,
+        Some(false)
+    );
+    assert_eq!(
+        store.join("r", j, Some(&at(9))).await.unwrap().recovered,
+        Some(false)
+    );
+    assert_eq!(
+        store
+            .join("r", j, Some(&at(u64::MAX)))
+            .await
+            .unwrap()
+            .recovered,
+        Some(false)
+    );
+}
+
+#[tokio::test]
+async fn epoch_changes_after_flushall() {
+    let server = RedisServer::start();
+    let store = store(&server, 100);
+    let mut last = None;
+    for n in 1..=3 {
+        last = Some(store.publish("r", "u", "c", &n.to_string()).await.unwrap());
+    }
+    let before = last.unwrap();
+    assert_eq!(before.offset, 3);
+    server.command(&["FLUSHALL"]);
+    let r = store
+        .join(
+            "r",
+            joiner("c1", "u", "g"),
+            Some(&Position {
+                epoch: before.epoch.clone(),
+                offset: 1,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.recovered, Some(false));
+    assert_ne!(r.epoch, before.epoch);
+    assert_eq!(r.offset, 0);
+    let after = store.publish("r", "u", "c", "4").await.unwrap();
+    assert_eq!(after.offset, 1);
+    assert_eq!(after.epoch, r.epoch);
+}
+
+#[tokio::test]
+async fn fails_fast_while_redis_is_down_and_recovers_after() {
+    let mut server = RedisServer::start();
+    let store = store(&server, 100);
+    store.publish("r", "u", "c", "1").await.unwrap();
+    server.stop();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let error = store.publish("r", "u", "c", "2").await.unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        let started = Instant::now();
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    // Back (empty: no persistence): the store reconnects by itself, under a new epoch.
+    server.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let published = loop {
+        match store.publish("r", "u", "c", "3").await {
+            Ok(published) => break published,
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "store did not reconnect: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(published.offset, 1);
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_unavailable_not_a_hang() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = RedisStore::new(
+        &format!("redis://127.0.0.1:{port}"),
+        HistoryLimits::default(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let error = store.history("r", None, 0).await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn presence_joins_leaves_and_dead_gateways() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let (_subscriber, seen) = listen(&server, "rc:room:r").await;
+    store
+        .gateway_heartbeat("gw-short", 1, Duration::from_millis(300))
+        .await
+        .unwrap();
+    store
+        .gateway_heartbeat("gw-long", 5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    store
+        .join("r", joiner("c1", "alice", "gw-short"), None)
+        .await
+        .unwrap();
+    store
+        .join("r", joiner("c2", "bob", "gw-long"), None)
+        .await
+        .unwrap();
+    store
+        .join("r", joiner("c2", "bob", "gw-long"), None)
+        .await
+        .unwrap();
+    store
+        .join("r", joiner("c3", "carol", "gw-never-seen"), None)
+        .await
+        .unwrap();
+    let users = |members: Vec<roomcast_room::store::Member>| -> Vec<String> {
+        members.into_iter().map(|m| m.user).collect()
+    };
+    assert_eq!(
+        users(store.presence("r").await.unwrap()),
+        vec!["alice", "bob", "carol"]
+    );
+    let gateways = store.gateways().await.unwrap();
+    assert_eq!(gateways.len(), 2);
+    assert_eq!(gateways.iter().map(|g| g.connections).sum::<u64>(), 6);
+
+    assert!(store.leave("r", "c3", "carol").await.unwrap());
+    assert!(!store.leave("r", "c3", "carol").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // gw-short's lease ran out: alice is dropped (and announced as left).
+    assert_eq!(users(store.presence("r").await.unwrap()), vec!["bob"]);
+    assert_eq!(store.room_stats("r").await.unwrap().members, 1);
+    let gateways = store.gateways().await.unwrap();
+    assert_eq!(gateways.len(), 1);
+    assert_eq!(
+        (gateways[0].gateway_id.as_str(), gateways[0].connections),
+        ("gw-long", 5)
+    );
+
+    let events: Vec<(String, serde_json::Value)> = wait_for(&seen, 5)
+        .await
+        .into_iter()
+        .map(|payload| match decode(payload).unwrap() {
+            Envelope::Event { exclude, frame } => {
+                (exclude, serde_json::from_slice(&frame).unwrap())
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let summary: Vec<(String, String, String)> = events
+        .iter()
+        .map(|(exclude, v)| {
+            assert_eq!(v["room"], "r");
+            assert_eq!(v["clientId"].as_str(), Some(exclude.as_str()));
+            (
+                exclude.clone(),
+                v["type"].as_str().unwrap().to_owned(),
+                v["user"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        summary,
+        vec![
+            s("c1", "member_joined", "alice"),
+            s("c2", "member_joined", "bob"),
+            s("c3", "member_joined", "carol"),
+            s("c3", "member_left", "carol"),
+            s("c1", "member_left", "alice"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn room_stats_do_not_create_rooms_and_control_is_published() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let stats = store.room_stats("empty").await.unwrap();
+    assert_eq!(
+        (
+            stats.epoch.as_str(),
+            stats.offset,
+            stats.history_len,
+            stats.members
+        ),
+        ("", 0, 0, 0)
+    );
+    assert_eq!(server.command(&["DBSIZE"]), redis::Value::Int(0));
+    let (_subscriber, seen) = listen(&server, roomcast_common::envelope::CONTROL_CHANNEL).await;
+    store
+        .publish_control(Bytes::from_static(
+            b"C{\"op\":\"disconnect\",\"user\":\"u\",\"code\":1008,\"reason\":\"\"}",
+        ))
+        .await
+        .unwrap();
+    let payload = wait_for(&seen, 1).await.remove(0);
+    assert!(matches!(decode(payload).unwrap(), Envelope::Control(_)));
+}
