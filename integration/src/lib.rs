@@ -1,1 +1,33 @@
+//! End-to-end test harness for Roomcast: starts real processes (redis-server, auth-service,
+//! room-services, gateways, or `gateway standalone`) on free ports and talks to them as clients
+//! do.
+//!
+//! - [`ports`]: free ports, never handed out twice in one run.
+//! - [`process`]: child processes with log files, signals, readiness and kill-on-drop.
+//! - [`redis`]: a private redis-server.
+//! - [`cluster`] / [`standalone`] / [`system`]: whole systems, and one interface over both.
+//! - [`token`]: test JWTs.
+//! - [`client`]: a WebSocket client for the JSON protocol.
+//! - [`http`]: a minimal GET for the ops endpoints.
+//! - [`scenarios`]: the client-visible checks, run against both flavors by `tests/`.
+//!
+//! The binaries must be built first (`cargo build --workspace`); they are looked up next to the
+//! running executable or in `ROOMCAST_BIN_DIR`.
 
+pub mod client;
+pub mod cluster;
+pub mod http;
+pub mod logs;
+pub mod ports;
+pub mod process;
+pub mod redis;
+pub mod scenarios;
+pub mod standalone;
+pub mod system;
+pub mod token;
+
+pub use client::{CloseInfo, ConnectError, ConnectOptions, Incoming, TestClient};
+pub use cluster::{Cluster, ClusterOptions};
+pub use standalone::Standalone;
+pub use system::{Flavor, System, run};
+pub use token::Claims;

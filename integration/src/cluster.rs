@@ -1,0 +1,304 @@
+//! A whole Roomcast cluster as real processes: redis-server, auth-service, N room-services and
+//! M gateways, each on its own port, every gateway given every room-service.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::future::try_join_all;
+
+use crate::logs::LogDir;
+use crate::ports::{PortPlan, PortRole};
+use crate::process::{ChildProcess, Spawn, binary};
+use crate::redis::RedisServer;
+
+/// Settings of a system. The standalone gateway uses the client-visible subset (heartbeats,
+/// frame limit, secret, origins).
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub gateways: usize,
+    pub room_services: usize,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub max_frame_bytes: usize,
+    /// The room-service server API key.
+    pub api_key: String,
+    /// HS256 secret shared by auth-service (or the standalone gateway) and the token helpers.
+    pub secret: String,
+    pub history_size: u64,
+    pub history_ttl_seconds: u64,
+    /// `ALLOWED_ORIGINS` for gateways; `None` leaves it unset (any origin).
+    pub allowed_origins: Option<String>,
+    /// Extra environment for every gateway (tuning a limit, say).
+    pub gateway_env: Vec<(String, String)>,
+    /// Extra environment for every room-service.
+    pub room_env: Vec<(String, String)>,
+    pub ports: PortPlan,
+    /// How long each process gets to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            gateways: 2,
+            room_services: 2,
+            // The contract's defaults.
+            heartbeat_interval_ms: 10_000,
+            heartbeat_timeout_ms: 30_000,
+            max_frame_bytes: 65_536,
+            api_key: "roomcast-test-api-key".into(),
+            secret: "roomcast-test-secret".into(),
+            history_size: 1000,
+            history_ttl_seconds: 3600,
+            allowed_origins: None,
+            gateway_env: Vec::new(),
+            room_env: Vec::new(),
+            ports: PortPlan::Free,
+            ready_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl ClusterOptions {
+    pub fn heartbeat(mut self, interval_ms: u64, timeout_ms: u64) -> Self {
+        self.heartbeat_interval_ms = interval_ms;
+        self.heartbeat_timeout_ms = timeout_ms;
+        self
+    }
+
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_frame_bytes = bytes;
+        self
+    }
+
+    pub fn allowed_origins(mut self, origins: impl Into<String>) -> Self {
+        self.allowed_origins = Some(origins.into());
+        self
+    }
+
+    pub fn history(mut self, size: u64, ttl_seconds: u64) -> Self {
+        self.history_size = size;
+        self.history_ttl_seconds = ttl_seconds;
+        self
+    }
+
+    pub fn gateway_env(mut self, key: impl Into<String>, value: impl ToString) -> Self {
+        self.gateway_env.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// The gateway settings shared by cluster and standalone mode.
+    pub(crate) fn gateway_spec(&self, spec: Spawn, addr: &str) -> Spawn {
+        let mut spec = spec
+            .env("GATEWAY_ADDR", addr)
+            .env("HEARTBEAT_INTERVAL_MS", self.heartbeat_interval_ms)
+            .env("HEARTBEAT_TIMEOUT_MS", self.heartbeat_timeout_ms)
+            .env("MAX_FRAME_BYTES", self.max_frame_bytes);
+        if let Some(origins) = &self.allowed_origins {
+            spec = spec.env("ALLOWED_ORIGINS", origins);
+        }
+        for (k, v) in &self.gateway_env {
+            spec = spec.env(k.clone(), v);
+        }
+        spec
+    }
+}
+
+/// A service process with its addresses.
+#[derive(Debug)]
+pub struct Service {
+    pub process: ChildProcess,
+    /// `http://127.0.0.1:P` for gRPC, where the service has one.
+    pub grpc_url: Option<String>,
+    /// `http://127.0.0.1:P`: the gateway's main address, a service's metrics address.
+    pub http_url: String,
+}
+
+impl Service {
+    async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        self.process
+            .wait_ready(&format!("{}/readyz", self.http_url), timeout)
+            .await
+    }
+}
+
+/// A running cluster. Dropping it SIGKILLs everything; [`Cluster::shutdown`] stops it gently.
+#[derive(Debug)]
+pub struct Cluster {
+    opts: ClusterOptions,
+    // Declaration order is drop order: gateways first, so they are not left logging about
+    // vanished backends; the log directory last, after every process has closed its log.
+    gateways: Vec<Service>,
+    room_services: Vec<Service>,
+    auth: Service,
+    redis: RedisServer,
+    log_dir: LogDir,
+}
+
+impl Cluster {
+    /// Starts every process and waits until all are ready.
+    pub async fn start(opts: ClusterOptions, log_dir: LogDir) -> Result<Cluster> {
+        let dir = log_dir.path().to_path_buf();
+        let context = || format!("starting the cluster (logs in {})", dir.display());
+        let plan = opts.ports;
+        let redis = RedisServer::start_on(plan.port(PortRole::Redis)?, &dir)
+            .await
+            .with_context(context)?;
+
+        let auth_grpc = plan.port(PortRole::AuthGrpc)?;
+        let auth_http = plan.port(PortRole::AuthMetrics)?;
+        let auth = Service {
+            process: ChildProcess::spawn(
+                Spawn::new("auth-service", binary("auth-service")?, &dir)
+                    .env("AUTH_SERVICE_ADDR", format!("127.0.0.1:{auth_grpc}"))
+                    .env("METRICS_ADDR", format!("127.0.0.1:{auth_http}"))
+                    .env("JWT_SECRET", &opts.secret)
+                    .env("REDIS_URL", redis.url()),
+            )?,
+            grpc_url: Some(format!("http://127.0.0.1:{auth_grpc}")),
+            http_url: format!("http://127.0.0.1:{auth_http}"),
+        };
+
+        let mut room_services = Vec::new();
+        for i in 0..opts.room_services {
+            let grpc = plan.port(PortRole::RoomGrpc(i))?;
+            let http = plan.port(PortRole::RoomMetrics(i))?;
+            let mut spec = Spawn::new(format!("room-service-{i}"), binary("room-service")?, &dir)
+                .env("ROOM_SERVICE_ADDR", format!("127.0.0.1:{grpc}"))
+                .env("METRICS_ADDR", format!("127.0.0.1:{http}"))
+                .env("REDIS_URL", redis.url())
+                .env("HISTORY_SIZE", opts.history_size)
+                .env("HISTORY_TTL_SECONDS", opts.history_ttl_seconds)
+                .env("API_KEY", &opts.api_key);
+            for (k, v) in &opts.room_env {
+                spec = spec.env(k.clone(), v);
+            }
+            room_services.push(Service {
+                process: ChildProcess::spawn(spec)?,
+                grpc_url: Some(format!("http://127.0.0.1:{grpc}")),
+                http_url: format!("http://127.0.0.1:{http}"),
+            });
+        }
+        let backends = std::iter::once(&auth).chain(&room_services);
+        try_join_all(backends.map(|s| s.wait_ready(opts.ready_timeout)))
+            .await
+            .with_context(context)?;
+
+        let room_urls = join_urls(&room_services);
+        let auth_url = join_urls(std::slice::from_ref(&auth));
+        let mut gateways = Vec::new();
+        for i in 0..opts.gateways {
+            let port = plan.port(PortRole::Gateway(i))?;
+            let spec = Spawn::new(format!("gateway-{i}"), binary("gateway")?, &dir)
+                .env("GATEWAY_ID", format!("gw-{i}"))
+                .env("ROOM_SERVICE_URL", &room_urls)
+                .env("AUTH_SERVICE_URL", &auth_url)
+                .env("REDIS_URL", redis.url());
+            let spec = opts.gateway_spec(spec, &format!("127.0.0.1:{port}"));
+            gateways.push(Service {
+                process: ChildProcess::spawn(spec)?,
+                grpc_url: None,
+                http_url: format!("http://127.0.0.1:{port}"),
+            });
+        }
+        try_join_all(gateways.iter().map(|s| s.wait_ready(opts.ready_timeout)))
+            .await
+            .with_context(context)?;
+
+        Ok(Cluster {
+            opts,
+            gateways,
+            room_services,
+            auth,
+            redis,
+            log_dir,
+        })
+    }
+
+    pub fn options(&self) -> &ClusterOptions {
+        &self.opts
+    }
+
+    pub fn log_dir(&self) -> &LogDir {
+        &self.log_dir
+    }
+
+    pub fn log_dir_mut(&mut self) -> &mut LogDir {
+        &mut self.log_dir
+    }
+
+    pub fn gateway_count(&self) -> usize {
+        self.gateways.len()
+    }
+
+    /// `ws://127.0.0.1:P/ws` of gateway `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        format!(
+            "{}/ws",
+            self.gateways[i].http_url.replacen("http://", "ws://", 1)
+        )
+    }
+
+    /// `http://127.0.0.1:P` of gateway `i`.
+    pub fn http_url(&self, i: usize) -> String {
+        self.gateways[i].http_url.clone()
+    }
+
+    /// `http://127.0.0.1:P` (gRPC) of room-service `i`.
+    pub fn room_service_grpc(&self, i: usize) -> String {
+        self.room_services[i].grpc_url.clone().unwrap_or_default()
+    }
+
+    pub fn auth_grpc(&self) -> String {
+        self.auth.grpc_url.clone().unwrap_or_default()
+    }
+
+    pub fn gateway(&self, i: usize) -> &Service {
+        &self.gateways[i]
+    }
+
+    pub fn room_service(&self, i: usize) -> &Service {
+        &self.room_services[i]
+    }
+
+    pub fn room_service_count(&self) -> usize {
+        self.room_services.len()
+    }
+
+    pub fn auth(&self) -> &Service {
+        &self.auth
+    }
+
+    pub fn redis(&self) -> &RedisServer {
+        &self.redis
+    }
+
+    pub fn redis_mut(&mut self) -> &mut RedisServer {
+        &mut self.redis
+    }
+
+    /// Every process, gateways first.
+    pub fn processes(&self) -> Vec<&ChildProcess> {
+        let services = self.gateways.iter().chain(&self.room_services);
+        let mut all: Vec<&ChildProcess> = services.map(|s| &s.process).collect();
+        all.push(&self.auth.process);
+        all.push(self.redis.process());
+        all
+    }
+
+    /// Stops gently, in dependency order: gateways drain first, then the services, then Redis.
+    pub async fn shutdown(self, grace: Duration) -> Result<()> {
+        try_join_all(self.gateways.iter().map(|s| s.process.stop(grace))).await?;
+        let services = self.room_services.iter().chain(std::iter::once(&self.auth));
+        try_join_all(services.map(|s| s.process.stop(grace))).await?;
+        self.redis.process().stop(grace).await
+    }
+}
+
+fn join_urls(services: &[Service]) -> String {
+    let urls: Vec<&str> = services
+        .iter()
+        .filter_map(|s| s.grpc_url.as_deref())
+        .collect();
+    urls.join(",")
+}

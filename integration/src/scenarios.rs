@@ -1,0 +1,1194 @@
+//! The end-to-end checks of the contract (`protocol.md`). Client-visible ones take any
+//! [`System`] and run against both the cluster and the standalone gateway; the `cluster_*` ones
+//! need real processes to kill and a gRPC server API to call.
+//!
+//! Every check fails with the frame it expected and the frame it got.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use roomcast_proto::room_service_client::RoomServiceClient;
+use roomcast_proto::{DisconnectRequest, HistoryRequest, PresenceRequest, ServerPublishRequest};
+use serde_json::{Value, json};
+
+use crate::client::{ConnectError, ConnectOptions, TestClient};
+use crate::http;
+use crate::system::System;
+use crate::token::{self, Claims};
+
+/// Wait for a reply or an event that should come at once.
+const T: Duration = Duration::from_secs(5);
+/// How long "nothing arrives" is watched.
+const SILENCE: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// `frame` is an `error` with `code` (and `id`, when given).
+fn check_error(frame: &Value, code: &str, id: Option<u64>, what: &str) -> Result<()> {
+    ensure!(
+        frame["type"] == "error" && frame["code"] == code,
+        "{what}: expected an `error` with code `{code}`, got {frame}"
+    );
+    if let Some(id) = id {
+        ensure!(
+            frame["id"] == id,
+            "{what}: the error should carry id {id}, got {frame}"
+        );
+    }
+    ensure!(
+        frame["message"].is_string(),
+        "{what}: the error has no `message` string: {frame}"
+    );
+    Ok(())
+}
+
+fn u64_field(frame: &Value, key: &str) -> Result<u64> {
+    frame[key]
+        .as_u64()
+        .with_context(|| format!("`{key}` is not an unsigned integer in {frame}"))
+}
+
+fn str_field<'a>(frame: &'a Value, key: &str) -> Result<&'a str> {
+    frame[key]
+        .as_str()
+        .with_context(|| format!("`{key}` is not a string in {frame}"))
+}
+
+/// A `message` frame (live, or inside `joined.missed` / `history.messages`) has every field
+/// with the expected values.
+fn check_message(
+    frame: &Value,
+    room: &str,
+    offset: u64,
+    epoch: &str,
+    sender: &TestClient,
+    data: &Value,
+) -> Result<()> {
+    let expected = json!({
+        "type": "message", "room": room, "offset": offset, "epoch": epoch,
+        "user": sender.user(), "clientId": sender.client_id(), "data": data,
+    });
+    ensure!(
+        *frame == expected,
+        "message frame mismatch:\n expected {expected}\n      got {frame}"
+    );
+    Ok(())
+}
+
+/// The offsets of a `history` reply's messages.
+fn message_offsets(history: &Value) -> Result<Vec<u64>> {
+    history["messages"]
+        .as_array()
+        .with_context(|| format!("`messages` is not an array in {history}"))?
+        .iter()
+        .map(|m| u64_field(m, "offset"))
+        .collect()
+}
+
+/// `(user, clientId)` of every member in a `presence` reply.
+fn members(frame: &Value) -> Result<BTreeSet<(String, String)>> {
+    let list = frame["members"]
+        .as_array()
+        .with_context(|| format!("`members` is not an array in {frame}"))?;
+    list.iter()
+        .map(|m| {
+            Ok((
+                str_field(m, "user")?.to_owned(),
+                str_field(m, "clientId")?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn member_of(c: &TestClient) -> (String, String) {
+    (c.user().to_owned(), c.client_id().to_owned())
+}
+
+async fn presence(c: &mut TestClient, room: &str) -> Result<BTreeSet<(String, String)>> {
+    let reply = c
+        .request_ok(json!({"type": "presence", "room": room}), "presence")
+        .await?;
+    ensure!(
+        reply["room"] == room,
+        "presence reply for another room: {reply}"
+    );
+    members(&reply)
+}
+
+/// Joins and returns `(epoch, offset)` of the `joined` reply.
+async fn join(c: &mut TestClient, room: &str) -> Result<(String, u64)> {
+    let joined = c.join(room).await?;
+    ensure!(
+        joined["room"] == room,
+        "joined names another room: {joined}"
+    );
+    Ok((
+        str_field(&joined, "epoch")?.to_owned(),
+        u64_field(&joined, "offset")?,
+    ))
+}
+
+/// Waits for the `member_joined` / `member_left` event about `who` in `room`.
+async fn expect_presence_event(
+    observer: &mut TestClient,
+    kind: &str,
+    room: &str,
+    who: (&str, &str),
+    timeout: Duration,
+) -> Result<Value> {
+    let frame = observer
+        .expect_match(&format!("`{kind}` of {}", who.1), timeout, |v| {
+            v["type"] == kind && v["clientId"] == who.1
+        })
+        .await?;
+    ensure!(
+        frame["room"] == room && frame["user"] == who.0,
+        "{kind} has the wrong room or user: {frame}"
+    );
+    Ok(frame)
+}
+
+/// Publishes, retrying `unavailable` errors and timeouts until `deadline`: what a client does
+/// while a backend fails over. Returns the offset.
+async fn publish_retrying(
+    c: &mut TestClient,
+    room: &str,
+    data: &Value,
+    deadline: Instant,
+) -> Result<u64> {
+    let mut attempts = Vec::new();
+    loop {
+        let id = c
+            .send_command(json!({"type": "publish", "room": room, "data": data}))
+            .await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.reply_to(id, left.min(T)).await {
+            Ok(reply) if reply["type"] == "published" => return u64_field(&reply, "offset"),
+            Ok(reply) if reply["code"] == "unavailable" => attempts.push(reply.to_string()),
+            Ok(reply) => bail!("publish {data}: unexpected reply {reply}"),
+            Err(e) => attempts.push(format!("{e:#}")),
+        }
+        if Instant::now() >= deadline {
+            bail!("publish {data}: no success before the deadline; attempts: {attempts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client-visible scenarios (cluster and standalone)
+
+/// 1. The first frame is `connected` with clientId, user, gateway and the heartbeat settings.
+pub async fn connected_frame_first(sys: &mut System) -> Result<()> {
+    let opts = ConnectOptions::token(sys.token("alice")?);
+    let mut c = TestClient::connect_raw(&sys.ws_url(0), &opts).await?;
+    let first = c.recv_json(T).await.context("reading the first frame")?;
+    ensure!(
+        first["type"] == "connected",
+        "first frame is not `connected`: {first}"
+    );
+    let client_id = str_field(&first, "clientId")?;
+    ensure!(!client_id.is_empty(), "empty clientId: {first}");
+    ensure!(
+        first["user"] == "alice",
+        "user should be the token's sub: {first}"
+    );
+    let gateway = str_field(&first, "gateway")?;
+    ensure!(!gateway.is_empty(), "empty gateway: {first}");
+    let hb = &first["heartbeat"];
+    let (interval, timeout) = (
+        sys.options().heartbeat_interval_ms,
+        sys.options().heartbeat_timeout_ms,
+    );
+    ensure!(
+        hb["intervalMs"] == interval && hb["timeoutMs"] == timeout,
+        "heartbeat should be {{intervalMs: {interval}, timeoutMs: {timeout}}}: {first}"
+    );
+
+    // Every connection has its own id, even for the same user; each gateway its own name.
+    let other = sys.client(1, "alice").await?;
+    ensure!(
+        other.client_id() != client_id,
+        "two connections share clientId {client_id}"
+    );
+    if sys.gateways() > 1 {
+        ensure!(
+            other.connected()["gateway"] != gateway,
+            "gateways 0 and 1 both call themselves {gateway:?}"
+        );
+    }
+    Ok(())
+}
+
+/// 2. A publish reaches the other members on every gateway, not the sender, who gets
+///    `published`.
+pub async fn cross_gateway_delivery(sys: &mut System) -> Result<()> {
+    let room = "chat:cross";
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    let mut c = sys.client(1, "carol").await?;
+    let (epoch, base) = join(&mut a, room).await?;
+    for rx in [&mut b, &mut c] {
+        let (e, _) = join(rx, room).await?;
+        ensure!(
+            e == epoch,
+            "{} joined epoch {e}, alice got {epoch}",
+            rx.name()
+        );
+    }
+
+    let data = json!({"text": "hello", "n": 1, "nested": {"ok": true, "list": [1, "two"]}});
+    let id = a
+        .send_command(json!({"type": "publish", "room": room, "data": data}))
+        .await?;
+    let reply = a.reply_to(id, T).await?;
+    ensure!(
+        reply["type"] == "published" && reply["room"] == room,
+        "expected `published` for {room} with id {id}, got {reply}"
+    );
+    let offset = u64_field(&reply, "offset")?;
+    ensure!(
+        offset == base + 1,
+        "first publish after joining at offset {base} got offset {offset}"
+    );
+    for rx in [&mut b, &mut c] {
+        let m = rx.expect("message", T).await?;
+        check_message(&m, room, offset, &epoch, &a, &data)
+            .with_context(|| format!("at {}", rx.name()))?;
+    }
+    a.expect_none(Some("message"), SILENCE)
+        .await
+        .context("the sender must not get its own message")?;
+    Ok(())
+}
+
+/// 3. Bad tokens are refused with HTTP 401 before the upgrade; the header form works too.
+pub async fn unauthorized_handshakes(sys: &mut System) -> Result<()> {
+    let url = sys.ws_url(0);
+    let secret = sys.secret().to_owned();
+    let no_sub = token::mint_value(&secret, &json!({"exp": token::now() + 3600}))?;
+    let cases = [
+        ("missing token", None, false),
+        ("malformed token", Some(token::MALFORMED.to_owned()), false),
+        (
+            "badly signed token",
+            Some(token::badly_signed(&secret, "mallory")?),
+            false,
+        ),
+        (
+            "expired token",
+            Some(token::expired(&secret, "mallory")?),
+            false,
+        ),
+        ("token without sub", Some(no_sub), false),
+        (
+            "badly signed bearer header",
+            Some(token::badly_signed(&secret, "mallory")?),
+            true,
+        ),
+        (
+            "expired bearer header",
+            Some(token::expired(&secret, "mallory")?),
+            true,
+        ),
+    ];
+    for (case, token, bearer_header) in cases {
+        let opts = ConnectOptions {
+            token,
+            bearer_header,
+            origin: None,
+        };
+        match TestClient::connect_raw(&url, &opts).await {
+            Ok(_) => bail!("{case}: the WebSocket was opened; expected HTTP 401"),
+            Err(ConnectError::Http { status: 401, body }) => ensure!(
+                !body.trim().is_empty(),
+                "{case}: 401 without a reason in the body"
+            ),
+            Err(e) => bail!("{case}: expected HTTP 401, got {e}"),
+        }
+    }
+
+    let opts = ConnectOptions {
+        token: Some(sys.token("alice")?),
+        bearer_header: true,
+        origin: None,
+    };
+    let mut c = TestClient::connect_raw(&url, &opts)
+        .await
+        .context("a valid token in `Authorization: Bearer` must be accepted")?;
+    let first = c.recv_json(T).await?;
+    ensure!(
+        first["type"] == "connected" && first["user"] == "alice",
+        "expected `connected` for alice, got {first}"
+    );
+    Ok(())
+}
+
+/// 4. `rooms` and `publish` claims are enforced: `forbidden`; publishing unjoined: `not_joined`.
+pub async fn forbidden_and_not_joined(sys: &mut System) -> Result<()> {
+    let claims = Claims::new("dave")
+        .rooms(["chat:*", "news"])
+        .publish(["chat:ann*"]);
+    let mut d = sys.client_with(0, &claims).await?;
+
+    for room in ["secret", "newsroom", "cha"] {
+        let r = d
+            .request(json!({"type": "join", "room": room, "id": 11}))
+            .await?;
+        check_error(
+            &r,
+            "forbidden",
+            Some(11),
+            &format!("join {room} outside rooms"),
+        )?;
+    }
+    join(&mut d, "chat:general").await?;
+    join(&mut d, "news").await?;
+
+    let r = d
+        .request(json!({"type": "publish", "room": "chat:general", "data": 1, "id": 12}))
+        .await?;
+    check_error(
+        &r,
+        "forbidden",
+        Some(12),
+        "publish outside `publish` patterns",
+    )?;
+    let r = d
+        .request(json!({"type": "publish", "room": "chat:announce", "data": 1, "id": 13}))
+        .await?;
+    check_error(
+        &r,
+        "not_joined",
+        Some(13),
+        "publish to an allowed room not joined",
+    )?;
+    join(&mut d, "chat:announce").await?;
+    d.publish("chat:announce", json!("ok")).await?;
+
+    // Without a `publish` claim, `rooms` applies to publishing too.
+    let mut e = sys
+        .client_with(1, &Claims::new("erin").rooms(["chat:*"]))
+        .await?;
+    join(&mut e, "chat:general").await?;
+    e.publish("chat:general", json!("hi")).await?;
+    let r = e
+        .request(json!({"type": "publish", "room": "elsewhere", "data": 1, "id": 14}))
+        .await?;
+    ensure!(
+        r["type"] == "error" && (r["code"] == "forbidden" || r["code"] == "not_joined"),
+        "publish to a room outside `rooms`: expected forbidden/not_joined, got {r}"
+    );
+
+    // After leaving, publishing is `not_joined` again.
+    let left = e
+        .request_ok(json!({"type": "leave", "room": "chat:general"}), "left")
+        .await?;
+    ensure!(
+        left["room"] == "chat:general",
+        "left names another room: {left}"
+    );
+    let r = e
+        .request(json!({"type": "publish", "room": "chat:general", "data": 1, "id": 15}))
+        .await?;
+    check_error(&r, "not_joined", Some(15), "publish after leave")?;
+    Ok(())
+}
+
+/// 5. Two publishers on two gateways fire 100 messages each; every member sees all 200 in
+///    consecutive offset order, each publisher's messages in its sending order.
+pub async fn ordering_under_concurrent_publishers(sys: &mut System) -> Result<()> {
+    const N: u64 = 100;
+    let room = "order";
+    let mut p1 = sys.client(0, "p1").await?;
+    let mut p2 = sys.client(1, "p2").await?;
+    let mut members = Vec::new();
+    for i in 0..4 {
+        members.push(sys.client(i, &format!("m{i}")).await?);
+    }
+    let (epoch, base) = join(&mut p1, room).await?;
+    join(&mut p2, room).await?;
+    for m in &mut members {
+        join(m, room).await?;
+    }
+
+    async fn fire(p: &mut TestClient, room: &str, tag: &str) -> Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        for seq in 0..N {
+            let cmd = json!({"type": "publish", "room": room, "data": {"from": tag, "seq": seq}});
+            ids.push(p.send_command(cmd).await?);
+        }
+        Ok(ids)
+    }
+    let (ids1, ids2) = tokio::join!(fire(&mut p1, room, "p1"), fire(&mut p2, room, "p2"));
+    let sent = [(&mut p1, ids1?), (&mut p2, ids2?)];
+
+    // Replies: all `published`, offsets increasing in sending order.
+    for (p, ids) in sent {
+        let mut last = 0;
+        for (seq, id) in ids.into_iter().enumerate() {
+            let reply = p.reply_to(id, T).await?;
+            ensure!(
+                reply["type"] == "published",
+                "{} publish #{seq}: expected `published`, got {reply}",
+                p.name()
+            );
+            let offset = u64_field(&reply, "offset")?;
+            ensure!(
+                offset > last,
+                "{}: publish #{seq} got offset {offset} after {last}",
+                p.name()
+            );
+            last = offset;
+        }
+    }
+
+    let senders = [
+        ("p1", p1.client_id().to_owned()),
+        ("p2", p2.client_id().to_owned()),
+    ];
+    for m in &mut members {
+        let frames = m
+            .expect_n("message", 2 * N as usize, Duration::from_secs(15))
+            .await?;
+        let mut next_seq = [0u64; 2];
+        for (i, f) in frames.iter().enumerate() {
+            let want = base + 1 + i as u64;
+            ensure!(
+                f["offset"] == want && f["epoch"] == epoch.as_str(),
+                "{}: message #{i} should have offset {want} (epoch {epoch}); got {f}",
+                m.name()
+            );
+            let from = str_field(&f["data"], "from")?;
+            let k = usize::from(from == "p2");
+            ensure!(
+                f["clientId"] == senders[k].1.as_str() && f["user"] == senders[k].0,
+                "{}: sender fields do not match data.from {from}: {f}",
+                m.name()
+            );
+            ensure!(
+                f["data"]["seq"] == next_seq[k],
+                "{}: {from}'s message #{} arrived as {f}",
+                m.name(),
+                next_seq[k]
+            );
+            next_seq[k] += 1;
+        }
+        m.expect_none(Some("message"), Duration::from_millis(100))
+            .await
+            .context("more than 200 messages")?;
+    }
+
+    // Each publisher gets the other's 100, in order, and none of its own.
+    for (p, other) in [(&mut p1, "p2"), (&mut p2, "p1")] {
+        let frames = p
+            .expect_n("message", N as usize, Duration::from_secs(10))
+            .await?;
+        let mut last = base;
+        for (seq, f) in frames.iter().enumerate() {
+            let offset = u64_field(f, "offset")?;
+            ensure!(
+                f["data"]["from"] == other && f["data"]["seq"] == seq && offset > last,
+                "{}: message #{seq} should be {other}'s #{seq} after offset {last}: {f}",
+                p.name()
+            );
+            last = offset;
+        }
+        p.expect_none(Some("message"), SILENCE)
+            .await
+            .context("a publisher received its own message")?;
+    }
+    Ok(())
+}
+
+/// 6. Bad frames get `bad_request` (with their id) and the connection stays usable.
+pub async fn bad_requests_keep_connection(sys: &mut System) -> Result<()> {
+    let mut c = sys.client(0, "fuzzy").await?;
+    let long_room = "x".repeat(129);
+    let cases: Vec<(&str, String, Option<u64>)> = vec![
+        ("invalid JSON", "this is {not json".into(), None),
+        ("a JSON array", "[1,2,3]".into(), None),
+        ("a JSON number", "42".into(), None),
+        ("no type", json!({"id": 1}).to_string(), Some(1)),
+        (
+            "unknown type",
+            json!({"type": "no_such", "id": 2}).to_string(),
+            Some(2),
+        ),
+        (
+            "join without room",
+            json!({"type": "join", "id": 3}).to_string(),
+            Some(3),
+        ),
+        (
+            "room with a space",
+            json!({"type": "join", "id": 4, "room": "bad room!"}).to_string(),
+            Some(4),
+        ),
+        (
+            "empty room",
+            json!({"type": "join", "id": 5, "room": ""}).to_string(),
+            Some(5),
+        ),
+        (
+            "room of 129 bytes",
+            json!({"type": "join", "id": 6, "room": long_room}).to_string(),
+            Some(6),
+        ),
+        (
+            "room not a string",
+            json!({"type": "join", "id": 7, "room": 42}).to_string(),
+            Some(7),
+        ),
+        (
+            "publish without room",
+            json!({"type": "publish", "id": 8, "data": 1}).to_string(),
+            Some(8),
+        ),
+        (
+            "since not an object",
+            json!({"type": "join", "id": 9, "room": "ok", "since": "yesterday"}).to_string(),
+            Some(9),
+        ),
+        (
+            "type not a string",
+            json!({"type": 5, "id": 10}).to_string(),
+            Some(10),
+        ),
+    ];
+    for (case, text, id) in cases {
+        c.send_raw_text(text.clone()).await?;
+        let frame = c
+            .expect("error", T)
+            .await
+            .with_context(|| format!("{case}: sent {text}"))?;
+        check_error(&frame, "bad_request", id, case)?;
+    }
+    let pong = c
+        .request_ok(json!({"type": "ping", "id": 100}), "pong")
+        .await?;
+    ensure!(pong["id"] == 100, "pong should carry id 100: {pong}");
+    c.send_json(&json!({"type": "ping"})).await?;
+    let pong = c.expect("pong", T).await?;
+    ensure!(
+        pong.get("id").is_none_or(Value::is_null),
+        "unasked id in {pong}"
+    );
+    join(&mut c, "ok")
+        .await
+        .context("join after the bad frames")?;
+    ensure!(c.close_code().is_none(), "the connection was closed");
+    Ok(())
+}
+
+/// 7. A frame over MAX_FRAME_BYTES closes the connection with 1009; one below passes.
+pub async fn oversized_frame_closes_1009(sys: &mut System) -> Result<()> {
+    let limit = sys.options().max_frame_bytes;
+    let mut c = sys.client(0, "big").await?;
+    join(&mut c, "big").await?;
+    c.publish("big", json!("x".repeat(limit / 2))).await?;
+    let frame = json!({"type": "publish", "room": "big", "data": "x".repeat(limit + 100)});
+    c.send_raw_text(frame.to_string()).await?;
+    let close = c.expect_close(T).await?;
+    ensure!(
+        close.code == Some(1009),
+        "a {} byte frame (limit {limit}) should close with 1009, got {close}",
+        frame.to_string().len()
+    );
+    Ok(())
+}
+
+/// 8. A client that stops answering pings is dropped (and its presence removed) within ~2 s;
+///    a normal client over the same period stays.
+pub async fn heartbeat_drops_silent_client(sys: &mut System) -> Result<()> {
+    let room = "hb";
+    let mut observer = sys.client(0, "observer").await?;
+    let mut normal = sys.client(1, "normal").await?;
+    let mut silent = sys.client(1, "silent").await?;
+    let hb = &silent.connected()["heartbeat"];
+    ensure!(
+        hb["intervalMs"] == sys.options().heartbeat_interval_ms,
+        "heartbeat settings not applied: {hb}"
+    );
+    for c in [&mut observer, &mut normal, &mut silent] {
+        join(c, room).await?;
+    }
+    expect_presence_event(
+        &mut observer,
+        "member_joined",
+        room,
+        (silent.user(), silent.client_id()),
+        T,
+    )
+    .await?;
+
+    let start = Instant::now();
+    silent.stop_answering_pings();
+    let silent_id = silent.client_id().to_owned();
+    expect_presence_event(
+        &mut observer,
+        "member_left",
+        room,
+        ("silent", &silent_id),
+        Duration::from_millis(2500),
+    )
+    .await
+    .context("the silent client's presence should go within ~2 s")?;
+
+    // The normal client lived through the same period (its pings were answered).
+    tokio::time::sleep_until((start + Duration::from_secs(2)).into()).await;
+    let pong = normal.request_ok(json!({"type": "ping"}), "pong").await;
+    pong.context("the normal client should still be connected")?;
+    ensure!(
+        normal.pings_received() >= 3,
+        "the server sent {} WebSocket pings in over 2 s at a 200 ms interval",
+        normal.pings_received()
+    );
+    let now = presence(&mut observer, room).await?;
+    let want: BTreeSet<_> = [member_of(&observer), member_of(&normal)].into();
+    ensure!(now == want, "presence should be {want:?}, is {now:?}");
+
+    silent.resume_reading();
+    let close = silent
+        .expect_close(Duration::from_secs(2))
+        .await
+        .context("the silent client's socket should be closed")?;
+    ensure!(
+        close.code != Some(1000),
+        "a heartbeat timeout is not a normal close: {close}"
+    );
+    Ok(())
+}
+
+/// 10a. Presence lists members; joins and leaves (and disconnects) reach the other members.
+pub async fn presence_and_member_events(sys: &mut System) -> Result<()> {
+    let room = "lobby";
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    expect_presence_event(&mut a, "member_joined", room, (b.user(), b.client_id()), T).await?;
+    let want: BTreeSet<_> = [member_of(&a), member_of(&b)].into();
+    for c in [&mut a, &mut b] {
+        let now = presence(c, room).await?;
+        ensure!(
+            now == want,
+            "{}: presence should be {want:?}, is {now:?}",
+            c.name()
+        );
+    }
+
+    let left = b
+        .request_ok(json!({"type": "leave", "room": room}), "left")
+        .await?;
+    ensure!(left["room"] == room, "left names another room: {left}");
+    expect_presence_event(&mut a, "member_left", room, (b.user(), b.client_id()), T).await?;
+    let now = presence(&mut a, room).await?;
+    ensure!(
+        now == [member_of(&a)].into(),
+        "after bob left: presence is {now:?}"
+    );
+
+    // A closed connection leaves its rooms too.
+    join(&mut b, room).await?;
+    expect_presence_event(&mut a, "member_joined", room, (b.user(), b.client_id()), T).await?;
+    let bob = member_of(&b);
+    b.close().await?;
+    expect_presence_event(&mut a, "member_left", room, (&bob.0, &bob.1), T)
+        .await
+        .context("after bob's connection closed")?;
+    let now = presence(&mut a, room).await?;
+    ensure!(
+        now == [member_of(&a)].into(),
+        "after bob disconnected: presence is {now:?}"
+    );
+    Ok(())
+}
+
+/// 10b. `history` returns the held messages oldest first; `since` and `limit` narrow it.
+pub async fn history_oldest_first(sys: &mut System) -> Result<()> {
+    let room = "hist";
+    let mut a = sys.client(0, "alice").await?;
+    let (epoch, _) = join(&mut a, room).await?;
+    let mut offsets = Vec::new();
+    for n in 0..5 {
+        offsets.push(a.publish(room, json!({"n": n})).await?);
+    }
+    let last = offsets[4];
+
+    // Asked from another gateway by a member who joined later.
+    let mut b = sys.client(1, "bob").await?;
+    join(&mut b, room).await?;
+    let h = b
+        .request_ok(json!({"type": "history", "room": room}), "history")
+        .await?;
+    ensure!(
+        h["room"] == room && h["epoch"] == epoch.as_str() && h["offset"] == last,
+        "history header should be room {room}, epoch {epoch}, offset {last}: {h}"
+    );
+    let messages = h["messages"]
+        .as_array()
+        .context("`messages` is not an array")?;
+    ensure!(messages.len() == 5, "expected 5 messages, got {h}");
+    for (n, (m, offset)) in messages.iter().zip(&offsets).enumerate() {
+        check_message(m, room, *offset, &epoch, &a, &json!({"n": n}))
+            .with_context(|| format!("history message #{n}"))?;
+    }
+
+    let h = b
+        .request_ok(
+            json!({"type": "history", "room": room, "since": offsets[1]}),
+            "history",
+        )
+        .await?;
+    let got = message_offsets(&h)?;
+    ensure!(
+        got == offsets[2..],
+        "history since {} should hold offsets {:?}: {h}",
+        offsets[1],
+        &offsets[2..]
+    );
+
+    let h = b
+        .request_ok(
+            json!({"type": "history", "room": room, "limit": 2}),
+            "history",
+        )
+        .await?;
+    let got = message_offsets(&h)?;
+    ensure!(
+        got.len() == 2 && got[1] == got[0] + 1 && offsets.contains(&got[0]),
+        "history limit 2 should be two consecutive held messages, oldest first: {h}"
+    );
+    Ok(())
+}
+
+/// 10c. Rejoining with `since` (on another gateway) recovers exactly the missed messages.
+pub async fn recovery_with_since(sys: &mut System) -> Result<()> {
+    let room = "recover";
+    let mut a = sys.client(0, "alice").await?;
+    join(&mut a, room).await?;
+    a.publish(room, json!("before-1")).await?;
+    a.publish(room, json!("before-2")).await?;
+
+    let mut c = sys.client(1, "carol").await?;
+    let (epoch, seen) = join(&mut c, room).await?;
+    c.close().await?;
+
+    let mut missed = Vec::new();
+    for n in 0..3 {
+        let data = json!({"missed": n});
+        missed.push((a.publish(room, data.clone()).await?, data));
+    }
+
+    let mut c = sys.client(0, "carol").await?;
+    let since = json!({"epoch": epoch, "offset": seen});
+    let joined = c
+        .request_ok(
+            json!({"type": "join", "room": room, "since": since}),
+            "joined",
+        )
+        .await?;
+    ensure!(
+        joined["recovered"] == true && joined["epoch"] == epoch.as_str(),
+        "join with since {since} should recover in epoch {epoch}: {joined}"
+    );
+    let got = joined["missed"]
+        .as_array()
+        .context("`missed` is not an array")?;
+    ensure!(
+        got.len() == missed.len(),
+        "expected exactly {} missed messages: {joined}",
+        missed.len()
+    );
+    for (frame, (offset, data)) in got.iter().zip(&missed) {
+        check_message(frame, room, *offset, &epoch, &a, data)?;
+    }
+    // Live delivery continues after the recovered ones, without duplicates.
+    let next = a.publish(room, json!("after")).await?;
+    let m = c.expect("message", T).await?;
+    check_message(&m, room, next, &epoch, &a, &json!("after"))?;
+
+    // Nothing missed: recovered, empty.
+    let mut d = sys.client(1, "dan").await?;
+    let since = json!({"epoch": epoch, "offset": next});
+    let joined = d
+        .request_ok(
+            json!({"type": "join", "room": room, "since": since}),
+            "joined",
+        )
+        .await?;
+    ensure!(
+        joined["recovered"] == true && joined["missed"].as_array().is_none_or(|m| m.is_empty()),
+        "join at the latest offset should recover nothing: {joined}"
+    );
+
+    // Another epoch: the history does not apply.
+    let mut e = sys.client(0, "erin").await?;
+    let since = json!({"epoch": "not-this-epoch", "offset": 1});
+    let joined = e
+        .request_ok(
+            json!({"type": "join", "room": room, "since": since}),
+            "joined",
+        )
+        .await?;
+    ensure!(
+        joined["recovered"] == false && joined["epoch"] == epoch.as_str(),
+        "join with a foreign epoch should say recovered: false and the current epoch: {joined}"
+    );
+    Ok(())
+}
+
+/// 11. Ops endpoints answer 200 on every gateway (and every service of a cluster).
+pub async fn ops_endpoints(sys: &mut System) -> Result<()> {
+    let mut bases: Vec<String> = (0..sys.gateways()).map(|i| sys.http_url(i)).collect();
+    if let Some(cluster) = sys.cluster() {
+        bases.push(cluster.auth().http_url.clone());
+        for i in 0..cluster.room_service_count() {
+            bases.push(cluster.room_service(i).http_url.clone());
+        }
+    }
+    for base in bases {
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let url = format!("{base}{path}");
+            let r = http::get(&url, T).await?;
+            ensure!(r.status == 200, "GET {url}: HTTP {} {:?}", r.status, r.body);
+        }
+    }
+    Ok(())
+}
+
+/// `refresh` swaps the token; a bad one is refused and the connection stays.
+pub async fn refresh_token(sys: &mut System) -> Result<()> {
+    let mut c = sys
+        .client_with(0, &Claims::new("alice").expires_in(60))
+        .await?;
+    let claims = Claims::new("alice").expires_in(7200);
+    let token = sys.mint(&claims)?;
+    let r = c
+        .request_ok(json!({"type": "refresh", "token": token}), "refreshed")
+        .await?;
+    ensure!(
+        r["expiresAt"] == claims.exp,
+        "expiresAt should be the new token's exp {}: {r}",
+        claims.exp
+    );
+    let bad = token::badly_signed(sys.secret(), "alice")?;
+    let r = c
+        .request(json!({"type": "refresh", "token": bad, "id": 7}))
+        .await?;
+    check_error(
+        &r,
+        "unauthorized",
+        Some(7),
+        "refresh with a badly signed token",
+    )?;
+    c.request_ok(json!({"type": "ping"}), "pong").await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster-only scenarios
+
+fn cluster(sys: &System) -> Result<&crate::Cluster> {
+    sys.cluster().context("this scenario needs a cluster")
+}
+
+/// 9. SIGKILL one of two room-services mid-test: publishing (with retries) and delivery go on.
+pub async fn cluster_room_service_failover(sys: &mut System) -> Result<()> {
+    let room = "failover";
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    let (epoch, _) = join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    for n in 0..3 {
+        let data = json!({"before": n});
+        let offset = a.publish(room, data.clone()).await?;
+        check_message(
+            &b.expect("message", T).await?,
+            room,
+            offset,
+            &epoch,
+            &a,
+            &data,
+        )?;
+    }
+
+    cluster(sys)?.room_service(0).process.kill9()?;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in 0..10 {
+        let data = json!({"after": n});
+        let offset = publish_retrying(&mut a, room, &data, deadline).await?;
+        let m = b.expect("message", T).await?;
+        check_message(&m, room, offset, &epoch, &a, &data)
+            .with_context(|| format!("message #{n} after the kill"))?;
+    }
+    // New connections and joins work too.
+    let mut c = sys.client(1, "carol").await?;
+    join(&mut c, room).await?;
+    let offset = publish_retrying(&mut b, room, &json!("last"), deadline).await?;
+    for rx in [&mut a, &mut c] {
+        let m = rx.expect("message", T).await?;
+        check_message(&m, room, offset, &epoch, &b, &json!("last"))?;
+    }
+    Ok(())
+}
+
+/// With every room-service down, commands fail fast with `unavailable`, and the connection
+/// stays.
+pub async fn cluster_all_room_services_down(sys: &mut System) -> Result<()> {
+    let mut a = sys.client(0, "alice").await?;
+    join(&mut a, "down").await?;
+    let cluster = cluster(sys)?;
+    for i in 0..cluster.room_service_count() {
+        cluster.room_service(i).process.kill9()?;
+    }
+    let id = a
+        .send_command(json!({"type": "publish", "room": "down", "data": 1}))
+        .await?;
+    let r = a.reply_to(id, Duration::from_secs(10)).await?;
+    check_error(&r, "unavailable", Some(id), "publish with no room-service")?;
+    a.request_ok(json!({"type": "ping"}), "pong").await?;
+    Ok(())
+}
+
+/// The store restarts empty: the epoch changes, a join with the old position says
+/// `recovered: false`, and publishing works again.
+pub async fn cluster_store_restart_changes_epoch(sys: &mut System) -> Result<()> {
+    let room = "epoch";
+    let mut a = sys.client(0, "alice").await?;
+    let (old_epoch, _) = join(&mut a, room).await?;
+    let seen = a.publish(room, json!("before")).await?;
+
+    sys.cluster_mut()
+        .context("this scenario needs a cluster")?
+        .redis_mut()
+        .restart_empty()
+        .await?;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut b = loop {
+        // The gateway may briefly refuse or fail joins while it reconnects to the store.
+        match sys.client(1, "bob").await {
+            Ok(b) => break b,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let since = json!({"epoch": old_epoch, "offset": seen});
+    let joined = loop {
+        let r = b
+            .request(json!({"type": "join", "room": room, "since": since}))
+            .await?;
+        if r["type"] == "joined" || Instant::now() >= deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        joined["type"] == "joined"
+            && joined["recovered"] == false
+            && joined["epoch"] != old_epoch.as_str(),
+        "after the store lost everything, a join since epoch {old_epoch} should say \
+         recovered: false with a new epoch: {joined}"
+    );
+    let new_epoch = str_field(&joined, "epoch")?.to_owned();
+    let offset = publish_retrying(&mut b, room, &json!("after"), deadline).await?;
+    let m = a
+        .expect_match("the message published after the restart", T, |v| {
+            v["type"] == "message" && v["offset"] == offset
+        })
+        .await?;
+    ensure!(
+        m["epoch"] == new_epoch.as_str(),
+        "old epoch after the restart: {m}"
+    );
+    Ok(())
+}
+
+/// Browser handshakes from an origin outside ALLOWED_ORIGINS get 403.
+pub async fn cluster_origin_check(sys: &mut System) -> Result<()> {
+    let url = sys.ws_url(0);
+    let token = sys.token("alice")?;
+    let with_origin = |origin: Option<&str>| ConnectOptions {
+        token: Some(token.clone()),
+        bearer_header: false,
+        origin: origin.map(str::to_owned),
+    };
+    match TestClient::connect_raw(&url, &with_origin(Some("http://evil.example"))).await {
+        Ok(_) => bail!("a handshake from http://evil.example was accepted"),
+        Err(ConnectError::Http { status: 403, .. }) => {}
+        Err(e) => bail!("origin http://evil.example: expected HTTP 403, got {e}"),
+    }
+    for origin in [Some("http://allowed.example"), None] {
+        TestClient::connect_raw(&url, &with_origin(origin))
+            .await
+            .with_context(|| format!("origin {origin:?} should be accepted"))?;
+    }
+    Ok(())
+}
+
+fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {key}")
+        .parse()
+        .context("API key is not valid metadata")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// The server API: refused without the API key; with it, a publish reaches the room's
+/// members, and presence and history answer.
+pub async fn cluster_server_api(sys: &mut System) -> Result<()> {
+    let room = "srv";
+    let cluster = cluster(sys)?;
+    let key = cluster.options().api_key.clone();
+    let mut api = RoomServiceClient::connect(cluster.room_service_grpc(0))
+        .await
+        .context("connecting to room-service 0")?;
+    let mut a = sys.client(1, "alice").await?;
+    join(&mut a, room).await?;
+
+    let publish = || ServerPublishRequest {
+        room: room.into(),
+        data_json: r#"{"hello":"world"}"#.into(),
+        user: String::new(),
+    };
+    for (case, request) in [
+        ("no API key", tonic::Request::new(publish())),
+        ("a wrong API key", with_key(publish(), "wrong-key")?),
+    ] {
+        match api.server_publish(request).await {
+            Ok(r) => bail!("ServerPublish with {case} succeeded: {r:?}"),
+            Err(s) => ensure!(
+                matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ),
+                "ServerPublish with {case}: expected PERMISSION_DENIED/UNAUTHENTICATED, got {s:?}"
+            ),
+        }
+    }
+    a.expect_none(Some("message"), SILENCE)
+        .await
+        .context("a refused server publish was delivered")?;
+
+    let published = api
+        .server_publish(with_key(publish(), &key)?)
+        .await
+        .context("ServerPublish with the API key")?
+        .into_inner();
+    let m = a.expect("message", T).await?;
+    let want = json!({
+        "type": "message", "room": room, "offset": published.offset, "epoch": published.epoch,
+        "user": "server", "data": {"hello": "world"},
+    });
+    let mut got = m.clone();
+    if let Some(obj) = got.as_object_mut() {
+        // The server has no connection; whatever clientId it reports is fine.
+        obj.remove("clientId");
+    }
+    ensure!(
+        got == want,
+        "server message: expected {want} (+ clientId), got {m}"
+    );
+
+    let presence = api
+        .server_presence(with_key(PresenceRequest { room: room.into() }, &key)?)
+        .await
+        .context("ServerPresence")?
+        .into_inner();
+    ensure!(
+        presence
+            .members
+            .iter()
+            .any(|m| m.client_id == a.client_id()),
+        "ServerPresence should list alice: {presence:?}"
+    );
+    let history = api
+        .server_history(with_key(
+            HistoryRequest {
+                room: room.into(),
+                since: None,
+                limit: 0,
+            },
+            &key,
+        )?)
+        .await
+        .context("ServerHistory")?
+        .into_inner();
+    ensure!(
+        history
+            .publications
+            .iter()
+            .any(|p| p.offset == published.offset),
+        "ServerHistory should hold offset {}: {history:?}",
+        published.offset
+    );
+    Ok(())
+}
+
+/// `Disconnect` of a user closes its connections on every gateway (code 0 → 1008).
+pub async fn cluster_server_disconnect(sys: &mut System) -> Result<()> {
+    let cluster = cluster(sys)?;
+    let key = cluster.options().api_key.clone();
+    let mut api = RoomServiceClient::connect(cluster.room_service_grpc(1))
+        .await
+        .context("connecting to room-service 1")?;
+    let mut b0 = sys.client(0, "bob").await?;
+    let mut b1 = sys.client(1, "bob").await?;
+    let mut a = sys.client(0, "alice").await?;
+    let request = DisconnectRequest {
+        user: "bob".into(),
+        client_id: String::new(),
+        code: 0,
+        reason: "test".into(),
+    };
+    api.disconnect(with_key(request, &key)?)
+        .await
+        .context("Disconnect")?;
+    for b in [&mut b0, &mut b1] {
+        let close = b.expect_close(T).await?;
+        ensure!(
+            close.code == Some(1008),
+            "{}: expected close 1008, got {close}",
+            b.name()
+        );
+    }
+    a.request_ok(json!({"type": "ping"}), "pong")
+        .await
+        .context("alice must stay connected")?;
+    Ok(())
+}
+
+/// SIGTERM on a gateway: its clients get 1001 (reconnect elsewhere); the rest goes on.
+pub async fn cluster_gateway_drain(sys: &mut System) -> Result<()> {
+    let room = "drain";
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let bob = member_of(&b);
+    cluster(sys)?.gateway(1).process.terminate()?;
+    let close = b.expect_close(Duration::from_secs(10)).await?;
+    ensure!(
+        close.code == Some(1001),
+        "draining gateway should close with 1001, got {close}"
+    );
+    expect_presence_event(&mut a, "member_left", room, (&bob.0, &bob.1), T).await?;
+    let mut b = sys
+        .client(0, "bob")
+        .await
+        .context("reconnecting elsewhere")?;
+    join(&mut b, room).await?;
+    let offset = a.publish(room, json!("still here")).await?;
+    let m = b.expect("message", T).await?;
+    ensure!(m["offset"] == offset, "expected offset {offset}: {m}");
+    Ok(())
+}

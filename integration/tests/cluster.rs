@@ -1,0 +1,95 @@
+//! The contract against a real cluster: redis-server, auth-service, two room-services and two
+//! gateways. The client-visible tests spread clients over both gateways; the rest kill
+//! processes and call the server API.
+
+#[macro_use]
+mod common;
+
+use roomcast_integration::{ClusterOptions, Flavor, run, scenarios};
+
+client_visible_tests!(Flavor::Cluster);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_service_failover() {
+    let opts = ClusterOptions::default();
+    run(
+        "room_service_failover",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_room_service_failover,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_room_services_down() {
+    let opts = ClusterOptions::default();
+    run(
+        "all_room_services_down",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_all_room_services_down,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_restart_changes_epoch() {
+    let opts = ClusterOptions::default();
+    let scenario = scenarios::cluster_store_restart_changes_epoch;
+    run(
+        "store_restart_changes_epoch",
+        Flavor::Cluster,
+        opts,
+        scenario,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_check() {
+    let opts = ClusterOptions::default().allowed_origins("http://allowed.example");
+    run(
+        "origin_check",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_origin_check,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_api() {
+    let opts = ClusterOptions::default();
+    run(
+        "server_api",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_server_api,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_disconnect() {
+    let opts = ClusterOptions::default();
+    run(
+        "server_disconnect",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_server_disconnect,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_drain() {
+    let opts = ClusterOptions::default();
+    run(
+        "gateway_drain",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_gateway_drain,
+    )
+    .await;
+}
