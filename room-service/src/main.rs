@@ -1,5 +1,6 @@
 //! `room-service`: the gRPC room service backed by Redis.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,10 +13,27 @@ use tokio::sync::watch;
 /// How often readiness re-checks that Redis answers.
 const READINESS_CHECK_EVERY: Duration = Duration::from_secs(2);
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     roomcast_common::telemetry::init();
     let config = Config::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("room-service: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A plain one-line reason, without the backtrace `anyhow` would print from `main`.
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
 
     let store = Store::redis(&config.redis_url, config.history_limits())?;
@@ -58,6 +76,8 @@ async fn main() -> anyhow::Result<()> {
 async fn watch_store(store: Store, readiness: Readiness, stopped: impl Future<Output = ()>) {
     tokio::pin!(stopped);
     let mut ticker = tokio::time::interval(READINESS_CHECK_EVERY);
+    // A slow PING (Redis down) must not be followed by a burst of catch-up checks.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_ready = None;
     loop {
         tokio::select! {

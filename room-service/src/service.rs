@@ -216,6 +216,11 @@ fn check_user(user: &str, required: bool) -> Result<(), Status> {
 }
 
 fn store_status(error: StoreError) -> Status {
+    let kind = match &error {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Config(_) | StoreError::Internal(_) => "internal",
+    };
+    metrics::counter!("roomcast_room_store_errors_total", "kind" => kind).increment(1);
     match &error {
         StoreError::Unavailable(_) => {
             tracing::warn!(%error, "store unavailable");
