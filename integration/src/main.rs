@@ -149,6 +149,8 @@ fn print_summary(cluster: &Cluster, args: &Args, dev_token: &str) {
         "development token (sub={}, every room, {} h):\n{dev_token}",
         args.user, args.token_hours
     );
-    println!("connect: {}?token={dev_token}", cluster.ws_url(0));
+    if cluster.gateway_count() > 0 {
+        println!("connect: {}?token={dev_token}", cluster.ws_url(0));
+    }
     println!("Ctrl-C or SIGTERM stops everything.");
 }
