@@ -272,6 +272,11 @@ impl RoomService for RoomServiceImpl {
             .join(&request.room, joiner, since.as_ref())
             .await
             .map_err(store_status)?;
+        metrics::counter!("roomcast_room_joins_total").increment(1);
+        if let Some(recovered) = joined.recovered {
+            let result = if recovered { "recovered" } else { "lost" };
+            metrics::counter!("roomcast_room_recoveries_total", "result" => result).increment(1);
+        }
         Ok(Response::new(pb::JoinResponse {
             epoch: joined.epoch,
             offset: joined.offset,

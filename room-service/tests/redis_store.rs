@@ -51,6 +51,14 @@ impl RedisServer {
                 .get_connection_with_timeout(Duration::from_millis(200))
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
             if pong.is_ok() {
+                // The answer must come from our child, not from a server that already held the
+                // port (ours would then have exited).
+                let exited = self.child.as_mut().map(|c| c.try_wait());
+                assert!(
+                    matches!(exited, Some(Ok(None))),
+                    "redis-server could not take port {}",
+                    self.port
+                );
                 return;
             }
             assert!(
