@@ -85,7 +85,11 @@ pub struct MemorySubscriber {
 
 impl MemorySubscriber {
     fn subscribe(&self, channel: &str) {
-        let mut subscribers = self.broker.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subscribers = self
+            .broker
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let sinks = subscribers.entry(Arc::from(channel)).or_default();
         if !sinks.iter().any(|(id, _)| *id == self.id) {
             sinks.push((self.id, self.sink.clone()));
@@ -93,7 +97,11 @@ impl MemorySubscriber {
     }
 
     fn unsubscribe(&self, channel: &str) {
-        let mut subscribers = self.broker.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subscribers = self
+            .broker
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(sinks) = subscribers.get_mut(channel) {
             sinks.retain(|(id, _)| *id != self.id);
             if sinks.is_empty() {
@@ -105,7 +113,11 @@ impl MemorySubscriber {
 
 impl Drop for MemorySubscriber {
     fn drop(&mut self) {
-        let mut subscribers = self.broker.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subscribers = self
+            .broker
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         subscribers.retain(|_, sinks| {
             sinks.retain(|(id, _)| *id != self.id);
             !sinks.is_empty()
@@ -143,8 +155,10 @@ impl RedisSubscriber {
             .set_push_sender(move |push: redis::PushInfo| {
                 match push.kind {
                     redis::PushKind::Message => {
-                        if let [redis::Value::BulkString(channel), redis::Value::BulkString(payload)] =
-                            &push.data[..]
+                        if let [
+                            redis::Value::BulkString(channel),
+                            redis::Value::BulkString(payload),
+                        ] = &push.data[..]
                             && let Ok(channel) = std::str::from_utf8(channel)
                         {
                             sink(BrokerEvent::Message {
@@ -192,7 +206,9 @@ impl Subscriber {
 mod tests {
     use super::*;
 
-    fn collecting_sink() -> (Sink, Arc<Mutex<Vec<(String, Bytes)>>>) {
+    type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+    fn collecting_sink() -> (Sink, Seen) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let sink: Sink = Arc::new(move |event| {
@@ -235,7 +251,13 @@ mod tests {
     #[test]
     fn resp3_is_added_once() {
         assert_eq!(resp3_url("redis://h:1"), "redis://h:1?protocol=resp3");
-        assert_eq!(resp3_url("redis://h:1/?db=2"), "redis://h:1/?db=2&protocol=resp3");
-        assert_eq!(resp3_url("redis://h/?protocol=resp3"), "redis://h/?protocol=resp3");
+        assert_eq!(
+            resp3_url("redis://h:1/?db=2"),
+            "redis://h:1/?db=2&protocol=resp3"
+        );
+        assert_eq!(
+            resp3_url("redis://h/?protocol=resp3"),
+            "redis://h/?protocol=resp3"
+        );
     }
 }

@@ -147,12 +147,24 @@ mod tests {
             code: 1008,
             reason: "bye".into(),
         };
-        assert_eq!(decode(encode_control(&control)).unwrap(), Envelope::Control(control));
+        assert_eq!(
+            decode(encode_control(&control)).unwrap(),
+            Envelope::Control(control)
+        );
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in [&b""[..], b"X", b"M", b"M12", b"Mx y\n{}", b"M1\n{}", b"C{", b"E"] {
+        for bad in [
+            &b""[..],
+            b"X",
+            b"M",
+            b"M12",
+            b"Mx y\n{}",
+            b"M1\n{}",
+            b"C{",
+            b"E",
+        ] {
             assert!(decode(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }
     }

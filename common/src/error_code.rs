@@ -97,7 +97,10 @@ mod tests {
 
     #[test]
     fn transport_failures_are_unavailable() {
-        assert_eq!(ErrorCode::from_grpc(Code::DeadlineExceeded), ErrorCode::Unavailable);
+        assert_eq!(
+            ErrorCode::from_grpc(Code::DeadlineExceeded),
+            ErrorCode::Unavailable
+        );
         assert_eq!(ErrorCode::from_grpc(Code::Unknown), ErrorCode::Internal);
     }
 }

@@ -1,13 +1,13 @@
 //! Pieces shared by the gateway and the services.
 //!
-//! - [`broker`]: the pub/sub leg (in-memory for standalone, Redis for a cluster) that carries
+//! - [`broker`] — the pub/sub leg (in-memory for standalone, Redis for a cluster) that carries
 //!   broadcasts from room-service to the gateways holding members of a room.
-//! - [`envelope`]: the bytes that travel on the broker, and the channel names.
-//! - [`message`]: the JSON `message` frame, built in exactly one shape everywhere.
-//! - [`error_code`]: the one error-code enum shared by the wire protocol and gRPC statuses.
-//! - [`room`]: room-name rules.
-//! - [`ops`]: `/healthz`, `/readyz`, `/metrics` for every binary.
-//! - [`telemetry`]: logging set-up (`RUST_LOG`, `LOG_FORMAT=json`).
+//! - [`envelope`] — the bytes that travel on the broker, and the channel names.
+//! - [`message`] — the JSON `message` frame, built in exactly one shape everywhere.
+//! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
+//! - [`room`] — room-name rules.
+//! - [`ops`] — `/healthz`, `/readyz`, `/metrics` for every binary.
+//! - [`telemetry`] — logging set-up (`RUST_LOG`, `LOG_FORMAT=json`).
 
 pub mod broker;
 pub mod envelope;

@@ -44,9 +44,16 @@ mod tests {
     #[test]
     fn rejects_invalid_names() {
         assert_eq!(validate_room_name(""), Err(RoomNameError::Empty));
-        assert_eq!(validate_room_name(&"x".repeat(129)), Err(RoomNameError::TooLong));
+        assert_eq!(
+            validate_room_name(&"x".repeat(129)),
+            Err(RoomNameError::TooLong)
+        );
         for name in ["a b", "a/b", "é", "a*", "room\n", "{x}"] {
-            assert_eq!(validate_room_name(name), Err(RoomNameError::BadCharacter), "{name}");
+            assert_eq!(
+                validate_room_name(name),
+                Err(RoomNameError::BadCharacter),
+                "{name}"
+            );
         }
     }
 }

@@ -1,1 +1,20 @@
+//! The Roomcast gateway: the thin edge that holds WebSockets.
+//!
+//! Layout:
+//! - [`server`] — HTTP surface (handshake at `/ws`, demo page, ops endpoints) and draining;
+//! - [`connection`] — one connection's reader (commands) and writer (socket, pings, cursors);
+//! - [`protocol`] — client frames in, server frames out;
+//! - [`hub`] — local connections and rooms, fan-out of broker payloads;
+//! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
+//! - [`backend`] — gRPC clients for room-service and auth-service with failover;
+//! - [`config`] — settings from flags and environment;
+//! - [`standalone`] — the whole system in one process, in memory.
 
+pub mod backend;
+pub mod config;
+pub mod connection;
+pub mod hub;
+pub mod protocol;
+pub mod server;
+pub mod standalone;
+pub mod subscriptions;

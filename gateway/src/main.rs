@@ -1,1 +1,119 @@
-fn main() {}
+//! `gateway`: a cluster gateway (default) or, with `standalone`, the whole system in one
+//! process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use roomcast_common::broker::{RedisSubscriber, Sink, Subscriber};
+use roomcast_common::envelope::CONTROL_CHANNEL;
+use roomcast_common::ops::Readiness;
+use roomcast_gateway::backend::Backends;
+use roomcast_gateway::config::{GatewayConfig, gateway_id};
+use roomcast_gateway::hub::Hub;
+use roomcast_gateway::server::{self, Gateway};
+use roomcast_gateway::standalone::{self, StandaloneConfig};
+use roomcast_gateway::subscriptions::Subscriptions;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Roomcast gateway: holds WebSockets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    gateway: GatewayConfig,
+    /// Time over which connections are closed (1001) when draining on SIGTERM.
+    #[arg(long, env = "DRAIN_WINDOW_MS", default_value_t = 2_000)]
+    drain_window_ms: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process with an in-memory store and broker: for trying Roomcast.
+    Standalone(StandaloneConfig),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    roomcast_common::telemetry::init();
+    let cli = Cli::parse();
+    let drain_window = Duration::from_millis(cli.drain_window_ms);
+    match cli.command {
+        Some(Command::Standalone(config)) => standalone::run(config, shutdown_signal()).await,
+        None => run_cluster_gateway(cli.gateway, drain_window).await,
+    }
+}
+
+async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> anyhow::Result<()> {
+    config.connection.validate()?;
+    let id = gateway_id(config.id.as_deref())?;
+    let broker_url = config.broker_url.as_deref().unwrap_or(&config.redis_url);
+    if !broker_url.starts_with("redis://") && !broker_url.starts_with("rediss://") {
+        anyhow::bail!("BROKER_URL {broker_url:?} is not supported yet (use redis://)");
+    }
+    let hub = Arc::new(Hub::new());
+    let sink: Sink = {
+        let hub = hub.clone();
+        Arc::new(move |event| hub.dispatch(event))
+    };
+    let readiness = Readiness::default();
+    let subscriber = connect_broker(broker_url, sink).await;
+    subscriber
+        .subscribe(CONTROL_CHANNEL)
+        .await
+        .context("subscribing to the control channel")?;
+    let backends = Backends::new(&config.room_service_url, &config.auth_service_url)?;
+    let gateway = Arc::new(Gateway::new(
+        id,
+        hub,
+        Subscriptions::start(subscriber),
+        backends,
+        config.connection,
+        readiness.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding {}", config.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, "listening");
+    tokio::spawn(server::heartbeat_loop(
+        gateway.clone(),
+        Duration::from_secs(5),
+    ));
+    readiness.set(true);
+    server::serve(listener, gateway, shutdown_signal(), drain_window).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects to the broker, retrying with backoff: a gateway started before Redis waits for it.
+async fn connect_broker(url: &str, sink: Sink) -> Subscriber {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match RedisSubscriber::connect(url, sink.clone()).await {
+            Ok(subscriber) => return Subscriber::Redis(subscriber),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker not reachable");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,169 @@
+//! Settings of the gateway (protocol.md section 3), from flags or environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Settings that shape every connection; shared by cluster and standalone mode.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionSettings {
+    /// Interval between server pings.
+    #[arg(long, env = "HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    pub heartbeat_interval_ms: u64,
+    /// A connection silent for this long (no pong, no frame) is terminated.
+    #[arg(long, env = "HEARTBEAT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Comma-separated origins allowed for browser handshakes; empty allows any.
+    #[arg(long, env = "ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+    /// Largest client frame; larger ones close the connection with 1009.
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+    /// Frames queued for one connection before it counts as a slow consumer (closed with 4008).
+    #[arg(long, env = "OUTBOUND_QUEUE_LEN", default_value_t = 1024)]
+    pub outbound_queue_len: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("HEARTBEAT_TIMEOUT_MS must be greater than HEARTBEAT_INTERVAL_MS")]
+    TimeoutNotAboveInterval,
+    #[error("GATEWAY_ID may only contain A-Z a-z 0-9 _ . : - (got {0:?})")]
+    BadGatewayId(String),
+}
+
+impl ConnectionSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval_ms == 0 {
+            return Err(ConfigError::Zero("HEARTBEAT_INTERVAL_MS"));
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(ConfigError::TimeoutNotAboveInterval);
+        }
+        if self.max_frame_bytes == 0 {
+            return Err(ConfigError::Zero("MAX_FRAME_BYTES"));
+        }
+        if self.outbound_queue_len == 0 {
+            return Err(ConfigError::Zero("OUTBOUND_QUEUE_LEN"));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    /// The allowed origins, parsed; empty means any.
+    pub fn origins(&self) -> Vec<String> {
+        self.allowed_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect()
+    }
+}
+
+/// A gateway in a cluster.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayConfig {
+    /// HTTP + WebSocket listen address.
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+    /// Unique id of this gateway; default: hostname + random suffix.
+    #[arg(long, env = "GATEWAY_ID")]
+    pub id: Option<String>,
+    /// Room-service endpoint(s), comma-separated.
+    #[arg(
+        long,
+        env = "ROOM_SERVICE_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub room_service_url: String,
+    /// Auth-service endpoint(s), comma-separated.
+    #[arg(
+        long,
+        env = "AUTH_SERVICE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub auth_service_url: String,
+    /// State store and default broker.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Pub/sub leg; default: REDIS_URL.
+    #[arg(long, env = "BROKER_URL")]
+    pub broker_url: Option<String>,
+    #[command(flatten)]
+    pub connection: ConnectionSettings,
+}
+
+/// The id to use: configured, or hostname + random suffix; checked because it becomes part of
+/// client ids, which travel in broker headers.
+pub fn gateway_id(configured: Option<&str>) -> Result<String, ConfigError> {
+    let id = match configured {
+        Some(id) => id.to_owned(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default();
+            let host: String = host
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+                .collect();
+            let host = if host.is_empty() {
+                "gw".to_owned()
+            } else {
+                host
+            };
+            format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+        }
+    };
+    if roomcast_common::room::validate_room_name(&id).is_err() {
+        return Err(ConfigError::BadGatewayId(id));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ConnectionSettings {
+        ConnectionSettings {
+            heartbeat_interval_ms: 10,
+            heartbeat_timeout_ms: 30,
+            allowed_origins: " https://a.example/, ,http://b ".into(),
+            max_frame_bytes: 10,
+            outbound_queue_len: 4,
+        }
+    }
+
+    #[test]
+    fn validates_settings() {
+        assert!(settings().validate().is_ok());
+        let mut s = settings();
+        s.heartbeat_timeout_ms = 10;
+        assert!(s.validate().is_err());
+        let mut s = settings();
+        s.outbound_queue_len = 0;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn parses_origins() {
+        assert_eq!(settings().origins(), vec!["https://a.example", "http://b"]);
+    }
+
+    #[test]
+    fn gateway_ids_are_checked() {
+        assert_eq!(gateway_id(Some("gw-1")).unwrap(), "gw-1");
+        assert!(gateway_id(Some("gw 1")).is_err());
+        assert!(gateway_id(None).is_ok());
+    }
+}

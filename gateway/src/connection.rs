@@ -1,0 +1,783 @@
+//! One WebSocket connection: a reader that handles client commands one at a time (so a
+//! `publish` sent after a `join` sees the join), and a writer that owns the socket's sending
+//! half, the server pings, and each room's delivery cursor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use roomcast_common::error_code::ErrorCode;
+use roomcast_common::message::message_frame;
+use roomcast_proto as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::hub::{ConnHandle, Outbound};
+use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
+use crate::server::Gateway;
+
+/// Close codes of the protocol (section 1.4).
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TOKEN_EXPIRED: u16 = 4001;
+}
+
+/// Frames written to the socket per flush at most, so one busy connection cannot hog its task.
+const MAX_BATCH: usize = 64;
+
+/// What the handshake established about the client.
+pub struct Authenticated {
+    pub user: String,
+    pub token: String,
+    /// Token expiry, unix seconds.
+    pub expires_at: i64,
+}
+
+/// Runs a connection to its end, then removes every trace of it.
+pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) {
+    let client_id: Arc<str> = Arc::from(gateway.next_client_id());
+    let user: Arc<str> = Arc::from(auth.user.as_str());
+    let (tx, rx) = mpsc::channel(gateway.settings.outbound_queue_len);
+    let conn = Arc::new(ConnHandle::new(client_id.clone(), user.clone(), tx));
+    gateway.hub.add_connection(conn.clone());
+    metrics::gauge!("roomcast_gateway_connections").increment(1);
+
+    let connected = ServerFrame::Connected {
+        client_id: &client_id,
+        user: &user,
+        gateway: &gateway.id,
+        heartbeat: Heartbeat {
+            interval_ms: gateway.settings.heartbeat_interval_ms,
+            timeout_ms: gateway.settings.heartbeat_timeout_ms,
+        },
+    };
+    conn.reply(Outbound::Frame(connected.to_json().into()))
+        .await;
+
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        conn.clone(),
+        gateway.settings.heartbeat_interval(),
+        gateway.settings.outbound_queue_len,
+    ));
+    let mut reader = Reader {
+        gateway: gateway.clone(),
+        conn: conn.clone(),
+        rooms: HashMap::new(),
+        token: auth.token,
+        expires_at: auth.expires_at,
+    };
+    reader.read_loop(stream).await;
+    conn.cancel.cancel();
+    reader.cleanup().await;
+    let _ = writer.await;
+    gateway.hub.remove_connection(&client_id);
+    metrics::gauge!("roomcast_gateway_connections").decrement(1);
+}
+
+/// What a connection may do in a room it joined.
+struct Joined {
+    can_publish: bool,
+}
+
+struct Reader {
+    gateway: Arc<Gateway>,
+    conn: Arc<ConnHandle>,
+    rooms: HashMap<Arc<str>, Joined>,
+    /// The current token, presented to the auth service on every join.
+    token: String,
+    expires_at: i64,
+}
+
+fn instant_of_unix(secs: i64) -> Instant {
+    let now = roomcast_common::unix_millis() as i64;
+    let left = (secs.saturating_mul(1000) - now).max(0) as u64;
+    Instant::now() + Duration::from_millis(left)
+}
+
+fn is_too_big(error: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    error
+        .into_inner()
+        .downcast_ref::<Error>()
+        .is_some_and(|e| matches!(e, Error::Capacity(_)))
+}
+
+impl Reader {
+    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) {
+        let timeout = self.gateway.settings.heartbeat_timeout();
+        loop {
+            let expiry = tokio::time::sleep_until(instant_of_unix(self.expires_at));
+            let next = tokio::select! {
+                _ = self.conn.cancel.cancelled() => return,
+                _ = expiry => {
+                    self.conn.close(close::TOKEN_EXPIRED, "token expired");
+                    return;
+                }
+                next = tokio::time::timeout(timeout, stream.next()) => next,
+            };
+            let message = match next {
+                Err(_) => {
+                    // Silent past the timeout: presumed dead, so no close handshake.
+                    metrics::counter!("roomcast_gateway_heartbeat_timeouts_total").increment(1);
+                    tracing::debug!(client = %self.conn.client_id, "heartbeat timeout");
+                    return;
+                }
+                Ok(None) => return,
+                Ok(Some(Err(error))) => {
+                    if is_too_big(error) {
+                        self.conn.close(close::TOO_BIG, "frame too large");
+                    }
+                    return;
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            match message {
+                Message::Text(text) => self.handle_text(&text).await,
+                Message::Binary(_) => {
+                    self.send_error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported",
+                    )
+                    .await
+                }
+                Message::Close(_) => return,
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+    }
+
+    async fn send(&self, frame: ServerFrame<'_>) {
+        self.conn
+            .reply(Outbound::Frame(frame.to_json().into()))
+            .await;
+    }
+
+    async fn send_error(&self, id: Option<u64>, code: ErrorCode, message: &str) {
+        self.send(ServerFrame::Error { id, code, message }).await;
+    }
+
+    fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
+        let code = ErrorCode::from_grpc(status.code());
+        let message = if code == ErrorCode::Unavailable {
+            "a backend is unavailable; retry"
+        } else {
+            status.message()
+        };
+        ServerFrame::Error { id, code, message }.to_json().into()
+    }
+
+    async fn send_status(&self, id: Option<u64>, status: &tonic::Status) {
+        self.conn
+            .reply(Outbound::Frame(Self::error_frame(id, status)))
+            .await;
+    }
+
+    async fn handle_text(&mut self, text: &str) {
+        let request = match protocol::parse(text) {
+            Ok(request) => request,
+            Err(error) => {
+                metrics::counter!("roomcast_gateway_bad_frames_total").increment(1);
+                return self.send_error(error.id, error.code, &error.message).await;
+            }
+        };
+        let id = request.id;
+        match request.command {
+            Command::Ping => self.send(ServerFrame::Pong { id }).await,
+            Command::Join { room, since } => self.join(id, room, since).await,
+            Command::Leave { room } => self.leave(id, room).await,
+            Command::Publish { room, data } => self.publish(id, room, data.get()).await,
+            Command::Presence { room } => self.presence(id, room).await,
+            Command::History { room, since, limit } => self.history(id, room, since, limit).await,
+            Command::Refresh { token } => self.refresh(id, token).await,
+        }
+    }
+
+    async fn join(&mut self, id: Option<u64>, room: String, since: Option<Position>) {
+        if self.rooms.contains_key(room.as_str()) {
+            return self
+                .send_error(id, ErrorCode::BadRequest, "already joined")
+                .await;
+        }
+        let request = pb::AuthorizeRequest {
+            token: self.token.clone(),
+            room: room.clone(),
+        };
+        let access = match self
+            .gateway
+            .backends
+            .auth
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.authorize(request).await }
+            })
+            .await
+        {
+            Ok(access) => access,
+            Err(status) => return self.send_status(id, &status).await,
+        };
+        if !access.can_join {
+            return self
+                .send_error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "the token does not allow this room",
+                )
+                .await;
+        }
+
+        // Hold the room's messages from now on, register, subscribe, and only then ask the
+        // room-service for the latest offset: nothing published after that offset can slip by.
+        let room_name: Arc<str> = Arc::from(room.as_str());
+        self.conn
+            .reply(Outbound::JoinStart {
+                room: room_name.clone(),
+            })
+            .await;
+        let room_name = self.gateway.hub.add_member(&room, self.conn.clone());
+        if let Err(error) = self.gateway.subscriptions.acquire(room_name.clone()).await {
+            tracing::warn!(%room, %error, "join failed: cannot subscribe");
+            self.gateway.hub.remove_member(&room, &self.conn.client_id);
+            let reply = ServerFrame::Error {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "broker unavailable; retry",
+            };
+            return self
+                .conn
+                .reply(Outbound::JoinFailed {
+                    room: room_name,
+                    reply: reply.to_json().into(),
+                })
+                .await;
+        }
+        let request = pb::JoinRequest {
+            room: room.clone(),
+            client_id: self.conn.client_id.to_string(),
+            user: self.conn.user.to_string(),
+            gateway_id: self.gateway.id.clone(),
+            since: since.map(|p| pb::Position {
+                epoch: p.epoch,
+                offset: p.offset,
+            }),
+        };
+        let joined = self
+            .gateway
+            .backends
+            .room
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.join(request).await }
+            })
+            .await;
+        let joined = match joined {
+            Ok(joined) => joined,
+            Err(status) => {
+                self.gateway.hub.remove_member(&room, &self.conn.client_id);
+                self.gateway.subscriptions.release(room_name.clone());
+                return self
+                    .conn
+                    .reply(Outbound::JoinFailed {
+                        room: room_name,
+                        reply: Self::error_frame(id, &status),
+                    })
+                    .await;
+            }
+        };
+        let missed = joined.recovered.map(|_| {
+            joined
+                .missed
+                .iter()
+                .map(|p| {
+                    protocol::raw(message_frame(
+                        &room,
+                        p.offset,
+                        &joined.epoch,
+                        &p.user,
+                        &p.client_id,
+                        &p.data_json,
+                    ))
+                })
+                .collect()
+        });
+        let reply = ServerFrame::Joined {
+            id,
+            room: &room,
+            epoch: &joined.epoch,
+            offset: joined.offset,
+            recovered: joined.recovered,
+            missed,
+        };
+        self.rooms.insert(
+            room_name.clone(),
+            Joined {
+                can_publish: access.can_publish,
+            },
+        );
+        self.conn
+            .reply(Outbound::JoinDone {
+                room: room_name,
+                offset: joined.offset,
+                reply: reply.to_json().into(),
+            })
+            .await;
+    }
+
+    async fn leave(&mut self, id: Option<u64>, room: String) {
+        let Some((room_name, _)) = self.rooms.remove_entry(room.as_str()) else {
+            return self
+                .send_error(id, ErrorCode::NotJoined, "not joined to this room")
+                .await;
+        };
+        self.gateway.hub.remove_member(&room, &self.conn.client_id);
+        self.gateway.subscriptions.release(room_name.clone());
+        let request = pb::LeaveRequest {
+            room: room.clone(),
+            client_id: self.conn.client_id.to_string(),
+            user: self.conn.user.to_string(),
+            gateway_id: self.gateway.id.clone(),
+        };
+        if let Err(status) = self
+            .gateway
+            .backends
+            .room
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.leave(request).await }
+            })
+            .await
+        {
+            // Locally the connection has left; the stale entry goes with the connection's
+            // close (or its gateway's lease).
+            tracing::warn!(%room, %status, "leave not recorded by the room service");
+        }
+        let reply = ServerFrame::Left { id, room: &room };
+        self.conn
+            .reply(Outbound::Left {
+                room: room_name,
+                reply: reply.to_json().into(),
+            })
+            .await;
+    }
+
+    fn joined(&self, room: &str) -> Option<&Joined> {
+        self.rooms.get(room)
+    }
+
+    async fn publish(&mut self, id: Option<u64>, room: String, data: &str) {
+        let Some(joined) = self.joined(&room) else {
+            return self
+                .send_error(id, ErrorCode::NotJoined, "join the room before publishing")
+                .await;
+        };
+        if !joined.can_publish {
+            return self
+                .send_error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "the token does not allow publishing here",
+                )
+                .await;
+        }
+        let request = pb::PublishRequest {
+            room: room.clone(),
+            client_id: self.conn.client_id.to_string(),
+            user: self.conn.user.to_string(),
+            data_json: data.to_owned(),
+        };
+        match self
+            .gateway
+            .backends
+            .room
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.publish(request).await }
+            })
+            .await
+        {
+            Ok(published) => {
+                self.send(ServerFrame::Published {
+                    id,
+                    room: &room,
+                    offset: published.offset,
+                })
+                .await
+            }
+            Err(status) => self.send_status(id, &status).await,
+        }
+    }
+
+    async fn presence(&mut self, id: Option<u64>, room: String) {
+        if self.joined(&room).is_none() {
+            return self
+                .send_error(id, ErrorCode::NotJoined, "not joined to this room")
+                .await;
+        }
+        let request = pb::PresenceRequest { room: room.clone() };
+        match self
+            .gateway
+            .backends
+            .room
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.presence(request).await }
+            })
+            .await
+        {
+            Ok(presence) => {
+                let members = presence
+                    .members
+                    .into_iter()
+                    .map(|m| Member {
+                        user: m.user,
+                        client_id: m.client_id,
+                    })
+                    .collect();
+                self.send(ServerFrame::Presence {
+                    id,
+                    room: &room,
+                    members,
+                })
+                .await
+            }
+            Err(status) => self.send_status(id, &status).await,
+        }
+    }
+
+    async fn history(&mut self, id: Option<u64>, room: String, since: Option<u64>, limit: u32) {
+        if self.joined(&room).is_none() {
+            return self
+                .send_error(id, ErrorCode::NotJoined, "not joined to this room")
+                .await;
+        }
+        let request = pb::HistoryRequest {
+            room: room.clone(),
+            since,
+            limit,
+        };
+        match self
+            .gateway
+            .backends
+            .room
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.history(request).await }
+            })
+            .await
+        {
+            Ok(history) => {
+                let messages = history
+                    .publications
+                    .iter()
+                    .map(|p| {
+                        protocol::raw(message_frame(
+                            &room,
+                            p.offset,
+                            &history.epoch,
+                            &p.user,
+                            &p.client_id,
+                            &p.data_json,
+                        ))
+                    })
+                    .collect();
+                self.send(ServerFrame::History {
+                    id,
+                    room: &room,
+                    epoch: &history.epoch,
+                    offset: history.offset,
+                    messages,
+                })
+                .await
+            }
+            Err(status) => self.send_status(id, &status).await,
+        }
+    }
+
+    async fn refresh(&mut self, id: Option<u64>, token: String) {
+        let request = pb::VerifyTokenRequest {
+            token: token.clone(),
+        };
+        let claims = match self
+            .gateway
+            .backends
+            .auth
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.verify_token(request).await }
+            })
+            .await
+        {
+            Ok(verified) => verified.claims.unwrap_or_default(),
+            Err(status) => return self.send_status(id, &status).await,
+        };
+        if claims.sub != *self.conn.user {
+            return self
+                .send_error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "the new token is for another user",
+                )
+                .await;
+        }
+        self.token = token;
+        self.expires_at = claims.exp;
+        self.send(ServerFrame::Refreshed {
+            id,
+            expires_at: claims.exp,
+        })
+        .await;
+    }
+
+    /// Leaves every room locally and tells the room-service the connection is gone.
+    async fn cleanup(&mut self) {
+        let rooms: Vec<Arc<str>> = self.rooms.drain().map(|(room, _)| room).collect();
+        for room in &rooms {
+            self.gateway.hub.remove_member(room, &self.conn.client_id);
+            self.gateway.subscriptions.release(room.clone());
+        }
+        if rooms.is_empty() {
+            return;
+        }
+        let request = pb::ConnectionClosedRequest {
+            client_id: self.conn.client_id.to_string(),
+            user: self.conn.user.to_string(),
+            gateway_id: self.gateway.id.clone(),
+            rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        };
+        let gateway = self.gateway.clone();
+        // Not awaited by the connection: its socket is already done.
+        tokio::spawn(async move {
+            if let Err(status) = gateway
+                .backends
+                .room
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.connection_closed(request).await }
+                })
+                .await
+            {
+                tracing::warn!(%status, "connection close not recorded by the room service");
+            }
+        });
+    }
+}
+
+/// Per-room delivery state kept by the writer.
+enum Cursor {
+    /// Join in flight: hold what arrives until the join reply is out.
+    Pending(Vec<Outbound>),
+    /// Joined: the last offset delivered (or known to the client from the join reply).
+    Active { last: u64 },
+}
+
+#[derive(Default)]
+struct Cursors {
+    rooms: HashMap<Arc<str>, Cursor>,
+}
+
+impl Cursors {
+    /// Turns one queue item into frames to write (in `out`). Returns false when a pending
+    /// buffer grew past `limit`: the client is too slow.
+    fn apply(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>, limit: usize) -> bool {
+        match item {
+            Outbound::Frame(frame) => out.push(frame),
+            Outbound::Message {
+                ref room, offset, ..
+            } => match self.rooms.get_mut(room) {
+                None => {}
+                Some(Cursor::Pending(held)) => {
+                    held.push(item);
+                    return held.len() <= limit;
+                }
+                Some(Cursor::Active { last }) if offset > *last => {
+                    if offset > *last + 1 && *last > 0 {
+                        metrics::counter!("roomcast_gateway_offset_gaps_total").increment(1);
+                    }
+                    *last = offset;
+                    if let Outbound::Message { frame, .. } = item {
+                        out.push(frame);
+                    }
+                }
+                // Already delivered (or covered by the join reply): a duplicate.
+                Some(Cursor::Active { .. }) => {}
+            },
+            Outbound::Event { ref room, .. } => match self.rooms.get_mut(room) {
+                None => {}
+                Some(Cursor::Pending(held)) => {
+                    held.push(item);
+                    return held.len() <= limit;
+                }
+                Some(Cursor::Active { .. }) => {
+                    if let Outbound::Event { frame, .. } = item {
+                        out.push(frame);
+                    }
+                }
+            },
+            Outbound::JoinStart { room } => {
+                self.rooms.insert(room, Cursor::Pending(Vec::new()));
+            }
+            Outbound::JoinDone {
+                room,
+                offset,
+                reply,
+            } => {
+                out.push(reply);
+                let held = match self.rooms.insert(room, Cursor::Active { last: offset }) {
+                    Some(Cursor::Pending(held)) => held,
+                    _ => Vec::new(),
+                };
+                for item in held {
+                    self.apply(item, out, limit);
+                }
+            }
+            Outbound::JoinFailed { room, reply } | Outbound::Left { room, reply } => {
+                self.rooms.remove(&room);
+                out.push(reply);
+            }
+        }
+        true
+    }
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    conn: Arc<ConnHandle>,
+    ping_every: Duration,
+    limit: usize,
+) {
+    let mut cursors = Cursors::default();
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.cancel.cancelled() => break,
+            item = rx.recv() => {
+                let Some(item) = item else { break };
+                let mut ok = cursors.apply(item, &mut out, limit);
+                // Coalesce whatever else is already queued into one flush.
+                while ok && out.len() < MAX_BATCH {
+                    let Ok(item) = rx.try_recv() else { break };
+                    ok = cursors.apply(item, &mut out, limit);
+                }
+                if !ok {
+                    conn.close(crate::hub::CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed");
+                    break;
+                }
+                let write = async {
+                    for frame in out.drain(..) {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                let written = tokio::select! {
+                    written = write => written,
+                    _ = conn.cancel.cancelled() => break,
+                };
+                if written.is_err() {
+                    conn.cancel.cancel();
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                let sent = tokio::select! {
+                    sent = sink.send(Message::Ping(Bytes::new())) => sent,
+                    _ = conn.cancel.cancelled() => break,
+                };
+                if sent.is_err() {
+                    conn.cancel.cancel();
+                    return;
+                }
+            }
+        }
+    }
+    if let Some((code, reason)) = conn.close_reason.get() {
+        let frame = CloseFrame {
+            code: *code,
+            reason: reason.as_str().into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(room: &Arc<str>, offset: u64) -> Outbound {
+        Outbound::Message {
+            room: room.clone(),
+            offset,
+            frame: offset.to_string().into(),
+        }
+    }
+
+    fn texts(out: &[Utf8Bytes]) -> Vec<&str> {
+        out.iter().map(|f| f.as_str()).collect()
+    }
+
+    #[test]
+    fn join_holds_messages_and_drops_those_the_reply_covers() {
+        let room: Arc<str> = Arc::from("r");
+        let mut cursors = Cursors::default();
+        let mut out = Vec::new();
+        cursors.apply(message(&room, 1), &mut out, 10);
+        assert!(out.is_empty(), "not joined: dropped");
+        cursors.apply(Outbound::JoinStart { room: room.clone() }, &mut out, 10);
+        for offset in [4, 5, 6] {
+            cursors.apply(message(&room, offset), &mut out, 10);
+        }
+        assert!(out.is_empty(), "held while the join is in flight");
+        cursors.apply(
+            Outbound::JoinDone {
+                room: room.clone(),
+                offset: 5,
+                reply: "joined".into(),
+            },
+            &mut out,
+            10,
+        );
+        assert_eq!(texts(&out), ["joined", "6"]);
+        out.clear();
+        for offset in [6, 7, 7, 8] {
+            cursors.apply(message(&room, offset), &mut out, 10);
+        }
+        assert_eq!(texts(&out), ["7", "8"], "duplicates dropped");
+        out.clear();
+        cursors.apply(
+            Outbound::Left {
+                room: room.clone(),
+                reply: "left".into(),
+            },
+            &mut out,
+            10,
+        );
+        cursors.apply(message(&room, 9), &mut out, 10);
+        assert_eq!(texts(&out), ["left"]);
+    }
+
+    #[test]
+    fn pending_buffer_is_bounded() {
+        let room: Arc<str> = Arc::from("r");
+        let mut cursors = Cursors::default();
+        let mut out = Vec::new();
+        cursors.apply(Outbound::JoinStart { room: room.clone() }, &mut out, 2);
+        assert!(cursors.apply(message(&room, 1), &mut out, 2));
+        assert!(cursors.apply(message(&room, 2), &mut out, 2));
+        assert!(!cursors.apply(message(&room, 3), &mut out, 2));
+    }
+}

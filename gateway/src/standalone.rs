@@ -1,0 +1,137 @@
+//! Standalone mode: auth-service, room-service (in-memory store and broker) and a gateway in
+//! one process, for trying Roomcast on a laptop. The services run as their real gRPC servers
+//! on loopback ports, so every client-visible rule is the cluster's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use roomcast_common::broker::{MemoryBroker, Sink, Subscriber};
+use roomcast_common::envelope::CONTROL_CHANNEL;
+use roomcast_common::ops::Readiness;
+
+use crate::backend::Backends;
+use crate::config::{ConnectionSettings, gateway_id};
+use crate::hub::Hub;
+use crate::server::{self, Gateway};
+use crate::subscriptions::Subscriptions;
+
+#[derive(Debug, Clone, Args)]
+pub struct StandaloneConfig {
+    /// HTTP + WebSocket listen address.
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// HS256 secret for client tokens; default: a random one, printed with a dev token.
+    #[arg(long, env = "JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+    /// Where the room-service's gRPC server API listens (other backends call it).
+    #[arg(long, env = "ROOM_SERVICE_ADDR", default_value = "127.0.0.1:50051")]
+    pub room_service_addr: SocketAddr,
+    /// Key for the server API; unset refuses it.
+    #[arg(long, env = "API_KEY")]
+    pub api_key: Option<String>,
+    /// Messages kept per room.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+    /// Age after which history messages are dropped.
+    #[arg(long, env = "HISTORY_TTL_SECONDS", default_value_t = 3600)]
+    pub history_ttl_seconds: u64,
+    /// User of the printed development token.
+    #[arg(long, default_value = "dev")]
+    pub dev_user: String,
+    #[command(flatten)]
+    pub connection: ConnectionSettings,
+}
+
+pub async fn run(
+    config: StandaloneConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.connection.validate()?;
+    let secret = config
+        .jwt_secret
+        .clone()
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let broker = MemoryBroker::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop_signal = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+
+    // auth-service, on a loopback port of its own.
+    let auth_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let auth_addr = auth_listener.local_addr()?;
+    let verifier = roomcast_auth::Verifier::hs256(secret.as_bytes())?;
+    tokio::spawn(roomcast_auth::serve(auth_listener, verifier, stop_signal()));
+
+    // room-service with the in-memory store, on ROOM_SERVICE_ADDR.
+    let room_listener = tokio::net::TcpListener::bind(config.room_service_addr)
+        .await
+        .with_context(|| format!("binding ROOM_SERVICE_ADDR {}", config.room_service_addr))?;
+    let room_addr = room_listener.local_addr()?;
+    let store = roomcast_room::store::Store::memory(
+        broker.clone(),
+        roomcast_room::store::HistoryLimits {
+            size: config.history_size,
+            ttl: Duration::from_secs(config.history_ttl_seconds),
+        },
+    );
+    let service = roomcast_room::service::RoomServiceImpl::new(
+        store,
+        roomcast_room::service::ServiceOptions {
+            api_key: config.api_key.clone(),
+            ..Default::default()
+        },
+    );
+    tokio::spawn(roomcast_room::serve(room_listener, service, stop_signal()));
+
+    // The gateway, subscribed to the in-memory broker.
+    let hub = Arc::new(Hub::new());
+    let sink: Sink = {
+        let hub = hub.clone();
+        Arc::new(move |event| hub.dispatch(event))
+    };
+    let subscriber = Subscriber::Memory(broker.subscriber(sink));
+    subscriber.subscribe(CONTROL_CHANNEL).await?;
+    let backends = Backends::new(
+        &format!("http://{room_addr}"),
+        &format!("http://{auth_addr}"),
+    )?;
+    let readiness = Readiness::default();
+    let gateway = Arc::new(Gateway::new(
+        gateway_id(None)?,
+        hub,
+        Subscriptions::start(subscriber),
+        backends,
+        config.connection.clone(),
+        readiness.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;
+    let addr = listener.local_addr()?;
+    let token =
+        roomcast_auth::mint_hs256(secret.as_bytes(), &config.dev_user, 24 * 3600, None, None)?;
+    println!("Roomcast standalone is running.");
+    println!("  demo page:  http://{addr}/?token={token}");
+    println!("  WebSocket:  ws://{addr}/ws?token=<jwt>");
+    println!("  server API: grpc://{room_addr} (roomcast.v1.RoomService)");
+    println!("  dev token ({}; 24 h): {token}", config.dev_user);
+    if config.jwt_secret.is_none() {
+        println!("  JWT_SECRET was not set; this run's secret: {secret}");
+    }
+    tracing::info!(%addr, "listening");
+    tokio::spawn(server::heartbeat_loop(
+        gateway.clone(),
+        Duration::from_secs(5),
+    ));
+    readiness.set(true);
+    server::serve(listener, gateway, shutdown, Duration::from_millis(500)).await?;
+    let _ = stop.send(true);
+    Ok(())
+}

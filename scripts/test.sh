@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on this machine. Installs redis-server and nats-server from
+# Debian's packages when they are missing (the integration tests start their own servers on
+# free ports; they never use ones already running on the default ports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# One build of everything (the integration tests run the service binaries), then the tests.
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked -- --test-threads=2
