@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().compile_protos(
-        &["proto/roomcast/v1/auth.proto", "proto/roomcast/v1/room.proto"],
+        &[
+            "proto/roomcast/v1/auth.proto",
+            "proto/roomcast/v1/room.proto",
+        ],
         &["proto"],
     )?;
     Ok(())

@@ -74,15 +74,12 @@ impl<C: Clone> Pool<C> {
         let count = self.clients.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = unix_millis();
-        // Healthy endpoints first, then the skipped ones as a last resort.
-        let order = (0..count)
+        // Healthy endpoints first, then the skipped ones as a last resort. Decided up front:
+        // the calls below change which endpoints are skipped.
+        let (mut order, skipped): (Vec<usize>, Vec<usize>) = (0..count)
             .map(|i| (start + i) % count)
-            .filter(|&i| self.skip_until[i].load(Ordering::Relaxed) <= now)
-            .chain(
-                (0..count)
-                    .map(|i| (start + i) % count)
-                    .filter(|&i| self.skip_until[i].load(Ordering::Relaxed) > now),
-            );
+            .partition(|&i| self.skip_until[i].load(Ordering::Relaxed) <= now);
+        order.extend(skipped);
         let mut last = Status::unavailable("no endpoint");
         for index in order {
             match call(self.clients[index].clone()).await {

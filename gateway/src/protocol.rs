@@ -97,13 +97,21 @@ struct RawFrame<'a> {
     id: Option<u64>,
     #[serde(borrow)]
     room: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    /// `Some` whenever the field is present, `null` included (a plain `Option` would turn
+    /// `"data": null` into a missing field).
+    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     since: Option<&'a RawValue>,
     limit: Option<u32>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Parses one text frame into a command.
