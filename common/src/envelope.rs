@@ -6,7 +6,8 @@
 //!
 //! A payload is a short text header and the ready-to-send client frame, so a gateway reads the
 //! offset and sender without parsing JSON and forwards the frame bytes untouched:
-//! - `M<offset> <senderClientId>\n<message frame>`: a room message;
+//! - `M<offset> <epoch> <senderClientId>\n<message frame>`: a room message (the epoch lets a
+//!   gateway tell a restart of the room's offsets from a duplicate);
 //! - `E<excludedClientId>\n<event frame>`: a presence event (`member_joined`/`member_left`),
 //!   not part of the room's offset sequence; the excluded client may be empty;
 //! - `C<control json>`: a [`Control`] command.
@@ -48,6 +49,7 @@ pub enum Control {
 pub enum Envelope {
     Message {
         offset: u64,
+        epoch: String,
         sender: String,
         frame: Bytes,
     },
@@ -63,8 +65,8 @@ pub enum Envelope {
 pub struct EnvelopeError(&'static str);
 
 /// The payload of a room message; the Lua script in room-service builds the same bytes.
-pub fn encode_message(offset: u64, sender: &str, frame: &str) -> Bytes {
-    Bytes::from(format!("M{offset} {sender}\n{frame}"))
+pub fn encode_message(offset: u64, epoch: &str, sender: &str, frame: &str) -> Bytes {
+    Bytes::from(format!("M{offset} {epoch} {sender}\n{frame}"))
 }
 
 pub fn encode_event(exclude: &str, frame: &str) -> Bytes {
@@ -91,12 +93,16 @@ pub fn decode(payload: Bytes) -> Result<Envelope, EnvelopeError> {
     match payload.first() {
         Some(b'M') => {
             let (header, frame) = header_and_frame(&payload)?;
-            let (offset, sender) = header
-                .split_once(' ')
-                .ok_or(EnvelopeError("message header without sender"))?;
+            let mut fields = header.splitn(3, ' ');
+            let (Some(offset), Some(epoch), Some(sender)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(EnvelopeError("message header needs offset, epoch, sender"));
+            };
             let offset = offset.parse().map_err(|_| EnvelopeError("bad offset"))?;
             Ok(Envelope::Message {
                 offset,
+                epoch: epoch.to_owned(),
                 sender: sender.to_owned(),
                 frame,
             })
@@ -121,11 +127,12 @@ mod tests {
 
     #[test]
     fn message_round_trip() {
-        let payload = encode_message(42, "gw1-7", "{\"a\":\"x\\ny\"}");
+        let payload = encode_message(42, "e1", "gw1-7", "{\"a\":\"x\\ny\"}");
         assert_eq!(
             decode(payload).unwrap(),
             Envelope::Message {
                 offset: 42,
+                epoch: "e1".into(),
                 sender: "gw1-7".into(),
                 frame: Bytes::from_static(b"{\"a\":\"x\\ny\"}"),
             }
@@ -162,6 +169,7 @@ mod tests {
             b"M12",
             b"Mx y\n{}",
             b"M1\n{}",
+            b"M1 e\n{}",
             b"C{",
             b"E",
         ] {

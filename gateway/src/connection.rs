@@ -325,6 +325,7 @@ impl Reader {
         self.conn
             .reply(Outbound::JoinDone {
                 room: room_name,
+                epoch: Arc::from(joined.epoch.as_str()),
                 offset: joined.offset,
                 reply: reply.to_json().into(),
             })
@@ -574,8 +575,9 @@ impl Reader {
 enum Cursor {
     /// Join in flight: hold what arrives until the join reply is out.
     Pending(Vec<Outbound>),
-    /// Joined: the last offset delivered (or known to the client from the join reply).
-    Active { last: u64 },
+    /// Joined: the epoch and last offset delivered (or known to the client from the join
+    /// reply).
+    Active { epoch: Arc<str>, last: u64 },
 }
 
 #[derive(Default)]
@@ -590,14 +592,26 @@ impl Cursors {
         match item {
             Outbound::Frame(frame) => out.push(frame),
             Outbound::Message {
-                ref room, offset, ..
+                ref room,
+                ref epoch,
+                offset,
+                ..
             } => match self.rooms.get_mut(room) {
                 None => {}
                 Some(Cursor::Pending(held)) => {
                     held.push(item);
                     return held.len() <= limit;
                 }
-                Some(Cursor::Active { last }) if offset > *last => {
+                Some(Cursor::Active { epoch: seen, last }) => {
+                    if *seen != *epoch {
+                        // The room's history was lost and its offsets restarted.
+                        *seen = epoch.clone();
+                        *last = 0;
+                    }
+                    if offset <= *last {
+                        // Already delivered, or covered by the join reply: a duplicate.
+                        return true;
+                    }
                     if offset > *last + 1 && *last > 0 {
                         metrics::counter!("roomcast_gateway_offset_gaps_total").increment(1);
                     }
@@ -606,8 +620,6 @@ impl Cursors {
                         out.push(frame);
                     }
                 }
-                // Already delivered (or covered by the join reply): a duplicate.
-                Some(Cursor::Active { .. }) => {}
             },
             Outbound::Event { ref room, .. } => match self.rooms.get_mut(room) {
                 None => {}
@@ -626,11 +638,16 @@ impl Cursors {
             }
             Outbound::JoinDone {
                 room,
+                epoch,
                 offset,
                 reply,
             } => {
                 out.push(reply);
-                let held = match self.rooms.insert(room, Cursor::Active { last: offset }) {
+                let active = Cursor::Active {
+                    epoch,
+                    last: offset,
+                };
+                let held = match self.rooms.insert(room, active) {
                     Some(Cursor::Pending(held)) => held,
                     _ => Vec::new(),
                 };
@@ -721,6 +738,7 @@ mod tests {
     fn message(room: &Arc<str>, offset: u64) -> Outbound {
         Outbound::Message {
             room: room.clone(),
+            epoch: Arc::from("e"),
             offset,
             frame: offset.to_string().into(),
         }
@@ -745,6 +763,7 @@ mod tests {
         cursors.apply(
             Outbound::JoinDone {
                 room: room.clone(),
+                epoch: Arc::from("e"),
                 offset: 5,
                 reply: "joined".into(),
             },
@@ -768,6 +787,34 @@ mod tests {
         );
         cursors.apply(message(&room, 9), &mut out, 10);
         assert_eq!(texts(&out), ["left"]);
+    }
+
+    #[test]
+    fn a_new_epoch_restarts_offsets() {
+        let room: Arc<str> = Arc::from("r");
+        let mut cursors = Cursors::default();
+        let mut out = Vec::new();
+        cursors.apply(Outbound::JoinStart { room: room.clone() }, &mut out, 10);
+        cursors.apply(
+            Outbound::JoinDone {
+                room: room.clone(),
+                epoch: Arc::from("e"),
+                offset: 8,
+                reply: "joined".into(),
+            },
+            &mut out,
+            10,
+        );
+        out.clear();
+        let restarted = Outbound::Message {
+            room: room.clone(),
+            epoch: Arc::from("f"),
+            offset: 1,
+            frame: "f1".into(),
+        };
+        cursors.apply(restarted, &mut out, 10);
+        cursors.apply(message(&room, 2), &mut out, 10);
+        assert_eq!(texts(&out), ["f1", "2"]);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum Outbound {
     /// A room message; the writer keeps each room's offsets increasing and drops duplicates.
     Message {
         room: Arc<str>,
+        /// The room's epoch: offsets restart at 1 when it changes.
+        epoch: Arc<str>,
         offset: u64,
         frame: Utf8Bytes,
     },
@@ -40,6 +42,7 @@ pub enum Outbound {
     /// The join reply; messages up to `offset` are already known to the client (or in `missed`).
     JoinDone {
         room: Arc<str>,
+        epoch: Arc<str>,
         offset: u64,
         reply: Utf8Bytes,
     },
@@ -195,6 +198,7 @@ impl Hub {
             Envelope::Control(control) => self.apply_control(control),
             Envelope::Message {
                 offset,
+                epoch,
                 sender,
                 frame,
             } => {
@@ -209,10 +213,12 @@ impl Hub {
                 let Some((name, members)) = shard.get_key_value(room) else {
                     return;
                 };
+                let epoch: Arc<str> = Arc::from(epoch);
                 let mut delivered = 0u64;
                 for member in members.iter().filter(|m| *m.client_id != *sender) {
                     member.deliver(Outbound::Message {
                         room: name.clone(),
+                        epoch: epoch.clone(),
                         offset,
                         frame: frame.clone(),
                     });
@@ -276,7 +282,7 @@ mod tests {
     fn message(room: &str, offset: u64, sender: &str) -> BrokerEvent {
         BrokerEvent::Message {
             channel: room_channel(room).into(),
-            payload: encode_message(offset, sender, "{\"type\":\"message\"}"),
+            payload: encode_message(offset, "e", sender, "{\"type\":\"message\"}"),
         }
     }
 

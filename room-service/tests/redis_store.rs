@@ -187,6 +187,7 @@ async fn concurrent_publishers_get_contiguous_offsets_delivered_in_order() {
     for (expected, payload) in (1u64..).zip(received) {
         let Envelope::Message {
             offset,
+            epoch: published_epoch,
             sender,
             frame,
         } = decode(payload).unwrap()
@@ -194,6 +195,7 @@ async fn concurrent_publishers_get_contiguous_offsets_delivered_in_order() {
             panic!("not a message");
         };
         assert_eq!(offset, expected, "delivered out of order");
+        assert_eq!(published_epoch, epoch);
         let data = &published[usize::try_from(offset - 1).unwrap()].2;
         let want = message_frame("race", offset, &epoch, "u", &sender, data);
         assert_eq!(frame.as_ref(), want.as_bytes());
@@ -214,8 +216,9 @@ async fn lua_frame_is_byte_identical_to_message_frame() {
         .unwrap();
     let payload = wait_for(&seen, 1).await.remove(0);
     let want = format!(
-        "M{} {client_id}\n{}",
+        "M{} {} {client_id}\n{}",
         published.offset,
+        published.epoch,
         message_frame(
             "chat:general",
             published.offset,

@@ -204,7 +204,7 @@ impl MemoryStore {
         // Still under the lock: publish order is offset order.
         self.broker.publish(
             &room_channel(room),
-            encode_message(offset, client_id, &frame),
+            encode_message(offset, &epoch, client_id, &frame),
         );
         Published { epoch, offset }
     }
