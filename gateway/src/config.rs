@@ -23,6 +23,21 @@ pub struct ConnectionSettings {
     /// Frames queued for one connection before it counts as a slow consumer (closed with 4008).
     #[arg(long, env = "OUTBOUND_QUEUE_LEN", default_value_t = 1024)]
     pub outbound_queue_len: usize,
+    /// Publishes per second one connection may make (token bucket rate).
+    #[arg(long, env = "PUBLISH_RATE", default_value_t = 100.0)]
+    pub publish_rate: f64,
+    /// Publishes a connection may make in a burst (token bucket size).
+    #[arg(long, env = "PUBLISH_BURST", default_value_t = 200)]
+    pub publish_burst: u32,
+    /// Consecutive refused publishes after which the connection is closed with 4029.
+    #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER", default_value_t = 50)]
+    pub rate_limit_close_after: u32,
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_rooms_per_connection: usize,
+    /// Connections one user may hold on this gateway (0: no limit).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +63,18 @@ impl ConnectionSettings {
         }
         if self.outbound_queue_len == 0 {
             return Err(ConfigError::Zero("OUTBOUND_QUEUE_LEN"));
+        }
+        if !self.publish_rate.is_finite() || self.publish_rate <= 0.0 {
+            return Err(ConfigError::Zero("PUBLISH_RATE"));
+        }
+        if self.publish_burst == 0 {
+            return Err(ConfigError::Zero("PUBLISH_BURST"));
+        }
+        if self.rate_limit_close_after == 0 {
+            return Err(ConfigError::Zero("RATE_LIMIT_CLOSE_AFTER"));
+        }
+        if self.max_rooms_per_connection == 0 {
+            return Err(ConfigError::Zero("MAX_ROOMS_PER_CONNECTION"));
         }
         Ok(())
     }
@@ -141,6 +168,11 @@ mod tests {
             allowed_origins: " https://a.example/, ,http://b ".into(),
             max_frame_bytes: 10,
             outbound_queue_len: 4,
+            publish_rate: 1.0,
+            publish_burst: 1,
+            rate_limit_close_after: 1,
+            max_rooms_per_connection: 1,
+            max_connections_per_user: 0,
         }
     }
 

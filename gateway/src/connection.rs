@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::hub::{ConnHandle, Outbound};
+use crate::limits::{TokenBucket, UserSlot};
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::server::Gateway;
 
@@ -25,6 +26,7 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const TOO_BIG: u16 = 1009;
     pub const TOKEN_EXPIRED: u16 = 4001;
+    pub const RATE_LIMITED: u16 = 4029;
 }
 
 /// Frames written to the socket per flush at most, so one busy connection cannot hog its task.
@@ -36,6 +38,8 @@ pub struct Authenticated {
     pub token: String,
     /// Token expiry, unix seconds.
     pub expires_at: i64,
+    /// This connection's place in the per-user count; given back when the connection ends.
+    pub slot: UserSlot,
 }
 
 /// Runs a connection to its end, then removes every trace of it.
@@ -67,13 +71,17 @@ pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) 
         gateway.settings.heartbeat_interval(),
         gateway.settings.outbound_queue_len,
     ));
+    let settings = &gateway.settings;
     let mut reader = Reader {
         gateway: gateway.clone(),
         conn: conn.clone(),
         rooms: HashMap::new(),
         token: auth.token,
         expires_at: auth.expires_at,
+        publish_bucket: TokenBucket::new(settings.publish_rate, f64::from(settings.publish_burst)),
+        refused_in_a_row: 0,
     };
+    let _slot = auth.slot;
     reader.read_loop(stream).await;
     conn.cancel.cancel();
     reader.cleanup().await;
@@ -94,6 +102,9 @@ struct Reader {
     /// The current token, presented to the auth service on every join.
     token: String,
     expires_at: i64,
+    publish_bucket: TokenBucket,
+    /// Publishes refused by the rate limit since the last accepted one.
+    refused_in_a_row: u32,
 }
 
 fn instant_of_unix(secs: i64) -> Instant {
@@ -206,6 +217,12 @@ impl Reader {
             return self
                 .send_error(id, ErrorCode::BadRequest, "already joined")
                 .await;
+        }
+        let max_rooms = self.gateway.settings.max_rooms_per_connection;
+        if self.rooms.len() >= max_rooms {
+            let message =
+                format!("room limit reached ({max_rooms} per connection); leave one first");
+            return self.send_error(id, ErrorCode::RateLimited, &message).await;
         }
         let request = pb::AuthorizeRequest {
             token: self.token.clone(),
@@ -388,6 +405,19 @@ impl Reader {
                 )
                 .await;
         }
+        if !self.publish_bucket.try_take() {
+            metrics::counter!("roomcast_gateway_rate_limited_total").increment(1);
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= self.gateway.settings.rate_limit_close_after {
+                self.conn
+                    .close(close::RATE_LIMITED, "publish rate exceeded repeatedly");
+                return;
+            }
+            let wait = self.publish_bucket.wait_hint().as_millis();
+            let message = format!("publish rate exceeded; retry in {wait} ms");
+            return self.send_error(id, ErrorCode::RateLimited, &message).await;
+        }
+        self.refused_in_a_row = 0;
         let request = pb::PublishRequest {
             room: room.clone(),
             client_id: self.conn.client_id.to_string(),

@@ -5,6 +5,7 @@
 //! - [`connection`] — one connection's reader (commands) and writer (socket, pings, cursors);
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — local connections and rooms, fan-out of broker payloads;
+//! - [`limits`] — publish token bucket, connections per user;
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
 //! - [`config`] — settings from flags and environment;
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod connection;
 pub mod hub;
+pub mod limits;
 pub mod protocol;
 pub mod server;
 pub mod standalone;

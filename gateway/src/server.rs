@@ -20,6 +20,7 @@ use crate::backend::Backends;
 use crate::config::ConnectionSettings;
 use crate::connection::{self, Authenticated};
 use crate::hub::Hub;
+use crate::limits::UserConnections;
 use crate::subscriptions::Subscriptions;
 
 /// Read buffer per connection: small, since most frames are small and idle connections are
@@ -37,6 +38,8 @@ pub struct Gateway {
     /// Parsed `ALLOWED_ORIGINS`; empty allows any.
     origins: Vec<String>,
     pub readiness: Readiness,
+    /// Open connections per user, for `MAX_CONNECTIONS_PER_USER`.
+    users: UserConnections,
     /// Set once draining starts: new handshakes are refused.
     draining: AtomicBool,
     next_client: AtomicU64,
@@ -59,6 +62,7 @@ impl Gateway {
             origins: settings.origins(),
             settings,
             readiness,
+            users: UserConnections::default(),
             draining: AtomicBool::new(false),
             next_client: AtomicU64::new(1),
         }
@@ -148,10 +152,18 @@ async fn websocket(
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "auth service unavailable");
         }
     };
+    let limit = gateway.settings.max_connections_per_user;
+    let Some(slot) = gateway.users.try_acquire(&claims.sub, limit) else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections for this user",
+        );
+    };
     let auth = Authenticated {
         user: claims.sub,
         token,
         expires_at: claims.exp,
+        slot,
     };
     let max = gateway.settings.max_frame_bytes;
     upgrade
