@@ -1,9 +1,10 @@
 //! A whole Roomcast cluster as real processes: redis-server, auth-service, N room-services and
 //! M gateways, each on its own port, every gateway given every room-service.
 
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures_util::future::try_join_all;
 
 use crate::logs::LogDir;
@@ -137,19 +138,39 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts every process and waits until all are ready.
-    pub async fn start(opts: ClusterOptions, log_dir: LogDir) -> Result<Cluster> {
-        let dir = log_dir.path().to_path_buf();
-        let context = || format!("starting the cluster (logs in {})", dir.display());
+    pub async fn start(opts: ClusterOptions, mut log_dir: LogDir) -> Result<Cluster> {
+        match Self::spawn_all(&opts, log_dir.path()).await {
+            Ok((gateways, room_services, auth, redis)) => Ok(Cluster {
+                opts,
+                gateways,
+                room_services,
+                auth,
+                redis,
+                log_dir,
+            }),
+            // Whatever started is killed on return; its logs say why the rest did not.
+            Err(e) => {
+                log_dir.keep();
+                Err(e.context(format!(
+                    "starting the cluster (logs kept in {})",
+                    log_dir.path().display()
+                )))
+            }
+        }
+    }
+
+    async fn spawn_all(
+        opts: &ClusterOptions,
+        dir: &Path,
+    ) -> Result<(Vec<Service>, Vec<Service>, Service, RedisServer)> {
         let plan = opts.ports;
-        let redis = RedisServer::start_on(plan.port(PortRole::Redis)?, &dir)
-            .await
-            .with_context(context)?;
+        let redis = RedisServer::start_on(plan.port(PortRole::Redis)?, dir).await?;
 
         let auth_grpc = plan.port(PortRole::AuthGrpc)?;
         let auth_http = plan.port(PortRole::AuthMetrics)?;
         let auth = Service {
             process: ChildProcess::spawn(
-                Spawn::new("auth-service", binary("auth-service")?, &dir)
+                Spawn::new("auth-service", binary("auth-service")?, dir)
                     .env("AUTH_SERVICE_ADDR", format!("127.0.0.1:{auth_grpc}"))
                     .env("METRICS_ADDR", format!("127.0.0.1:{auth_http}"))
                     .env("JWT_SECRET", &opts.secret)
@@ -163,7 +184,7 @@ impl Cluster {
         for i in 0..opts.room_services {
             let grpc = plan.port(PortRole::RoomGrpc(i))?;
             let http = plan.port(PortRole::RoomMetrics(i))?;
-            let mut spec = Spawn::new(format!("room-service-{i}"), binary("room-service")?, &dir)
+            let mut spec = Spawn::new(format!("room-service-{i}"), binary("room-service")?, dir)
                 .env("ROOM_SERVICE_ADDR", format!("127.0.0.1:{grpc}"))
                 .env("METRICS_ADDR", format!("127.0.0.1:{http}"))
                 .env("REDIS_URL", redis.url())
@@ -180,16 +201,14 @@ impl Cluster {
             });
         }
         let backends = std::iter::once(&auth).chain(&room_services);
-        try_join_all(backends.map(|s| s.wait_ready(opts.ready_timeout)))
-            .await
-            .with_context(context)?;
+        try_join_all(backends.map(|s| s.wait_ready(opts.ready_timeout))).await?;
 
         let room_urls = join_urls(&room_services);
         let auth_url = join_urls(std::slice::from_ref(&auth));
         let mut gateways = Vec::new();
         for i in 0..opts.gateways {
             let port = plan.port(PortRole::Gateway(i))?;
-            let spec = Spawn::new(format!("gateway-{i}"), binary("gateway")?, &dir)
+            let spec = Spawn::new(format!("gateway-{i}"), binary("gateway")?, dir)
                 .env("GATEWAY_ID", format!("gw-{i}"))
                 .env("ROOM_SERVICE_URL", &room_urls)
                 .env("AUTH_SERVICE_URL", &auth_url)
@@ -201,18 +220,8 @@ impl Cluster {
                 http_url: format!("http://127.0.0.1:{port}"),
             });
         }
-        try_join_all(gateways.iter().map(|s| s.wait_ready(opts.ready_timeout)))
-            .await
-            .with_context(context)?;
-
-        Ok(Cluster {
-            opts,
-            gateways,
-            room_services,
-            auth,
-            redis,
-            log_dir,
-        })
+        try_join_all(gateways.iter().map(|s| s.wait_ready(opts.ready_timeout))).await?;
+        Ok((gateways, room_services, auth, redis))
     }
 
     pub fn options(&self) -> &ClusterOptions {

@@ -14,8 +14,10 @@ use nix::unistd::Pid;
 use crate::http;
 
 /// Environment variables a child inherits from us; everything else (a developer's `REDIS_URL`
-/// pointing at the shared Redis, say) is cleared so only what the harness sets applies.
-const INHERITED_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG", "RUST_BACKTRACE"];
+/// pointing at the shared Redis, say) is cleared so only what the harness sets applies. Not
+/// `RUST_BACKTRACE` either: a start-up error's backtrace would push the error itself out of the
+/// log tail a failing test prints.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG"];
 
 /// The directory holding the workspace binaries: `ROOMCAST_BIN_DIR`, else the directory of the
 /// running executable (`target/debug/deps` for a test, whose parent is `target/debug`).

@@ -889,6 +889,287 @@ pub async fn refresh_token(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {key}")
+        .parse()
+        .context("API key is not valid metadata")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// The server API: refused without the API key; with it, a publish reaches the room's
+/// members, and presence and history answer.
+pub async fn server_api(sys: &mut System) -> Result<()> {
+    let room = "srv";
+    let key = sys.options().api_key.clone();
+    let url = sys.server_api_url(0);
+    let mut api = RoomServiceClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut a = sys.client(1, "alice").await?;
+    join(&mut a, room).await?;
+
+    let publish = || ServerPublishRequest {
+        room: room.into(),
+        data_json: r#"{"hello":"world"}"#.into(),
+        user: String::new(),
+    };
+    for (case, request) in [
+        ("no API key", tonic::Request::new(publish())),
+        ("a wrong API key", with_key(publish(), "wrong-key")?),
+    ] {
+        match api.server_publish(request).await {
+            Ok(r) => bail!("ServerPublish with {case} succeeded: {r:?}"),
+            Err(s) => ensure!(
+                matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ),
+                "ServerPublish with {case}: expected PERMISSION_DENIED/UNAUTHENTICATED, got {s:?}"
+            ),
+        }
+    }
+    a.expect_none(Some("message"), SILENCE)
+        .await
+        .context("a refused server publish was delivered")?;
+
+    let published = api
+        .server_publish(with_key(publish(), &key)?)
+        .await
+        .context("ServerPublish with the API key")?
+        .into_inner();
+    let m = a.expect("message", T).await?;
+    let want = json!({
+        "type": "message", "room": room, "offset": published.offset, "epoch": published.epoch,
+        "user": "server", "data": {"hello": "world"},
+    });
+    let mut got = m.clone();
+    if let Some(obj) = got.as_object_mut() {
+        // The server has no connection; whatever clientId it reports is fine.
+        obj.remove("clientId");
+    }
+    ensure!(
+        got == want,
+        "server message: expected {want} (+ clientId), got {m}"
+    );
+
+    let presence = api
+        .server_presence(with_key(PresenceRequest { room: room.into() }, &key)?)
+        .await
+        .context("ServerPresence")?
+        .into_inner();
+    ensure!(
+        presence
+            .members
+            .iter()
+            .any(|m| m.client_id == a.client_id()),
+        "ServerPresence should list alice: {presence:?}"
+    );
+    let history = api
+        .server_history(with_key(
+            HistoryRequest {
+                room: room.into(),
+                since: None,
+                limit: 0,
+            },
+            &key,
+        )?)
+        .await
+        .context("ServerHistory")?
+        .into_inner();
+    ensure!(
+        history
+            .publications
+            .iter()
+            .any(|p| p.offset == published.offset),
+        "ServerHistory should hold offset {}: {history:?}",
+        published.offset
+    );
+    Ok(())
+}
+
+/// `Disconnect` of a user closes its connections on every gateway (code 0 → 1008).
+pub async fn server_api_disconnect(sys: &mut System) -> Result<()> {
+    let key = sys.options().api_key.clone();
+    let url = sys.server_api_url(1);
+    let mut api = RoomServiceClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut b0 = sys.client(0, "bob").await?;
+    let mut b1 = sys.client(1, "bob").await?;
+    let mut a = sys.client(0, "alice").await?;
+    let request = DisconnectRequest {
+        user: "bob".into(),
+        client_id: String::new(),
+        code: 0,
+        reason: "test".into(),
+    };
+    api.disconnect(with_key(request, &key)?)
+        .await
+        .context("Disconnect")?;
+    for b in [&mut b0, &mut b1] {
+        let close = b.expect_close(T).await?;
+        ensure!(
+            close.code == Some(1008),
+            "{}: expected close 1008, got {close}",
+            b.name()
+        );
+    }
+    a.request_ok(json!({"type": "ping"}), "pong")
+        .await
+        .context("alice must stay connected")?;
+    Ok(())
+}
+
+/// A connection whose token expires is closed with 4001; one that refreshed in time stays.
+pub async fn token_expiry_closes_4001(sys: &mut System) -> Result<()> {
+    let short = Claims::new("brief").expires_in(2);
+    let mut expiring = sys.client_with(0, &short).await?;
+    let mut refreshed = sys.client_with(1, &short).await?;
+    let token = sys.mint(&Claims::new("brief").expires_in(3600))?;
+    refreshed
+        .request_ok(json!({"type": "refresh", "token": token}), "refreshed")
+        .await?;
+    let close = expiring.expect_close(Duration::from_secs(6)).await?;
+    ensure!(
+        close.code == Some(4001),
+        "a connection past its token's exp should close with 4001, got {close}"
+    );
+    refreshed
+        .request_ok(json!({"type": "ping"}), "pong")
+        .await
+        .context("the refreshed connection must outlive the first token")?;
+    Ok(())
+}
+
+/// Publishing faster than the token bucket allows gets `rate_limited`; refusals in a row close
+/// the connection with 4029. Gateway settings: PUBLISH_RATE=2, PUBLISH_BURST=5,
+/// RATE_LIMIT_CLOSE_AFTER=3.
+pub async fn publish_rate_limit(sys: &mut System) -> Result<()> {
+    let room = "rl";
+    let mut c = sys.client(0, "spammer").await?;
+    join(&mut c, room).await?;
+    for n in 0..5 {
+        c.publish(room, json!(n))
+            .await
+            .with_context(|| format!("publish #{n} is within the burst of 5"))?;
+    }
+    let r = c
+        .request(json!({"type": "publish", "room": room, "data": 5, "id": 100}))
+        .await?;
+    check_error(&r, "rate_limited", Some(100), "publish #5, past the burst")?;
+    // The next refusals in a row end the connection; sends may fail once it is closed.
+    for n in 6..12 {
+        let cmd = json!({"type": "publish", "room": room, "data": n});
+        if c.send_command(cmd).await.is_err() {
+            break;
+        }
+    }
+    let close = c.expect_close(T).await?;
+    ensure!(
+        close.code == Some(4029),
+        "repeated rate-limit refusals should close with 4029, got {close}"
+    );
+    Ok(())
+}
+
+/// Rooms per connection and connections per user are bounded. Gateway settings:
+/// MAX_ROOMS_PER_CONNECTION=3, MAX_CONNECTIONS_PER_USER=2.
+pub async fn connection_limits(sys: &mut System) -> Result<()> {
+    let mut c = sys.client(0, "roomy").await?;
+    for room in ["r1", "r2", "r3"] {
+        join(&mut c, room).await?;
+    }
+    let r = c
+        .request(json!({"type": "join", "room": "r4", "id": 40}))
+        .await?;
+    check_error(&r, "rate_limited", Some(40), "a 4th room with a limit of 3")?;
+    c.request_ok(json!({"type": "leave", "room": "r1"}), "left")
+        .await?;
+    join(&mut c, "r4").await.context("join after leaving one")?;
+
+    let first = sys.client(0, "limited").await?;
+    let _second = sys.client(0, "limited").await?;
+    let opts = ConnectOptions::token(sys.token("limited")?);
+    match TestClient::connect_raw(&sys.ws_url(0), &opts).await {
+        Ok(_) => bail!("a third connection of one user was accepted with a limit of 2"),
+        Err(ConnectError::Http { status, body }) => ensure!(
+            (400..500).contains(&status) && status != 401 && !body.trim().is_empty(),
+            "over the per-user limit: expected a 4xx refusal (not 401) with a reason, got \
+             {status} {body:?}"
+        ),
+        Err(e) => bail!("over the per-user limit: expected an HTTP refusal, got {e}"),
+    }
+    sys.client(0, "someone-else")
+        .await
+        .context("another user is not limited")?;
+    first.close().await?;
+    // The slot is released when the gateway notices the close.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match sys.client(0, "limited").await {
+            Ok(_) => break,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context("a slot freed by a closed connection should be reusable"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Ok(())
+}
+
+/// A member that stops reading while messages pour in overflows its outbound queue and is
+/// closed with 4008; its presence goes. Gateway settings: OUTBOUND_QUEUE_LEN=8 and a publish
+/// rate that does not get in the way.
+pub async fn slow_consumer_closes_4008(sys: &mut System) -> Result<()> {
+    let room = "slow";
+    let mut publisher = sys.client(0, "firehose").await?;
+    let mut slow = sys.client(1, "sloth").await?;
+    join(&mut publisher, room).await?;
+    join(&mut slow, room).await?;
+    let sloth = member_of(&slow);
+    slow.stop_answering_pings();
+
+    // 32 KiB messages: the socket buffers fill after a few MB, then the queue overflows.
+    let data = json!("x".repeat(32 * 1024));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut sent = 0;
+    let left = loop {
+        let mut ids = Vec::new();
+        for _ in 0..25 {
+            let cmd = json!({"type": "publish", "room": room, "data": data});
+            ids.push(publisher.send_command(cmd).await?);
+        }
+        for id in ids {
+            let r = publisher.reply_to(id, T).await?;
+            ensure!(r["type"] == "published", "publish #{sent}: {r}");
+            sent += 1;
+        }
+        let gone = publisher
+            .expect_match(
+                "member_left of the slow client",
+                Duration::from_millis(20),
+                |v| v["type"] == "member_left" && v["clientId"] == sloth.1.as_str(),
+            )
+            .await;
+        if let Ok(frame) = gone {
+            break frame;
+        }
+        if Instant::now() >= deadline {
+            bail!("the slow client was not dropped after {sent} messages of 32 KiB");
+        }
+    };
+    ensure!(left["room"] == room, "member_left for another room: {left}");
+    slow.resume_reading();
+    let close = slow.expect_close(T).await?;
+    ensure!(
+        close.code == Some(4008),
+        "a slow consumer should be closed with 4008 (after {sent} messages), got {close}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cluster-only scenarios
 
@@ -1031,139 +1312,6 @@ pub async fn cluster_origin_check(sys: &mut System) -> Result<()> {
             .await
             .with_context(|| format!("origin {origin:?} should be accepted"))?;
     }
-    Ok(())
-}
-
-fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    let value = format!("Bearer {key}")
-        .parse()
-        .context("API key is not valid metadata")?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
-}
-
-/// The server API: refused without the API key; with it, a publish reaches the room's
-/// members, and presence and history answer.
-pub async fn cluster_server_api(sys: &mut System) -> Result<()> {
-    let room = "srv";
-    let cluster = cluster(sys)?;
-    let key = cluster.options().api_key.clone();
-    let mut api = RoomServiceClient::connect(cluster.room_service_grpc(0))
-        .await
-        .context("connecting to room-service 0")?;
-    let mut a = sys.client(1, "alice").await?;
-    join(&mut a, room).await?;
-
-    let publish = || ServerPublishRequest {
-        room: room.into(),
-        data_json: r#"{"hello":"world"}"#.into(),
-        user: String::new(),
-    };
-    for (case, request) in [
-        ("no API key", tonic::Request::new(publish())),
-        ("a wrong API key", with_key(publish(), "wrong-key")?),
-    ] {
-        match api.server_publish(request).await {
-            Ok(r) => bail!("ServerPublish with {case} succeeded: {r:?}"),
-            Err(s) => ensure!(
-                matches!(
-                    s.code(),
-                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                ),
-                "ServerPublish with {case}: expected PERMISSION_DENIED/UNAUTHENTICATED, got {s:?}"
-            ),
-        }
-    }
-    a.expect_none(Some("message"), SILENCE)
-        .await
-        .context("a refused server publish was delivered")?;
-
-    let published = api
-        .server_publish(with_key(publish(), &key)?)
-        .await
-        .context("ServerPublish with the API key")?
-        .into_inner();
-    let m = a.expect("message", T).await?;
-    let want = json!({
-        "type": "message", "room": room, "offset": published.offset, "epoch": published.epoch,
-        "user": "server", "data": {"hello": "world"},
-    });
-    let mut got = m.clone();
-    if let Some(obj) = got.as_object_mut() {
-        // The server has no connection; whatever clientId it reports is fine.
-        obj.remove("clientId");
-    }
-    ensure!(
-        got == want,
-        "server message: expected {want} (+ clientId), got {m}"
-    );
-
-    let presence = api
-        .server_presence(with_key(PresenceRequest { room: room.into() }, &key)?)
-        .await
-        .context("ServerPresence")?
-        .into_inner();
-    ensure!(
-        presence
-            .members
-            .iter()
-            .any(|m| m.client_id == a.client_id()),
-        "ServerPresence should list alice: {presence:?}"
-    );
-    let history = api
-        .server_history(with_key(
-            HistoryRequest {
-                room: room.into(),
-                since: None,
-                limit: 0,
-            },
-            &key,
-        )?)
-        .await
-        .context("ServerHistory")?
-        .into_inner();
-    ensure!(
-        history
-            .publications
-            .iter()
-            .any(|p| p.offset == published.offset),
-        "ServerHistory should hold offset {}: {history:?}",
-        published.offset
-    );
-    Ok(())
-}
-
-/// `Disconnect` of a user closes its connections on every gateway (code 0 → 1008).
-pub async fn cluster_server_disconnect(sys: &mut System) -> Result<()> {
-    let cluster = cluster(sys)?;
-    let key = cluster.options().api_key.clone();
-    let mut api = RoomServiceClient::connect(cluster.room_service_grpc(1))
-        .await
-        .context("connecting to room-service 1")?;
-    let mut b0 = sys.client(0, "bob").await?;
-    let mut b1 = sys.client(1, "bob").await?;
-    let mut a = sys.client(0, "alice").await?;
-    let request = DisconnectRequest {
-        user: "bob".into(),
-        client_id: String::new(),
-        code: 0,
-        reason: "test".into(),
-    };
-    api.disconnect(with_key(request, &key)?)
-        .await
-        .context("Disconnect")?;
-    for b in [&mut b0, &mut b1] {
-        let close = b.expect_close(T).await?;
-        ensure!(
-            close.code == Some(1008),
-            "{}: expected close 1008, got {close}",
-            b.name()
-        );
-    }
-    a.request_ok(json!({"type": "ping"}), "pong")
-        .await
-        .context("alice must stay connected")?;
     Ok(())
 }
 

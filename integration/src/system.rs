@@ -96,6 +96,15 @@ impl System {
         }
     }
 
+    /// The gRPC server API (`http://127.0.0.1:P`) of room-service `i` (modulo the count; the
+    /// standalone has one, embedded).
+    pub fn server_api_url(&self, i: usize) -> String {
+        match self {
+            System::Cluster(c) => c.room_service_grpc(i % c.room_service_count().max(1)),
+            System::Standalone(s) => s.room_service_grpc(),
+        }
+    }
+
     pub fn secret(&self) -> &str {
         &self.options().secret
     }

@@ -59,30 +59,6 @@ async fn origin_check() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_api() {
-    let opts = ClusterOptions::default();
-    run(
-        "server_api",
-        Flavor::Cluster,
-        opts,
-        scenarios::cluster_server_api,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_disconnect() {
-    let opts = ClusterOptions::default();
-    run(
-        "server_disconnect",
-        Flavor::Cluster,
-        opts,
-        scenarios::cluster_server_disconnect,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_drain() {
     let opts = ClusterOptions::default();
     run(

@@ -20,6 +20,20 @@ macro_rules! client_visible_tests {
             recovery_with_since => ClusterOptions::default(),
             ops_endpoints => ClusterOptions::default(),
             refresh_token => ClusterOptions::default(),
+            server_api => ClusterOptions::default(),
+            server_api_disconnect => ClusterOptions::default(),
+            token_expiry_closes_4001 => ClusterOptions::default(),
+            publish_rate_limit => ClusterOptions::default()
+                .gateway_env("PUBLISH_RATE", 2)
+                .gateway_env("PUBLISH_BURST", 5)
+                .gateway_env("RATE_LIMIT_CLOSE_AFTER", 3),
+            connection_limits => ClusterOptions::default()
+                .gateway_env("MAX_ROOMS_PER_CONNECTION", 3)
+                .gateway_env("MAX_CONNECTIONS_PER_USER", 2),
+            slow_consumer_closes_4008 => ClusterOptions::default()
+                .gateway_env("OUTBOUND_QUEUE_LEN", 8)
+                .gateway_env("PUBLISH_RATE", 100_000)
+                .gateway_env("PUBLISH_BURST", 100_000),
         );
     };
     (@tests $flavor:expr; $($name:ident => $opts:expr,)*) => {
