@@ -137,8 +137,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts every process and waits until all are ready.
-    pub async fn start(opts: ClusterOptions, mut log_dir: LogDir) -> Result<Cluster> {
+    /// Starts every process and waits until all are ready; logs go to a fresh directory under
+    /// `$TMPDIR/roomcast-it/`, removed on drop unless start-up or the test failed.
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
+        Self::start_in(opts, LogDir::for_test("cluster")?).await
+    }
+
+    /// [`start`](Self::start) with the logs in `log_dir`.
+    pub async fn start_in(opts: ClusterOptions, mut log_dir: LogDir) -> Result<Cluster> {
         match Self::spawn_all(&opts, log_dir.path()).await {
             Ok((gateways, room_services, auth, redis)) => Ok(Cluster {
                 opts,

@@ -87,7 +87,7 @@ async fn main() -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Ctrl-C during start-up drops the half-started cluster, which kills what was started.
     let cluster = tokio::select! {
-        cluster = Cluster::start(opts, log_dir) => cluster?,
+        cluster = Cluster::start_in(opts, log_dir) => cluster?,
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = sigterm.recv() => return Ok(()),
     };

@@ -1255,8 +1255,7 @@ pub async fn cluster_store_restart_changes_epoch(sys: &mut System) -> Result<()>
         // The gateway may briefly refuse or fail joins while it reconnects to the store.
         match sys.client(1, "bob").await {
             Ok(b) => break b,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
+            Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(e),

@@ -19,7 +19,14 @@ pub struct Standalone {
 }
 
 impl Standalone {
-    pub async fn start(opts: ClusterOptions, mut log_dir: LogDir) -> Result<Standalone> {
+    /// Starts `gateway standalone` and waits until it is ready; logs as for
+    /// [`Cluster::start`](crate::Cluster::start).
+    pub async fn start(opts: ClusterOptions) -> Result<Standalone> {
+        Self::start_in(opts, LogDir::for_test("standalone")?).await
+    }
+
+    /// [`start`](Self::start) with the logs in `log_dir`.
+    pub async fn start_in(opts: ClusterOptions, mut log_dir: LogDir) -> Result<Standalone> {
         match Self::spawn(&opts, &log_dir).await {
             Ok((process, http_url, grpc_url)) => Ok(Standalone {
                 opts,

@@ -39,8 +39,8 @@ impl System {
     pub async fn start(flavor: Flavor, test: &str, opts: ClusterOptions) -> Result<System> {
         let log_dir = LogDir::for_test(&format!("{}-{test}", flavor.name()))?;
         Ok(match flavor {
-            Flavor::Cluster => System::Cluster(Cluster::start(opts, log_dir).await?),
-            Flavor::Standalone => System::Standalone(Standalone::start(opts, log_dir).await?),
+            Flavor::Cluster => System::Cluster(Cluster::start_in(opts, log_dir).await?),
+            Flavor::Standalone => System::Standalone(Standalone::start_in(opts, log_dir).await?),
         })
     }
 

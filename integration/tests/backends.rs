@@ -2,7 +2,6 @@
 //! the harness starts it, and its tokens and API key are the ones the services accept.
 
 use roomcast_integration::cluster::{Cluster, ClusterOptions};
-use roomcast_integration::logs::LogDir;
 use roomcast_integration::token::{self, Claims};
 use roomcast_proto::auth_service_client::AuthServiceClient;
 use roomcast_proto::room_service_client::RoomServiceClient;
@@ -16,8 +15,7 @@ async fn backends_start_and_accept_the_harness_credentials() {
     };
     let secret = opts.secret.clone();
     let key = opts.api_key.clone();
-    let log_dir = LogDir::for_test("backends").unwrap();
-    let cluster = Cluster::start(opts, log_dir).await.unwrap();
+    let cluster = Cluster::start(opts).await.unwrap();
 
     let mut auth = AuthServiceClient::connect(cluster.auth_grpc())
         .await
