@@ -261,6 +261,25 @@ pub async fn cross_gateway_delivery(sys: &mut System) -> Result<()> {
     a.expect_none(Some("message"), SILENCE)
         .await
         .context("the sender must not get its own message")?;
+
+    // `data` is any JSON value, delivered as sent.
+    let values = [
+        json!(null),
+        json!(0),
+        json!(-1.5),
+        json!("héllo ✓ \"quoted\" \n"),
+        json!([1, [2, [3]], {}]),
+        json!({"a": {"b": null}, "": ""}),
+        json!(true),
+    ];
+    for data in values {
+        let offset = a.publish(room, data.clone()).await?;
+        for rx in [&mut b, &mut c] {
+            let m = rx.expect("message", T).await?;
+            check_message(&m, room, offset, &epoch, &a, &data)
+                .with_context(|| format!("data {data} at {}", rx.name()))?;
+        }
+    }
     Ok(())
 }
 
@@ -500,6 +519,57 @@ pub async fn ordering_under_concurrent_publishers(sys: &mut System) -> Result<()
             .await
             .context("a publisher received its own message")?;
     }
+    Ok(())
+}
+
+/// A member joining while messages flow gets, live, exactly the messages after its `joined`
+/// offset: none at or before it (already part of the position it was given), no gap after it.
+pub async fn late_join_during_traffic(sys: &mut System) -> Result<()> {
+    const N: u64 = 150;
+    let room = "busy";
+    let mut p = sys.client(0, "talker").await?;
+    let mut late = sys.client(1, "late").await?;
+    join(&mut p, room).await?;
+
+    let publish_all = async {
+        let mut ids = Vec::new();
+        for n in 0..N {
+            let cmd = json!({"type": "publish", "room": room, "data": n});
+            ids.push(p.send_command(cmd).await?);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut last = 0;
+        for id in ids {
+            let r = p.reply_to(id, T).await?;
+            ensure!(r["type"] == "published", "publish: {r}");
+            last = u64_field(&r, "offset")?;
+        }
+        anyhow::Ok(last)
+    };
+    let join_midway = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        join(&mut late, room).await
+    };
+    let (last, joined) = tokio::join!(publish_all, join_midway);
+    let (last, (_, at)) = (last?, joined?);
+    ensure!(
+        at < last,
+        "the join did not land during the traffic (joined at {at}, last offset {last})"
+    );
+    let want = usize::try_from(last - at)?;
+    let frames = late
+        .expect_n("message", want, Duration::from_secs(10))
+        .await?;
+    for (i, f) in frames.iter().enumerate() {
+        let expected = at + 1 + i as u64;
+        ensure!(
+            f["offset"] == expected,
+            "joined at offset {at}: live message #{i} should have offset {expected}, got {f}"
+        );
+    }
+    late.expect_none(Some("message"), SILENCE)
+        .await
+        .context("messages beyond the last publish")?;
     Ok(())
 }
 
@@ -761,6 +831,69 @@ pub async fn history_oldest_first(sys: &mut System) -> Result<()> {
     ensure!(
         got.len() == 2 && got[1] == got[0] + 1 && offsets.contains(&got[0]),
         "history limit 2 should be two consecutive held messages, oldest first: {h}"
+    );
+    Ok(())
+}
+
+/// History is bounded by count and age (HISTORY_SIZE=3, HISTORY_TTL_SECONDS=2): only what is
+/// held is returned or recovered, and a `since` before the window says `recovered: false`.
+pub async fn history_window_bounds(sys: &mut System) -> Result<()> {
+    let room = "window";
+    let mut a = sys.client(0, "alice").await?;
+    let (epoch, _) = join(&mut a, room).await?;
+    let mut offsets = Vec::new();
+    for n in 0..6 {
+        offsets.push(a.publish(room, json!(n)).await?);
+    }
+    let h = a
+        .request_ok(json!({"type": "history", "room": room}), "history")
+        .await?;
+    ensure!(
+        message_offsets(&h)? == offsets[3..],
+        "with HISTORY_SIZE=3, history should hold the last 3 offsets {:?}: {h}",
+        &offsets[3..]
+    );
+
+    let rejoin = |since: u64| json!({"type": "join", "room": room, "since": {"epoch": epoch, "offset": since}});
+    let mut b = sys.client(1, "bob").await?;
+    let joined = b.request_ok(rejoin(offsets[2]), "joined").await?;
+    let missed: Vec<u64> = joined["missed"]
+        .as_array()
+        .with_context(|| format!("no `missed` array: {joined}"))?
+        .iter()
+        .map(|m| u64_field(m, "offset"))
+        .collect::<Result<_>>()?;
+    ensure!(
+        joined["recovered"] == true && missed == offsets[3..],
+        "since {} (inside the window): expected recovered with {:?}: {joined}",
+        offsets[2],
+        &offsets[3..]
+    );
+    let mut c = sys.client(0, "carol").await?;
+    let joined = c.request_ok(rejoin(offsets[0]), "joined").await?;
+    ensure!(
+        joined["recovered"] == false,
+        "since {}: offsets {:?} left the window, so recovery is impossible: {joined}",
+        offsets[0],
+        &offsets[1..3]
+    );
+
+    // After the TTL the messages are gone.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let h = a
+        .request_ok(json!({"type": "history", "room": room}), "history")
+        .await?;
+    ensure!(
+        message_offsets(&h)?.is_empty(),
+        "with HISTORY_TTL_SECONDS=2, nothing should be held after 2.6 s: {h}"
+    );
+    let mut d = sys.client(1, "dan").await?;
+    let joined = d.request_ok(rejoin(offsets[4]), "joined").await?;
+    ensure!(
+        joined["recovered"] == false,
+        "since {}: offset {} aged out, so recovery is impossible: {joined}",
+        offsets[4],
+        offsets[5]
     );
     Ok(())
 }
