@@ -1447,6 +1447,68 @@ pub async fn cluster_origin_check(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// SIGKILL on a gateway: its clients reconnect to the other one and recover what they missed;
+/// their old presence goes when the dead gateway's lease runs out (the gateway renews it every
+/// 5 s for 15 s, so within 20 s).
+pub async fn cluster_gateway_crash(sys: &mut System) -> Result<()> {
+    let room = "crash";
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    let (epoch, _) = join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let mut seen = 0;
+    for n in 0..2 {
+        seen = a.publish(room, json!({"before": n})).await?;
+        b.expect("message", T).await?;
+    }
+    cluster(sys)?.gateway(1).process.kill9()?;
+    let mut missed = Vec::new();
+    for n in 0..3 {
+        let data = json!({"missed": n});
+        missed.push((a.publish(room, data.clone()).await?, data));
+    }
+
+    let mut b2 = sys
+        .client(0, "bob")
+        .await
+        .context("reconnecting elsewhere")?;
+    let since = json!({"epoch": epoch, "offset": seen});
+    let joined = b2
+        .request_ok(
+            json!({"type": "join", "room": room, "since": since}),
+            "joined",
+        )
+        .await?;
+    let got = joined["missed"].as_array().map(Vec::len).unwrap_or(0);
+    ensure!(
+        joined["recovered"] == true && got == missed.len(),
+        "rejoin after the crash with since {since}: expected {} recovered messages: {joined}",
+        missed.len()
+    );
+    for (frame, (offset, data)) in joined["missed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(&missed)
+    {
+        check_message(frame, room, *offset, &epoch, &a, data)?;
+    }
+
+    let want: BTreeSet<_> = [member_of(&a), member_of(&b2)].into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = presence(&mut a, room).await?;
+        if now == want {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("20 s after the crash, presence is still {now:?}, expected {want:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
 /// SIGTERM on a gateway: its clients get 1001 (reconnect elsewhere); the rest goes on.
 pub async fn cluster_gateway_drain(sys: &mut System) -> Result<()> {
     let room = "drain";

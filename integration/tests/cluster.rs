@@ -69,3 +69,15 @@ async fn gateway_drain() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_crash() {
+    let opts = ClusterOptions::default();
+    run(
+        "gateway_crash",
+        Flavor::Cluster,
+        opts,
+        scenarios::cluster_gateway_crash,
+    )
+    .await;
+}
