@@ -1,6 +1,6 @@
 //! The contract against a real cluster: redis-server, auth-service, two room-services and two
 //! gateways. The client-visible tests spread clients over both gateways; the rest kill
-//! processes and call the server API.
+//! processes, restart the store and check origins.
 
 #[macro_use]
 mod common;
