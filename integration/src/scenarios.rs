@@ -1,6 +1,6 @@
-//! The end-to-end checks of the contract (`protocol.md`). Client-visible ones take any
+//! The end-to-end checks of the contract (`docs/protocol.md`). Client-visible ones take any
 //! [`System`] and run against both the cluster and the standalone gateway; the `cluster_*` ones
-//! need real processes to kill and a gRPC server API to call.
+//! need separate processes to kill or a store to restart.
 //!
 //! Every check fails with the frame it expected and the frame it got.
 
