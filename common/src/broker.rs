@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 
+/// How long a health check waits for the broker.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a subscriber is told.
 #[derive(Debug, Clone)]
 pub enum BrokerEvent {
@@ -33,6 +36,8 @@ pub type Sink = Arc<dyn Fn(BrokerEvent) + Send + Sync>;
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(#[from] redis::RedisError),
+    #[error("broker did not answer in time")]
+    Timeout,
     #[error("unsupported broker url {0:?} (expected redis://, rediss:// or memory://)")]
     UnsupportedUrl(String),
 }
@@ -191,6 +196,24 @@ impl Subscriber {
             Subscriber::Redis(r) => r.connection.clone().subscribe(channel).await?,
         }
         Ok(())
+    }
+
+    /// Checks the link to the broker; for Redis this also drives reconnection (and with it the
+    /// automatic resubscription) after the link dropped.
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        match self {
+            Subscriber::Memory(_) => Ok(()),
+            Subscriber::Redis(r) => {
+                let mut connection = r.connection.clone();
+                // While the manager reconnects, commands wait for it: bound the wait.
+                let command = redis::cmd("PING");
+                let ping = command.query_async::<()>(&mut connection);
+                match tokio::time::timeout(PING_TIMEOUT, ping).await {
+                    Ok(result) => Ok(result?),
+                    Err(_) => Err(BrokerError::Timeout),
+                }
+            }
+        }
     }
 
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {

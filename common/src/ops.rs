@@ -12,17 +12,28 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Readiness, flipped by the owner: false while starting, draining, or while a required backend
-/// is unreachable.
+/// Readiness: false while starting, while a required backend is unreachable (the owner's
+/// health check flips it), and for good once draining started.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    healthy: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+}
 
 impl Readiness {
+    /// Set by health checks.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.healthy.store(ready, Ordering::Relaxed);
+    }
+    /// Not ready from now on, whatever health checks say.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && !self.is_draining()
     }
 }
 

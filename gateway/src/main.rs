@@ -71,7 +71,7 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     let gateway = Arc::new(Gateway::new(
         id,
         hub,
-        Subscriptions::start(subscriber),
+        Subscriptions::start(subscriber, readiness.clone(), Duration::from_secs(1)),
         backends,
         config.connection,
         readiness.clone(),
@@ -84,7 +84,6 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         gateway.clone(),
         Duration::from_secs(5),
     ));
-    readiness.set(true);
     server::serve(listener, gateway, shutdown_signal(), drain_window).await?;
     tracing::info!("stopped");
     Ok(())

@@ -2,7 +2,7 @@
 //! before the upgrade), the demo page at `/`, the ops endpoints, and draining on shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -40,8 +40,6 @@ pub struct Gateway {
     pub readiness: Readiness,
     /// Open connections per user, for `MAX_CONNECTIONS_PER_USER`.
     users: UserConnections,
-    /// Set once draining starts: new handshakes are refused.
-    draining: AtomicBool,
     next_client: AtomicU64,
 }
 
@@ -63,7 +61,6 @@ impl Gateway {
             settings,
             readiness,
             users: UserConnections::default(),
-            draining: AtomicBool::new(false),
             next_client: AtomicU64::new(1),
         }
     }
@@ -117,7 +114,7 @@ async fn websocket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if gateway.draining.load(Ordering::Relaxed) {
+    if gateway.readiness.is_draining() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "gateway is draining");
     }
     if !gateway.origin_allowed(&headers) {
@@ -194,8 +191,7 @@ pub async fn serve(
     });
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
-    gateway.readiness.set(false);
-    gateway.draining.store(true, Ordering::Relaxed);
+    gateway.readiness.start_draining();
     drain(&gateway, drain_window).await;
     let _ = stop_accepting.send(());
     match tokio::time::timeout(Duration::from_secs(5), server).await {

@@ -106,7 +106,7 @@ pub async fn run(
     let gateway = Arc::new(Gateway::new(
         gateway_id(None)?,
         hub,
-        Subscriptions::start(subscriber),
+        Subscriptions::start(subscriber, readiness.clone(), Duration::from_secs(1)),
         backends,
         config.connection.clone(),
         readiness.clone(),
@@ -130,7 +130,6 @@ pub async fn run(
         gateway.clone(),
         Duration::from_secs(5),
     ));
-    readiness.set(true);
     server::serve(listener, gateway, shutdown, Duration::from_millis(500)).await?;
     let _ = stop.send(true);
     Ok(())

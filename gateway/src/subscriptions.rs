@@ -7,9 +7,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use roomcast_common::broker::{BrokerError, Subscriber};
 use roomcast_common::envelope::room_channel;
+use roomcast_common::ops::Readiness;
 use tokio::sync::{mpsc, oneshot};
 
 enum Request {
@@ -37,9 +39,11 @@ pub enum SubscribeError {
 }
 
 impl Subscriptions {
-    pub fn start(subscriber: Subscriber) -> Self {
+    /// Starts the task. It also pings the broker every `health_every` and reports the result
+    /// in `readiness`.
+    pub fn start(subscriber: Subscriber, readiness: Readiness, health_every: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(subscriber, rx));
+        tokio::spawn(run(subscriber, rx, readiness, health_every));
         Self { tx }
     }
 
@@ -62,9 +66,36 @@ impl Subscriptions {
     }
 }
 
-async fn run(subscriber: Subscriber, mut rx: mpsc::UnboundedReceiver<Request>) {
+async fn run(
+    subscriber: Subscriber,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    readiness: Readiness,
+    health_every: Duration,
+) {
     let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
-    while let Some(request) = rx.recv().await {
+    let mut health = tokio::time::interval(health_every);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_healthy = None;
+    loop {
+        let request = tokio::select! {
+            request = rx.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+            _ = health.tick() => {
+                let result = subscriber.ping().await;
+                let healthy = result.is_ok();
+                readiness.set(healthy);
+                if was_healthy != Some(healthy) {
+                    match result {
+                        Ok(()) => tracing::info!("broker reachable: ready"),
+                        Err(error) => tracing::warn!(%error, "broker unreachable: not ready"),
+                    }
+                    was_healthy = Some(healthy);
+                }
+                continue;
+            }
+        };
         match request {
             Request::Acquire { room, done } => {
                 if let Some(count) = counts.get_mut(&room) {
