@@ -77,8 +77,9 @@ pub struct CommonArgs {
     /// Give up on one connection (TCP + upgrade + `connected` frame) after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
-    /// Handshakes in flight at once, at most.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Handshakes in flight at once, at most, over all workers. Keep it under the gateways'
+    /// listen backlog (often 128): past it the kernel drops SYNs, and each retry costs 1 s.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
 }
 

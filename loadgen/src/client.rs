@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::IpBindAddressNoPort;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::{TcpSocket, TcpStream};
@@ -82,6 +84,9 @@ async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
     let socket = TcpSocket::new_v4().map_err(|e| io_reason(&e))?;
     // Lets a source port still in TIME_WAIT from an earlier run be bound again.
     socket.set_reuseaddr(true).map_err(|e| io_reason(&e))?;
+    // Pick the source port at connect time, by the whole 4-tuple: bind() alone would reserve
+    // a port of the source address for every destination, and search for it, each time.
+    setsockopt(&socket, IpBindAddressNoPort, &true).map_err(|e| io_reason(&e.into()))?;
     socket
         .bind(SocketAddr::new(source, 0))
         .map_err(|e| io_reason(&e))?;

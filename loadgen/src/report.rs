@@ -330,6 +330,13 @@ impl DeliveryReport {
             self.out_of_order,
             self.gaps
         );
+        if self.publish_errors.contains_key("rate_limited") {
+            let _ = writeln!(
+                s,
+                "  note: the gateway limits publishes per connection (PUBLISH_RATE, \
+                 PUBLISH_BURST): add --publishers or raise the limit"
+            );
+        }
         let _ = writeln!(s, "  latency: {}", self.latency_ms.line());
         let _ = writeln!(s, "  ack latency: {}", self.ack_latency_ms.line());
         if !self.disconnected.is_empty() {

@@ -150,16 +150,20 @@ async fn fanout_delivers_everything_in_order() {
         "2s",
         "--payload",
         "64",
+        // Two per room, each well under the gateway's default per-connection publish rate.
+        "--publishers",
+        "4",
     ]))
     .await;
     assert_eq!(r["scenario"], "fanout");
-    // 25 subscribers + 1 publisher per room.
-    assert_eq!(u(&r, "members"), 52, "{r}");
+    // 25 subscribers + 2 publishers per room.
+    assert_eq!(u(&r, "members"), 54, "{r}");
     let published = u(&r, "published");
     assert!((380..=400).contains(&published), "{r}");
     assert_eq!(u(&r, "sent"), published + u(&r, "unacked"), "{r}");
-    // Each publish reaches the room's 25 subscribers (the sender is excluded).
-    assert_eq!(u(&r, "expected"), published * 25, "{r}");
+    // Each publish reaches the room's 25 subscribers and the other publisher, not the sender.
+    assert_eq!(u(&r, "expected"), published * 26, "{r}");
+    assert_eq!(r["publish_errors"], serde_json::json!({}), "{r}");
     assert_eq!(u(&r, "received"), u(&r, "expected"), "{r}");
     assert_eq!(r["loss"], 0, "{r}");
     assert_eq!(u(&r, "out_of_order"), 0, "{r}");

@@ -54,7 +54,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn new(rooms: usize) -> Shared {
+    pub fn new(rooms: usize) -> Shared {
         let counters = || (0..rooms).map(|_| AtomicU64::new(0)).collect();
         Shared {
             latency: SharedHistogram::default(),

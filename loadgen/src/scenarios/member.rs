@@ -59,7 +59,11 @@ pub struct DeliveryStats {
 /// Checks one member's deliveries in its room: offsets must rise, each publisher's sequence
 /// numbers too; publish-to-delivery latency goes to the shared histogram in batches.
 pub struct Tracker {
+    join_offset: u64,
     last_offset: u64,
+    /// This member's own acknowledged publishes: offsets it is never sent.
+    own_count: u64,
+    own_max: u64,
     last_seq: HashMap<String, u64>,
     samples: Samples,
     pub stats: DeliveryStats,
@@ -69,7 +73,10 @@ impl Tracker {
     /// Offsets above `join_offset` are the ones this member should get.
     pub fn new(join_offset: u64) -> Tracker {
         Tracker {
+            join_offset,
             last_offset: join_offset,
+            own_count: 0,
+            own_max: 0,
             last_seq: HashMap::new(),
             samples: Samples::new(),
             stats: DeliveryStats::default(),
@@ -106,8 +113,23 @@ impl Tracker {
         }
     }
 
+    /// One of this member's publishes got `offset`.
+    pub fn on_own_publish(&mut self, offset: u64) {
+        self.own_count += 1;
+        self.own_max = self.own_max.max(offset);
+    }
+
     pub fn finish(&mut self, shared: &Shared) -> DeliveryStats {
         self.samples.flush(&shared.latency);
+        if self.own_count > 0 {
+            // A publisher is not sent its own messages, and its replies race its room-mates'
+            // messages, so its holes are counted at the end: offsets up to the highest one
+            // known, less those delivered and those it published itself.
+            let highest = self.last_offset.max(self.own_max);
+            let distinct = self.stats.received - self.stats.out_of_order;
+            self.stats.gaps =
+                (highest - self.join_offset).saturating_sub(distinct + self.own_count);
+        }
         self.stats.clone()
     }
 }
@@ -229,8 +251,11 @@ pub async fn run(ctx: Arc<Ctx>, spec: MemberSpec, permit: OwnedSemaphorePermit) 
                         tracker.on_message(&frame, shared);
                     }
                     "published" | "error" => {
-                        if let Some(p) = publishing.as_mut() {
-                            on_reply(&frame, p, spec.room, shared, &mut result);
+                        if let Some(p) = publishing.as_mut()
+                            && on_reply(&frame, p, spec.room, shared, &mut result)
+                            && let Some(offset) = frame.offset
+                        {
+                            tracker.on_own_publish(offset);
                         }
                     }
                     _ => {}
@@ -298,15 +323,16 @@ async fn send_due(ws: &mut Ws, p: &mut Publishing, ctx: &Ctx) -> Result<(), Stri
     ws.flush().await.map_err(|e| client::ws_reason(&e))
 }
 
+/// Matches a `published` or `error` reply to its publish; true for a publish acknowledged.
 fn on_reply(
     frame: &Frame<'_>,
     p: &mut Publishing,
     room: usize,
     shared: &Shared,
     result: &mut MemberResult,
-) {
+) -> bool {
     let Some(sent_at) = frame.id.and_then(|id| p.pending.remove(&id)) else {
-        return;
+        return false;
     };
     if frame.kind == "published" {
         result.acked += 1;
@@ -316,11 +342,13 @@ fn on_reply(
             unix_ns().saturating_sub(sent_at) / 1000,
             &shared.ack_latency,
         );
+        true
     } else {
         *result
             .publish_errors
             .entry(frame.code.unwrap_or("error").to_owned())
             .or_default() += 1;
+        false
     }
 }
 
@@ -328,5 +356,61 @@ async fn sleep_until_opt(due: Option<Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver(t: &mut Tracker, shared: &Shared, offset: u64, sender: &str, seq: u64) {
+        let text = format!(
+            r#"{{"type":"message","room":"r","offset":{offset},"epoch":"e","user":"u","clientId":"{sender}","data":{{"t":{},"q":{seq},"p":"x"}}}}"#,
+            unix_ns()
+        );
+        let frame: Frame<'_> = serde_json::from_str(&text).unwrap();
+        t.on_message(&frame, shared);
+    }
+
+    #[test]
+    fn counts_gaps_disorder_and_publisher_order() {
+        let shared = Shared::new(1);
+        let mut t = Tracker::new(10);
+        for (offset, seq) in [(11, 1), (12, 2), (14, 4), (13, 3), (14, 5), (15, 6)] {
+            deliver(&mut t, &shared, offset, "c1", seq);
+        }
+        deliver(&mut t, &shared, 16, "c2", 9);
+        deliver(&mut t, &shared, 17, "c2", 8);
+        let s = t.finish(&shared);
+        assert_eq!(s.received, 8);
+        // 13 after 14, and 14 again.
+        assert_eq!(s.out_of_order, 2);
+        // 13 was skipped when 14 came.
+        assert_eq!(s.gaps, 1);
+        // c1: 3 after 4; c2: 8 after 9.
+        assert_eq!(s.order_violations, 2);
+        assert_eq!(shared.received.load(SeqCst), 8);
+        assert_eq!(shared.latency.snapshot().len(), 8);
+    }
+
+    #[test]
+    fn a_publishers_own_offsets_are_no_gaps() {
+        let shared = Shared::new(1);
+        let mut t = Tracker::new(0);
+        // Room-mate's messages 2 and 4; own publishes got 1, 3 and 5, one reply late.
+        t.on_own_publish(1);
+        deliver(&mut t, &shared, 2, "other", 1);
+        deliver(&mut t, &shared, 4, "other", 2);
+        t.on_own_publish(3);
+        t.on_own_publish(5);
+        assert_eq!(t.finish(&shared).gaps, 0);
+
+        let mut t = Tracker::new(0);
+        t.on_own_publish(1);
+        t.on_own_publish(3);
+        deliver(&mut t, &shared, 2, "other", 1);
+        deliver(&mut t, &shared, 6, "other", 2);
+        // 4 and 5 never came.
+        assert_eq!(t.finish(&shared).gaps, 2);
     }
 }
