@@ -80,10 +80,7 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         .await
         .with_context(|| format!("binding {}", config.addr))?;
     tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, "listening");
-    tokio::spawn(server::heartbeat_loop(
-        gateway.clone(),
-        Duration::from_secs(5),
-    ));
+    tokio::spawn(server::heartbeat_loop(gateway.clone()));
     server::serve(listener, gateway, shutdown_signal(), drain_window).await?;
     tracing::info!("stopped");
     Ok(())

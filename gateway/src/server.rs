@@ -217,15 +217,19 @@ async fn drain(gateway: &Gateway, window: Duration) {
     }
 }
 
-/// Renews this gateway's lease with the room-service and reports its connection count.
-pub async fn heartbeat_loop(gateway: Arc<Gateway>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Renews this gateway's lease with the room-service and reports its connection count. The
+/// lease lasts one heartbeat timeout, renewed three times per lease: when a gateway dies, its
+/// connections leave presence within the same bound as a dead connection (plus the
+/// room-service's sweep interval).
+pub async fn heartbeat_loop(gateway: Arc<Gateway>) {
+    let lease = gateway.settings.heartbeat_timeout();
+    let mut tick = tokio::time::interval(lease / 3);
     loop {
         tick.tick().await;
         let request = pb::GatewayHeartbeatRequest {
             gateway_id: gateway.id.clone(),
             connections: gateway.hub.connection_count() as u64,
-            lease_ms: (every * 3).as_millis() as u64,
+            lease_ms: lease.as_millis() as u64,
         };
         if let Err(status) = gateway
             .backends

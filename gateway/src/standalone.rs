@@ -126,10 +126,7 @@ pub async fn run(
         println!("  JWT_SECRET was not set; this run's secret: {secret}");
     }
     tracing::info!(%addr, "listening");
-    tokio::spawn(server::heartbeat_loop(
-        gateway.clone(),
-        Duration::from_secs(5),
-    ));
+    tokio::spawn(server::heartbeat_loop(gateway.clone()));
     server::serve(listener, gateway, shutdown, Duration::from_millis(500)).await?;
     let _ = stop.send(true);
     Ok(())

@@ -1448,8 +1448,9 @@ pub async fn cluster_origin_check(sys: &mut System) -> Result<()> {
 }
 
 /// SIGKILL on a gateway: its clients reconnect to the other one and recover what they missed;
-/// their old presence goes when the dead gateway's lease runs out (the gateway renews it every
-/// 5 s for 15 s, so within 20 s).
+/// their old presence goes when the dead gateway's lease runs out: the lease lasts one
+/// heartbeat timeout and the room-service sweeps every second, so within 2 x HEARTBEAT_TIMEOUT
+/// (run with a 3 s timeout: 6 s).
 pub async fn cluster_gateway_crash(sys: &mut System) -> Result<()> {
     let room = "crash";
     let mut a = sys.client(0, "alice").await?;
@@ -1461,7 +1462,9 @@ pub async fn cluster_gateway_crash(sys: &mut System) -> Result<()> {
         seen = a.publish(room, json!({"before": n})).await?;
         b.expect("message", T).await?;
     }
+    let old_bob = member_of(&b);
     cluster(sys)?.gateway(1).process.kill9()?;
+    let killed_at = Instant::now();
     let mut missed = Vec::new();
     for n in 0..3 {
         let data = json!({"missed": n});
@@ -1495,17 +1498,20 @@ pub async fn cluster_gateway_crash(sys: &mut System) -> Result<()> {
     }
 
     let want: BTreeSet<_> = [member_of(&a), member_of(&b2)].into();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let bound = Duration::from_secs(6);
+    let deadline = killed_at + bound;
     loop {
         let now = presence(&mut a, room).await?;
         if now == want {
             break;
         }
         if Instant::now() >= deadline {
-            bail!("20 s after the crash, presence is still {now:?}, expected {want:?}");
+            bail!("{bound:?} after the crash, presence is still {now:?}, expected {want:?}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The others are told, too.
+    expect_presence_event(&mut a, "member_left", room, (&old_bob.0, &old_bob.1), T).await?;
     Ok(())
 }
 

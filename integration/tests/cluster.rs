@@ -72,7 +72,8 @@ async fn gateway_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_crash() {
-    let opts = ClusterOptions::default();
+    // A 3 s heartbeat timeout makes the dead gateway's lease 3 s.
+    let opts = ClusterOptions::default().heartbeat(1_000, 3_000);
     run(
         "gateway_crash",
         Flavor::Cluster,

@@ -43,6 +43,9 @@ pub struct Config {
     /// Largest accepted message payload (`data`), in bytes.
     #[arg(long, env = "MAX_DATA_BYTES", default_value_t = 65536)]
     pub max_data_bytes: usize,
+    /// How often members of gateways whose lease ran out are removed (and announced as left).
+    #[arg(long, env = "PRESENCE_SWEEP_MS", default_value_t = 1000)]
+    pub presence_sweep_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -49,7 +49,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     // Start without Redis if need be: readiness stays false until it answers.
-    tokio::spawn(watch_store(store, readiness.clone(), stopped()));
+    tokio::spawn(watch_store(store.clone(), readiness.clone(), stopped()));
+    let sweep_every = Duration::from_millis(config.presence_sweep_ms.max(50));
+    tokio::spawn(sweep_dead_gateways(store, sweep_every, stopped()));
 
     let ops_listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await
@@ -70,6 +72,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     grpc_task.await?.context("gRPC server")?;
     ops_task.await?.context("ops server")?;
     Ok(())
+}
+
+/// Removes the members of dead gateways, so presence and `member_left` follow a gateway
+/// crash within its lease plus one sweep interval.
+async fn sweep_dead_gateways(store: Store, every: Duration, stopped: impl Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(error) = store.sweep_dead_gateways().await {
+            tracing::debug!(%error, "presence sweep failed");
+        }
+    }
 }
 
 /// Keeps readiness in line with whether Redis answers a PING.

@@ -586,3 +586,58 @@ async fn room_stats_do_not_create_rooms_and_control_is_published() {
     let payload = wait_for(&seen, 1).await.remove(0);
     assert!(matches!(decode(payload).unwrap(), Envelope::Control(_)));
 }
+
+#[tokio::test]
+async fn sweep_removes_members_of_expired_gateways_once() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let other_instance = self::store(&server, 10);
+    let (_subscriber, seen) = listen(&server, "rc:room:s").await;
+    store
+        .gateway_heartbeat("gw-dying", 1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    store
+        .gateway_heartbeat("gw-alive", 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    store
+        .join("s", joiner("d1", "dora", "gw-dying"), None)
+        .await
+        .unwrap();
+    store
+        .join("s", joiner("a1", "amy", "gw-alive"), None)
+        .await
+        .unwrap();
+    assert_eq!(store.sweep_dead_gateways().await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Two instances sweeping at once: the member is removed and announced once.
+    let (a, b) = tokio::join!(
+        store.sweep_dead_gateways(),
+        other_instance.sweep_dead_gateways()
+    );
+    assert!(a.unwrap() + b.unwrap() >= 1);
+    assert_eq!(store.sweep_dead_gateways().await.unwrap(), 0, "swept once");
+    let left: Vec<String> = wait_for(&seen, 3)
+        .await
+        .into_iter()
+        .filter_map(|payload| match decode(payload).unwrap() {
+            Envelope::Event { frame, .. } => {
+                let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+                (v["type"] == "member_left").then(|| v["clientId"].as_str().unwrap().to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(left, vec!["d1"]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(seen.lock().unwrap().len(), 3, "no second member_left");
+    let members: Vec<String> = store
+        .presence("s")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.client_id)
+        .collect();
+    assert_eq!(members, vec!["a1"]);
+}

@@ -267,6 +267,15 @@ impl Store {
     }
 
     /// Gateways whose lease has not run out, sorted by id.
+    /// Removes the members of gateways whose lease ran out; returns how many gateways were
+    /// swept. The memory store serves one in-process gateway and has nothing to sweep.
+    pub async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(0),
+            Store::Redis(s) => s.sweep_dead_gateways().await,
+        }
+    }
+
     pub async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
         match self {
             Store::Memory(s) => Ok(s.gateways()),

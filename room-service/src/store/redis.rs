@@ -9,6 +9,7 @@
 //!   publish or join; a missing epoch means the history is lost and a new epoch starts.
 //! - `rc:{<room>}:members` hash client id -> `{"user":…,"gateway":…}`; no expiry: members
 //!   leave explicitly or drop out when their gateway's lease runs out.
+//! - `rc:gw:{<gateway>}:rooms` set of the rooms a gateway had members in, for the sweeper.
 //! - `rc:{gateways}:info` hash gateway id -> `{"connections":…,"last_seen_ms":…}` and
 //!   `rc:{gateways}:leases` sorted set gateway id -> lease expiry (unix ms).
 //!
@@ -41,6 +42,11 @@ const GATEWAY_INFO_KEY: &str = "rc:{gateways}:info";
 const GATEWAY_LEASES_KEY: &str = "rc:{gateways}:leases";
 
 const PRELUDE: &str = include_str!("prelude.lua");
+
+/// Rooms in which `gateway` has (or had) members; read by the sweeper when its lease expires.
+fn gateway_rooms_key(gateway: &str) -> String {
+    format!("rc:gw:{{{gateway}}}:rooms")
+}
 
 /// The room scripts, each with the prelude prepended.
 struct Scripts {
@@ -285,6 +291,23 @@ impl RedisStore {
         let (epoch, latest, flat): (String, String, Vec<String>) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
+        // Index for the sweeper: the rooms this gateway has members in. A separate command,
+        // since the index key lives outside the room's hash slot.
+        let mut connection = self.connection.clone();
+        let indexed: Result<(), StoreError> = self
+            .run(async move {
+                redis::cmd("SADD")
+                    .arg(gateway_rooms_key(joiner.gateway_id))
+                    .arg(room)
+                    .query_async::<()>(&mut connection)
+                    .await
+            })
+            .await;
+        if let Err(error) = indexed {
+            // Presence reads still find the member when its gateway dies; only the sweep
+            // would miss it.
+            tracing::warn!(room, %error, "gateway room index not updated");
+        }
         let latest = parse_offset(&latest)?;
         let (recovered, missed) = match since {
             Some(since) => {
@@ -473,6 +496,60 @@ impl RedisStore {
         let mut connection = self.connection.clone();
         self.run(async move { pipe.query_async::<()>(&mut connection).await })
             .await
+    }
+
+    /// Removes the members of every gateway whose lease ran out (announcing `member_left`),
+    /// then marks the gateway swept (lease score 0) so the next sweep skips it. Safe to run
+    /// on every instance at once: a member is removed, and announced, once.
+    pub async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
+        let now = roomcast_common::unix_millis();
+        let mut connection = self.connection.clone();
+        let dead: Vec<String> = self
+            .run(async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(GATEWAY_LEASES_KEY)
+                    .arg("(0")
+                    .arg(now)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        for gateway in &dead {
+            let key = gateway_rooms_key(gateway);
+            let mut connection = self.connection.clone();
+            let rooms: Vec<String> = self
+                .run(async move {
+                    redis::cmd("SMEMBERS")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await
+                })
+                .await?;
+            for room in &rooms {
+                // Reading presence drops (and announces) members of dead gateways.
+                self.presence(room).await?;
+            }
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL")
+                .arg(gateway_rooms_key(gateway))
+                .ignore()
+                .cmd("ZADD")
+                .arg(GATEWAY_LEASES_KEY)
+                .arg("XX")
+                .arg("LT")
+                .arg(0)
+                .arg(gateway)
+                .ignore();
+            let mut connection = self.connection.clone();
+            self.run(async move { pipe.query_async::<()>(&mut connection).await })
+                .await?;
+            tracing::info!(
+                gateway,
+                rooms = rooms.len(),
+                "swept members of a dead gateway"
+            );
+        }
+        Ok(dead.len())
     }
 
     pub async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
