@@ -11,17 +11,18 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar of `len` steps (`unit` names them), or a hidden one.
-    pub fn new(len: u64, unit: &str, visible: bool) -> Progress {
+    /// A bar of `len` steps, or a hidden one. The caller's message says what the steps are.
+    pub fn new(len: u64, visible: bool) -> Progress {
         let target = if visible && std::io::stderr().is_terminal() {
             ProgressDrawTarget::stderr_with_hz(10)
         } else {
             ProgressDrawTarget::hidden()
         };
         let bar = ProgressBar::with_draw_target(Some(len), target);
-        let template =
-            format!("{{spinner}} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}}");
-        if let Ok(style) = ProgressStyle::with_template(&template) {
+        // `wide_msg` is cut to the terminal's width, so the bar never wraps.
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:24}] {wide_msg}")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.enable_steady_tick(Duration::from_millis(200));
@@ -33,14 +34,10 @@ impl Progress {
         self.bar.set_message(message);
     }
 
-    pub fn set_phase(&self, len: u64, unit: &str) {
+    /// Starts over with a new length (the next phase of a run).
+    pub fn restart(&self, len: u64) {
         self.bar.set_length(len);
         self.bar.set_position(0);
-        let template =
-            format!("{{spinner}} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}}");
-        if let Ok(style) = ProgressStyle::with_template(&template) {
-            self.bar.set_style(style.progress_chars("=> "));
-        }
     }
 
     pub fn finish(&self) {

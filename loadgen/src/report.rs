@@ -247,6 +247,7 @@ pub struct DeliveryReport {
     pub publishers: u32,
     pub rate_target: f64,
     pub payload_bytes: usize,
+    /// How long publishing ran (the requested duration unless interrupted).
     pub duration_seconds: f64,
     /// Connections that joined their room (subscribers, plus WebSocket publishers).
     pub members: u64,

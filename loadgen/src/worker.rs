@@ -134,7 +134,7 @@ pub async fn run_parent(
     drop(tx);
 
     let mut state = State::new(children.len());
-    let progress = Progress::new(args.count, "resolved", !common.json);
+    let progress = Progress::new(args.count, !common.json);
     let until = |t: Instant| tokio::time::sleep_until(t.into());
 
     // Ramp, until every worker is ready (or gone); then the hold.

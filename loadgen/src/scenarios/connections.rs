@@ -60,7 +60,7 @@ async fn run_single(
     let dialer = Arc::new(Dialer::new(&args.common)?);
     let rss_before: Vec<Option<u64>> = args.gateway_pids.iter().map(|&p| sys::rss_kb(p)).collect();
     let engine = Engine::default();
-    let progress = Progress::new(args.count, "resolved", !args.common.json);
+    let progress = Progress::new(args.count, !args.common.json);
     let ticker = {
         let counters = engine.counters.clone();
         let stop = stop.clone();

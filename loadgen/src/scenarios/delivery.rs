@@ -151,7 +151,7 @@ pub async fn run(
         }),
     }));
     let total = specs.len() as u64;
-    let progress = Progress::new(total, "joined", !common.json);
+    let progress = Progress::new(total, !common.json);
     let setup_started = Instant::now();
     let semaphore = Arc::new(Semaphore::new(common.concurrency as usize));
     let mut members = JoinSet::new();
@@ -165,11 +165,13 @@ pub async fn run(
             } => permit?,
         };
         members.spawn(member::run(ctx.clone(), spec, permit));
-        progress.set(ctx.shared.setup_resolved.load(Relaxed), String::new());
+        let resolved = ctx.shared.setup_resolved.load(Relaxed);
+        progress.set(resolved, format!("set-up: {resolved}/{total} members"));
     }
     let spawned = members.len() as u64;
     while ctx.shared.setup_resolved.load(SeqCst) < spawned && !interrupt.is_cancelled() {
-        progress.set(ctx.shared.setup_resolved.load(Relaxed), String::new());
+        let resolved = ctx.shared.setup_resolved.load(Relaxed);
+        progress.set(resolved, format!("set-up: {resolved}/{total} members"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let setup_seconds = setup_started.elapsed().as_secs_f64();
@@ -210,7 +212,7 @@ pub async fn run(
     let sender_is_member = lanes.is_none();
     let _ = start_tx.send(Some((begin, end)));
     let tenths = (duration.as_secs_f64() * 10.0).ceil() as u64;
-    progress.set_phase(tenths, "x0.1s");
+    progress.restart(tenths);
     let status = |ctx: &Ctx| {
         let s = &ctx.shared;
         format!(
@@ -227,9 +229,21 @@ pub async fn run(
             break;
         }
         let elapsed = now.saturating_duration_since(begin).as_secs_f64();
-        progress.set((elapsed * 10.0) as u64, status(&ctx));
+        progress.set(
+            (elapsed * 10.0) as u64,
+            format!(
+                "{elapsed:.1}/{:.1} s: {}",
+                duration.as_secs_f64(),
+                status(&ctx)
+            ),
+        );
         tokio::time::sleep(Duration::from_millis(100).min(end - now)).await;
     }
+
+    let publish_seconds = Instant::now()
+        .min(end)
+        .saturating_duration_since(begin)
+        .as_secs_f64();
 
     // Drain: until every publisher is done and every expected delivery arrived, or the drain
     // time is up.
@@ -265,7 +279,7 @@ pub async fn run(
         publishers: publisher_count,
         rate_target: args.rate,
         payload_bytes: args.payload,
-        duration_seconds: duration.as_secs_f64(),
+        duration_seconds: round3(publish_seconds),
         members: joined,
         setup_failures: Reasons::new(),
         setup_seconds: round3(setup_seconds),
@@ -302,7 +316,7 @@ pub async fn run(
         add_reasons(&mut report.publish_errors, &lane.errors);
     }
     report.loss = report.expected as i64 - report.received as i64;
-    report.published_per_sec = per_second(report.published, duration.as_secs_f64());
+    report.published_per_sec = per_second(report.published, publish_seconds);
     // Deliveries still arriving after publishing stopped extend the window they are
     // counted over.
     let window = last_delivery.saturating_duration_since(begin).as_secs_f64();
