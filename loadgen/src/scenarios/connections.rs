@@ -284,9 +284,11 @@ async fn hold(
     counters.open.fetch_add(1, SeqCst);
     counters.connected.fetch_add(1, SeqCst);
     let mut ws = connected.ws;
+    let released = release.cancelled();
+    tokio::pin!(released);
     loop {
         tokio::select! {
-            _ = release.cancelled() => {
+            _ = &mut released => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 return;
             }

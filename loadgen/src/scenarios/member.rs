@@ -212,10 +212,14 @@ pub async fn run(ctx: Arc<Ctx>, spec: MemberSpec, permit: OwnedSemaphorePermit) 
     let mut start = ctx.start.clone();
     let mut done_reported = false;
     let mut waiting_start = spec.publisher.is_some();
+    // Made once: a fresh `cancelled()` per frame would take the token's lock, shared by every
+    // member, on each delivery.
+    let stopped = ctx.stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let due = publishing.as_ref().and_then(Publishing::next_due);
         tokio::select! {
-            _ = ctx.stop.cancelled() => break,
+            _ = &mut stopped => break,
             window = async { start.wait_for(Option::is_some).await.ok().and_then(|w| *w) },
                 if waiting_start =>
             {

@@ -125,6 +125,8 @@ async fn lane(
     let mut calls = FuturesUnordered::new();
     let mut ack_samples = Samples::new();
     let mut seq = 0u64;
+    let stopped = ctx.stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let due = pacer.due();
         let publishing = due < end;
@@ -132,7 +134,7 @@ async fn lane(
             break;
         }
         tokio::select! {
-            _ = ctx.stop.cancelled() => break,
+            _ = &mut stopped => break,
             Some((sent_at, outcome)) = calls.next(), if !calls.is_empty() => {
                 match outcome {
                     Ok(()) => {
