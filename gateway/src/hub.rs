@@ -102,23 +102,65 @@ impl ConnHandle {
     }
 }
 
-type Rooms = HashMap<Arc<str>, Vec<Arc<ConnHandle>>>;
+/// A message as it came from the broker, held while a gap is being filled.
+struct HeldMessage {
+    epoch: Arc<str>,
+    offset: u64,
+    sender: String,
+    frame: Utf8Bytes,
+}
+
+/// One room with local members.
+struct RoomEntry {
+    /// The room's name, shared with every queued message of the room.
+    name: Arc<str>,
+    members: Vec<Arc<ConnHandle>>,
+    /// The room's stream as seen on the broker: epoch and last offset delivered.
+    epoch: Option<Arc<str>>,
+    last: u64,
+    /// Some while a gap is being filled from history: what arrived meanwhile, in order.
+    held: Option<Vec<HeldMessage>>,
+}
+
+type Rooms = HashMap<Arc<str>, RoomEntry>;
+
+/// A request for the repair task: fetch a room's history after `since` (in `epoch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairRequest {
+    pub room: Arc<str>,
+    pub since: u64,
+}
+
+/// Messages fetched from history to fill a gap.
+pub struct Filled {
+    pub epoch: String,
+    /// `(offset, sender client id, frame)`, oldest first.
+    pub messages: Vec<(u64, String, String)>,
+}
 
 #[derive(Default)]
 pub struct Hub {
     shards: Vec<Mutex<Rooms>>,
     hasher: RandomState,
+    /// Where gaps are reported; the repair task fills them from history.
+    repairs: Option<mpsc::UnboundedSender<RepairRequest>>,
+    /// Set when the broker link dropped: every room is checked against history once it is back.
+    link_lost: std::sync::atomic::AtomicBool,
     /// Every local connection by client id, for disconnect commands.
     connections: Mutex<HashMap<Arc<str>, Arc<ConnHandle>>>,
     connection_count: AtomicUsize,
 }
 
 impl Hub {
-    pub fn new() -> Self {
-        Self {
+    /// A hub and the receiving end of its gap reports (for [`crate::repair`]).
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<RepairRequest>) {
+        let (repairs, requests) = mpsc::unbounded_channel();
+        let hub = Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            repairs: Some(repairs),
             ..Default::default()
-        }
+        };
+        (hub, requests)
     }
 
     fn shard(&self, room: &str) -> std::sync::MutexGuard<'_, Rooms> {
@@ -155,22 +197,29 @@ impl Hub {
     pub fn add_member(&self, room: &str, conn: Arc<ConnHandle>) -> Arc<str> {
         let mut shard = self.shard(room);
         if let Some(name) = shard.get_key_value(room).map(|(name, _)| name.clone()) {
-            if let Some(members) = shard.get_mut(room) {
-                members.push(conn);
+            if let Some(entry) = shard.get_mut(room) {
+                entry.members.push(conn);
             }
             return name;
         }
         let name: Arc<str> = Arc::from(room);
-        shard.insert(name.clone(), vec![conn]);
+        let entry = RoomEntry {
+            name: name.clone(),
+            members: vec![conn],
+            epoch: None,
+            last: 0,
+            held: None,
+        };
+        shard.insert(name.clone(), entry);
         name
     }
 
     /// Removes a connection from `room`.
     pub fn remove_member(&self, room: &str, client_id: &str) {
         let mut shard = self.shard(room);
-        if let Some(members) = shard.get_mut(room) {
-            members.retain(|m| &*m.client_id != client_id);
-            if members.is_empty() {
+        if let Some(entry) = shard.get_mut(room) {
+            entry.members.retain(|m| &*m.client_id != client_id);
+            if entry.members.is_empty() {
                 shard.remove(room);
             }
         }
@@ -178,13 +227,16 @@ impl Hub {
 
     /// Local members of `room` (for tests and stats).
     pub fn member_count(&self, room: &str) -> usize {
-        self.shard(room).get(room).map_or(0, Vec::len)
+        self.shard(room)
+            .get(room)
+            .map_or(0, |entry| entry.members.len())
     }
 
     /// Handles one broker event. Called inline by the broker: only non-blocking work here.
     pub fn dispatch(&self, event: BrokerEvent) {
         let BrokerEvent::Message { channel, payload } = event else {
-            tracing::warn!("broker link lost; it reconnects and resubscribes by itself");
+            tracing::warn!("broker link lost; rooms are checked against history once it is back");
+            self.link_lost.store(true, Ordering::Relaxed);
             return;
         };
         let envelope = match envelope::decode(payload) {
@@ -209,22 +261,48 @@ impl Hub {
                     tracing::warn!(%channel, "dropping non-utf-8 message frame");
                     return;
                 };
-                let shard = self.shard(room);
-                let Some((name, members)) = shard.get_key_value(room) else {
+                let mut shard = self.shard(room);
+                let Some(entry) = shard.get_mut(room) else {
                     return;
                 };
-                let epoch: Arc<str> = Arc::from(epoch);
-                let mut delivered = 0u64;
-                for member in members.iter().filter(|m| *m.client_id != *sender) {
-                    member.deliver(Outbound::Message {
-                        room: name.clone(),
-                        epoch: epoch.clone(),
-                        offset,
-                        frame: frame.clone(),
-                    });
-                    delivered += 1;
+                let message = HeldMessage {
+                    epoch: Arc::from(epoch),
+                    offset,
+                    sender,
+                    frame,
+                };
+                if let Some(held) = &mut entry.held {
+                    held.push(message);
+                    return;
                 }
-                metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
+                let gap_since = match &entry.epoch {
+                    Some(seen) if **seen == *message.epoch => {
+                        (entry.last > 0 && offset > entry.last + 1).then_some(entry.last)
+                    }
+                    // A new epoch (history lost and restarted): fetch it from its start.
+                    Some(_) => (offset > 1).then_some(0),
+                    None => None,
+                };
+                if let (Some(since), Some(repairs)) = (gap_since, &self.repairs) {
+                    metrics::counter!("roomcast_gateway_gaps_total").increment(1);
+                    tracing::info!(
+                        room,
+                        since,
+                        offset,
+                        "gap in a room's offsets: filling from history"
+                    );
+                    if since == 0 {
+                        entry.epoch = Some(message.epoch.clone());
+                        entry.last = 0;
+                    }
+                    entry.held = Some(vec![message]);
+                    let _ = repairs.send(RepairRequest {
+                        room: entry.name.clone(),
+                        since,
+                    });
+                    return;
+                }
+                deliver_message(entry, message);
             }
             Envelope::Event { exclude, frame } => {
                 let Some(room) = envelope::room_of_channel(&channel) else {
@@ -234,16 +312,76 @@ impl Hub {
                     return;
                 };
                 let shard = self.shard(room);
-                let Some((name, members)) = shard.get_key_value(room) else {
+                let Some(entry) = shard.get(room) else {
                     return;
                 };
-                for member in members.iter().filter(|m| *m.client_id != *exclude) {
+                for member in entry.members.iter().filter(|m| *m.client_id != *exclude) {
                     member.deliver(Outbound::Event {
-                        room: name.clone(),
+                        room: entry.name.clone(),
                         frame: frame.clone(),
                     });
                 }
             }
+        }
+    }
+
+    /// Whether the broker link dropped since the last check.
+    pub fn link_was_lost(&self) -> bool {
+        self.link_lost.load(Ordering::Relaxed)
+    }
+
+    /// After the broker link came back: hold every room that saw messages and ask for what it
+    /// may have missed. Returns whether the link had been lost.
+    pub fn check_after_link_loss(&self) -> bool {
+        if !self.link_lost.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        let Some(repairs) = &self.repairs else {
+            return true;
+        };
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in shard.values_mut() {
+                if entry.epoch.is_some() && entry.held.is_none() {
+                    entry.held = Some(Vec::new());
+                    let _ = repairs.send(RepairRequest {
+                        room: entry.name.clone(),
+                        since: entry.last,
+                    });
+                }
+            }
+        }
+        true
+    }
+
+    /// Delivers what history filled in (`None`: the fetch failed), then what was held.
+    pub fn finish_repair(&self, room: &str, filled: Option<Filled>) {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else {
+            return;
+        };
+        let held = entry.held.take().unwrap_or_default();
+        if let Some(filled) = filled {
+            let epoch: Arc<str> = Arc::from(filled.epoch);
+            if entry.epoch.as_deref().is_some_and(|e| *e != *epoch) {
+                // The history answered for another epoch than the one being repaired.
+                entry.epoch = Some(epoch.clone());
+                entry.last = 0;
+            }
+            for (offset, sender, frame) in filled.messages {
+                deliver_message(
+                    entry,
+                    HeldMessage {
+                        epoch: epoch.clone(),
+                        offset,
+                        sender,
+                        frame: frame.into(),
+                    },
+                );
+            }
+        }
+        for message in held {
+            deliver_message(entry, message);
         }
     }
 
@@ -268,6 +406,34 @@ impl Hub {
     }
 }
 
+/// Delivers one message to the room's members (not its sender) unless the room already
+/// delivered it, and advances the room's position.
+fn deliver_message(entry: &mut RoomEntry, message: HeldMessage) {
+    if entry.epoch.as_deref() == Some(&*message.epoch) {
+        if message.offset <= entry.last {
+            return;
+        }
+    } else {
+        entry.epoch = Some(message.epoch.clone());
+    }
+    entry.last = message.offset;
+    let mut delivered = 0u64;
+    for member in entry
+        .members
+        .iter()
+        .filter(|m| *m.client_id != *message.sender)
+    {
+        member.deliver(Outbound::Message {
+            room: entry.name.clone(),
+            epoch: message.epoch.clone(),
+            offset: message.offset,
+            frame: message.frame.clone(),
+        });
+        delivered += 1;
+    }
+    metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +454,7 @@ mod tests {
 
     #[test]
     fn delivers_to_members_except_the_sender() {
-        let hub = Hub::new();
+        let (hub, _repairs) = Hub::new();
         let (a, mut ra) = conn("a", "u", 8);
         let (b, mut rb) = conn("b", "u", 8);
         let (c, mut rc) = conn("c", "u", 8);
@@ -306,7 +472,7 @@ mod tests {
 
     #[test]
     fn overflow_closes_with_4008() {
-        let hub = Hub::new();
+        let (hub, _repairs) = Hub::new();
         let (a, _ra) = conn("a", "u", 1);
         hub.add_member("r", a.clone());
         hub.dispatch(message("r", 1, "x"));
@@ -318,7 +484,7 @@ mod tests {
 
     #[test]
     fn events_skip_the_excluded_client_and_removal_works() {
-        let hub = Hub::new();
+        let (hub, _repairs) = Hub::new();
         let (a, mut ra) = conn("a", "u", 8);
         let (b, mut rb) = conn("b", "u", 8);
         hub.add_member("r", a);
@@ -337,7 +503,7 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_dropped() {
-        let hub = Hub::new();
+        let (hub, _repairs) = Hub::new();
         let (a, mut ra) = conn("a", "u", 8);
         hub.add_member("r", a);
         for payload in [&b"garbage"[..], b"M1 x\n\xff\xfe"] {
@@ -351,7 +517,7 @@ mod tests {
 
     #[test]
     fn disconnect_control_closes_matching_connections() {
-        let hub = Hub::new();
+        let (hub, _repairs) = Hub::new();
         let (a, _ra) = conn("a", "alice", 8);
         let (b, _rb) = conn("b", "bob", 8);
         hub.add_connection(a.clone());
@@ -365,5 +531,104 @@ mod tests {
         assert!(a.cancel.is_cancelled());
         assert!(!b.cancel.is_cancelled());
         assert_eq!(hub.connection_count(), 2);
+    }
+    fn offsets(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
+        let mut seen = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            if let Outbound::Message { epoch, offset, .. } = item {
+                seen.push((epoch.to_string(), offset));
+            }
+        }
+        seen
+    }
+
+    fn message_in(room: &str, epoch: &str, offset: u64) -> BrokerEvent {
+        BrokerEvent::Message {
+            channel: room_channel(room).into(),
+            payload: encode_message(offset, epoch, "other", "{}"),
+        }
+    }
+
+    fn filled(epoch: &str, offsets: &[u64]) -> Filled {
+        Filled {
+            epoch: epoch.into(),
+            messages: offsets
+                .iter()
+                .map(|o| (*o, "other".to_owned(), "{}".to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_gap_is_held_then_filled_in_order() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, mut ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.dispatch(message_in("r", "e", 1));
+        hub.dispatch(message_in("r", "e", 2));
+        hub.dispatch(message_in("r", "e", 5));
+        hub.dispatch(message_in("r", "e", 6));
+        assert_eq!(offsets(&mut ra), [("e".into(), 1), ("e".into(), 2)]);
+        let request = repairs.try_recv().unwrap();
+        assert_eq!((&*request.room, request.since), ("r", 2));
+        assert!(repairs.try_recv().is_err(), "one repair at a time per room");
+        hub.finish_repair("r", Some(filled("e", &[3, 4, 5])));
+        let got: Vec<u64> = offsets(&mut ra).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, [3, 4, 5, 6], "filled, then held, without duplicates");
+        hub.dispatch(message_in("r", "e", 7));
+        assert_eq!(offsets(&mut ra), [("e".into(), 7)]);
+    }
+
+    #[test]
+    fn a_failed_fill_still_delivers_what_was_held() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, mut ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.dispatch(message_in("r", "e", 1));
+        hub.dispatch(message_in("r", "e", 3));
+        assert!(repairs.try_recv().is_ok());
+        hub.finish_repair("r", None);
+        let got: Vec<u64> = offsets(&mut ra).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, [1, 3]);
+    }
+
+    #[test]
+    fn a_new_epoch_that_skips_its_start_is_filled_from_offset_one() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, mut ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.dispatch(message_in("r", "old", 9));
+        hub.dispatch(message_in("r", "new", 3));
+        let request = repairs.try_recv().unwrap();
+        assert_eq!(request.since, 0);
+        hub.finish_repair("r", Some(filled("new", &[1, 2, 3])));
+        assert_eq!(
+            offsets(&mut ra),
+            [
+                ("old".into(), 9),
+                ("new".into(), 1),
+                ("new".into(), 2),
+                ("new".into(), 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lost_link_checks_every_active_room() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, _ra) = conn("a", "u", 64);
+        hub.add_member("r", a.clone());
+        hub.add_member("quiet", a);
+        hub.dispatch(message_in("r", "e", 4));
+        assert!(!hub.check_after_link_loss(), "nothing lost yet");
+        hub.dispatch(BrokerEvent::Disconnected);
+        assert!(hub.link_was_lost());
+        assert!(hub.check_after_link_loss());
+        let request = repairs.try_recv().unwrap();
+        assert_eq!((&*request.room, request.since), ("r", 4));
+        assert!(
+            repairs.try_recv().is_err(),
+            "a room that saw nothing has nothing to check"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — local connections and rooms, fan-out of broker payloads;
 //! - [`limits`] — publish token bucket, connections per user;
+//! - [`repair`] — fills gaps in a room's offsets from history;
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
 //! - [`config`] — settings from flags and environment;
@@ -17,6 +18,7 @@ pub mod connection;
 pub mod hub;
 pub mod limits;
 pub mod protocol;
+pub mod repair;
 pub mod server;
 pub mod standalone;
 pub mod subscriptions;

@@ -12,6 +12,7 @@ use roomcast_common::ops::Readiness;
 use roomcast_gateway::backend::Backends;
 use roomcast_gateway::config::{GatewayConfig, gateway_id};
 use roomcast_gateway::hub::Hub;
+use roomcast_gateway::repair;
 use roomcast_gateway::server::{self, Gateway};
 use roomcast_gateway::standalone::{self, StandaloneConfig};
 use roomcast_gateway::subscriptions::Subscriptions;
@@ -56,7 +57,8 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     if !broker_url.starts_with("redis://") && !broker_url.starts_with("rediss://") {
         anyhow::bail!("BROKER_URL {broker_url:?} is not supported yet (use redis://)");
     }
-    let hub = Arc::new(Hub::new());
+    let (hub, repairs) = Hub::new();
+    let hub = Arc::new(hub);
     let sink: Sink = {
         let hub = hub.clone();
         Arc::new(move |event| hub.dispatch(event))
@@ -68,10 +70,16 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         .await
         .context("subscribing to the control channel")?;
     let backends = Backends::new(&config.room_service_url, &config.auth_service_url)?;
+    let subscriptions = Subscriptions::start(
+        subscriber,
+        readiness.clone(),
+        Duration::from_secs(1),
+        hub.clone(),
+    );
     let gateway = Arc::new(Gateway::new(
         id,
         hub,
-        Subscriptions::start(subscriber, readiness.clone(), Duration::from_secs(1)),
+        subscriptions,
         backends,
         config.connection,
         readiness.clone(),
@@ -81,6 +89,7 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         .with_context(|| format!("binding {}", config.addr))?;
     tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, "listening");
     tokio::spawn(server::heartbeat_loop(gateway.clone()));
+    tokio::spawn(repair::run(gateway.clone(), repairs));
     server::serve(listener, gateway, shutdown_signal(), drain_window).await?;
     tracing::info!("stopped");
     Ok(())

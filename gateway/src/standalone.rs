@@ -15,6 +15,7 @@ use roomcast_common::ops::Readiness;
 use crate::backend::Backends;
 use crate::config::{ConnectionSettings, gateway_id};
 use crate::hub::Hub;
+use crate::repair;
 use crate::server::{self, Gateway};
 use crate::subscriptions::Subscriptions;
 
@@ -91,7 +92,8 @@ pub async fn run(
     tokio::spawn(roomcast_room::serve(room_listener, service, stop_signal()));
 
     // The gateway, subscribed to the in-memory broker.
-    let hub = Arc::new(Hub::new());
+    let (hub, repairs) = Hub::new();
+    let hub = Arc::new(hub);
     let sink: Sink = {
         let hub = hub.clone();
         Arc::new(move |event| hub.dispatch(event))
@@ -103,10 +105,16 @@ pub async fn run(
         &format!("http://{auth_addr}"),
     )?;
     let readiness = Readiness::default();
+    let subscriptions = Subscriptions::start(
+        subscriber,
+        readiness.clone(),
+        Duration::from_secs(1),
+        hub.clone(),
+    );
     let gateway = Arc::new(Gateway::new(
         gateway_id(None)?,
         hub,
-        Subscriptions::start(subscriber, readiness.clone(), Duration::from_secs(1)),
+        subscriptions,
         backends,
         config.connection.clone(),
         readiness.clone(),
@@ -127,6 +135,7 @@ pub async fn run(
     }
     tracing::info!(%addr, "listening");
     tokio::spawn(server::heartbeat_loop(gateway.clone()));
+    tokio::spawn(repair::run(gateway.clone(), repairs));
     server::serve(listener, gateway, shutdown, Duration::from_millis(500)).await?;
     let _ = stop.send(true);
     Ok(())

@@ -12,6 +12,8 @@ use std::time::Duration;
 use roomcast_common::broker::{BrokerError, Subscriber};
 use roomcast_common::envelope::room_channel;
 use roomcast_common::ops::Readiness;
+
+use crate::hub::Hub;
 use tokio::sync::{mpsc, oneshot};
 
 enum Request {
@@ -41,9 +43,16 @@ pub enum SubscribeError {
 impl Subscriptions {
     /// Starts the task. It also pings the broker every `health_every` and reports the result
     /// in `readiness`.
-    pub fn start(subscriber: Subscriber, readiness: Readiness, health_every: Duration) -> Self {
+    /// After a lost link, the first successful ping means the link is back with every
+    /// subscription restored; then the hub checks its rooms against history.
+    pub fn start(
+        subscriber: Subscriber,
+        readiness: Readiness,
+        health_every: Duration,
+        hub: Arc<Hub>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(subscriber, rx, readiness, health_every));
+        tokio::spawn(run(subscriber, rx, readiness, health_every, hub));
         Self { tx }
     }
 
@@ -71,6 +80,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Request>,
     readiness: Readiness,
     health_every: Duration,
+    hub: Arc<Hub>,
 ) {
     let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
     let mut health = tokio::time::interval(health_every);
@@ -83,8 +93,13 @@ async fn run(
                 None => return,
             },
             _ = health.tick() => {
+                // Read before the ping: a ping sent after the loss succeeds only on the new link.
+                let lost = hub.link_was_lost();
                 let result = subscriber.ping().await;
                 let healthy = result.is_ok();
+                if healthy && lost {
+                    hub.check_after_link_loss();
+                }
                 readiness.set(healthy);
                 if was_healthy != Some(healthy) {
                     match result {

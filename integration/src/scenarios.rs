@@ -1425,6 +1425,95 @@ pub async fn cluster_store_restart_changes_epoch(sys: &mut System) -> Result<()>
     Ok(())
 }
 
+/// One raw connection to Redis for inline commands: it stays usable while Redis refuses new
+/// connections.
+struct RawRedis {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl RawRedis {
+    async fn connect(port: u16) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (read, write) = stream.into_split();
+        Ok(Self {
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        })
+    }
+
+    /// Sends one inline command; returns the first line of the reply.
+    async fn command(&mut self, command: &str) -> Result<String> {
+        use tokio::io::AsyncWriteExt;
+        self.write
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
+        tokio::time::timeout(T, self.lines.next_line())
+            .await
+            .context("redis reply")??
+            .context("redis closed the connection")
+    }
+}
+
+/// The sum of a Prometheus counter on a gateway's /metrics (0 when absent).
+async fn gateway_counter(sys: &System, gateway: usize, name: &str) -> Result<f64> {
+    let metrics = http::get(&format!("{}/metrics", sys.http_url(gateway)), T).await?;
+    Ok(metrics
+        .body
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The gateways lose their broker link and cannot get it back for a while (Redis refuses new
+/// connections), while messages keep being published: once the link is back, each gateway
+/// fills the gap from history, so members see every offset once, in order.
+pub async fn cluster_broker_link_loss_is_repaired(sys: &mut System) -> Result<()> {
+    let room = "linkloss";
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let first = a.publish(room, json!(0)).await?;
+    b.expect("message", T).await?;
+
+    let mut redis = RawRedis::connect(cluster(sys)?.redis().port()).await?;
+    let reply = redis.command("CONFIG SET maxclients 1").await?;
+    ensure!(reply == "+OK", "CONFIG SET maxclients: {reply}");
+    redis.command("CLIENT KILL TYPE pubsub").await?;
+    // Published while no gateway can hear the room.
+    let mut last = first;
+    for n in 1..=10 {
+        last = a.publish(room, json!(n)).await?;
+    }
+    let reply = redis.command("CONFIG SET maxclients 10000").await?;
+    ensure!(reply == "+OK", "restoring maxclients: {reply}");
+    for n in 11..=15 {
+        last = a.publish(room, json!(n)).await?;
+    }
+    let mut offsets = Vec::new();
+    while offsets.last() != Some(&last) {
+        let message = b
+            .expect("message", Duration::from_secs(10))
+            .await
+            .with_context(|| format!("after offsets {offsets:?}"))?;
+        offsets.push(u64_field(&message, "offset")?);
+    }
+    let want: Vec<u64> = (first + 1..=last).collect();
+    ensure!(
+        offsets == want,
+        "after the lost link, expected offsets {want:?}, got {offsets:?}"
+    );
+    let filled = gateway_counter(sys, 1, "roomcast_gateway_gap_messages_filled_total").await?;
+    ensure!(
+        filled >= 1.0,
+        "the messages should have come from history (gap_messages_filled_total = {filled})"
+    );
+    Ok(())
+}
+
 /// Browser handshakes from an origin outside ALLOWED_ORIGINS get 403.
 pub async fn cluster_origin_check(sys: &mut System) -> Result<()> {
     let url = sys.ws_url(0);

@@ -82,3 +82,14 @@ async fn gateway_crash() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_link_loss_is_repaired() {
+    run(
+        "broker_link_loss_is_repaired",
+        Flavor::Cluster,
+        ClusterOptions::default(),
+        scenarios::cluster_broker_link_loss_is_repaired,
+    )
+    .await;
+}

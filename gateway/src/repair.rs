@@ -1,0 +1,68 @@
+//! Fills gaps in rooms' offsets from history, so clients never see a gap that history could
+//! fill. The hub reports a gap (an offset that skips ahead, a new epoch that does not start at
+//! 1, or a lost broker link) and holds the room's later messages; this task fetches the missing
+//! ones from the room-service and hands everything back to the hub in offset order.
+
+use std::sync::Arc;
+
+use roomcast_common::message::message_frame;
+use roomcast_proto as pb;
+use tokio::sync::mpsc;
+
+use crate::hub::{Filled, RepairRequest};
+use crate::server::Gateway;
+
+/// Serves gap reports until the hub is gone. One at a time: gaps are rare (a broker hiccup),
+/// and a burst of them after a lost link is best served without stampeding the room-service.
+pub async fn run(gateway: Arc<Gateway>, mut requests: mpsc::UnboundedReceiver<RepairRequest>) {
+    while let Some(request) = requests.recv().await {
+        let filled = fetch(&gateway, &request).await;
+        gateway.hub.finish_repair(&request.room, filled);
+    }
+}
+
+async fn fetch(gateway: &Gateway, request: &RepairRequest) -> Option<Filled> {
+    let query = pb::HistoryRequest {
+        room: request.room.to_string(),
+        since: Some(request.since),
+        limit: 0,
+    };
+    let history = gateway
+        .backends
+        .room
+        .call(|mut c| {
+            let query = query.clone();
+            async move { c.history(query).await }
+        })
+        .await;
+    match history {
+        Ok(history) => {
+            metrics::counter!("roomcast_gateway_gap_messages_filled_total")
+                .increment(history.publications.len() as u64);
+            let messages = history
+                .publications
+                .into_iter()
+                .map(|p| {
+                    let frame = message_frame(
+                        &request.room,
+                        p.offset,
+                        &history.epoch,
+                        &p.user,
+                        &p.client_id,
+                        &p.data_json,
+                    );
+                    (p.offset, p.client_id, frame)
+                })
+                .collect();
+            Some(Filled {
+                epoch: history.epoch,
+                messages,
+            })
+        }
+        Err(status) => {
+            // Deliver what was held anyway: a late, gapped stream beats a stalled one.
+            tracing::warn!(room = %request.room, %status, "gap not filled: history unavailable");
+            None
+        }
+    }
+}
