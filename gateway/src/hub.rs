@@ -124,11 +124,14 @@ struct RoomEntry {
 
 type Rooms = HashMap<Arc<str>, RoomEntry>;
 
-/// A request for the repair task: fetch a room's history after `since` (in `epoch`).
+/// Work for the repair task.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepairRequest {
-    pub room: Arc<str>,
-    pub since: u64,
+pub enum RepairRequest {
+    /// Fetch a room's history after `since` and deliver it before what was held.
+    Room { room: Arc<str>, since: u64 },
+    /// The broker link was lost: the store may have lost its memberships too (a restarted
+    /// Redis), so record every local membership again.
+    Reregister,
 }
 
 /// Messages fetched from history to fill a gap.
@@ -296,7 +299,7 @@ impl Hub {
                         entry.last = 0;
                     }
                     entry.held = Some(vec![message]);
-                    let _ = repairs.send(RepairRequest {
+                    let _ = repairs.send(RepairRequest::Room {
                         room: entry.name.clone(),
                         since,
                     });
@@ -339,12 +342,13 @@ impl Hub {
         let Some(repairs) = &self.repairs else {
             return true;
         };
+        let _ = repairs.send(RepairRequest::Reregister);
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for entry in shard.values_mut() {
                 if entry.epoch.is_some() && entry.held.is_none() {
                     entry.held = Some(Vec::new());
-                    let _ = repairs.send(RepairRequest {
+                    let _ = repairs.send(RepairRequest::Room {
                         room: entry.name.clone(),
                         since: entry.last,
                     });
@@ -352,6 +356,24 @@ impl Hub {
             }
         }
         true
+    }
+
+    /// Every local membership: `(room, client id, user)`.
+    pub fn memberships(&self) -> Vec<(Arc<str>, Arc<str>, Arc<str>)> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in shard.values() {
+                for member in &entry.members {
+                    all.push((
+                        entry.name.clone(),
+                        member.client_id.clone(),
+                        member.user.clone(),
+                    ));
+                }
+            }
+        }
+        all
     }
 
     /// Delivers what history filled in (`None`: the fetch failed), then what was held.
@@ -549,6 +571,13 @@ mod tests {
         }
     }
 
+    fn room_request(room: &str, since: u64) -> RepairRequest {
+        RepairRequest::Room {
+            room: Arc::from(room),
+            since,
+        }
+    }
+
     fn filled(epoch: &str, offsets: &[u64]) -> Filled {
         Filled {
             epoch: epoch.into(),
@@ -569,8 +598,7 @@ mod tests {
         hub.dispatch(message_in("r", "e", 5));
         hub.dispatch(message_in("r", "e", 6));
         assert_eq!(offsets(&mut ra), [("e".into(), 1), ("e".into(), 2)]);
-        let request = repairs.try_recv().unwrap();
-        assert_eq!((&*request.room, request.since), ("r", 2));
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 2));
         assert!(repairs.try_recv().is_err(), "one repair at a time per room");
         hub.finish_repair("r", Some(filled("e", &[3, 4, 5])));
         let got: Vec<u64> = offsets(&mut ra).into_iter().map(|(_, o)| o).collect();
@@ -599,8 +627,7 @@ mod tests {
         hub.add_member("r", a);
         hub.dispatch(message_in("r", "old", 9));
         hub.dispatch(message_in("r", "new", 3));
-        let request = repairs.try_recv().unwrap();
-        assert_eq!(request.since, 0);
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 0));
         hub.finish_repair("r", Some(filled("new", &[1, 2, 3])));
         assert_eq!(
             offsets(&mut ra),
@@ -624,8 +651,8 @@ mod tests {
         hub.dispatch(BrokerEvent::Disconnected);
         assert!(hub.link_was_lost());
         assert!(hub.check_after_link_loss());
-        let request = repairs.try_recv().unwrap();
-        assert_eq!((&*request.room, request.since), ("r", 4));
+        assert_eq!(repairs.try_recv().unwrap(), RepairRequest::Reregister);
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 4));
         assert!(
             repairs.try_recv().is_err(),
             "a room that saw nothing has nothing to check"

@@ -16,15 +16,52 @@ use crate::server::Gateway;
 /// and a burst of them after a lost link is best served without stampeding the room-service.
 pub async fn run(gateway: Arc<Gateway>, mut requests: mpsc::UnboundedReceiver<RepairRequest>) {
     while let Some(request) = requests.recv().await {
-        let filled = fetch(&gateway, &request).await;
-        gateway.hub.finish_repair(&request.room, filled);
+        match request {
+            RepairRequest::Room { room, since } => {
+                let filled = fetch(&gateway, &room, since).await;
+                gateway.hub.finish_repair(&room, filled);
+            }
+            RepairRequest::Reregister => reregister(&gateway).await,
+        }
     }
 }
 
-async fn fetch(gateway: &Gateway, request: &RepairRequest) -> Option<Filled> {
+/// Joins every local membership again. A join of a member the store still has changes
+/// nothing (no event); one it lost (Redis restarted empty) is restored, and announced.
+async fn reregister(gateway: &Gateway) {
+    let memberships = gateway.hub.memberships();
+    let mut failed = 0usize;
+    for (room, client_id, user) in &memberships {
+        let request = pb::JoinRequest {
+            room: room.to_string(),
+            client_id: client_id.to_string(),
+            user: user.to_string(),
+            gateway_id: gateway.id.clone(),
+            since: None,
+        };
+        let joined = gateway
+            .backends
+            .room
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.join(request).await }
+            })
+            .await;
+        if joined.is_err() {
+            failed += 1;
+        }
+    }
+    tracing::info!(
+        memberships = memberships.len(),
+        failed,
+        "memberships recorded again after a lost broker link"
+    );
+}
+
+async fn fetch(gateway: &Gateway, room: &Arc<str>, since: u64) -> Option<Filled> {
     let query = pb::HistoryRequest {
-        room: request.room.to_string(),
-        since: Some(request.since),
+        room: room.to_string(),
+        since: Some(since),
         limit: 0,
     };
     let history = gateway
@@ -44,7 +81,7 @@ async fn fetch(gateway: &Gateway, request: &RepairRequest) -> Option<Filled> {
                 .into_iter()
                 .map(|p| {
                     let frame = message_frame(
-                        &request.room,
+                        room,
                         p.offset,
                         &history.epoch,
                         &p.user,
@@ -61,7 +98,7 @@ async fn fetch(gateway: &Gateway, request: &RepairRequest) -> Option<Filled> {
         }
         Err(status) => {
             // Deliver what was held anyway: a late, gapped stream beats a stalled one.
-            tracing::warn!(room = %request.room, %status, "gap not filled: history unavailable");
+            tracing::warn!(%room, %status, "gap not filled: history unavailable");
             None
         }
     }

@@ -1422,6 +1422,20 @@ pub async fn cluster_store_restart_changes_epoch(sys: &mut System) -> Result<()>
         m["epoch"] == new_epoch.as_str(),
         "old epoch after the restart: {m}"
     );
+    // The store forgot every membership; the gateways record theirs again.
+    let want: BTreeSet<_> = [member_of(&a), member_of(&b)].into();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = presence(&mut b, room).await?;
+        if now == want {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "after the store restart, presence is {now:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
