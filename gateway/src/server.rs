@@ -11,6 +11,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_proto as pb;
 use serde::Deserialize;
@@ -182,6 +183,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(gateway.clone());
+    // Frames are small and latency matters more than packet count: no Nagle delay (without
+    // this a `published` reply waits for the client's next frame or a delayed ACK).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {

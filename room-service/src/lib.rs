@@ -21,7 +21,7 @@ pub use service::{RoomServiceImpl, ServiceOptions};
 pub use store::{HistoryLimits, Store, StoreError};
 
 use roomcast_proto::room_service_server::RoomServiceServer;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 /// Serves `service` over gRPC on `listener` until `shutdown` resolves; in-flight calls finish.
 pub async fn serve(
@@ -31,6 +31,10 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(RoomServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Small request/response calls: no Nagle delay on replies.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }
