@@ -16,7 +16,7 @@ use roomcast_proto as pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::hub::{ConnHandle, Outbound};
+use crate::hub::{ConnHandle, Local, Outbound};
 use crate::limits::{TokenBucket, UserSlot};
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::server::Gateway;
@@ -60,17 +60,17 @@ pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) 
             timeout_ms: gateway.settings.heartbeat_timeout_ms,
         },
     };
-    conn.reply(Outbound::Frame(connected.to_json().into()))
-        .await;
+    conn.reply(Outbound::frame(connected.to_json())).await;
 
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(
+    let writer_task = write_loop(
         sink,
         rx,
         conn.clone(),
         gateway.settings.heartbeat_interval(),
         gateway.settings.outbound_queue_len,
-    ));
+    );
+    let writer = tokio::spawn(writer_task);
     let settings = &gateway.settings;
     let mut reader = Reader {
         gateway: gateway.clone(),
@@ -151,7 +151,9 @@ impl Reader {
                 Ok(Some(Ok(message))) => message,
             };
             match message {
-                Message::Text(text) => self.handle_text(&text).await,
+                // Boxed: the command futures (gRPC calls) are large, and an idle connection
+                // should not carry their space.
+                Message::Text(text) => Box::pin(self.handle_text(&text)).await,
                 Message::Binary(_) => {
                     self.send_error(
                         None,
@@ -167,9 +169,7 @@ impl Reader {
     }
 
     async fn send(&self, frame: ServerFrame<'_>) {
-        self.conn
-            .reply(Outbound::Frame(frame.to_json().into()))
-            .await;
+        self.conn.reply(Outbound::frame(frame.to_json())).await;
     }
 
     async fn send_error(&self, id: Option<u64>, code: ErrorCode, message: &str) {
@@ -188,7 +188,7 @@ impl Reader {
 
     async fn send_status(&self, id: Option<u64>, status: &tonic::Status) {
         self.conn
-            .reply(Outbound::Frame(Self::error_frame(id, status)))
+            .reply(Outbound::frame(Self::error_frame(id, status)))
             .await;
     }
 
@@ -255,9 +255,9 @@ impl Reader {
         // room-service for the latest offset: nothing published after that offset can slip by.
         let room_name: Arc<str> = Arc::from(room.as_str());
         self.conn
-            .reply(Outbound::JoinStart {
+            .reply(Outbound::local(Local::JoinStart {
                 room: room_name.clone(),
-            })
+            }))
             .await;
         let room_name = self.gateway.hub.add_member(&room, self.conn.clone());
         if let Err(error) = self.gateway.subscriptions.acquire(room_name.clone()).await {
@@ -270,10 +270,10 @@ impl Reader {
             };
             return self
                 .conn
-                .reply(Outbound::JoinFailed {
+                .reply(Outbound::local(Local::JoinFailed {
                     room: room_name,
                     reply: reply.to_json().into(),
-                })
+                }))
                 .await;
         }
         let request = pb::JoinRequest {
@@ -302,10 +302,10 @@ impl Reader {
                 self.gateway.subscriptions.release(room_name.clone());
                 return self
                     .conn
-                    .reply(Outbound::JoinFailed {
+                    .reply(Outbound::local(Local::JoinFailed {
                         room: room_name,
                         reply: Self::error_frame(id, &status),
-                    })
+                    }))
                     .await;
             }
         };
@@ -340,12 +340,12 @@ impl Reader {
             },
         );
         self.conn
-            .reply(Outbound::JoinDone {
+            .reply(Outbound::local(Local::JoinDone {
                 room: room_name,
                 epoch: Arc::from(joined.epoch.as_str()),
                 offset: joined.offset,
                 reply: reply.to_json().into(),
-            })
+            }))
             .await;
     }
 
@@ -379,10 +379,10 @@ impl Reader {
         }
         let reply = ServerFrame::Left { id, room: &room };
         self.conn
-            .reply(Outbound::Left {
+            .reply(Outbound::local(Local::Left {
                 room: room_name,
                 reply: reply.to_json().into(),
-            })
+            }))
             .await;
     }
 
@@ -620,75 +620,66 @@ impl Cursors {
     /// buffer grew past `limit`: the client is too slow.
     fn apply(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>, limit: usize) -> bool {
         match item {
-            Outbound::Frame(frame) => out.push(frame),
-            Outbound::Message {
-                ref room,
-                ref epoch,
-                offset,
-                ..
-            } => match self.rooms.get_mut(room) {
+            Outbound::Message(ref delivery) => match self.rooms.get_mut(&delivery.room) {
                 None => {}
                 Some(Cursor::Pending(held)) => {
                     held.push(item);
                     return held.len() <= limit;
                 }
-                Some(Cursor::Active { epoch: seen, last }) => {
-                    if *seen != *epoch {
+                Some(Cursor::Active { epoch, last }) => {
+                    if *epoch != delivery.epoch {
                         // The room's history was lost and its offsets restarted.
-                        *seen = epoch.clone();
+                        *epoch = delivery.epoch.clone();
                         *last = 0;
                     }
-                    if offset <= *last {
+                    if delivery.offset <= *last {
                         // Already delivered, or covered by the join reply: a duplicate.
                         return true;
                     }
-                    if offset > *last + 1 && *last > 0 {
+                    if delivery.offset > *last + 1 && *last > 0 {
                         metrics::counter!("roomcast_gateway_offset_gaps_total").increment(1);
                     }
-                    *last = offset;
-                    if let Outbound::Message { frame, .. } = item {
-                        out.push(frame);
-                    }
+                    *last = delivery.offset;
+                    out.push(delivery.frame.clone());
                 }
             },
-            Outbound::Event { ref room, .. } => match self.rooms.get_mut(room) {
+            Outbound::Event(ref event) => match self.rooms.get_mut(&event.room) {
                 None => {}
                 Some(Cursor::Pending(held)) => {
                     held.push(item);
                     return held.len() <= limit;
                 }
-                Some(Cursor::Active { .. }) => {
-                    if let Outbound::Event { frame, .. } = item {
-                        out.push(frame);
+                Some(Cursor::Active { .. }) => out.push(event.frame.clone()),
+            },
+            Outbound::Local(local) => match *local {
+                Local::Frame(frame) => out.push(frame),
+                Local::JoinStart { room } => {
+                    self.rooms.insert(room, Cursor::Pending(Vec::new()));
+                }
+                Local::JoinDone {
+                    room,
+                    epoch,
+                    offset,
+                    reply,
+                } => {
+                    out.push(reply);
+                    let active = Cursor::Active {
+                        epoch,
+                        last: offset,
+                    };
+                    let held = match self.rooms.insert(room, active) {
+                        Some(Cursor::Pending(held)) => held,
+                        _ => Vec::new(),
+                    };
+                    for item in held {
+                        self.apply(item, out, limit);
                     }
                 }
-            },
-            Outbound::JoinStart { room } => {
-                self.rooms.insert(room, Cursor::Pending(Vec::new()));
-            }
-            Outbound::JoinDone {
-                room,
-                epoch,
-                offset,
-                reply,
-            } => {
-                out.push(reply);
-                let active = Cursor::Active {
-                    epoch,
-                    last: offset,
-                };
-                let held = match self.rooms.insert(room, active) {
-                    Some(Cursor::Pending(held)) => held,
-                    _ => Vec::new(),
-                };
-                for item in held {
-                    self.apply(item, out, limit);
+                Local::JoinFailed { room, reply } | Local::Left { room, reply } => {
+                    self.rooms.remove(&room);
+                    out.push(reply);
                 }
-            }
-            Outbound::JoinFailed { room, reply } | Outbound::Left { room, reply } => {
-                self.rooms.remove(&room);
-                out.push(reply);
-            }
+            },
         }
         true
     }
@@ -764,14 +755,15 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Delivery;
 
     fn message(room: &Arc<str>, offset: u64) -> Outbound {
-        Outbound::Message {
+        Outbound::Message(Arc::new(Delivery {
             room: room.clone(),
             epoch: Arc::from("e"),
             offset,
             frame: offset.to_string().into(),
-        }
+        }))
     }
 
     fn texts(out: &[Utf8Bytes]) -> Vec<&str> {
@@ -785,18 +777,22 @@ mod tests {
         let mut out = Vec::new();
         cursors.apply(message(&room, 1), &mut out, 10);
         assert!(out.is_empty(), "not joined: dropped");
-        cursors.apply(Outbound::JoinStart { room: room.clone() }, &mut out, 10);
+        cursors.apply(
+            Outbound::local(Local::JoinStart { room: room.clone() }),
+            &mut out,
+            10,
+        );
         for offset in [4, 5, 6] {
             cursors.apply(message(&room, offset), &mut out, 10);
         }
         assert!(out.is_empty(), "held while the join is in flight");
         cursors.apply(
-            Outbound::JoinDone {
+            Outbound::local(Local::JoinDone {
                 room: room.clone(),
                 epoch: Arc::from("e"),
                 offset: 5,
                 reply: "joined".into(),
-            },
+            }),
             &mut out,
             10,
         );
@@ -808,10 +804,10 @@ mod tests {
         assert_eq!(texts(&out), ["7", "8"], "duplicates dropped");
         out.clear();
         cursors.apply(
-            Outbound::Left {
+            Outbound::local(Local::Left {
                 room: room.clone(),
                 reply: "left".into(),
-            },
+            }),
             &mut out,
             10,
         );
@@ -824,24 +820,28 @@ mod tests {
         let room: Arc<str> = Arc::from("r");
         let mut cursors = Cursors::default();
         let mut out = Vec::new();
-        cursors.apply(Outbound::JoinStart { room: room.clone() }, &mut out, 10);
         cursors.apply(
-            Outbound::JoinDone {
+            Outbound::local(Local::JoinStart { room: room.clone() }),
+            &mut out,
+            10,
+        );
+        cursors.apply(
+            Outbound::local(Local::JoinDone {
                 room: room.clone(),
                 epoch: Arc::from("e"),
                 offset: 8,
                 reply: "joined".into(),
-            },
+            }),
             &mut out,
             10,
         );
         out.clear();
-        let restarted = Outbound::Message {
+        let restarted = Outbound::Message(Arc::new(Delivery {
             room: room.clone(),
             epoch: Arc::from("f"),
             offset: 1,
             frame: "f1".into(),
-        };
+        }));
         cursors.apply(restarted, &mut out, 10);
         cursors.apply(message(&room, 2), &mut out, 10);
         assert_eq!(texts(&out), ["f1", "2"]);
@@ -852,7 +852,11 @@ mod tests {
         let room: Arc<str> = Arc::from("r");
         let mut cursors = Cursors::default();
         let mut out = Vec::new();
-        cursors.apply(Outbound::JoinStart { room: room.clone() }, &mut out, 2);
+        cursors.apply(
+            Outbound::local(Local::JoinStart { room: room.clone() }),
+            &mut out,
+            2,
+        );
         assert!(cursors.apply(message(&room, 1), &mut out, 2));
         assert!(cursors.apply(message(&room, 2), &mut out, 2));
         assert!(!cursors.apply(message(&room, 3), &mut out, 2));

@@ -22,22 +22,41 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 const SHARDS: usize = 32;
 
-/// What a connection's writer task receives.
+/// A room message as queued for its recipients: built once per broadcast and shared, so a
+/// delivery costs one reference-count increment.
+#[derive(Debug)]
+pub struct Delivery {
+    pub room: Arc<str>,
+    /// The room's epoch: offsets restart at 1 when it changes.
+    pub epoch: Arc<str>,
+    pub offset: u64,
+    pub frame: Utf8Bytes,
+}
+
+/// A presence event of a room, shared like a [`Delivery`].
+#[derive(Debug)]
+pub struct RoomEvent {
+    pub room: Arc<str>,
+    pub frame: Utf8Bytes,
+}
+
+/// What a connection's writer task receives. Two words: every connection's queue allocates
+/// its slots up front, so this size is per-connection memory.
 #[derive(Debug)]
 pub enum Outbound {
+    /// A room message; the writer keeps each room's offsets increasing and drops duplicates.
+    Message(Arc<Delivery>),
+    /// A presence event; like a message, held back until the room's join completes.
+    Event(Arc<RoomEvent>),
+    /// The connection's own traffic: replies and join bookkeeping.
+    Local(Box<Local>),
+}
+
+#[derive(Debug)]
+pub enum Local {
     /// A frame to send as is (replies, the `connected` frame).
     Frame(Utf8Bytes),
-    /// A room message; the writer keeps each room's offsets increasing and drops duplicates.
-    Message {
-        room: Arc<str>,
-        /// The room's epoch: offsets restart at 1 when it changes.
-        epoch: Arc<str>,
-        offset: u64,
-        frame: Utf8Bytes,
-    },
-    /// A presence event of a room; like a message, held back until the room's join completes.
-    Event { room: Arc<str>, frame: Utf8Bytes },
-    /// A join began: hold the room's messages until [`Outbound::JoinDone`].
+    /// A join began: hold the room's messages until [`Local::JoinDone`].
     JoinStart { room: Arc<str> },
     /// The join reply; messages up to `offset` are already known to the client (or in `missed`).
     JoinDone {
@@ -50,6 +69,16 @@ pub enum Outbound {
     JoinFailed { room: Arc<str>, reply: Utf8Bytes },
     /// Left the room: forget it and send the reply.
     Left { room: Arc<str>, reply: Utf8Bytes },
+}
+
+impl Outbound {
+    pub fn frame(frame: impl Into<Utf8Bytes>) -> Self {
+        Outbound::Local(Box::new(Local::Frame(frame.into())))
+    }
+
+    pub fn local(local: Local) -> Self {
+        Outbound::Local(Box::new(local))
+    }
 }
 
 /// The shared face of one connection: what the hub and the control channel need to reach it.
@@ -104,10 +133,8 @@ impl ConnHandle {
 
 /// A message as it came from the broker, held while a gap is being filled.
 struct HeldMessage {
-    epoch: Arc<str>,
-    offset: u64,
+    delivery: Arc<Delivery>,
     sender: String,
-    frame: Utf8Bytes,
 }
 
 /// One room with local members.
@@ -269,17 +296,20 @@ impl Hub {
                     return;
                 };
                 let message = HeldMessage {
-                    epoch: Arc::from(epoch),
-                    offset,
+                    delivery: Arc::new(Delivery {
+                        room: entry.name.clone(),
+                        epoch: Arc::from(epoch),
+                        offset,
+                        frame,
+                    }),
                     sender,
-                    frame,
                 };
                 if let Some(held) = &mut entry.held {
                     held.push(message);
                     return;
                 }
                 let gap_since = match &entry.epoch {
-                    Some(seen) if **seen == *message.epoch => {
+                    Some(seen) if **seen == *message.delivery.epoch => {
                         (entry.last > 0 && offset > entry.last + 1).then_some(entry.last)
                     }
                     // A new epoch (history lost and restarted): fetch it from its start.
@@ -295,7 +325,7 @@ impl Hub {
                         "gap in a room's offsets: filling from history"
                     );
                     if since == 0 {
-                        entry.epoch = Some(message.epoch.clone());
+                        entry.epoch = Some(message.delivery.epoch.clone());
                         entry.last = 0;
                     }
                     entry.held = Some(vec![message]);
@@ -318,11 +348,12 @@ impl Hub {
                 let Some(entry) = shard.get(room) else {
                     return;
                 };
+                let event = Arc::new(RoomEvent {
+                    room: entry.name.clone(),
+                    frame,
+                });
                 for member in entry.members.iter().filter(|m| *m.client_id != *exclude) {
-                    member.deliver(Outbound::Event {
-                        room: entry.name.clone(),
-                        frame: frame.clone(),
-                    });
+                    member.deliver(Outbound::Event(event.clone()));
                 }
             }
         }
@@ -391,15 +422,13 @@ impl Hub {
                 entry.last = 0;
             }
             for (offset, sender, frame) in filled.messages {
-                deliver_message(
-                    entry,
-                    HeldMessage {
-                        epoch: epoch.clone(),
-                        offset,
-                        sender,
-                        frame: frame.into(),
-                    },
-                );
+                let delivery = Arc::new(Delivery {
+                    room: entry.name.clone(),
+                    epoch: epoch.clone(),
+                    offset,
+                    frame: frame.into(),
+                });
+                deliver_message(entry, HeldMessage { delivery, sender });
             }
         }
         for message in held {
@@ -431,26 +460,22 @@ impl Hub {
 /// Delivers one message to the room's members (not its sender) unless the room already
 /// delivered it, and advances the room's position.
 fn deliver_message(entry: &mut RoomEntry, message: HeldMessage) {
-    if entry.epoch.as_deref() == Some(&*message.epoch) {
-        if message.offset <= entry.last {
+    let delivery = &message.delivery;
+    if entry.epoch.as_deref() == Some(&*delivery.epoch) {
+        if delivery.offset <= entry.last {
             return;
         }
     } else {
-        entry.epoch = Some(message.epoch.clone());
+        entry.epoch = Some(delivery.epoch.clone());
     }
-    entry.last = message.offset;
+    entry.last = delivery.offset;
     let mut delivered = 0u64;
     for member in entry
         .members
         .iter()
         .filter(|m| *m.client_id != *message.sender)
     {
-        member.deliver(Outbound::Message {
-            room: entry.name.clone(),
-            epoch: message.epoch.clone(),
-            offset: message.offset,
-            frame: message.frame.clone(),
-        });
+        member.deliver(Outbound::Message(delivery.clone()));
         delivered += 1;
     }
     metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
@@ -486,7 +511,7 @@ mod tests {
         hub.dispatch(message("r", 1, "a"));
         assert!(ra.try_recv().is_err());
         match rb.try_recv().unwrap() {
-            Outbound::Message { room, offset, .. } => assert_eq!((&*room, offset), ("r", 1)),
+            Outbound::Message(d) => assert_eq!((&*d.room, d.offset), ("r", 1)),
             other => panic!("{other:?}"),
         }
         assert!(rc.try_recv().is_err());
@@ -516,7 +541,7 @@ mod tests {
             payload: encode_event("a", "{}"),
         });
         assert!(ra.try_recv().is_err());
-        assert!(matches!(rb.try_recv().unwrap(), Outbound::Event { .. }));
+        assert!(matches!(rb.try_recv().unwrap(), Outbound::Event(_)));
         hub.remove_member("r", "b");
         assert_eq!(hub.member_count("r"), 1);
         hub.remove_member("r", "a");
@@ -557,8 +582,8 @@ mod tests {
     fn offsets(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
         let mut seen = Vec::new();
         while let Ok(item) = rx.try_recv() {
-            if let Outbound::Message { epoch, offset, .. } = item {
-                seen.push((epoch.to_string(), offset));
+            if let Outbound::Message(d) = item {
+                seen.push((d.epoch.to_string(), d.offset));
             }
         }
         seen
