@@ -13,7 +13,6 @@ use futures_util::{SinkExt, StreamExt};
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::hub::{ConnHandle, Local, Outbound};
@@ -46,8 +45,11 @@ pub struct Authenticated {
 pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) {
     let client_id: Arc<str> = Arc::from(gateway.next_client_id());
     let user: Arc<str> = Arc::from(auth.user.as_str());
-    let (tx, rx) = mpsc::channel(gateway.settings.outbound_queue_len);
-    let conn = Arc::new(ConnHandle::new(client_id.clone(), user.clone(), tx));
+    let conn = Arc::new(ConnHandle::new(
+        client_id.clone(),
+        user.clone(),
+        gateway.settings.outbound_queue_len,
+    ));
     gateway.hub.add_connection(conn.clone());
     metrics::gauge!("roomcast_gateway_connections").increment(1);
 
@@ -65,7 +67,6 @@ pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) 
     let (sink, stream) = socket.split();
     let writer_task = write_loop(
         sink,
-        rx,
         conn.clone(),
         gateway.settings.heartbeat_interval(),
         gateway.settings.outbound_queue_len,
@@ -687,7 +688,6 @@ impl Cursors {
 
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
     conn: Arc<ConnHandle>,
     ping_every: Duration,
     limit: usize,
@@ -695,48 +695,55 @@ async fn write_loop(
     let mut cursors = Cursors::default();
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
     let mut out = Vec::new();
     loop {
-        tokio::select! {
-            biased;
-            _ = conn.cancel.cancelled() => break,
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                let mut ok = cursors.apply(item, &mut out, limit);
-                // Coalesce whatever else is already queued into one flush.
-                while ok && out.len() < MAX_BATCH {
-                    let Ok(item) = rx.try_recv() else { break };
-                    ok = cursors.apply(item, &mut out, limit);
-                }
-                if !ok {
-                    conn.close(crate::hub::CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed");
-                    break;
-                }
-                let write = async {
-                    for frame in out.drain(..) {
-                        sink.feed(Message::Text(frame)).await?;
+        // Whatever is queued goes out in one flush, MAX_BATCH items at a time.
+        if conn.take_batch(&mut batch, MAX_BATCH) == 0 {
+            tokio::select! {
+                biased;
+                _ = conn.cancel.cancelled() => break,
+                _ = conn.readable() => continue,
+                _ = ping.tick() => {
+                    let sent = tokio::select! {
+                        sent = sink.send(Message::Ping(Bytes::new())) => sent,
+                        _ = conn.cancel.cancelled() => break,
+                    };
+                    if sent.is_err() {
+                        conn.cancel.cancel();
+                        return;
                     }
-                    sink.flush().await
-                };
-                let written = tokio::select! {
-                    written = write => written,
-                    _ = conn.cancel.cancelled() => break,
-                };
-                if written.is_err() {
-                    conn.cancel.cancel();
-                    return;
+                    continue;
                 }
             }
-            _ = ping.tick() => {
-                let sent = tokio::select! {
-                    sent = sink.send(Message::Ping(Bytes::new())) => sent,
-                    _ = conn.cancel.cancelled() => break,
-                };
-                if sent.is_err() {
-                    conn.cancel.cancel();
-                    return;
-                }
+        }
+        if conn.cancel.is_cancelled() {
+            break;
+        }
+        let mut ok = true;
+        for item in batch.drain(..) {
+            ok &= cursors.apply(item, &mut out, limit);
+        }
+        if !ok {
+            conn.close(
+                crate::hub::CLOSE_SLOW_CONSUMER,
+                "slow consumer: outbound queue overflowed",
+            );
+            break;
+        }
+        let write = async {
+            for frame in out.drain(..) {
+                sink.feed(Message::Text(frame)).await?;
             }
+            sink.flush().await
+        };
+        let written = tokio::select! {
+            written = write => written,
+            _ = conn.cancel.cancelled() => break,
+        };
+        if written.is_err() {
+            conn.cancel.cancel();
+            return;
         }
     }
     if let Some((code, reason)) = conn.close_reason.get() {

@@ -6,7 +6,7 @@
 //! queue gets a reference-counted clone of the same bytes: no per-delivery allocation of the
 //! frame. Delivery never blocks: a full queue means a slow consumer, which is closed with 4008.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use axum::extract::ws::Utf8Bytes;
 use roomcast_common::broker::BrokerEvent;
 use roomcast_common::envelope::{self, Control, Envelope};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// Close code for a connection whose outbound queue overflowed.
@@ -81,12 +81,21 @@ impl Outbound {
     }
 }
 
-/// The shared face of one connection: what the hub and the control channel need to reach it.
+/// The shared face of one connection: what the hub and the control channel need to reach it,
+/// and its outbound queue.
+///
+/// The queue is a plain deque behind a mutex with a wake-up for the writer, rather than a
+/// channel: it allocates nothing while empty (a bounded tokio channel costs about 1 KB per
+/// connection up front), and a delivery is one short lock.
 pub struct ConnHandle {
     pub client_id: Arc<str>,
     pub user: Arc<str>,
-    /// Bounded outbound queue, drained by the connection's writer task.
-    tx: mpsc::Sender<Outbound>,
+    /// Frames waiting for the writer task.
+    queue: Mutex<VecDeque<Outbound>>,
+    /// Wakes the writer when the queue gets an item.
+    ready: Notify,
+    /// Broadcast items the queue may hold before the connection counts as a slow consumer.
+    capacity: usize,
     /// Cancelled to end the connection; both of its tasks watch it.
     pub cancel: CancellationToken,
     /// Why it was closed, for the close frame; the first reason wins.
@@ -94,11 +103,13 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    pub fn new(client_id: Arc<str>, user: Arc<str>, tx: mpsc::Sender<Outbound>) -> Self {
+    pub fn new(client_id: Arc<str>, user: Arc<str>, capacity: usize) -> Self {
         Self {
             client_id,
             user,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            capacity,
             cancel: CancellationToken::new(),
             close_reason: OnceLock::new(),
         }
@@ -110,24 +121,63 @@ impl ConnHandle {
         self.cancel.cancel();
     }
 
-    /// Queues without waiting; a full queue closes the connection as a slow consumer.
-    pub fn deliver(&self, item: Outbound) {
-        match self.tx.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `item` unless the queue already holds `limit` items; then the connection is
+    /// closed as a slow consumer.
+    fn push(&self, item: Outbound, limit: usize) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        {
+            let mut queue = self.queue();
+            if queue.len() >= limit {
+                drop(queue);
                 metrics::counter!("roomcast_gateway_slow_consumers_total").increment(1);
                 self.close(
                     CLOSE_SLOW_CONSUMER,
                     "slow consumer: outbound queue overflowed",
                 );
+                return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            queue.push_back(item);
         }
+        self.ready.notify_one();
     }
 
-    /// Queues a reply, waiting for room: replies are never dropped.
+    /// Queues a broadcast without waiting; a full queue closes the connection with 4008.
+    pub fn deliver(&self, item: Outbound) {
+        self.push(item, self.capacity);
+    }
+
+    /// Queues a reply. Replies may go past the broadcast capacity (each answers one of the
+    /// client's own commands), up to twice it.
     pub async fn reply(&self, item: Outbound) {
-        let _ = self.tx.send(item).await;
+        self.push(item, self.capacity.saturating_mul(2));
+    }
+
+    /// Moves up to `max` queued items into `batch`; returns how many.
+    pub fn take_batch(&self, batch: &mut Vec<Outbound>, max: usize) -> usize {
+        let mut queue = self.queue();
+        let n = queue.len().min(max);
+        batch.extend(queue.drain(..n));
+        // Give back what a burst grew, so an idle connection stays small.
+        if queue.is_empty() && queue.capacity() > 64 {
+            queue.shrink_to(16);
+        }
+        n
+    }
+
+    /// Resolves when an item was queued since the last call (or one is already waiting).
+    pub async fn readable(&self) {
+        self.ready.notified().await;
+    }
+
+    #[cfg(test)]
+    pub fn try_recv(&self) -> Result<Outbound, ()> {
+        self.queue().pop_front().ok_or(())
     }
 }
 
@@ -487,9 +537,9 @@ mod tests {
     use bytes::Bytes;
     use roomcast_common::envelope::{encode_event, encode_message, room_channel};
 
-    fn conn(id: &str, user: &str, capacity: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Arc::new(ConnHandle::new(id.into(), user.into(), tx)), rx)
+    fn conn(id: &str, user: &str, capacity: usize) -> (Arc<ConnHandle>, Arc<ConnHandle>) {
+        let conn = Arc::new(ConnHandle::new(id.into(), user.into(), capacity));
+        (conn.clone(), conn)
     }
 
     fn message(room: &str, offset: u64, sender: &str) -> BrokerEvent {
@@ -502,9 +552,9 @@ mod tests {
     #[test]
     fn delivers_to_members_except_the_sender() {
         let (hub, _repairs) = Hub::new();
-        let (a, mut ra) = conn("a", "u", 8);
-        let (b, mut rb) = conn("b", "u", 8);
-        let (c, mut rc) = conn("c", "u", 8);
+        let (a, ra) = conn("a", "u", 8);
+        let (b, rb) = conn("b", "u", 8);
+        let (c, rc) = conn("c", "u", 8);
         hub.add_member("r", a);
         hub.add_member("r", b);
         hub.add_member("other", c);
@@ -532,8 +582,8 @@ mod tests {
     #[test]
     fn events_skip_the_excluded_client_and_removal_works() {
         let (hub, _repairs) = Hub::new();
-        let (a, mut ra) = conn("a", "u", 8);
-        let (b, mut rb) = conn("b", "u", 8);
+        let (a, ra) = conn("a", "u", 8);
+        let (b, rb) = conn("b", "u", 8);
         hub.add_member("r", a);
         hub.add_member("r", b);
         hub.dispatch(BrokerEvent::Message {
@@ -551,7 +601,7 @@ mod tests {
     #[test]
     fn malformed_payloads_are_dropped() {
         let (hub, _repairs) = Hub::new();
-        let (a, mut ra) = conn("a", "u", 8);
+        let (a, ra) = conn("a", "u", 8);
         hub.add_member("r", a);
         for payload in [&b"garbage"[..], b"M1 x\n\xff\xfe"] {
             hub.dispatch(BrokerEvent::Message {
@@ -579,7 +629,7 @@ mod tests {
         assert!(!b.cancel.is_cancelled());
         assert_eq!(hub.connection_count(), 2);
     }
-    fn offsets(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
+    fn offsets(rx: &Arc<ConnHandle>) -> Vec<(String, u64)> {
         let mut seen = Vec::new();
         while let Ok(item) = rx.try_recv() {
             if let Outbound::Message(d) = item {
@@ -616,46 +666,46 @@ mod tests {
     #[test]
     fn a_gap_is_held_then_filled_in_order() {
         let (hub, mut repairs) = Hub::new();
-        let (a, mut ra) = conn("a", "u", 64);
+        let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
         hub.dispatch(message_in("r", "e", 1));
         hub.dispatch(message_in("r", "e", 2));
         hub.dispatch(message_in("r", "e", 5));
         hub.dispatch(message_in("r", "e", 6));
-        assert_eq!(offsets(&mut ra), [("e".into(), 1), ("e".into(), 2)]);
+        assert_eq!(offsets(&ra), [("e".into(), 1), ("e".into(), 2)]);
         assert_eq!(repairs.try_recv().unwrap(), room_request("r", 2));
         assert!(repairs.try_recv().is_err(), "one repair at a time per room");
         hub.finish_repair("r", Some(filled("e", &[3, 4, 5])));
-        let got: Vec<u64> = offsets(&mut ra).into_iter().map(|(_, o)| o).collect();
+        let got: Vec<u64> = offsets(&ra).into_iter().map(|(_, o)| o).collect();
         assert_eq!(got, [3, 4, 5, 6], "filled, then held, without duplicates");
         hub.dispatch(message_in("r", "e", 7));
-        assert_eq!(offsets(&mut ra), [("e".into(), 7)]);
+        assert_eq!(offsets(&ra), [("e".into(), 7)]);
     }
 
     #[test]
     fn a_failed_fill_still_delivers_what_was_held() {
         let (hub, mut repairs) = Hub::new();
-        let (a, mut ra) = conn("a", "u", 64);
+        let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
         hub.dispatch(message_in("r", "e", 1));
         hub.dispatch(message_in("r", "e", 3));
         assert!(repairs.try_recv().is_ok());
         hub.finish_repair("r", None);
-        let got: Vec<u64> = offsets(&mut ra).into_iter().map(|(_, o)| o).collect();
+        let got: Vec<u64> = offsets(&ra).into_iter().map(|(_, o)| o).collect();
         assert_eq!(got, [1, 3]);
     }
 
     #[test]
     fn a_new_epoch_that_skips_its_start_is_filled_from_offset_one() {
         let (hub, mut repairs) = Hub::new();
-        let (a, mut ra) = conn("a", "u", 64);
+        let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
         hub.dispatch(message_in("r", "old", 9));
         hub.dispatch(message_in("r", "new", 3));
         assert_eq!(repairs.try_recv().unwrap(), room_request("r", 0));
         hub.finish_repair("r", Some(filled("new", &[1, 2, 3])));
         assert_eq!(
-            offsets(&mut ra),
+            offsets(&ra),
             [
                 ("old".into(), 9),
                 ("new".into(), 1),
