@@ -108,10 +108,14 @@ struct Reader {
     refused_in_a_row: u32,
 }
 
+/// The instant of a unix time, for the expiry timer. Tokens may carry any `exp`: far-future
+/// ones are capped (an `Instant` cannot hold them), past ones are now.
 fn instant_of_unix(secs: i64) -> Instant {
-    let now = roomcast_common::unix_millis() as i64;
-    let left = (secs.saturating_mul(1000) - now).max(0) as u64;
-    Instant::now() + Duration::from_millis(left)
+    const MAX_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    let now = i64::try_from(roomcast_common::unix_millis()).unwrap_or(i64::MAX);
+    let left = secs.saturating_mul(1000).saturating_sub(now).max(0);
+    let left = Duration::from_millis(u64::try_from(left).unwrap_or(0)).min(MAX_WAIT);
+    Instant::now() + left
 }
 
 fn is_too_big(error: axum::Error) -> bool {
@@ -852,6 +856,16 @@ mod tests {
         cursors.apply(restarted, &mut out, 10);
         cursors.apply(message(&room, 2), &mut out, 10);
         assert_eq!(texts(&out), ["f1", "2"]);
+    }
+
+    #[test]
+    fn any_expiry_gives_an_instant() {
+        let now = Instant::now();
+        for exp in [i64::MIN, -1, 0, 1_700_000_000, i64::MAX / 1000, i64::MAX] {
+            let at = instant_of_unix(exp);
+            assert!(at <= now + Duration::from_secs(11 * 365 * 24 * 3600), "{exp}");
+        }
+        assert!(instant_of_unix(0) <= Instant::now());
     }
 
     #[test]

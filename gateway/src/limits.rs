@@ -41,7 +41,8 @@ impl TokenBucket {
 
     /// Time until the next token, for the error message.
     pub fn wait_hint(&self) -> Duration {
-        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+        Duration::try_from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+            .unwrap_or(Duration::MAX)
     }
 }
 
