@@ -863,7 +863,10 @@ mod tests {
         let now = Instant::now();
         for exp in [i64::MIN, -1, 0, 1_700_000_000, i64::MAX / 1000, i64::MAX] {
             let at = instant_of_unix(exp);
-            assert!(at <= now + Duration::from_secs(11 * 365 * 24 * 3600), "{exp}");
+            assert!(
+                at <= now + Duration::from_secs(11 * 365 * 24 * 3600),
+                "{exp}"
+            );
         }
         assert!(instant_of_unix(0) <= Instant::now());
     }

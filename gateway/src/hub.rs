@@ -463,14 +463,24 @@ impl Hub {
         let Some(entry) = shard.get_mut(room) else {
             return;
         };
+        if let Some(filled) = &filled
+            && entry.epoch.as_deref().is_some_and(|e| *e != *filled.epoch)
+            && let Some(repairs) = &self.repairs
+        {
+            // History answered for a newer epoch than the one being repaired (the store lost
+            // everything meanwhile): what it returned starts at the old offset. Keep holding
+            // and fetch the new epoch from its start.
+            entry.epoch = Some(Arc::from(filled.epoch.as_str()));
+            entry.last = 0;
+            let _ = repairs.send(RepairRequest::Room {
+                room: entry.name.clone(),
+                since: 0,
+            });
+            return;
+        }
         let held = entry.held.take().unwrap_or_default();
         if let Some(filled) = filled {
             let epoch: Arc<str> = Arc::from(filled.epoch);
-            if entry.epoch.as_deref().is_some_and(|e| *e != *epoch) {
-                // The history answered for another epoch than the one being repaired.
-                entry.epoch = Some(epoch.clone());
-                entry.last = 0;
-            }
             for (offset, sender, frame) in filled.messages {
                 let delivery = Arc::new(Delivery {
                     room: entry.name.clone(),
@@ -713,6 +723,27 @@ mod tests {
                 ("new".into(), 3)
             ]
         );
+    }
+
+    #[test]
+    fn a_repair_answered_in_a_newer_epoch_refetches_that_epoch_from_its_start() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.dispatch(message_in("r", "old", 57));
+        hub.dispatch(BrokerEvent::Disconnected);
+        assert!(hub.check_after_link_loss());
+        assert_eq!(repairs.try_recv().unwrap(), RepairRequest::Reregister);
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 57));
+        // The store restarted: the new epoch is at 30 when the first new message arrives.
+        hub.dispatch(message_in("r", "new", 30));
+        hub.finish_repair("r", Some(filled("new", &[])));
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 0));
+        hub.finish_repair("r", Some(filled("new", &(1..=29).collect::<Vec<_>>())));
+        let got: Vec<(String, u64)> = offsets(&ra);
+        let mut want = vec![("old".to_owned(), 57)];
+        want.extend((1..=30).map(|o| ("new".to_owned(), o)));
+        assert_eq!(got, want);
     }
 
     #[test]

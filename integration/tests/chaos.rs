@@ -86,18 +86,6 @@ async fn chaos_room_service_kill() {
 /// room gets a new epoch, a re-join with an old-epoch `since` says `recovered: false` and then
 /// gets the next message, and each client holds the old epoch's messages up to the last
 /// acknowledged one, then the new epoch's from offset 1.
-///
-/// Ignored: it finds a gateway bug. When the broker link comes back, the gateway asks history
-/// for each room `since` the last offset it delivered, which is an offset of the old epoch
-/// (`hub::check_after_link_loss` → `repair::fetch(since = entry.last)`). History answers for
-/// the new epoch, with only what lies above that old offset (usually nothing);
-/// `Hub::finish_repair` then adopts the new epoch with `last = 0` and delivers the held
-/// messages. The new epoch's messages published between the room-service's reconnection and the
-/// gateway's (offsets 1..21-23 per room in these runs, all in history) never reach any client:
-/// every (client, room) log of the new epoch starts at 22-24 instead of 1.
-#[ignore = "gateway bug: after a Redis restart, new-epoch offsets published before the gateway \
-            resubscribed (1..21-23 per room) are never delivered; the gap repair asks history since an \
-            old-epoch offset (see the doc comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_under_load() {
     run(
