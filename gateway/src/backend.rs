@@ -5,10 +5,17 @@
 //! one instance of a service does not stop the gateway. A request the dead instance may already
 //! have applied can thus be applied twice (a publish could be duplicated); that is the price of
 //! not losing it.
+//!
+//! A host name counts as a list: it is resolved, every address becomes an endpoint, and the
+//! resolution is refreshed, so a Kubernetes headless Service spreads the load over its pods
+//! and follows them as they come and go.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use http::Uri;
 use roomcast_common::unix_millis;
 use roomcast_proto::auth_service_client::AuthServiceClient;
 use roomcast_proto::room_service_client::RoomServiceClient;
@@ -18,51 +25,186 @@ use tonic::{Code, Response, Status};
 /// How long an endpoint that answered UNAVAILABLE is skipped.
 const SKIP_MS: u64 = 1_000;
 
+/// How often host names are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendConfigError {
     #[error("no endpoint in {0:?}")]
     Empty(String),
-    #[error("bad endpoint {url:?}: {source}")]
-    BadUrl {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error("bad endpoint {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+}
+
+/// One resolved endpoint.
+struct Member<C> {
+    /// The URL it was built from, with the host resolved: identifies it across refreshes.
+    url: String,
+    /// Which configured URL it came from.
+    origin: usize,
+    client: C,
+    /// Unix ms until which it is skipped.
+    skip_until: AtomicU64,
 }
 
 /// One client per endpoint, with failover.
 pub struct Pool<C> {
-    clients: Vec<C>,
-    /// Per endpoint: unix ms until which it is skipped.
-    skip_until: Vec<AtomicU64>,
+    /// The configured URLs, as given.
+    urls: Vec<Uri>,
+    make: Box<dyn Fn(Channel) -> C + Send + Sync>,
+    /// The current endpoints; replaced whole by a refresh.
+    members: RwLock<Arc<Vec<Member<C>>>>,
     next: AtomicUsize,
 }
 
+fn endpoint(url: &str) -> Result<Channel, BackendConfigError> {
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).map_err(|e| BackendConfigError::BadUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// `url` with its host replaced by `addr`.
+fn with_address(url: &Uri, addr: std::net::SocketAddr) -> String {
+    let scheme = url.scheme_str().unwrap_or("http");
+    let path = url.path_and_query().map_or("", |p| p.as_str());
+    let path = if path == "/" { "" } else { path };
+    format!("{scheme}://{addr}{path}")
+}
+
 impl<C: Clone> Pool<C> {
-    /// `urls`: one URL or a comma-separated list.
-    pub fn new(urls: &str, make: impl Fn(Channel) -> C) -> Result<Self, BackendConfigError> {
-        let mut clients = Vec::new();
+    /// `urls`: one URL or a comma-separated list. Host names are used as they are until the
+    /// first [`Pool::refresh`].
+    pub fn new(
+        urls: &str,
+        make: impl Fn(Channel) -> C + Send + Sync + 'static,
+    ) -> Result<Self, BackendConfigError> {
+        let mut parsed = Vec::new();
+        let mut members = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let endpoint = Endpoint::from_shared(url.to_owned())
-                .map_err(|source| BackendConfigError::BadUrl {
+            let uri: Uri =
+                url.parse()
+                    .map_err(|e: http::uri::InvalidUri| BackendConfigError::BadUrl {
+                        url: url.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+            if uri.host().is_none() {
+                return Err(BackendConfigError::BadUrl {
                     url: url.to_owned(),
-                    source,
-                })?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
-            clients.push(make(endpoint.connect_lazy()));
+                    reason: "no host".to_owned(),
+                });
+            }
+            members.push(Member {
+                url: url.to_owned(),
+                origin: parsed.len(),
+                client: make(endpoint(url)?),
+                skip_until: AtomicU64::new(0),
+            });
+            parsed.push(uri);
         }
-        if clients.is_empty() {
+        if members.is_empty() {
             return Err(BackendConfigError::Empty(urls.to_owned()));
         }
-        let skip_until = clients.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(Self {
-            clients,
-            skip_until,
+            urls: parsed,
+            make: Box::new(make),
+            members: RwLock::new(Arc::new(members)),
             next: AtomicUsize::new(0),
         })
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Member<C>>> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The current endpoint URLs (host names resolved).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.snapshot().iter().map(|m| m.url.clone()).collect()
+    }
+
+    /// Resolves host names again: every address is an endpoint. Endpoints that stay keep
+    /// their connection; a name that does not resolve keeps what it had (or itself).
+    pub async fn refresh(&self) {
+        let current = self.snapshot();
+        let mut wanted: Vec<(String, usize)> = Vec::new();
+        for (origin, uri) in self.urls.iter().enumerate() {
+            let host = uri.host().unwrap_or_default();
+            let is_literal = host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok();
+            let resolved: Vec<String> = if is_literal {
+                Vec::new()
+            } else {
+                let port = uri.port_u16().unwrap_or(80);
+                match tokio::net::lookup_host((host, port)).await {
+                    Ok(addrs) => addrs.map(|addr| with_address(uri, addr)).collect(),
+                    Err(error) => {
+                        tracing::debug!(%uri, %error, "backend name does not resolve (yet)");
+                        Vec::new()
+                    }
+                }
+            };
+            if !resolved.is_empty() {
+                wanted.extend(resolved.into_iter().map(|url| (url, origin)));
+                continue;
+            }
+            // Unresolved (or an address already): keep what this URL had.
+            wanted.extend(
+                current
+                    .iter()
+                    .filter(|m| m.origin == origin)
+                    .map(|m| (m.url.clone(), origin)),
+            );
+        }
+        wanted.sort();
+        wanted.dedup_by(|a, b| a.0 == b.0);
+        let old: HashMap<&str, &Member<C>> = current.iter().map(|m| (m.url.as_str(), m)).collect();
+        let mut members = Vec::with_capacity(wanted.len());
+        for (url, origin) in &wanted {
+            let member = match old.get(url.as_str()) {
+                Some(member) => Member {
+                    url: url.clone(),
+                    origin: *origin,
+                    client: member.client.clone(),
+                    skip_until: AtomicU64::new(member.skip_until.load(Ordering::Relaxed)),
+                },
+                None => match endpoint(url) {
+                    Ok(channel) => Member {
+                        url: url.clone(),
+                        origin: *origin,
+                        client: (self.make)(channel),
+                        skip_until: AtomicU64::new(0),
+                    },
+                    Err(error) => {
+                        tracing::warn!(%url, %error, "skipping endpoint");
+                        continue;
+                    }
+                },
+            };
+            members.push(member);
+        }
+        if members.is_empty() {
+            return;
+        }
+        let mut before: Vec<&str> = current.iter().map(|m| m.url.as_str()).collect();
+        before.sort_unstable();
+        let after: Vec<&str> = members.iter().map(|m| m.url.as_str()).collect();
+        if before != after {
+            tracing::info!(endpoints = ?after, "backend endpoints");
+            *self.members.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(members);
+        }
     }
 
     /// Runs `call` on an endpoint, failing over to the others on UNAVAILABLE.
@@ -71,24 +213,28 @@ impl<C: Clone> Pool<C> {
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let count = self.clients.len();
+        let members = self.snapshot();
+        let count = members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = unix_millis();
         // Healthy endpoints first, then the skipped ones as a last resort. Decided up front:
         // the calls below change which endpoints are skipped.
         let (mut order, skipped): (Vec<usize>, Vec<usize>) = (0..count)
             .map(|i| (start + i) % count)
-            .partition(|&i| self.skip_until[i].load(Ordering::Relaxed) <= now);
+            .partition(|&i| members[i].skip_until.load(Ordering::Relaxed) <= now);
         order.extend(skipped);
         let mut last = Status::unavailable("no endpoint");
         for index in order {
-            match call(self.clients[index].clone()).await {
+            let member = &members[index];
+            match call(member.client.clone()).await {
                 Ok(response) => {
-                    self.skip_until[index].store(0, Ordering::Relaxed);
+                    member.skip_until.store(0, Ordering::Relaxed);
                     return Ok(response.into_inner());
                 }
                 Err(status) if status.code() == Code::Unavailable => {
-                    self.skip_until[index].store(unix_millis() + SKIP_MS, Ordering::Relaxed);
+                    member
+                        .skip_until
+                        .store(unix_millis() + SKIP_MS, Ordering::Relaxed);
                     last = status;
                 }
                 Err(status) => return Err(status),
@@ -110,6 +256,16 @@ impl Backends {
             room: Pool::new(room_urls, RoomServiceClient::new)?,
             auth: Pool::new(auth_urls, AuthServiceClient::new)?,
         })
+    }
+
+    /// Resolves the services' host names now and then every [`RESOLVE_EVERY`].
+    pub async fn keep_resolved(&self) {
+        let mut tick = tokio::time::interval(RESOLVE_EVERY);
+        loop {
+            tick.tick().await;
+            self.room.refresh().await;
+            self.auth.refresh().await;
+        }
     }
 }
 
@@ -139,5 +295,35 @@ mod tests {
     fn rejects_empty_and_bad_lists() {
         assert!(Pool::new(" , ", |c| c).is_err());
         assert!(Pool::new("not a url\u{0}", |c| c).is_err());
+        assert!(Pool::new("/path-only", |c| c).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_host_name_becomes_one_endpoint_per_address() {
+        let pool = Pool::new("http://localhost:50051,http://127.0.0.1:7", |c| c).unwrap();
+        pool.refresh().await;
+        let endpoints = pool.endpoints();
+        assert!(
+            endpoints.contains(&"http://127.0.0.1:7".to_owned()),
+            "{endpoints:?}"
+        );
+        assert!(
+            endpoints.contains(&"http://127.0.0.1:50051".to_owned()),
+            "localhost resolved to its addresses: {endpoints:?}"
+        );
+        assert!(
+            !endpoints.iter().any(|e| e.contains("localhost")),
+            "{endpoints:?}"
+        );
+        // A second refresh with the same answer keeps the same endpoints.
+        pool.refresh().await;
+        assert_eq!(pool.endpoints(), endpoints);
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_kept_as_is() {
+        let pool = Pool::new("http://no-such-host.invalid:50051", |c| c).unwrap();
+        pool.refresh().await;
+        assert_eq!(pool.endpoints(), ["http://no-such-host.invalid:50051"]);
     }
 }

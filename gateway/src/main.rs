@@ -89,6 +89,8 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         .with_context(|| format!("binding {}", config.addr))?;
     tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, "listening");
     tokio::spawn(server::heartbeat_loop(gateway.clone()));
+    let resolving = gateway.clone();
+    tokio::spawn(async move { resolving.backends.keep_resolved().await });
     tokio::spawn(repair::run(gateway.clone(), repairs));
     server::serve(listener, gateway, shutdown_signal(), drain_window).await?;
     tracing::info!("stopped");
