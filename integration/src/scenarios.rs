@@ -1369,6 +1369,39 @@ pub async fn cluster_all_room_services_down(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// The auth-service dies: open connections stay and keep publishing to rooms they joined,
+/// commands that need it answer `unavailable`, and new handshakes get 503 (not 401: the token
+/// may be fine).
+pub async fn cluster_auth_service_down(sys: &mut System) -> Result<()> {
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    join(&mut a, "authdown").await?;
+    join(&mut b, "authdown").await?;
+    cluster(sys)?.auth().process.kill9()?;
+    let id = a
+        .send_command(json!({"type": "join", "room": "other"}))
+        .await?;
+    let r = a.reply_to(id, Duration::from_secs(10)).await?;
+    check_error(&r, "unavailable", Some(id), "join with no auth-service")?;
+    let offset = a.publish("authdown", json!("still here")).await?;
+    let m = b.expect("message", T).await?;
+    ensure!(
+        m["offset"] == offset,
+        "delivery without auth-service: expected offset {offset}, got {m}"
+    );
+    let opts = ConnectOptions {
+        token: Some(sys.mint(&Claims::new("carol"))?),
+        bearer_header: false,
+        origin: None,
+    };
+    match TestClient::connect_raw(&sys.ws_url(1), &opts).await {
+        Err(ConnectError::Http { status: 503, .. }) => {}
+        Err(e) => bail!("handshake with no auth-service: expected HTTP 503, got {e}"),
+        Ok(_) => bail!("a handshake succeeded with no auth-service to verify its token"),
+    }
+    Ok(())
+}
+
 /// The store restarts empty: the epoch changes, a join with the old position says
 /// `recovered: false`, and publishing works again.
 pub async fn cluster_store_restart_changes_epoch(sys: &mut System) -> Result<()> {

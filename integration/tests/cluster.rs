@@ -93,3 +93,14 @@ async fn broker_link_loss_is_repaired() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_service_down() {
+    run(
+        "auth_service_down",
+        Flavor::Cluster,
+        ClusterOptions::default(),
+        scenarios::cluster_auth_service_down,
+    )
+    .await;
+}
