@@ -38,7 +38,9 @@ pub enum BrokerError {
     Unavailable(#[from] redis::RedisError),
     #[error("broker did not answer in time")]
     Timeout,
-    #[error("unsupported broker url {0:?} (expected redis://, rediss:// or memory://)")]
+    #[error("nats unavailable: {0}")]
+    Nats(String),
+    #[error("unsupported broker url {0:?} (expected redis://, rediss:// or nats://)")]
     UnsupportedUrl(String),
 }
 
@@ -186,6 +188,7 @@ impl RedisSubscriber {
 pub enum Subscriber {
     Memory(MemorySubscriber),
     Redis(RedisSubscriber),
+    Nats(crate::nats::NatsSubscriber),
 }
 
 impl Subscriber {
@@ -194,6 +197,7 @@ impl Subscriber {
         match self {
             Subscriber::Memory(m) => m.subscribe(channel),
             Subscriber::Redis(r) => r.connection.clone().subscribe(channel).await?,
+            Subscriber::Nats(n) => n.subscribe(channel).await?,
         }
         Ok(())
     }
@@ -213,6 +217,7 @@ impl Subscriber {
                     Err(_) => Err(BrokerError::Timeout),
                 }
             }
+            Subscriber::Nats(n) => n.ping().await,
         }
     }
 
@@ -220,6 +225,7 @@ impl Subscriber {
         match self {
             Subscriber::Memory(m) => m.unsubscribe(channel),
             Subscriber::Redis(r) => r.connection.clone().unsubscribe(channel).await?,
+            Subscriber::Nats(n) => n.unsubscribe(channel).await?,
         }
         Ok(())
     }

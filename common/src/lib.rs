@@ -3,6 +3,7 @@
 //! - [`broker`] — the pub/sub leg (in-memory for standalone, Redis for a cluster) that carries
 //!   broadcasts from room-service to the gateways holding members of a room.
 //! - [`envelope`] — the bytes that travel on the broker, and the channel names.
+//! - [`nats`] — NATS as the pub/sub leg instead of Redis pub/sub.
 //! - [`message`] — the JSON `message` frame, built in exactly one shape everywhere.
 //! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
 //! - [`room`] — room-name rules.
@@ -13,6 +14,7 @@ pub mod broker;
 pub mod envelope;
 pub mod error_code;
 pub mod message;
+pub mod nats;
 pub mod ops;
 pub mod room;
 pub mod telemetry;
