@@ -253,20 +253,23 @@ p('`loadgen connections`: opens the connections as fast as the handshake concurr
   '`roomcast-cluster` (auth-service verifies every token over gRPC at the handshake). The load generator ' +
   'splits itself into worker processes of at most 15,000 connections (20,000 open files per process here).');
 p();
-p('| run | gateways | attempted | connected | failed | held at end | dropped | RSS before → after (MiB, summed) | RSS per connection | connect rate | time to connect p50 / p99 / max (ms) |');
-p('|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|');
+p('Server CPU per connection = utime + stime of the gateways, room-services and auth-service over the whole ' +
+  'run (ramp, 10 s hold with heartbeats, close), divided by connections.');
+p();
+p('| run | gateways | attempted | connected | failed | held at end | dropped | RSS before → after (MiB, summed) | RSS per connection | connect rate | time to connect p50 / p99 / max (ms) | server CPU per connection (µs) | load generator CPU (s) |');
+p('|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|');
 for (const run of [idle1, idle6]) {
   if (!run) continue;
   const r = run.r;
   if (!r) {
-    p(`| ${run.name} | | | | | | | | | | load generator exit ${run.exit}, no JSON |`);
+    p(`| ${run.name} | | | | | | | | | | load generator exit ${run.exit}, no JSON | | |`);
     continue;
   }
   const before = r.gateways.reduce((s, g) => s + (g.rss_before_kb || 0), 0) / 1024;
   const after = r.gateways.reduce((s, g) => s + (g.rss_after_kb || 0), 0) / 1024;
   p(`| ${run.name} | ${r.gateways.length} | ${int(r.attempted)} | ${int(r.connected)} | ${int(r.failed)}${emptyObj(r.failures) ? '' : ` (${brief(r.failures)})`} | ` +
     `${int(r.held)} | ${brief(r.dropped)} | ${f(before)} → ${f(after)} | ${int(r.rss_per_connection_bytes)} B | ${int(r.connect_rate)}/s | ` +
-    `${f(r.connect_ms.p50, 1)} / ${f(r.connect_ms.p99, 1)} / ${f(r.connect_ms.max, 1)} |`);
+    `${f(r.connect_ms.p50, 1)} / ${f(r.connect_ms.p99, 1)} / ${f(r.connect_ms.max, 1)} | ${f(us(run.serverCpu, r.connected), 0)} | ${f(run.loadgenCpu, 2)} |`);
 }
 if (!idle6) p('\nThe 100,000-connection run (6 gateways) was skipped (`--no-100k`).');
 p();
@@ -303,6 +306,17 @@ for (const run of fanOrder) {
     `${f(winPer(run), 2)} | ${f(run.redisCpu, 2)} | ${f(redisPer(run), 3)} | ${f(run.loadgenCpu, 2)} |`);
 }
 p();
+{
+  const perPublish = (runsOf) => median(runsOf.map((run) => (run.r && run.r.published && run.window ? us(run.window.redis, run.r.published) : null)));
+  const setupPerMember = (runsOf) =>
+    median(runsOf.map((run) => (run.r && run.window && run.r.members ? ((run.serverCpu - run.window.server) * 1e3) / run.r.members : null)));
+  p(`Redis CPU per publish over the publishing window (median): Roomcast ${f(perPublish(rcFan), 1)} µs (one Lua script: offset, history stream, ` +
+    `PUBLISH, TTLs), Socket.IO ${f(perPublish(sioFan), 1)} µs (one PUBLISH from the adapter). Server CPU outside the ` +
+    `publishing window (set-up of the ${rcFan[0] && rcFan[0].r ? int(rcFan[0].r.members) : '1000+'} members, closing them), per member: ` +
+    `Roomcast ${f(setupPerMember(rcFan), 2)} ms, Socket.IO ${f(setupPerMember(sioFan), 2)} ms; Roomcast announces every join to ` +
+    'the members already in the room (`member_joined`), so filling a 1000-member room costs about 500,000 such deliveries.');
+  p();
+}
 const oddities = fanOrder.filter((run) => run.r && (!emptyObj(run.r.setup_failures) || !emptyObj(run.r.disconnected) || !emptyObj(run.r.publish_errors) || run.r.unacked > 0));
 for (const run of oddities) {
   p(`- ${run.name}: set-up failures ${brief(run.r.setup_failures)}; disconnected ${brief(run.r.disconnected)}; ` +

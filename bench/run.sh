@@ -3,7 +3,7 @@
 # Socket.IO reference (two instances on one private Redis), runs the standard scenarios with the
 # load generators, and writes docs/benchmarks.md (machine, versions, command lines, numbers).
 #
-#   bench/run.sh              the standard run (about 10 min on a 2-core machine)
+#   bench/run.sh              the standard run (5-6 min plus the release build on a 2-core machine)
 #   bench/run.sh --help
 #
 # Every process it starts is stopped on exit (trap EXIT), by pid. It starts its own redis-server
@@ -302,9 +302,11 @@ npmver() { node -e 'const l=require(process.argv[1]); const p=l.packages["node_m
 # 1. Idle connections on one gateway (~19,000) and connect rate
 # ---------------------------------------------------------------------------------------------
 start_cluster idle1 1 1
-run idle-1gw "${GW_PIDS[*]}" "$CREDIS_PID" 240 -- \
+# --concurrency 100 (the default): more handshakes in flight makes no faster ramp here, only
+# SYN retransmits (time-to-connect p99 near 1 s).
+run idle-1gw "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 240 -- \
   "$BIN/loadgen" connections --url "$GW_URLS" --secret "$SECRET" --count 19000 --rate 0 \
-  --concurrency 200 --hold 10s --duration 180s --gateway-pid "${GW_PIDS[0]}" --json
+  --concurrency 100 --hold 10s --duration 180s --gateway-pid "${GW_PIDS[0]}" --json
 log "idle-1gw: connected $(jget idle-1gw connected), $(jget idle-1gw rss_per_connection_bytes) B RSS per connection, $(jget idle-1gw connect_rate) conn/s"
 stop_cluster
 
@@ -315,9 +317,9 @@ if [ $FULL = 1 ]; then
   start_cluster idle6 6 2
   gwargs=()
   for p in "${GW_PIDS[@]}"; do gwargs+=(--gateway-pid "$p"); done
-  run idle-6gw "${GW_PIDS[*]}" "$CREDIS_PID" 420 -- \
+  run idle-6gw "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 420 -- \
     "$BIN/loadgen" connections --url "$GW_URLS" --secret "$SECRET" --count 100000 --rate 0 \
-    --concurrency 300 --hold 10s --duration 360s "${gwargs[@]}" --json
+    --concurrency 200 --hold 10s --duration 360s "${gwargs[@]}" --json
   log "idle-6gw: connected $(jget idle-6gw connected), held $(jget idle-6gw held), $(jget idle-6gw rss_per_connection_bytes) B RSS per connection, $(jget idle-6gw connect_rate) conn/s"
   stop_cluster
 fi
