@@ -36,8 +36,11 @@ fn unavailable(error: impl std::fmt::Display) -> BrokerError {
 }
 
 async fn connect_client(url: &str, sink: Option<Sink>) -> Result<async_nats::Client, BrokerError> {
+    // Retry in the background when the server is not up yet: the caller starts, reports not
+    // ready, and publishes fail until it is.
     let options = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
+        .retry_on_initial_connect()
         .event_callback(move |event| {
             let sink = sink.clone();
             async move {

@@ -314,6 +314,9 @@ impl Reader {
                     .await;
             }
         };
+        self.gateway
+            .hub
+            .set_base(&room, &joined.epoch, joined.offset);
         let missed = joined.recovered.map(|_| {
             joined
                 .missed

@@ -214,6 +214,9 @@ pub enum RepairRequest {
 /// Messages fetched from history to fill a gap.
 pub struct Filled {
     pub epoch: String,
+    /// The room's latest offset when history was read: everything up to it was (or will
+    /// never be) in history.
+    pub latest: u64,
     /// `(offset, sender client id, frame)`, oldest first.
     pub messages: Vec<(u64, String, String)>,
 }
@@ -288,7 +291,8 @@ impl Hub {
             members: vec![conn],
             epoch: None,
             last: 0,
-            held: None,
+            // Held until the first join gives the room's position (see `set_base`).
+            held: Some(Vec::new()),
         };
         shard.insert(name.clone(), entry);
         name
@@ -354,38 +358,7 @@ impl Hub {
                     }),
                     sender,
                 };
-                if let Some(held) = &mut entry.held {
-                    held.push(message);
-                    return;
-                }
-                let gap_since = match &entry.epoch {
-                    Some(seen) if **seen == *message.delivery.epoch => {
-                        (entry.last > 0 && offset > entry.last + 1).then_some(entry.last)
-                    }
-                    // A new epoch (history lost and restarted): fetch it from its start.
-                    Some(_) => (offset > 1).then_some(0),
-                    None => None,
-                };
-                if let (Some(since), Some(repairs)) = (gap_since, &self.repairs) {
-                    metrics::counter!("roomcast_gateway_gaps_total").increment(1);
-                    tracing::info!(
-                        room,
-                        since,
-                        offset,
-                        "gap in a room's offsets: filling from history"
-                    );
-                    if since == 0 {
-                        entry.epoch = Some(message.delivery.epoch.clone());
-                        entry.last = 0;
-                    }
-                    entry.held = Some(vec![message]);
-                    let _ = repairs.send(RepairRequest::Room {
-                        room: entry.name.clone(),
-                        since,
-                    });
-                    return;
-                }
-                deliver_message(entry, message);
+                self.accept(entry, message);
             }
             Envelope::Event { exclude, frame } => {
                 let Some(room) = envelope::room_of_channel(&channel) else {
@@ -412,6 +385,57 @@ impl Hub {
     /// Whether the broker link dropped since the last check.
     pub fn link_was_lost(&self) -> bool {
         self.link_lost.load(Ordering::Relaxed)
+    }
+
+    /// Takes one message of a room in: held while the room waits for its base or a repair,
+    /// held and repaired when it skips offsets, delivered otherwise.
+    fn accept(&self, entry: &mut RoomEntry, message: HeldMessage) {
+        if let Some(held) = &mut entry.held {
+            held.push(message);
+            return;
+        }
+        let offset = message.delivery.offset;
+        let gap_since = match &entry.epoch {
+            Some(seen) if **seen == *message.delivery.epoch => {
+                (offset > entry.last + 1).then_some(entry.last)
+            }
+            // A new epoch (history lost and restarted): fetch it from its start.
+            Some(_) => (offset > 1).then_some(0),
+            None => None,
+        };
+        if let (Some(since), Some(repairs)) = (gap_since, &self.repairs) {
+            metrics::counter!("roomcast_gateway_gaps_total").increment(1);
+            tracing::info!(room = %entry.name, since, offset, "gap in a room's offsets: filling from history");
+            if since == 0 {
+                entry.epoch = Some(message.delivery.epoch.clone());
+                entry.last = 0;
+            }
+            entry.held = Some(vec![message]);
+            let _ = repairs.send(RepairRequest::Room {
+                room: entry.name.clone(),
+                since,
+            });
+            return;
+        }
+        deliver_message(entry, message);
+    }
+
+    /// The room's position as the first successful join saw it. Until then the room's
+    /// messages are held: without a base, a first message that arrives out of order (NATS
+    /// does not order several publishers) could not be told from a gap.
+    pub fn set_base(&self, room: &str, epoch: &str, offset: u64) {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else {
+            return;
+        };
+        if entry.epoch.is_some() {
+            return;
+        }
+        entry.epoch = Some(Arc::from(epoch));
+        entry.last = offset;
+        for message in entry.held.take().unwrap_or_default() {
+            self.accept(entry, message);
+        }
     }
 
     /// After the broker link came back: hold every room that saw messages and ask for what it
@@ -479,7 +503,11 @@ impl Hub {
             return;
         }
         let held = entry.held.take().unwrap_or_default();
+        // Held messages up to here are delivered as they are; later ones may skip ahead
+        // again (a message still in flight) and start another repair rather than be lost.
+        let mut covered = u64::MAX;
         if let Some(filled) = filled {
+            covered = filled.latest;
             let epoch: Arc<str> = Arc::from(filled.epoch);
             for (offset, sender, frame) in filled.messages {
                 let delivery = Arc::new(Delivery {
@@ -492,7 +520,15 @@ impl Hub {
             }
         }
         for message in held {
-            deliver_message(entry, message);
+            if message.delivery.offset <= covered || entry.held.is_some() {
+                if let Some(more) = &mut entry.held {
+                    more.push(message);
+                } else {
+                    deliver_message(entry, message);
+                }
+            } else {
+                self.accept(entry, message);
+            }
         }
     }
 
@@ -568,6 +604,8 @@ mod tests {
         hub.add_member("r", a);
         hub.add_member("r", b);
         hub.add_member("other", c);
+        hub.set_base("r", "e", 0);
+        hub.set_base("other", "e", 0);
         hub.dispatch(message("r", 1, "a"));
         assert!(ra.try_recv().is_none());
         match rb.try_recv().unwrap() {
@@ -582,6 +620,7 @@ mod tests {
         let (hub, _repairs) = Hub::new();
         let (a, _ra) = conn("a", "u", 1);
         hub.add_member("r", a.clone());
+        hub.set_base("r", "e", 0);
         hub.dispatch(message("r", 1, "x"));
         assert!(!a.cancel.is_cancelled());
         hub.dispatch(message("r", 2, "x"));
@@ -666,6 +705,7 @@ mod tests {
     fn filled(epoch: &str, offsets: &[u64]) -> Filled {
         Filled {
             epoch: epoch.into(),
+            latest: offsets.last().copied().unwrap_or(0),
             messages: offsets
                 .iter()
                 .map(|o| (*o, "other".to_owned(), "{}".to_owned()))
@@ -678,6 +718,7 @@ mod tests {
         let (hub, mut repairs) = Hub::new();
         let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
+        hub.set_base("r", "e", 0);
         hub.dispatch(message_in("r", "e", 1));
         hub.dispatch(message_in("r", "e", 2));
         hub.dispatch(message_in("r", "e", 5));
@@ -693,10 +734,61 @@ mod tests {
     }
 
     #[test]
+    fn messages_wait_for_the_base_and_a_first_one_out_of_order_is_repaired() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        // Arrives before the join reply, and ahead of offset 5.
+        hub.dispatch(message_in("r", "e", 6));
+        assert!(ra.try_recv().is_none(), "held until the base is known");
+        hub.set_base("r", "e", 4);
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 4));
+        hub.dispatch(message_in("r", "e", 5));
+        hub.finish_repair("r", Some(filled("e", &[5, 6])));
+        let got: Vec<u64> = offsets(&ra).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, [5, 6]);
+    }
+
+    #[test]
+    fn a_held_message_past_the_fill_starts_another_repair() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.set_base("r", "e", 0);
+        hub.dispatch(message_in("r", "e", 2));
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 0));
+        // 4 arrives while 3 is still in flight; history was read when 2 was the latest.
+        hub.dispatch(message_in("r", "e", 4));
+        hub.finish_repair("r", Some(filled("e", &[1, 2])));
+        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 2));
+        hub.dispatch(message_in("r", "e", 3));
+        hub.finish_repair("r", Some(filled("e", &[3, 4])));
+        let got: Vec<u64> = offsets(&ra).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, [1, 2, 3, 4]);
+        assert!(repairs.try_recv().is_err(), "no endless repairs");
+    }
+
+    #[test]
+    fn a_fill_that_history_cannot_complete_delivers_anyway() {
+        let (hub, mut repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.set_base("r", "e", 0);
+        hub.dispatch(message_in("r", "e", 5));
+        assert!(repairs.try_recv().is_ok());
+        // History lost 1..3 (trimmed): it returns 4..5 with 5 the latest.
+        hub.finish_repair("r", Some(filled("e", &[4, 5])));
+        let got: Vec<u64> = offsets(&ra).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, [4, 5]);
+        assert!(repairs.try_recv().is_err(), "no endless repairs");
+    }
+
+    #[test]
     fn a_failed_fill_still_delivers_what_was_held() {
         let (hub, mut repairs) = Hub::new();
         let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
+        hub.set_base("r", "e", 0);
         hub.dispatch(message_in("r", "e", 1));
         hub.dispatch(message_in("r", "e", 3));
         assert!(repairs.try_recv().is_ok());
@@ -710,6 +802,7 @@ mod tests {
         let (hub, mut repairs) = Hub::new();
         let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
+        hub.set_base("r", "old", 8);
         hub.dispatch(message_in("r", "old", 9));
         hub.dispatch(message_in("r", "new", 3));
         assert_eq!(repairs.try_recv().unwrap(), room_request("r", 0));
@@ -730,6 +823,7 @@ mod tests {
         let (hub, mut repairs) = Hub::new();
         let (a, ra) = conn("a", "u", 64);
         hub.add_member("r", a);
+        hub.set_base("r", "old", 56);
         hub.dispatch(message_in("r", "old", 57));
         hub.dispatch(BrokerEvent::Disconnected);
         assert!(hub.check_after_link_loss());
@@ -752,16 +846,17 @@ mod tests {
         let (a, _ra) = conn("a", "u", 64);
         hub.add_member("r", a.clone());
         hub.add_member("quiet", a);
+        hub.set_base("r", "e", 3);
+        hub.set_base("quiet", "e", 0);
         hub.dispatch(message_in("r", "e", 4));
         assert!(!hub.check_after_link_loss(), "nothing lost yet");
         hub.dispatch(BrokerEvent::Disconnected);
         assert!(hub.link_was_lost());
         assert!(hub.check_after_link_loss());
         assert_eq!(repairs.try_recv().unwrap(), RepairRequest::Reregister);
-        assert_eq!(repairs.try_recv().unwrap(), room_request("r", 4));
-        assert!(
-            repairs.try_recv().is_err(),
-            "a room that saw nothing has nothing to check"
-        );
+        let mut requests = vec![repairs.try_recv().unwrap(), repairs.try_recv().unwrap()];
+        requests.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(requests, [room_request("quiet", 0), room_request("r", 4)]);
+        assert!(repairs.try_recv().is_err());
     }
 }

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use roomcast_common::broker::{RedisSubscriber, Sink, Subscriber};
 use roomcast_common::envelope::CONTROL_CHANNEL;
+use roomcast_common::nats::NatsSubscriber;
 use roomcast_common::ops::Readiness;
 use roomcast_gateway::backend::Backends;
 use roomcast_gateway::config::{GatewayConfig, gateway_id};
@@ -54,8 +55,12 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     config.connection.validate()?;
     let id = gateway_id(config.id.as_deref())?;
     let broker_url = config.broker_url.as_deref().unwrap_or(&config.redis_url);
-    if !broker_url.starts_with("redis://") && !broker_url.starts_with("rediss://") {
-        anyhow::bail!("BROKER_URL {broker_url:?} is not supported yet (use redis://)");
+    let supported = ["redis://", "rediss://", "nats://"];
+    if !supported
+        .iter()
+        .any(|scheme| broker_url.starts_with(scheme))
+    {
+        anyhow::bail!("BROKER_URL {broker_url:?}: expected redis://, rediss:// or nats://");
     }
     let (hub, repairs) = Hub::new();
     let hub = Arc::new(hub);
@@ -97,12 +102,21 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     Ok(())
 }
 
-/// Connects to the broker, retrying with backoff: a gateway started before Redis waits for it.
+/// Connects to the broker, retrying with backoff: a gateway started before its broker waits.
 async fn connect_broker(url: &str, sink: Sink) -> Subscriber {
     let mut delay = Duration::from_millis(100);
     loop {
-        match RedisSubscriber::connect(url, sink.clone()).await {
-            Ok(subscriber) => return Subscriber::Redis(subscriber),
+        let connected = if url.starts_with("nats://") {
+            NatsSubscriber::connect(url, sink.clone())
+                .await
+                .map(Subscriber::Nats)
+        } else {
+            RedisSubscriber::connect(url, sink.clone())
+                .await
+                .map(Subscriber::Redis)
+        };
+        match connected {
+            Ok(subscriber) => return subscriber,
             Err(error) => {
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker not reachable");
                 tokio::time::sleep(delay).await;

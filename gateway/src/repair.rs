@@ -93,6 +93,7 @@ async fn fetch(gateway: &Gateway, room: &Arc<str>, since: u64) -> Option<Filled>
                 .collect();
             Some(Filled {
                 epoch: history.epoch,
+                latest: history.offset,
                 messages,
             })
         }

@@ -4,7 +4,7 @@
 //!
 //! - [`ports`]: free ports, never handed out twice in one run.
 //! - [`process`]: child processes with log files, signals, readiness and kill-on-drop.
-//! - [`redis`]: a private redis-server.
+//! - [`redis`], [`nats`]: a private redis-server, a private nats-server.
 //! - [`cluster`] / [`standalone`] / [`system`]: whole systems, and one interface over both.
 //! - [`token`]: test JWTs.
 //! - [`client`]: a WebSocket client for the JSON protocol.
@@ -18,6 +18,7 @@ pub mod client;
 pub mod cluster;
 pub mod http;
 pub mod logs;
+pub mod nats;
 pub mod ports;
 pub mod process;
 pub mod redis;

@@ -58,9 +58,7 @@ pub enum ConfigError {
     MaxDataBytes(usize),
     #[error("REDIS_URL {url:?} is not usable: {reason}")]
     RedisUrl { url: String, reason: String },
-    #[error(
-        "BROKER_URL {0:?} is not supported by room-service yet: only Redis (redis://, rediss://) is"
-    )]
+    #[error("BROKER_URL {0:?}: expected the Redis of REDIS_URL (redis://, rediss://) or nats://")]
     UnsupportedBroker(String),
     #[error(
         "BROKER_URL {broker:?} names another Redis than REDIS_URL {store:?}: room-service \
@@ -86,7 +84,11 @@ impl Config {
             url: self.redis_url.clone(),
             reason,
         })?;
-        if let Some(broker_url) = &self.broker_url {
+        if let Some(broker_url) = self
+            .broker_url
+            .as_ref()
+            .filter(|u| !u.starts_with("nats://"))
+        {
             let broker = redis_target(broker_url)
                 .map_err(|_| ConfigError::UnsupportedBroker(broker_url.clone()))?;
             if broker != store {
@@ -97,6 +99,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The NATS URL when NATS is the broker.
+    pub fn nats_url(&self) -> Option<&str> {
+        self.broker_url
+            .as_deref()
+            .filter(|url| url.starts_with("nats://"))
     }
 
     pub fn history_limits(&self) -> HistoryLimits {
@@ -160,8 +169,9 @@ mod tests {
             with(&["--max-data-bytes", "0"]),
             Err(ConfigError::MaxDataBytes(0))
         );
+        assert_eq!(with(&["--broker-url", "nats://127.0.0.1:4222"]), Ok(()));
         assert!(matches!(
-            with(&["--broker-url", "nats://127.0.0.1:4222"]),
+            with(&["--broker-url", "kafka://127.0.0.1:9092"]),
             Err(ConfigError::UnsupportedBroker(_))
         ));
         assert!(matches!(

@@ -36,7 +36,15 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
 
-    let store = Store::redis(&config.redis_url, config.history_limits())?;
+    let store = match config.nats_url() {
+        Some(nats_url) => {
+            let nats = roomcast_common::nats::NatsPublisher::connect(nats_url)
+                .await
+                .with_context(|| format!("connecting to BROKER_URL {nats_url}"))?;
+            Store::redis_with_nats(&config.redis_url, config.history_limits(), nats)?
+        }
+        None => Store::redis(&config.redis_url, config.history_limits())?,
+    };
     let service = RoomServiceImpl::new(store.clone(), config.service_options());
     let readiness = Readiness::default();
 

@@ -1,8 +1,11 @@
 -- Leave: remove the member and announce it, only if it was there.
--- KEYS: 1 members. ARGV: 1 client id, 2 channel, 3 member_left payload.
+-- KEYS: 1 members. ARGV: 1 client id, 2 channel ('' when another broker announces it),
+-- 3 member_left payload.
 -- Returns 1 when the member was removed.
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  if ARGV[2] ~= '' then
+    redis.call('PUBLISH', ARGV[2], ARGV[3])
+  end
   return 1
 end
 return 0

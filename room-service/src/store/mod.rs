@@ -169,6 +169,15 @@ impl Store {
         RedisStore::new(url, limits).map(Store::Redis)
     }
 
+    /// State in Redis, broadcasts over NATS.
+    pub fn redis_with_nats(
+        url: &str,
+        limits: HistoryLimits,
+        nats: roomcast_common::nats::NatsPublisher,
+    ) -> Result<Self, StoreError> {
+        RedisStore::new(url, limits).map(|store| Store::Redis(store.with_nats(nats)))
+    }
+
     pub fn limits(&self) -> HistoryLimits {
         match self {
             Store::Memory(s) => s.limits(),

@@ -16,7 +16,10 @@ trim_aged(KEYS[3], now - tonumber(ttl))
 -- Byte-identical to roomcast_common::message::message_frame; epochs are plain hex.
 local frame = '{"type":"message","room":' .. ARGV[5] .. ',"offset":' .. off ..
   ',"epoch":"' .. epoch .. '"' .. ARGV[9]
-redis.call('PUBLISH', ARGV[4], 'M' .. off .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. frame)
+-- An empty channel: another broker (NATS) carries the broadcast; the caller publishes it.
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', ARGV[4], 'M' .. off .. ' ' .. epoch .. ' ' .. ARGV[6] .. '\n' .. frame)
+end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)

@@ -22,8 +22,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
-use roomcast_common::envelope::{CONTROL_CHANNEL, room_channel};
-use roomcast_common::message::message_frame_tail;
+use roomcast_common::envelope::{CONTROL_CHANNEL, encode_message, room_channel};
+use roomcast_common::message::{message_frame, message_frame_tail};
+use roomcast_common::nats::NatsPublisher;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -106,6 +107,8 @@ struct GatewayRecord {
 #[derive(Clone)]
 pub struct RedisStore {
     connection: ConnectionManager,
+    /// Set when NATS carries the broadcasts; otherwise the scripts publish on Redis itself.
+    nats: Option<NatsPublisher>,
     scripts: Arc<Scripts>,
     limits: HistoryLimits,
 }
@@ -179,9 +182,35 @@ impl RedisStore {
             .map_err(|e| StoreError::Config(e.to_string()))?;
         Ok(RedisStore {
             connection,
+            nats: None,
             scripts: Arc::new(Scripts::new()),
             limits,
         })
+    }
+
+    /// Broadcasts over NATS instead of Redis pub/sub.
+    pub fn with_nats(mut self, nats: NatsPublisher) -> Self {
+        self.nats = Some(nats);
+        self
+    }
+
+    /// The channel a script publishes on: none when NATS carries the broadcasts.
+    fn script_channel(&self, room: &str) -> String {
+        if self.nats.is_some() {
+            String::new()
+        } else {
+            room_channel(room)
+        }
+    }
+
+    /// Publishes on NATS, when it is the broker. A failure loses only the live broadcast:
+    /// the message is in history, and gateways fill the gap when the next one arrives.
+    async fn broadcast(&self, channel: &str, payload: Bytes) {
+        if let Some(nats) = &self.nats
+            && let Err(error) = nats.publish(channel, payload).await
+        {
+            tracing::warn!(channel, %error, "broadcast not published on nats");
+        }
     }
 
     pub fn limits(&self) -> HistoryLimits {
@@ -203,6 +232,7 @@ impl RedisStore {
         self.limits.ttl_ms()
     }
 
+    /// Checks Redis and, when it is the broker, NATS.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         self.run(async move {
@@ -210,8 +240,13 @@ impl RedisStore {
                 .query_async::<String>(&mut connection)
                 .await
         })
-        .await
-        .map(drop)
+        .await?;
+        if let Some(nats) = &self.nats {
+            nats.ping()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     pub async fn publish(
@@ -233,7 +268,7 @@ impl RedisStore {
             .arg(new_epoch())
             .arg(self.ttl_ms())
             .arg(self.limits.size.max(1))
-            .arg(room_channel(room))
+            .arg(self.script_channel(room))
             .arg(room_json)
             .arg(client_id)
             .arg(user)
@@ -243,6 +278,11 @@ impl RedisStore {
         let (epoch, offset): (String, u64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
+        if self.nats.is_some() {
+            let frame = message_frame(room, offset, &epoch, user, client_id, data_json);
+            let payload = encode_message(offset, &epoch, client_id, &frame);
+            self.broadcast(&room_channel(room), payload).await;
+        }
         Ok(Published { epoch, offset })
     }
 
@@ -282,15 +322,18 @@ impl RedisStore {
             .arg(self.ttl_ms())
             .arg(joiner.client_id)
             .arg(record)
-            .arg(room_channel(room))
+            .arg(self.script_channel(room))
             .arg(event.as_ref())
             .arg(since_epoch)
             .arg(first_missed)
             .arg(self.limits.size.max(1));
         let mut connection = self.connection.clone();
-        let (epoch, latest, flat): (String, String, Vec<String>) = self
+        let (epoch, latest, flat, new_member): (String, String, Vec<String>, i64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
+        if new_member == 1 {
+            self.broadcast(&room_channel(room), event.clone()).await;
+        }
         // Index for the sweeper: the rooms this gateway has members in. A separate command,
         // since the index key lives outside the room's hash slot.
         let mut connection = self.connection.clone();
@@ -331,12 +374,15 @@ impl RedisStore {
         invocation
             .key(&keys.members)
             .arg(client_id)
-            .arg(room_channel(room))
+            .arg(self.script_channel(room))
             .arg(event.as_ref());
         let mut connection = self.connection.clone();
         let removed: i64 = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
+        if removed == 1 {
+            self.broadcast(&room_channel(room), event).await;
+        }
         Ok(removed == 1)
     }
 
@@ -620,6 +666,12 @@ impl RedisStore {
     }
 
     pub async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
+        if let Some(nats) = &self.nats {
+            return nats
+                .publish(CONTROL_CHANNEL, payload)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()));
+        }
         let mut connection = self.connection.clone();
         self.run(async move {
             redis::cmd("PUBLISH")
