@@ -33,6 +33,11 @@ end
 -- Deletes entries not newer than cutoff_ms. Entries are appended in time order, so the aged
 -- ones are a prefix and the scan stops at the first fresh entry.
 local function trim_aged(hist_key, cutoff_ms)
+  -- Usually the oldest entry is fresh: one entry read instead of a batch on every publish.
+  local oldest = redis.call('XRANGE', hist_key, '-', '+', 'COUNT', 1)
+  if #oldest == 0 or entry_time(oldest[1]) > cutoff_ms then
+    return
+  end
   while true do
     local batch = redis.call('XRANGE', hist_key, '-', '+', 'COUNT', 64)
     local aged = {}
