@@ -84,7 +84,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MintToken(args)) => mint(args),
-        None => run(cli.serve).await,
+        None => {
+            let result = run(cli.serve).await;
+            // Sends the spans still queued (nothing to do without OTEL_EXPORTER_OTLP_ENDPOINT).
+            let _ = tokio::task::spawn_blocking(roomcast_common::telemetry::shutdown).await;
+            result
+        }
     }
 }
 

@@ -249,6 +249,11 @@ fn valid_close_code(code: u16) -> bool {
 
 #[tonic::async_trait]
 impl RoomService for RoomServiceImpl {
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/Join",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -285,6 +290,11 @@ impl RoomService for RoomServiceImpl {
         }))
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/Leave",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn leave(
         &self,
         request: Request<pb::LeaveRequest>,
@@ -300,6 +310,11 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/Publish",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,
@@ -314,6 +329,11 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/Presence",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn presence(
         &self,
         request: Request<pb::PresenceRequest>,
@@ -323,6 +343,11 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/History",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn history(
         &self,
         request: Request<pb::HistoryRequest>,
@@ -332,6 +357,11 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/ConnectionClosed",
+        skip_all,
+        fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
+    )]
     async fn connection_closed(
         &self,
         request: Request<pb::ConnectionClosedRequest>,
@@ -359,6 +389,11 @@ impl RoomService for RoomServiceImpl {
         }
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/GatewayHeartbeat",
+        skip_all,
+        fields(otel.kind = "server", gateway_id = %request.get_ref().gateway_id)
+    )]
     async fn gateway_heartbeat(
         &self,
         request: Request<pb::GatewayHeartbeatRequest>,
@@ -376,6 +411,11 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::GatewayHeartbeatResponse {}))
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/ServerPublish",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn server_publish(
         &self,
         request: Request<pb::ServerPublishRequest>,
@@ -395,6 +435,11 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/Broadcast",
+        skip_all,
+        fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
+    )]
     async fn broadcast(
         &self,
         request: Request<pb::BroadcastRequest>,
@@ -438,6 +483,11 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::BroadcastResponse { results }))
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/ServerPresence",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn server_presence(
         &self,
         request: Request<pb::PresenceRequest>,
@@ -448,6 +498,11 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/ServerHistory",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn server_history(
         &self,
         request: Request<pb::HistoryRequest>,
@@ -458,6 +513,11 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/Disconnect",
+        skip_all,
+        fields(otel.kind = "server")
+    )]
     async fn disconnect(
         &self,
         request: Request<pb::DisconnectRequest>,
@@ -496,6 +556,11 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::DisconnectResponse {}))
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/RoomStats",
+        skip_all,
+        fields(otel.kind = "server", room = %request.get_ref().room)
+    )]
     async fn room_stats(
         &self,
         request: Request<pb::RoomStatsRequest>,
@@ -517,6 +582,11 @@ impl RoomService for RoomServiceImpl {
         }))
     }
 
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/ClusterStats",
+        skip_all,
+        fields(otel.kind = "server")
+    )]
     async fn cluster_stats(
         &self,
         request: Request<pb::ClusterStatsRequest>,
