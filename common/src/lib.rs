@@ -8,7 +8,8 @@
 //! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
 //! - [`room`] — room-name rules.
 //! - [`ops`] — `/healthz`, `/readyz`, `/metrics` for every binary.
-//! - [`telemetry`] — logging set-up (`RUST_LOG`, `LOG_FORMAT=json`).
+//! - [`telemetry`] — logging (`RUST_LOG`, `LOG_FORMAT=json`) and OTLP span export
+//!   (`OTEL_EXPORTER_OTLP_ENDPOINT`).
 
 pub mod broker;
 pub mod envelope;

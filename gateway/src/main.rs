@@ -45,10 +45,13 @@ async fn main() -> anyhow::Result<()> {
     roomcast_common::telemetry::init();
     let cli = Cli::parse();
     let drain_window = Duration::from_millis(cli.drain_window_ms);
-    match cli.command {
+    let result = match cli.command {
         Some(Command::Standalone(config)) => standalone::run(config, shutdown_signal()).await,
         None => run_cluster_gateway(cli.gateway, drain_window).await,
-    }
+    };
+    // Sends the spans still queued; it blocks (bounded), so off the async workers.
+    let _ = tokio::task::spawn_blocking(roomcast_common::telemetry::shutdown).await;
+    result
 }
 
 async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> anyhow::Result<()> {

@@ -24,13 +24,16 @@ fn main() -> ExitCode {
         }
     };
     // A plain one-line reason, without the backtrace `anyhow` would print from `main`.
-    match runtime.block_on(run(config)) {
+    let code = match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Outside the runtime: sends the spans still queued (bounded wait).
+    roomcast_common::telemetry::shutdown();
+    code
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
