@@ -61,6 +61,21 @@ struct Args {
     /// Where the process logs go (kept); default a new directory under the temp dir.
     #[arg(long)]
     log_dir: Option<PathBuf>,
+    /// Extra setting for every gateway, `KEY=VALUE` (e.g. `PUBLISH_RATE=1000`); repeatable.
+    /// The processes do not inherit this command's environment.
+    #[arg(long = "gateway-env", value_parser = key_value)]
+    gateway_env: Vec<(String, String)>,
+    /// Extra setting for every room-service, `KEY=VALUE` (e.g. `BROKER_URL=nats://…`).
+    #[arg(long = "room-env", value_parser = key_value)]
+    room_env: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` into its parts.
+fn key_value(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 #[tokio::main]
@@ -82,6 +97,8 @@ async fn main() -> Result<()> {
         secret: args.secret.clone(),
         allowed_origins: args.allowed_origins.clone(),
         ports: args.base_port.map_or(PortPlan::Free, PortPlan::Base),
+        gateway_env: args.gateway_env.clone(),
+        room_env: args.room_env.clone(),
         ..ClusterOptions::default()
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
