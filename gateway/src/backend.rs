@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use http::Uri;
 use roomcast_common::unix_millis;
+use roomcast_proto as pb;
 use roomcast_proto::auth_service_client::AuthServiceClient;
 use roomcast_proto::room_service_client::RoomServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -244,6 +245,20 @@ impl<C: Clone> Pool<C> {
     }
 }
 
+/// One typed RPC of a pool, with its failover.
+macro_rules! rpc {
+    ($pool:ident . $name:ident ($request:ty) -> $response:ty) => {
+        pub async fn $name(&self, request: $request) -> Result<$response, Status> {
+            self.$pool
+                .call(|mut client| {
+                    let request = request.clone();
+                    async move { client.$name(request).await }
+                })
+                .await
+        }
+    };
+}
+
 /// The services this gateway forwards to.
 pub struct Backends {
     pub room: Pool<RoomServiceClient<Channel>>,
@@ -257,6 +272,16 @@ impl Backends {
             auth: Pool::new(auth_urls, AuthServiceClient::new)?,
         })
     }
+
+    rpc!(auth.verify_token(pb::VerifyTokenRequest) -> pb::VerifyTokenResponse);
+    rpc!(auth.authorize(pb::AuthorizeRequest) -> pb::AuthorizeResponse);
+    rpc!(room.join(pb::JoinRequest) -> pb::JoinResponse);
+    rpc!(room.leave(pb::LeaveRequest) -> pb::LeaveResponse);
+    rpc!(room.publish(pb::PublishRequest) -> pb::PublishResponse);
+    rpc!(room.presence(pb::PresenceRequest) -> pb::PresenceResponse);
+    rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);
+    rpc!(room.connection_closed(pb::ConnectionClosedRequest) -> pb::ConnectionClosedResponse);
+    rpc!(room.gateway_heartbeat(pb::GatewayHeartbeatRequest) -> pb::GatewayHeartbeatResponse);
 
     /// Resolves the services' host names now and then every [`RESOLVE_EVERY`].
     pub async fn keep_resolved(&self) {

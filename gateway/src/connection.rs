@@ -233,16 +233,7 @@ impl Reader {
             token: self.token.clone(),
             room: room.clone(),
         };
-        let access = match self
-            .gateway
-            .backends
-            .auth
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.authorize(request).await }
-            })
-            .await
-        {
+        let access = match self.gateway.backends.authorize(request).await {
             Ok(access) => access,
             Err(status) => return self.send_status(id, &status).await,
         };
@@ -291,15 +282,7 @@ impl Reader {
                 offset: p.offset,
             }),
         };
-        let joined = self
-            .gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.join(request).await }
-            })
-            .await;
+        let joined = self.gateway.backends.join(request).await;
         let joined = match joined {
             Ok(joined) => joined,
             Err(status) => {
@@ -371,16 +354,7 @@ impl Reader {
             user: self.conn.user.to_string(),
             gateway_id: self.gateway.id.clone(),
         };
-        if let Err(status) = self
-            .gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.leave(request).await }
-            })
-            .await
-        {
+        if let Err(status) = self.gateway.backends.leave(request).await {
             // Locally the connection has left; the stale entry goes with the connection's
             // close (or its gateway's lease).
             tracing::warn!(%room, %status, "leave not recorded by the room service");
@@ -432,16 +406,7 @@ impl Reader {
             user: self.conn.user.to_string(),
             data_json: data.to_owned(),
         };
-        match self
-            .gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.publish(request).await }
-            })
-            .await
-        {
+        match self.gateway.backends.publish(request).await {
             Ok(published) => {
                 self.send(ServerFrame::Published {
                     id,
@@ -461,16 +426,7 @@ impl Reader {
                 .await;
         }
         let request = pb::PresenceRequest { room: room.clone() };
-        match self
-            .gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.presence(request).await }
-            })
-            .await
-        {
+        match self.gateway.backends.presence(request).await {
             Ok(presence) => {
                 let members = presence
                     .members
@@ -502,16 +458,7 @@ impl Reader {
             since,
             limit,
         };
-        match self
-            .gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.history(request).await }
-            })
-            .await
-        {
+        match self.gateway.backends.history(request).await {
             Ok(history) => {
                 let messages = history
                     .publications
@@ -544,16 +491,7 @@ impl Reader {
         let request = pb::VerifyTokenRequest {
             token: token.clone(),
         };
-        let claims = match self
-            .gateway
-            .backends
-            .auth
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.verify_token(request).await }
-            })
-            .await
-        {
+        let claims = match self.gateway.backends.verify_token(request).await {
             Ok(verified) => verified.claims.unwrap_or_default(),
             Err(status) => return self.send_status(id, &status).await,
         };
@@ -594,15 +532,7 @@ impl Reader {
         let gateway = self.gateway.clone();
         // Not awaited by the connection: its socket is already done.
         tokio::spawn(async move {
-            if let Err(status) = gateway
-                .backends
-                .room
-                .call(|mut c| {
-                    let request = request.clone();
-                    async move { c.connection_closed(request).await }
-                })
-                .await
-            {
+            if let Err(status) = gateway.backends.connection_closed(request).await {
                 tracing::warn!(%status, "connection close not recorded by the room service");
             }
         });

@@ -39,14 +39,7 @@ async fn reregister(gateway: &Gateway) {
             gateway_id: gateway.id.clone(),
             since: None,
         };
-        let joined = gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.join(request).await }
-            })
-            .await;
+        let joined = gateway.backends.join(request).await;
         if joined.is_err() {
             failed += 1;
         }
@@ -64,14 +57,7 @@ async fn fetch(gateway: &Gateway, room: &Arc<str>, since: u64) -> Option<Filled>
         since: Some(since),
         limit: 0,
     };
-    let history = gateway
-        .backends
-        .room
-        .call(|mut c| {
-            let query = query.clone();
-            async move { c.history(query).await }
-        })
-        .await;
+    let history = gateway.backends.history(query).await;
     match history {
         Ok(history) => {
             metrics::counter!("roomcast_gateway_gap_messages_filled_total")

@@ -134,14 +134,7 @@ async fn websocket(
     let request = pb::VerifyTokenRequest {
         token: token.clone(),
     };
-    let verified = gateway
-        .backends
-        .auth
-        .call(|mut c| {
-            let request = request.clone();
-            async move { c.verify_token(request).await }
-        })
-        .await;
+    let verified = gateway.backends.verify_token(request).await;
     let claims = match verified {
         Ok(verified) => verified.claims.unwrap_or_default(),
         Err(status) if status.code() == Code::Unauthenticated => {
@@ -239,15 +232,7 @@ pub async fn heartbeat_loop(gateway: Arc<Gateway>) {
             connections: gateway.hub.connection_count() as u64,
             lease_ms: lease.as_millis() as u64,
         };
-        if let Err(status) = gateway
-            .backends
-            .room
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.gateway_heartbeat(request).await }
-            })
-            .await
-        {
+        if let Err(status) = gateway.backends.gateway_heartbeat(request).await {
             tracing::debug!(%status, "gateway heartbeat not recorded");
         }
     }
