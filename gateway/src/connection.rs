@@ -6,19 +6,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::hub::{ConnHandle, Local, Outbound};
 use crate::limits::{TokenBucket, UserSlot};
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::server::Gateway;
+use crate::socket::{self, ReadSide};
 
 /// Close codes of the protocol (section 1.4).
 pub mod close {
@@ -41,8 +46,15 @@ pub struct Authenticated {
     pub slot: UserSlot,
 }
 
-/// Runs a connection to its end, then removes every trace of it.
-pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) {
+/// Read buffer per connection, allocated for every connection: small, since most frames are
+/// small and idle connections are the common case (tungstenite's default is 128 KiB; 4 KiB
+/// cost 3.2 KB more RSS per idle connection than this, measured with `loadgen connections`).
+/// Larger frames still arrive whole: the buffer grows to the frame's announced length.
+const READ_BUFFER_BYTES: usize = 512;
+
+/// Runs a connection to its end, then removes every trace of it. `pre_read` is what the HTTP
+/// layer read past the handshake request.
+pub async fn run(tcp: TcpStream, pre_read: Bytes, gateway: Arc<Gateway>, auth: Authenticated) {
     let client_id: Arc<str> = Arc::from(gateway.next_client_id());
     let user: Arc<str> = Arc::from(auth.user.as_str());
     let conn = Arc::new(ConnHandle::new(
@@ -64,9 +76,22 @@ pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) 
     };
     conn.reply(Outbound::frame(connected.to_json())).await;
 
-    let (sink, stream) = socket.split();
+    let (read, write) = tcp.into_split();
+    let max = gateway.settings.max_frame_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_frame_size(Some(max))
+        .max_message_size(Some(max));
+    let stream = WebSocketStream::from_partially_read(
+        ReadSide::new(read, conn.clone()),
+        pre_read.to_vec(),
+        Role::Server,
+        Some(config),
+    )
+    .await;
     let writer_task = write_loop(
-        sink,
+        write,
         conn.clone(),
         gateway.settings.heartbeat_interval(),
         gateway.settings.outbound_queue_len,
@@ -83,12 +108,32 @@ pub async fn run(socket: WebSocket, gateway: Arc<Gateway>, auth: Authenticated) 
         refused_in_a_row: 0,
     };
     let _slot = auth.slot;
-    reader.read_loop(stream).await;
-    conn.cancel.cancel();
+    let mut stream = stream;
+    reader.read_loop(&mut stream).await;
+    conn.shut();
     reader.cleanup().await;
     let _ = writer.await;
     gateway.hub.remove_connection(&client_id);
     metrics::gauge!("roomcast_gateway_connections").decrement(1);
+    linger(stream.into_inner()).await;
+}
+
+/// After the writer sent its last frame and shut its half: read and discard what the client
+/// still sends (pongs, its close reply) until it closes too, for at most a second. Closing a
+/// socket with unread input makes the kernel send a reset, which can overtake the close frame
+/// and the last messages still on their way to the client.
+async fn linger(read: ReadSide) {
+    use tokio::io::AsyncReadExt;
+    let mut read = read.into_inner();
+    let mut sink = [0u8; 512];
+    let drained = async {
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
 }
 
 /// What a connection may do in a room it joined.
@@ -118,21 +163,17 @@ fn instant_of_unix(secs: i64) -> Instant {
     Instant::now() + left
 }
 
-fn is_too_big(error: axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error;
-    error
-        .into_inner()
-        .downcast_ref::<Error>()
-        .is_some_and(|e| matches!(e, Error::Capacity(_)))
+fn is_too_big(error: &tokio_tungstenite::tungstenite::Error) -> bool {
+    matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_))
 }
 
 impl Reader {
-    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) {
+    async fn read_loop(&mut self, stream: &mut WebSocketStream<ReadSide>) {
         let timeout = self.gateway.settings.heartbeat_timeout();
         loop {
             let expiry = tokio::time::sleep_until(instant_of_unix(self.expires_at));
             let next = tokio::select! {
-                _ = self.conn.cancel.cancelled() => return,
+                _ = self.conn.closed() => return,
                 _ = expiry => {
                     self.conn.close(close::TOKEN_EXPIRED, "token expired");
                     return;
@@ -148,7 +189,7 @@ impl Reader {
                 }
                 Ok(None) => return,
                 Ok(Some(Err(error))) => {
-                    if is_too_big(error) {
+                    if is_too_big(&error) {
                         self.conn.close(close::TOO_BIG, "frame too large");
                     }
                     return;
@@ -168,7 +209,7 @@ impl Reader {
                     .await
                 }
                 Message::Close(_) => return,
-                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     }
@@ -548,27 +589,64 @@ enum Cursor {
     Active { epoch: Arc<str>, last: u64 },
 }
 
+/// The writer's cursors, one per room. A connection is in few rooms, so a vector searched by
+/// the shared room name (pointer first: deliveries carry the hub's `Arc` of the name) beats
+/// hashing the name for every delivery.
 #[derive(Default)]
 struct Cursors {
-    rooms: HashMap<Arc<str>, Cursor>,
+    rooms: Vec<(Arc<str>, Cursor)>,
 }
 
 impl Cursors {
+    fn get_mut(&mut self, room: &Arc<str>) -> Option<&mut Cursor> {
+        let index = match self
+            .rooms
+            .iter()
+            .position(|(name, _)| Arc::ptr_eq(name, room))
+        {
+            Some(index) => index,
+            None => {
+                let index = self.rooms.iter().position(|(name, _)| name == room)?;
+                // Keep the caller's `Arc` (the hub's): the next lookup is a pointer compare.
+                self.rooms[index].0 = room.clone();
+                index
+            }
+        };
+        Some(&mut self.rooms[index].1)
+    }
+
+    fn insert(&mut self, room: Arc<str>, cursor: Cursor) -> Option<Cursor> {
+        match self.get_mut(&room) {
+            Some(slot) => Some(std::mem::replace(slot, cursor)),
+            None => {
+                self.rooms.push((room, cursor));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, room: &Arc<str>) {
+        self.rooms.retain(|(name, _)| name != room);
+    }
+
     /// Turns one queue item into frames to write (in `out`). Returns false when a pending
     /// buffer grew past `limit`: the client is too slow.
-    fn apply(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>, limit: usize) -> bool {
+    fn apply(&mut self, item: Outbound, out: &mut Vec<Bytes>, limit: usize) -> bool {
         match item {
-            Outbound::Message(ref delivery) => match self.rooms.get_mut(&delivery.room) {
+            Outbound::Message(ref delivery) => match self.get_mut(&delivery.room) {
                 None => {}
                 Some(Cursor::Pending(held)) => {
                     held.push(item);
                     return held.len() <= limit;
                 }
                 Some(Cursor::Active { epoch, last }) => {
-                    if *epoch != delivery.epoch {
-                        // The room's history was lost and its offsets restarted.
+                    if !Arc::ptr_eq(epoch, &delivery.epoch) {
+                        if *epoch != delivery.epoch {
+                            // The room's history was lost and its offsets restarted.
+                            *last = 0;
+                        }
+                        // The hub shares one epoch per room: the next compare is a pointer's.
                         *epoch = delivery.epoch.clone();
-                        *last = 0;
                     }
                     if delivery.offset <= *last {
                         // Already delivered, or covered by the join reply: a duplicate.
@@ -578,21 +656,22 @@ impl Cursors {
                         metrics::counter!("roomcast_gateway_offset_gaps_total").increment(1);
                     }
                     *last = delivery.offset;
-                    out.push(delivery.frame.clone());
+                    out.push(delivery.wire.clone());
                 }
             },
-            Outbound::Event(ref event) => match self.rooms.get_mut(&event.room) {
+            Outbound::Event(ref event) => match self.get_mut(&event.room) {
                 None => {}
                 Some(Cursor::Pending(held)) => {
                     held.push(item);
                     return held.len() <= limit;
                 }
-                Some(Cursor::Active { .. }) => out.push(event.frame.clone()),
+                Some(Cursor::Active { .. }) => out.push(event.wire.clone()),
             },
             Outbound::Local(local) => match *local {
-                Local::Frame(frame) => out.push(frame),
+                Local::Frame(frame) => out.push(socket::text(frame.as_bytes())),
+                Local::Raw(bytes) => out.push(bytes),
                 Local::JoinStart { room } => {
-                    self.rooms.insert(room, Cursor::Pending(Vec::new()));
+                    self.insert(room, Cursor::Pending(Vec::new()));
                 }
                 Local::JoinDone {
                     room,
@@ -600,12 +679,12 @@ impl Cursors {
                     offset,
                     reply,
                 } => {
-                    out.push(reply);
+                    out.push(socket::text(reply.as_bytes()));
                     let active = Cursor::Active {
                         epoch,
                         last: offset,
                     };
-                    let held = match self.rooms.insert(room, active) {
+                    let held = match self.insert(room, active) {
                         Some(Cursor::Pending(held)) => held,
                         _ => Vec::new(),
                     };
@@ -614,8 +693,8 @@ impl Cursors {
                     }
                 }
                 Local::JoinFailed { room, reply } | Local::Left { room, reply } => {
-                    self.rooms.remove(&room);
-                    out.push(reply);
+                    self.remove(&room);
+                    out.push(socket::text(reply.as_bytes()));
                 }
             },
         }
@@ -623,8 +702,21 @@ impl Cursors {
     }
 }
 
+/// `frames` (whole WebSocket frames) as one buffer, so they go out in one system call: a lone
+/// frame is its shared bytes as they are, several are copied together.
+fn concat(frames: &mut Vec<Bytes>) -> Bytes {
+    if frames.len() == 1 {
+        return frames.pop().unwrap_or_default();
+    }
+    let mut buffer = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
+    for frame in frames.drain(..) {
+        buffer.extend_from_slice(&frame);
+    }
+    buffer.into()
+}
+
 async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut socket: OwnedWriteHalf,
     conn: Arc<ConnHandle>,
     ping_every: Duration,
     limit: usize,
@@ -634,27 +726,22 @@ async fn write_loop(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
     let mut out = Vec::new();
-    loop {
-        // Whatever is queued goes out in one flush, MAX_BATCH items at a time.
+    // What the socket has not taken yet. Kept across a close, so the close frame never lands
+    // in the middle of a half-written frame.
+    let mut pending = Bytes::new();
+    'serve: loop {
+        // Whatever is queued goes out in one write, MAX_BATCH items at a time.
         if conn.take_batch(&mut batch, MAX_BATCH) == 0 {
+            if conn.is_closed() {
+                break;
+            }
             tokio::select! {
                 biased;
-                _ = conn.cancel.cancelled() => break,
-                _ = conn.readable() => continue,
-                _ = ping.tick() => {
-                    let sent = tokio::select! {
-                        sent = sink.send(Message::Ping(Bytes::new())) => sent,
-                        _ = conn.cancel.cancelled() => break,
-                    };
-                    if sent.is_err() {
-                        conn.cancel.cancel();
-                        return;
-                    }
-                    continue;
-                }
+                () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => continue,
+                _ = ping.tick() => out.push(socket::ping()),
             }
         }
-        if conn.cancel.is_cancelled() {
+        if conn.is_closed() {
             break;
         }
         let mut ok = true;
@@ -668,32 +755,50 @@ async fn write_loop(
             );
             break;
         }
-        let write = async {
-            for frame in out.drain(..) {
-                sink.feed(Message::Text(frame)).await?;
+        if out.is_empty() {
+            continue;
+        }
+        pending = concat(&mut out);
+        while !pending.is_empty() {
+            // Biased: a write that completes at once (the usual case) never looks at closing.
+            // `write` is cancel-safe: on close, `pending` holds exactly what is left.
+            let written = tokio::select! {
+                biased;
+                written = socket.write(&pending) => written,
+                () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
+            };
+            match written {
+                Ok(n) if n > 0 => pending.advance(n),
+                _ => {
+                    conn.shut();
+                    return;
+                }
             }
-            sink.flush().await
-        };
-        let written = tokio::select! {
-            written = write => written,
-            _ = conn.cancel.cancelled() => break,
-        };
-        if written.is_err() {
-            conn.cancel.cancel();
-            return;
         }
     }
-    if let Some((code, reason)) = conn.close_reason.get() {
-        let frame = CloseFrame {
-            code: *code,
-            reason: reason.as_str().into(),
-        };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            sink.send(Message::Close(Some(frame))),
-        )
-        .await;
-    }
+    let last = match conn.close_reason.get() {
+        Some((code, reason)) => socket::close(*code, reason),
+        None => {
+            // Closed by the client or the socket: only tungstenite's reply to a close is owed.
+            batch.clear();
+            conn.take_batch(&mut batch, usize::MAX);
+            batch
+                .drain(..)
+                .find_map(|item| match item {
+                    Outbound::Local(local) => match *local {
+                        Local::Raw(bytes) => Some(bytes),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .unwrap_or_default()
+        }
+    };
+    let finish = async {
+        socket.write_all(&pending).await?;
+        socket.write_all(&last).await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
 }
 
 #[cfg(test)]
@@ -706,12 +811,14 @@ mod tests {
             room: room.clone(),
             epoch: Arc::from("e"),
             offset,
-            frame: offset.to_string().into(),
+            wire: socket::text(offset.to_string().as_bytes()),
         }))
     }
 
-    fn texts(out: &[Utf8Bytes]) -> Vec<&str> {
-        out.iter().map(|f| f.as_str()).collect()
+    fn texts(out: &[Bytes]) -> Vec<&str> {
+        out.iter()
+            .map(|f| std::str::from_utf8(socket::payload_of(f)).unwrap())
+            .collect()
     }
 
     #[test]
@@ -784,7 +891,7 @@ mod tests {
             room: room.clone(),
             epoch: Arc::from("f"),
             offset: 1,
-            frame: "f1".into(),
+            wire: socket::text(b"f1"),
         }));
         cursors.apply(restarted, &mut out, 10);
         cursors.apply(message(&room, 2), &mut out, 10);

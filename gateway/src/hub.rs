@@ -8,14 +8,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use roomcast_common::broker::BrokerEvent;
 use roomcast_common::envelope::{self, Control, Envelope};
 use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::socket;
 
 /// Close code for a connection whose outbound queue overflowed.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -30,14 +34,16 @@ pub struct Delivery {
     /// The room's epoch: offsets restart at 1 when it changes.
     pub epoch: Arc<str>,
     pub offset: u64,
-    pub frame: Utf8Bytes,
+    /// The whole WebSocket frame, header included: the same bytes go to every recipient.
+    pub wire: Bytes,
 }
 
 /// A presence event of a room, shared like a [`Delivery`].
 #[derive(Debug)]
 pub struct RoomEvent {
     pub room: Arc<str>,
-    pub frame: Utf8Bytes,
+    /// The whole WebSocket frame.
+    pub wire: Bytes,
 }
 
 /// What a connection's writer task receives. Two words: every connection's queue allocates
@@ -54,8 +60,10 @@ pub enum Outbound {
 
 #[derive(Debug)]
 pub enum Local {
-    /// A frame to send as is (replies, the `connected` frame).
+    /// A protocol frame to send (replies, the `connected` frame).
     Frame(Utf8Bytes),
+    /// Bytes that are already a WebSocket frame (tungstenite's pongs and close replies).
+    Raw(Bytes),
     /// A join began: hold the room's messages until [`Local::JoinDone`].
     JoinStart { room: Arc<str> },
     /// The join reply; messages up to `offset` are already known to the client (or in `missed`).
@@ -86,18 +94,23 @@ impl Outbound {
 ///
 /// The queue is a plain deque behind a mutex with a wake-up for the writer, rather than a
 /// channel: it allocates nothing while empty (a bounded tokio channel costs about 1 KB per
-/// connection up front), and a delivery is one short lock.
+/// connection up front), and a delivery is one short lock. The writer is woken through an
+/// [`AtomicWaker`], and only when the queue was empty: a burst to one connection costs one
+/// wake-up, and a wake-up costs no lock.
 pub struct ConnHandle {
     pub client_id: Arc<str>,
     pub user: Arc<str>,
     /// Frames waiting for the writer task.
     queue: Mutex<VecDeque<Outbound>>,
-    /// Wakes the writer when the queue gets an item.
-    ready: Notify,
+    /// The writer task's waker, and whether it has been woken since it last looked.
+    writer: AtomicWaker,
+    writer_woken: AtomicBool,
     /// Broadcast items the queue may hold before the connection counts as a slow consumer.
     capacity: usize,
-    /// Cancelled to end the connection; both of its tasks watch it.
-    pub cancel: CancellationToken,
+    /// Set once the connection is ending; both of its tasks watch it.
+    closed: AtomicBool,
+    /// Wakes the reader task when the connection is closed from elsewhere.
+    reader_wake: Notify,
     /// Why it was closed, for the close frame; the first reason wins.
     pub close_reason: OnceLock<(u16, String)>,
 }
@@ -108,9 +121,11 @@ impl ConnHandle {
             client_id,
             user,
             queue: Mutex::new(VecDeque::new()),
-            ready: Notify::new(),
+            writer: AtomicWaker::new(),
+            writer_woken: AtomicBool::new(false),
             capacity,
-            cancel: CancellationToken::new(),
+            closed: AtomicBool::new(false),
+            reader_wake: Notify::new(),
             close_reason: OnceLock::new(),
         }
     }
@@ -118,7 +133,32 @@ impl ConnHandle {
     /// Closes the connection with `code`; later calls keep the first reason.
     pub fn close(&self, code: u16, reason: &str) {
         let _ = self.close_reason.set((code, reason.to_owned()));
-        self.cancel.cancel();
+        self.shut();
+    }
+
+    /// Ends the connection without a close frame (the socket is gone or silent).
+    pub fn shut(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // A permit is stored if the reader is not waiting yet: it cannot miss this.
+            self.reader_wake.notify_one();
+            self.wake_writer();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is closed (for the reader task).
+    pub async fn closed(&self) {
+        while !self.is_closed() {
+            self.reader_wake.notified().await;
+        }
+    }
+
+    fn wake_writer(&self) {
+        self.writer_woken.store(true, Ordering::Release);
+        self.writer.wake();
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
@@ -128,10 +168,10 @@ impl ConnHandle {
     /// Queues `item` unless the queue already holds `limit` items; then the connection is
     /// closed as a slow consumer.
     fn push(&self, item: Outbound, limit: usize) {
-        if self.cancel.is_cancelled() {
+        if self.is_closed() {
             return;
         }
-        {
+        let was_empty = {
             let mut queue = self.queue();
             if queue.len() >= limit {
                 drop(queue);
@@ -143,8 +183,21 @@ impl ConnHandle {
                 return;
             }
             queue.push_back(item);
+            queue.len() == 1
+        };
+        // A non-empty queue means the writer was woken already and has not taken it yet; it
+        // takes everything queued before it waits again.
+        if was_empty {
+            self.wake_writer();
         }
-        self.ready.notify_one();
+    }
+
+    /// Queues bytes that already are a WebSocket frame; limited like a reply.
+    pub fn send_raw(&self, bytes: Bytes) {
+        self.push(
+            Outbound::local(Local::Raw(bytes)),
+            self.capacity.saturating_mul(2),
+        );
     }
 
     /// Queues a broadcast without waiting; a full queue closes the connection with 4008.
@@ -170,9 +223,29 @@ impl ConnHandle {
         n
     }
 
-    /// Resolves when an item was queued since the last call (or one is already waiting).
-    pub async fn readable(&self) {
-        self.ready.notified().await;
+    /// For the writer task: resolves when something was queued or the connection closed
+    /// since the last call (or already before it).
+    pub fn poll_writer_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.writer_woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.writer.register(cx.waker());
+        if self.writer_woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// For the writer task: resolves once the connection is closed.
+    pub fn poll_writer_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_closed() {
+            return Poll::Ready(());
+        }
+        self.writer.register(cx.waker());
+        if self.is_closed() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     #[cfg(test)]
@@ -341,20 +414,25 @@ impl Hub {
                 let Some(room) = envelope::room_of_channel(&channel) else {
                     return;
                 };
-                let Ok(frame) = Utf8Bytes::try_from(frame) else {
+                if std::str::from_utf8(&frame).is_err() {
                     tracing::warn!(%channel, "dropping non-utf-8 message frame");
                     return;
-                };
+                }
                 let mut shard = self.shard(room);
                 let Some(entry) = shard.get_mut(room) else {
                     return;
                 };
+                // One epoch `Arc` per room while it lasts: writers compare pointers.
+                let epoch = match &entry.epoch {
+                    Some(seen) if **seen == *epoch => seen.clone(),
+                    _ => Arc::from(epoch),
+                };
                 let message = HeldMessage {
                     delivery: Arc::new(Delivery {
                         room: entry.name.clone(),
-                        epoch: Arc::from(epoch),
+                        epoch,
                         offset,
-                        frame,
+                        wire: socket::text(&frame),
                     }),
                     sender,
                 };
@@ -364,16 +442,16 @@ impl Hub {
                 let Some(room) = envelope::room_of_channel(&channel) else {
                     return;
                 };
-                let Ok(frame) = Utf8Bytes::try_from(frame) else {
+                if std::str::from_utf8(&frame).is_err() {
                     return;
-                };
+                }
                 let shard = self.shard(room);
                 let Some(entry) = shard.get(room) else {
                     return;
                 };
                 let event = Arc::new(RoomEvent {
                     room: entry.name.clone(),
-                    frame,
+                    wire: socket::text(&frame),
                 });
                 for member in entry.members.iter().filter(|m| *m.client_id != *exclude) {
                     member.deliver(Outbound::Event(event.clone()));
@@ -514,7 +592,7 @@ impl Hub {
                     room: entry.name.clone(),
                     epoch: epoch.clone(),
                     offset,
-                    frame: frame.into(),
+                    wire: socket::text(frame.as_bytes()),
                 });
                 deliver_message(entry, HeldMessage { delivery, sender });
             }
@@ -580,7 +658,6 @@ fn deliver_message(entry: &mut RoomEntry, message: HeldMessage) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use roomcast_common::envelope::{encode_event, encode_message, room_channel};
 
     fn conn(id: &str, user: &str, capacity: usize) -> (Arc<ConnHandle>, Arc<ConnHandle>) {
@@ -622,9 +699,9 @@ mod tests {
         hub.add_member("r", a.clone());
         hub.set_base("r", "e", 0);
         hub.dispatch(message("r", 1, "x"));
-        assert!(!a.cancel.is_cancelled());
+        assert!(!a.is_closed());
         hub.dispatch(message("r", 2, "x"));
-        assert!(a.cancel.is_cancelled());
+        assert!(a.is_closed());
         assert_eq!(a.close_reason.get().unwrap().0, CLOSE_SLOW_CONSUMER);
     }
 
@@ -674,8 +751,8 @@ mod tests {
             code: 1008,
             reason: "bye".into(),
         });
-        assert!(a.cancel.is_cancelled());
-        assert!(!b.cancel.is_cancelled());
+        assert!(a.is_closed());
+        assert!(!b.is_closed());
         assert_eq!(hub.connection_count(), 2);
     }
     fn offsets(rx: &Arc<ConnHandle>) -> Vec<(String, u64)> {

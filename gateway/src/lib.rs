@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`server`] — HTTP surface (handshake at `/ws`, demo page, ops endpoints) and draining;
 //! - [`connection`] — one connection's reader (commands) and writer (socket, pings, cursors);
+//! - [`socket`] — the WebSocket upgrade, frame encoding, the read side tungstenite parses;
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — local connections and rooms, fan-out of broker payloads;
 //! - [`limits`] — publish token bucket, connections per user;
@@ -20,5 +21,6 @@ pub mod limits;
 pub mod protocol;
 pub mod repair;
 pub mod server;
+pub mod socket;
 pub mod standalone;
 pub mod subscriptions;

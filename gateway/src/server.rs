@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_proto as pb;
 use serde::Deserialize;
@@ -22,13 +24,8 @@ use crate::config::ConnectionSettings;
 use crate::connection::{self, Authenticated};
 use crate::hub::Hub;
 use crate::limits::UserConnections;
+use crate::socket;
 use crate::subscriptions::Subscriptions;
-
-/// Read buffer per connection, allocated for every connection: small, since most frames are
-/// small and idle connections are the common case (tungstenite's default is 128 KiB; 4 KiB
-/// cost 3.2 KB more RSS per idle connection than this, measured with `loadgen connections`).
-/// Larger frames still arrive whole: the buffer grows to the frame's announced length.
-const READ_BUFFER_BYTES: usize = 512;
 
 /// Everything the connections of this gateway share.
 pub struct Gateway {
@@ -114,13 +111,29 @@ fn refuse(status: StatusCode, reason: &str) -> Response {
 async fn websocket(
     State(gateway): State<Arc<Gateway>>,
     Query(query): Query<WsQuery>,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    mut request: Request,
 ) -> Response {
+    // Only a request over HTTP/1.1 can be upgraded.
+    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
+        return refuse(StatusCode::BAD_REQUEST, "the connection cannot be upgraded");
+    };
+    let headers = request.headers();
+    let accept = match socket::accept_key(headers) {
+        Ok(accept) => accept,
+        Err(error @ socket::HandshakeError::Version) => {
+            let mut response = refuse(StatusCode::UPGRADE_REQUIRED, &error.to_string());
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return response;
+        }
+        Err(error) => return refuse(StatusCode::BAD_REQUEST, &error.to_string()),
+    };
     if gateway.readiness.is_draining() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "gateway is draining");
     }
-    if !gateway.origin_allowed(&headers) {
+    if !gateway.origin_allowed(headers) {
         return refuse(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let bearer = headers
@@ -131,10 +144,10 @@ async fn websocket(
     let Some(token) = query.token.filter(|t| !t.is_empty()).or(bearer) else {
         return refuse(StatusCode::UNAUTHORIZED, "missing token");
     };
-    let request = pb::VerifyTokenRequest {
+    let verify = pb::VerifyTokenRequest {
         token: token.clone(),
     };
-    let verified = gateway.backends.verify_token(request).await;
+    let verified = gateway.backends.verify_token(verify).await;
     let claims = match verified {
         Ok(verified) => verified.claims.unwrap_or_default(),
         Err(status) if status.code() == Code::Unauthenticated => {
@@ -158,13 +171,21 @@ async fn websocket(
         expires_at: claims.exp,
         slot,
     };
-    let max = gateway.settings.max_frame_bytes;
-    upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_frame_size(max)
-        .max_message_size(max)
-        .on_upgrade(move |socket| connection::run(socket, gateway, auth))
+    tokio::spawn(async move {
+        match socket::upgraded(on_upgrade).await {
+            Ok((tcp, pre_read)) => connection::run(tcp, pre_read, gateway, auth).await,
+            Err(error) => tracing::debug!(%error, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
 }
 
 /// Serves until `shutdown` resolves, then drains: readiness off, new handshakes refused, open
@@ -178,26 +199,52 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(gateway.clone());
-    // Frames are small and latency matters more than packet count: no Nagle delay (without
-    // this a `published` reply waits for the client's next frame or a delayed ACK).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = accepting_stopped.await;
-            })
-            .await
-    });
+    let server = tokio::spawn(accept_loop(listener, app, accepting_stopped));
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
     gateway.readiness.start_draining();
     drain(&gateway, drain_window).await;
     let _ = stop_accepting.send(());
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(result)) => result,
-        _ => Ok(()),
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+/// Accepts connections and serves HTTP/1.1 on each until `stop` fires. HTTP/1.1 only, served
+/// straight on the `TcpStream`, so that an upgraded connection gives its socket back (see
+/// [`socket::upgraded`]).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let service = TowerToHyperService::new(app);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => return,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                // Out of file descriptors, most likely: wait for some to close.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Frames are small and latency matters more than packet count: no Nagle delay
+        // (without this a `published` reply waits for the client's next frame or a delayed
+        // ACK).
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "http connection ended with an error");
+            }
+        });
     }
 }
 

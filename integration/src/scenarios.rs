@@ -283,6 +283,95 @@ pub async fn cross_gateway_delivery(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// Sends `request` on a new TCP connection to gateway 0 and returns what came back within
+/// `wait` (the connection may stay open).
+async fn raw_exchange(sys: &System, request: &[u8], wait: Duration) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let http = sys.http_url(0);
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(request).await?;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return Ok(got),
+        }
+    }
+}
+
+/// A client text frame (masked, as RFC 6455 requires of clients).
+fn masked_text(payload: &str) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let bytes = payload.as_bytes();
+    assert!(bytes.len() < 126, "short frames only");
+    let mut frame = vec![0x81, 0x80 | bytes.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(bytes.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Handshakes that are not proper WebSocket upgrades get a clear HTTP error, and a client that
+/// sends its first frame right behind the handshake request (without waiting for the 101) is
+/// served: the bytes the HTTP layer read ahead reach the WebSocket.
+pub async fn raw_handshakes(sys: &mut System) -> Result<()> {
+    let token = sys.token("alice")?;
+    let head =
+        |extra: &str| format!("GET /ws?token={token} HTTP/1.1\r\nHost: roomcast\r\n{extra}\r\n");
+    let upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        ("no upgrade headers", head(""), "HTTP/1.1 400"),
+        (
+            "no Sec-WebSocket-Key",
+            head(&format!("{upgrade}Sec-WebSocket-Version: 13\r\n")),
+            "HTTP/1.1 400",
+        ),
+        (
+            "version 8",
+            head(&format!("{upgrade}{key}Sec-WebSocket-Version: 8\r\n")),
+            "HTTP/1.1 426",
+        ),
+    ];
+    for (case, request, status) in cases {
+        let reply = raw_exchange(sys, request.as_bytes(), Duration::from_millis(500)).await?;
+        let reply = String::from_utf8_lossy(&reply);
+        ensure!(
+            reply.starts_with(status),
+            "{case}: expected {status}, got {reply:?}"
+        );
+        if status.ends_with("426") {
+            ensure!(
+                reply
+                    .to_ascii_lowercase()
+                    .contains("sec-websocket-version: 13"),
+                "{case}: 426 should name version 13: {reply:?}"
+            );
+        }
+    }
+
+    let mut eager = head(&format!("{upgrade}{key}Sec-WebSocket-Version: 13\r\n")).into_bytes();
+    eager.extend(masked_text(r#"{"type":"ping","id":7}"#));
+    let reply = raw_exchange(sys, &eager, Duration::from_millis(1500)).await?;
+    let text = String::from_utf8_lossy(&reply);
+    ensure!(
+        text.starts_with("HTTP/1.1 101"),
+        "eager client: expected 101, got {text:?}"
+    );
+    ensure!(
+        text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "eager client: wrong Sec-WebSocket-Accept: {text:?}"
+    );
+    ensure!(
+        text.contains(r#""type":"connected""#) && text.contains(r#"{"type":"pong","id":7}"#),
+        "eager client: the ping sent with the handshake was not answered: {text:?}"
+    );
+    Ok(())
+}
+
 /// 3. Bad tokens are refused with HTTP 401 before the upgrade; the header form works too.
 pub async fn unauthorized_handshakes(sys: &mut System) -> Result<()> {
     let url = sys.ws_url(0);

@@ -10,6 +10,7 @@ macro_rules! client_visible_tests {
             connected_frame_first => ClusterOptions::default(),
             cross_gateway_delivery => ClusterOptions::default(),
             unauthorized_handshakes => ClusterOptions::default(),
+            raw_handshakes => ClusterOptions::default(),
             forbidden_and_not_joined => ClusterOptions::default(),
             ordering_under_concurrent_publishers => ClusterOptions::default(),
             late_join_during_traffic => ClusterOptions::default(),

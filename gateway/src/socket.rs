@@ -1,0 +1,232 @@
+//! The WebSocket below the protocol: the upgrade (done here rather than by a framework, so the
+//! connection keeps its bare TCP socket), server-to-client frame encoding, and the read side
+//! that tungstenite parses.
+//!
+//! Why the bare socket: a broadcast's WebSocket frame is the same bytes for every recipient
+//! (server frames are not masked), so the hub encodes it once and each writer hands the shared
+//! bytes straight to the kernel. Only the read direction goes through tungstenite; the few
+//! bytes tungstenite itself wants to send (pong and close replies) are queued to the writer
+//! like any other frame, so one task alone writes to the socket.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::http::{HeaderMap, header};
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::hub::ConnHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("the upgrade did not complete: {0}")]
+    Upgrade(#[from] hyper::Error),
+    #[error("the upgraded connection is not a TCP stream")]
+    NotTcp,
+}
+
+/// Why a request is not a WebSocket handshake this server accepts (RFC 6455 section 4.2.1).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    #[error("not a WebSocket upgrade request")]
+    NotUpgrade,
+    #[error("unsupported WebSocket version (13 is)")]
+    Version,
+    #[error("missing Sec-WebSocket-Key")]
+    MissingKey,
+}
+
+/// Checks a handshake request's headers; returns the `Sec-WebSocket-Accept` value to answer.
+pub fn accept_key(headers: &HeaderMap) -> Result<String, HandshakeError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(HandshakeError::NotUpgrade);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(HandshakeError::Version);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(HandshakeError::MissingKey)?;
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+
+/// Waits for the HTTP connection to hand over its socket after the 101 response. Returns the
+/// socket and whatever the HTTP layer had already read past the request (the client's first
+/// frames, if it did not wait for the 101).
+pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<(TcpStream, Bytes), UpgradeError> {
+    let upgraded = on_upgrade.await?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| UpgradeError::NotTcp)?;
+    Ok((parts.io.into_inner(), parts.read_buf))
+}
+
+/// A server-to-client frame (FIN set, not masked) of `opcode` around `payload`.
+fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let len = payload.len();
+    let mut out = BytesMut::with_capacity(len + 10);
+    out.put_u8(0x80 | opcode);
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.put_u8(126);
+        out.put_u16(len);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// A text frame: what every protocol frame travels in.
+pub fn text(payload: &[u8]) -> Bytes {
+    frame(0x1, payload)
+}
+
+/// An empty ping.
+pub fn ping() -> Bytes {
+    Bytes::from_static(&[0x89, 0x00])
+}
+
+/// A close frame with `code` and `reason` (cut to fit a control frame's 125 bytes).
+pub fn close(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    frame(0x8, &payload)
+}
+
+/// The socket's read half as tungstenite sees it. What tungstenite writes (pongs, the reply
+/// to a client's close) goes to the connection's writer instead of the socket.
+pub struct ReadSide {
+    read: OwnedReadHalf,
+    conn: Arc<ConnHandle>,
+}
+
+impl ReadSide {
+    pub fn new(read: OwnedReadHalf, conn: Arc<ConnHandle>) -> Self {
+        Self { read, conn }
+    }
+
+    pub fn into_inner(self) -> OwnedReadHalf {
+        self.read
+    }
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.conn.send_raw(Bytes::copy_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The payload of a frame made by this module (tests only).
+#[cfg(test)]
+pub fn payload_of(frame: &[u8]) -> &[u8] {
+    match frame[1] {
+        126 => &frame[4..],
+        127 => &frame[10..],
+        _ => &frame[2..],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+
+    fn parse(bytes: &[u8]) -> (FrameHeader, usize, Vec<u8>) {
+        let mut cursor = std::io::Cursor::new(bytes);
+        let (header, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+        let start = cursor.position() as usize;
+        (header, len as usize, bytes[start..].to_vec())
+    }
+
+    #[test]
+    fn frames_of_every_length_class_parse_back() {
+        for len in [0usize, 1, 125, 126, 127, 65_535, 65_536, 100_000] {
+            let payload = vec![b'x'; len];
+            let bytes = text(&payload);
+            let (header, n, rest) = parse(&bytes);
+            assert!(header.is_final);
+            assert!(header.mask.is_none());
+            assert_eq!(n, len);
+            assert_eq!(rest, payload);
+            assert_eq!(payload_of(&bytes), &payload[..]);
+        }
+    }
+
+    #[test]
+    fn close_frames_fit_a_control_frame() {
+        let long = "é".repeat(200);
+        let bytes = close(4008, &long);
+        let (_, n, rest) = parse(&bytes);
+        assert!(n <= 125);
+        assert_eq!(u16::from_be_bytes([rest[0], rest[1]]), 4008);
+        assert!(std::str::from_utf8(&rest[2..]).is_ok());
+    }
+
+    #[test]
+    fn handshake_headers_are_checked() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(accept_key(&headers), Err(HandshakeError::NotUpgrade));
+        headers.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert_eq!(accept_key(&headers), Err(HandshakeError::Version));
+        headers.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
+        assert_eq!(accept_key(&headers), Err(HandshakeError::MissingKey));
+        // The example of RFC 6455, section 1.3.
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        assert_eq!(
+            accept_key(&headers).unwrap(),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+}
