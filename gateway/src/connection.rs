@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
+use hyper::upgrade::OnUpgrade;
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -50,11 +50,51 @@ pub struct Authenticated {
 /// small and idle connections are the common case (tungstenite's default is 128 KiB; 4 KiB
 /// cost 3.2 KB more RSS per idle connection than this, measured with `loadgen connections`).
 /// Larger frames still arrive whole: the buffer grows to the frame's announced length.
-const READ_BUFFER_BYTES: usize = 512;
+const READ_BUFFER_BYTES: usize = 256;
 
-/// Runs a connection to its end, then removes every trace of it. `pre_read` is what the HTTP
-/// layer read past the handshake request.
-pub async fn run(tcp: TcpStream, pre_read: Bytes, gateway: Arc<Gateway>, auth: Authenticated) {
+/// Runs a connection from its upgrade to its end, then removes every trace of it.
+///
+/// Most of a connection's memory is this future, held for as long as the connection is open:
+/// what only the set-up needs lives in a boxed future freed before the first read, and the
+/// arguments sit in one box (an async function's arguments would keep their space for its
+/// whole run).
+pub fn run(
+    on_upgrade: OnUpgrade,
+    gateway: Arc<Gateway>,
+    auth: Authenticated,
+) -> impl Future<Output = ()> + Send + 'static {
+    let setup = Box::new((on_upgrade, gateway, auth));
+    async move {
+        let Some((mut reader, mut stream, writer)) = Box::pin(start(setup)).await else {
+            return;
+        };
+        reader.read_loop(&mut stream).await;
+        reader.conn.shut();
+        reader.cleanup().await;
+        let _ = writer.await;
+        reader.gateway.hub.remove_connection(&reader.conn.client_id);
+        metrics::gauge!("roomcast_gateway_connections").decrement(1);
+        drop(reader);
+        Box::pin(linger(stream.into_inner())).await;
+    }
+}
+
+/// Waits for the upgrade, registers the connection, sends `connected` and starts the writer.
+async fn start(
+    setup: Box<(OnUpgrade, Arc<Gateway>, Authenticated)>,
+) -> Option<(
+    Reader,
+    WebSocketStream<ReadSide>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (on_upgrade, gateway, auth) = *setup;
+    let (tcp, pre_read) = match socket::upgraded(on_upgrade).await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return None;
+        }
+    };
     let client_id: Arc<str> = Arc::from(gateway.next_client_id());
     let user: Arc<str> = Arc::from(auth.user.as_str());
     let conn = Arc::new(ConnHandle::new(
@@ -76,6 +116,10 @@ pub async fn run(tcp: TcpStream, pre_read: Bytes, gateway: Arc<Gateway>, auth: A
     };
     conn.reply(Outbound::frame(connected.to_json())).await;
 
+    // A copy of just these bytes: `pre_read` is a slice of the HTTP layer's 8 KiB read buffer,
+    // which it would keep alive for the connection's lifetime.
+    let pre_read_copy = pre_read[..].to_vec();
+    drop(pre_read);
     let (read, write) = tcp.into_split();
     let max = gateway.settings.max_frame_bytes;
     let config = WebSocketConfig::default()
@@ -85,37 +129,28 @@ pub async fn run(tcp: TcpStream, pre_read: Bytes, gateway: Arc<Gateway>, auth: A
         .max_message_size(Some(max));
     let stream = WebSocketStream::from_partially_read(
         ReadSide::new(read, conn.clone()),
-        pre_read.to_vec(),
+        pre_read_copy,
         Role::Server,
         Some(config),
     )
     .await;
-    let writer_task = write_loop(
+    let writer = tokio::spawn(write_loop(
         write,
         conn.clone(),
-        gateway.settings.heartbeat_interval(),
         gateway.settings.outbound_queue_len,
-    );
-    let writer = tokio::spawn(writer_task);
+    ));
     let settings = &gateway.settings;
-    let mut reader = Reader {
+    let reader = Reader {
+        publish_bucket: TokenBucket::new(settings.publish_rate, f64::from(settings.publish_burst)),
         gateway: gateway.clone(),
-        conn: conn.clone(),
+        conn,
         rooms: HashMap::new(),
         token: auth.token,
         expires_at: auth.expires_at,
-        publish_bucket: TokenBucket::new(settings.publish_rate, f64::from(settings.publish_burst)),
         refused_in_a_row: 0,
+        _slot: auth.slot,
     };
-    let _slot = auth.slot;
-    let mut stream = stream;
-    reader.read_loop(&mut stream).await;
-    conn.shut();
-    reader.cleanup().await;
-    let _ = writer.await;
-    gateway.hub.remove_connection(&client_id);
-    metrics::gauge!("roomcast_gateway_connections").decrement(1);
-    linger(stream.into_inner()).await;
+    Some((reader, stream, writer))
 }
 
 /// After the writer sent its last frame and shut its half: read and discard what the client
@@ -151,6 +186,8 @@ struct Reader {
     publish_bucket: TokenBucket,
     /// Publishes refused by the rate limit since the last accepted one.
     refused_in_a_row: u32,
+    /// This connection's place in the per-user count, given back when the reader is dropped.
+    _slot: UserSlot,
 }
 
 /// The instant of a unix time, for the expiry timer. Tokens may carry any `exp`: far-future
@@ -170,42 +207,64 @@ fn is_too_big(error: &tokio_tungstenite::tungstenite::Error) -> bool {
 impl Reader {
     async fn read_loop(&mut self, stream: &mut WebSocketStream<ReadSide>) {
         let timeout = self.gateway.settings.heartbeat_timeout();
+        let ping_every = self.gateway.settings.heartbeat_interval();
+        // One timer for the three deadlines (the token's expiry, the heartbeat timeout, the
+        // next server ping), re-armed rather than made anew: a timer is 112 bytes, kept for
+        // as long as the connection is open.
+        let timer = tokio::time::sleep(ping_every.min(timeout));
+        tokio::pin!(timer);
+        let mut silent_until = Instant::now() + timeout;
+        let mut next_ping = Instant::now() + ping_every;
         loop {
-            let expiry = tokio::time::sleep_until(instant_of_unix(self.expires_at));
+            let expiry = instant_of_unix(self.expires_at);
+            timer
+                .as_mut()
+                .reset(expiry.min(silent_until).min(next_ping));
             let next = tokio::select! {
-                _ = self.conn.closed() => return,
-                _ = expiry => {
-                    self.conn.close(close::TOKEN_EXPIRED, "token expired");
-                    return;
+                biased;
+                () = self.conn.closed() => return,
+                next = stream.next() => next,
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= expiry {
+                        self.conn.close(close::TOKEN_EXPIRED, "token expired");
+                        return;
+                    }
+                    if now >= silent_until {
+                        // Silent past the timeout: presumed dead, so no close handshake.
+                        metrics::counter!("roomcast_gateway_heartbeat_timeouts_total").increment(1);
+                        tracing::debug!(client = %self.conn.client_id, "heartbeat timeout");
+                        return;
+                    }
+                    if now >= next_ping {
+                        self.conn.send_raw(socket::ping());
+                        next_ping = now + ping_every;
+                    }
+                    continue;
                 }
-                next = tokio::time::timeout(timeout, stream.next()) => next,
             };
+            // Any frame, a pong included, shows the client is alive.
+            silent_until = Instant::now() + timeout;
             let message = match next {
-                Err(_) => {
-                    // Silent past the timeout: presumed dead, so no close handshake.
-                    metrics::counter!("roomcast_gateway_heartbeat_timeouts_total").increment(1);
-                    tracing::debug!(client = %self.conn.client_id, "heartbeat timeout");
-                    return;
-                }
-                Ok(None) => return,
-                Ok(Some(Err(error))) => {
+                None => return,
+                Some(Err(error)) => {
                     if is_too_big(&error) {
                         self.conn.close(close::TOO_BIG, "frame too large");
                     }
                     return;
                 }
-                Ok(Some(Ok(message))) => message,
+                Some(Ok(message)) => message,
             };
             match message {
                 // Boxed: the command futures (gRPC calls) are large, and an idle connection
                 // should not carry their space.
                 Message::Text(text) => Box::pin(self.handle_text(&text)).await,
                 Message::Binary(_) => {
-                    self.send_error(
+                    Box::pin(self.send_error(
                         None,
                         ErrorCode::BadRequest,
                         "binary frames are not supported",
-                    )
+                    ))
                     .await
                 }
                 Message::Close(_) => return,
@@ -715,15 +774,10 @@ fn concat(frames: &mut Vec<Bytes>) -> Bytes {
     buffer.into()
 }
 
-async fn write_loop(
-    mut socket: OwnedWriteHalf,
-    conn: Arc<ConnHandle>,
-    ping_every: Duration,
-    limit: usize,
-) {
+/// The connection's only writer to the socket. Pings come from the reader (it owns the
+/// connection's one timer) through the queue, like every other frame.
+async fn write_loop(mut socket: OwnedWriteHalf, conn: Arc<ConnHandle>, limit: usize) {
     let mut cursors = Cursors::default();
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
     let mut out = Vec::new();
     // What the socket has not taken yet. Kept across a close, so the close frame never lands
@@ -735,11 +789,8 @@ async fn write_loop(
             if conn.is_closed() {
                 break;
             }
-            tokio::select! {
-                biased;
-                () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => continue,
-                _ = ping.tick() => out.push(socket::ping()),
-            }
+            std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
+            continue;
         }
         if conn.is_closed() {
             break;
@@ -794,10 +845,11 @@ async fn write_loop(
                 .unwrap_or_default()
         }
     };
-    let finish = async {
+    // Boxed: only a closing connection needs this future's space.
+    let finish = Box::pin(async move {
         socket.write_all(&pending).await?;
         socket.write_all(&last).await
-    };
+    });
     let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
 }
 

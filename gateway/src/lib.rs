@@ -7,6 +7,7 @@
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — local connections and rooms, fan-out of broker payloads;
 //! - [`limits`] — publish token bucket, connections per user;
+//! - [`memory`] — gives freed heap back to the OS after connection churn;
 //! - [`repair`] — fills gaps in a room's offsets from history;
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod connection;
 pub mod hub;
 pub mod limits;
+pub mod memory;
 pub mod protocol;
 pub mod repair;
 pub mod server;

@@ -65,6 +65,11 @@ impl Gateway {
         }
     }
 
+    /// Connections accepted so far (client ids issued).
+    pub fn connections_opened(&self) -> u64 {
+        self.next_client.load(Ordering::Relaxed) - 1
+    }
+
     /// A client id unique in the cluster: this gateway's id and a sequence number.
     pub fn next_client_id(&self) -> String {
         format!(
@@ -171,12 +176,7 @@ async fn websocket(
         expires_at: claims.exp,
         slot,
     };
-    tokio::spawn(async move {
-        match socket::upgraded(on_upgrade).await {
-            Ok((tcp, pre_read)) => connection::run(tcp, pre_read, gateway, auth).await,
-            Err(error) => tracing::debug!(%error, "upgrade failed"),
-        }
-    });
+    tokio::spawn(connection::run(on_upgrade, gateway, auth));
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -200,6 +200,7 @@ pub async fn serve(
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(gateway.clone());
     let server = tokio::spawn(accept_loop(listener, app, accepting_stopped));
+    tokio::spawn(crate::memory::trim_loop(gateway.clone()));
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
     gateway.readiness.start_draining();
