@@ -325,6 +325,62 @@ for (const run of oddities) {
 if (oddities.length) p();
 
 // ---------------------------------------------------------------------------------------------
+// The profiled round (bench/profile.sh): where a delivery's CPU goes in the gateways.
+const prof = tsv(path.join(work, 'profile.tsv'));
+const profRun = runs['profile-roomcast'];
+p('## Profile of the fan-out path');
+p();
+if (!prof.seconds || !profRun || !profRun.r) {
+  p('(not profiled in this run: `perf` unavailable or `--no-profile`)');
+  p();
+} else {
+  const secs = Number(prof.seconds);
+  const deliveries = profRun.r.deliveries_per_sec * secs;
+  const userUs = us(Number(prof.user_s), deliveries);
+  const sysUs = us(Number(prof.sys_s), deliveries);
+  const sendPct = Number(prof.sendto_pct);
+  const sendUs = ((userUs + sysUs) * sendPct) / 100;
+  const budget = mSioCpu != null ? mSioCpu / 5 : null;
+  p(`One more Roomcast round (${profRun.cmd.replace(/^.*loadgen /, 'loadgen ')}) with both gateways sampled by ` +
+    `\`bench/profile.sh\` (\`perf record -e cpu-clock -F 999 -g\`) for ${f(secs, 1)} s of steady publishing, ` +
+    `${int(deliveries)} deliveries (${f(profRun.r.latency_ms.p99, 1)} ms p99 in this round, perf included).`);
+  p();
+  p('| gateways, per delivery | µs |');
+  p('|---|---:|');
+  p(`| user time (/proc utime) | ${f(userUs, 2)} |`);
+  p(`| system time (/proc stime) | ${f(sysUs, 2)} |`);
+  p(`| in \`sendto\`, kernel, inclusive (${f(sendPct, 1)}% of samples) | ${f(sendUs, 2)} |`);
+  p(`| of which loopback receive processing run in the sender's context (\`net_rx_action\`, ${f(Number(prof.softirq_pct), 1)}%) | ${f(((userUs + sysUs) * Number(prof.softirq_pct)) / 100, 2)} |`);
+  p();
+  p(`Samples: ${f(Number(prof.kernel_pct), 1)}% in the kernel, ${f(Number(prof.user_pct), 1)}% in user space ` +
+    '(the gateway, libc). Top functions by own samples:');
+  p();
+  p('| % | where | function |');
+  p('|---:|---|---|');
+  const tops = fs
+    .readFileSync(path.join(work, 'profile.tsv'), 'utf8')
+    .split('\n')
+    .filter((l) => l.startsWith('top\t'))
+    .map((l) => l.split('\t'))
+    .slice(0, 15);
+  for (const [, pct, kind, name] of tops) {
+    p(`| ${pct.replace('%', '')} | ${kind === '[k]' ? 'kernel' : 'user'} | \`${name.length > 90 ? name.slice(0, 87) + '...' : name}\` |`);
+  }
+  p();
+  p('What it shows: each delivery is one `sendto` of one WebSocket frame to one socket (a subscriber gets a ' +
+    'message every 5 ms at 200 msg/s, so there is nothing queued to coalesce with), and on loopback that ' +
+    'system call also runs the receiving side\'s TCP processing. ' +
+    (budget != null
+      ? `The CPU target (≤ 1/5 of Socket.IO's ${f(mSioCpu, 2)} µs, i.e. ≤ ${f(budget, 2)} µs per delivery for all ` +
+        `Roomcast processes) is below what the kernel alone takes per \`sendto\` here (${f(sendUs, 2)} µs), so it is ` +
+        'out of reach without putting several messages into one write, which at this rate means holding ' +
+        'messages back for tens of milliseconds, against the 10 ms p99 target. '
+      : '') +
+    'User space is what the gateway can still shave; the full perf report is `profile.txt` in the work directory.');
+  p();
+}
+
+// ---------------------------------------------------------------------------------------------
 p('## Capacity: highest per-room publish rate with 1000 subscribers');
 p();
 p(`${nLadders} ladder(s) per system of ${machine.step_duration} s runs at increasing total publish rates into one ` +

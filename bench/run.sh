@@ -21,6 +21,7 @@ Usage: bench/run.sh [options]
   --ladders N       capacity ladders per system (interleaved with the other system's) [2]
   --step-duration S seconds of publishing at each capacity step [5]
   --no-capacity     skip the capacity ladders
+  --no-profile      skip the profiled fan-out round (perf record of the gateways)
   --no-build        use the existing target/release binaries
   --out FILE        where the report goes [docs/benchmarks.md]
   --work DIR        where raw results and logs go [a new directory under $TMPDIR]
@@ -34,6 +35,7 @@ LADDERS=2
 DURATION=10
 STEP_DURATION=5
 CAPACITY=1
+PROFILE=1
 BUILD=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$ROOT/docs/benchmarks.md"
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="${2:?--duration needs seconds}"; shift ;;
     --step-duration) STEP_DURATION="${2:?--step-duration needs seconds}"; shift ;;
     --no-capacity) CAPACITY=0 ;;
+    --no-profile) PROFILE=0 ;;
     --no-build) BUILD=0 ;;
     --out) OUT="${2:?--out needs a file}"; shift ;;
     --work) WORK="${2:?--work needs a directory}"; shift ;;
@@ -360,6 +363,20 @@ for round in $(seq "$PAIRS"); do
   fanout_socketio "fanout-socketio-$round" 200 "$P200" "$DURATION" "$BOUND"
   log "fanout-socketio-$round: $(summary "fanout-socketio-$round")"
 done
+
+# One more Roomcast round with the gateways profiled over its publishing window (set-up of the
+# 1000 members takes about 3 s): where a delivery's CPU goes. Skipped without a working perf.
+if [ $PROFILE = 1 ] && perf stat -e cpu-clock true >/dev/null 2>&1; then
+  PSECS=$((DURATION > 8 ? DURATION - 4 : 4))
+  GW_PIDS_CSV=$(IFS=,; echo "${GW_PIDS[*]}")
+  ( sleep 4; "$ROOT/bench/profile.sh" "$GW_PIDS_CSV" "$PSECS" "$WORK/profile" >/dev/null 2>"$WORK/profile.err" ) &
+  PROFILER_PID=$!
+  fanout_roomcast profile-roomcast 200 "$P200" "$((PSECS + 6))" "$BOUND"
+  wait "$PROFILER_PID" || log "profile failed (see $WORK/profile.err)"
+  log "profile-roomcast: $(summary profile-roomcast); gateways' profile in $WORK/profile.txt"
+else
+  log "perf unavailable or --no-profile: no profile"
+fi
 
 if [ $CAPACITY = 1 ]; then
   # Interleaved ladders: at each rate Roomcast then Socket.IO, each ladder stopping at its first

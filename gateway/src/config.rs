@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// Above this, a held message would be late by any measure.
+pub const MAX_WRITE_DELAY_MS: u64 = 1000;
+
 /// Settings that shape every connection; shared by cluster and standalone mode.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionSettings {
@@ -38,6 +41,11 @@ pub struct ConnectionSettings {
     /// Connections one user may hold on this gateway (0: no limit).
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,
+    /// How long a connection holds a broadcast before writing it, to write it together with
+    /// those that follow (0: write at once). Trades latency for CPU: one system call carries
+    /// several messages. Replies to the client's own commands are never held.
+    #[arg(long, env = "WRITE_DELAY_MS", default_value_t = 0)]
+    pub write_delay_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("HEARTBEAT_TIMEOUT_MS must be greater than HEARTBEAT_INTERVAL_MS")]
     TimeoutNotAboveInterval,
+    #[error("WRITE_DELAY_MS may be at most {MAX_WRITE_DELAY_MS} (got {0})")]
+    WriteDelay(u64),
     #[error("GATEWAY_ID may only contain A-Z a-z 0-9 _ . : - (got {0:?})")]
     BadGatewayId(String),
 }
@@ -76,7 +86,14 @@ impl ConnectionSettings {
         if self.max_rooms_per_connection == 0 {
             return Err(ConfigError::Zero("MAX_ROOMS_PER_CONNECTION"));
         }
+        if self.write_delay_ms > MAX_WRITE_DELAY_MS {
+            return Err(ConfigError::WriteDelay(self.write_delay_ms));
+        }
         Ok(())
+    }
+
+    pub fn write_delay(&self) -> Duration {
+        Duration::from_millis(self.write_delay_ms)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -173,6 +190,7 @@ mod tests {
             rate_limit_close_after: 1,
             max_rooms_per_connection: 1,
             max_connections_per_user: 0,
+            write_delay_ms: 0,
         }
     }
 
@@ -184,6 +202,9 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = settings();
         s.outbound_queue_len = 0;
+        assert!(s.validate().is_err());
+        let mut s = settings();
+        s.write_delay_ms = MAX_WRITE_DELAY_MS + 1;
         assert!(s.validate().is_err());
     }
 

@@ -138,6 +138,7 @@ async fn start(
         write,
         conn.clone(),
         gateway.settings.outbound_queue_len,
+        gateway.settings.write_delay(),
     ));
     let settings = &gateway.settings;
     let reader = Reader {
@@ -776,7 +777,12 @@ fn concat(frames: &mut Vec<Bytes>) -> Bytes {
 
 /// The connection's only writer to the socket. Pings come from the reader (it owns the
 /// connection's one timer) through the queue, like every other frame.
-async fn write_loop(mut socket: OwnedWriteHalf, conn: Arc<ConnHandle>, limit: usize) {
+async fn write_loop(
+    mut socket: OwnedWriteHalf,
+    conn: Arc<ConnHandle>,
+    limit: usize,
+    delay: Duration,
+) {
     let mut cursors = Cursors::default();
     let mut batch = Vec::new();
     let mut out = Vec::new();
@@ -790,6 +796,24 @@ async fn write_loop(mut socket: OwnedWriteHalf, conn: Arc<ConnHandle>, limit: us
                 break;
             }
             std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
+            if !delay.is_zero() && conn.next_is_broadcast() {
+                // Hold the broadcast so that what follows within the delay shares its write,
+                // unless the connection's own traffic (a reply) comes in. Boxed: a timer is
+                // only needed while holding.
+                let mut hold = Box::pin(tokio::time::sleep(delay));
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
+                        () = &mut hold => break,
+                        () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
+                            if conn.holds_own_traffic() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
             continue;
         }
         if conn.is_closed() {

@@ -171,7 +171,10 @@ impl ConnHandle {
         if self.is_closed() {
             return;
         }
-        let was_empty = {
+        // The connection's own traffic always wakes the writer: it may be holding broadcasts
+        // (a write delay) that a reply must not wait behind.
+        let own = matches!(item, Outbound::Local(_));
+        let wake = {
             let mut queue = self.queue();
             if queue.len() >= limit {
                 drop(queue);
@@ -183,11 +186,11 @@ impl ConnHandle {
                 return;
             }
             queue.push_back(item);
-            queue.len() == 1
+            own || queue.len() == 1
         };
-        // A non-empty queue means the writer was woken already and has not taken it yet; it
-        // takes everything queued before it waits again.
-        if was_empty {
+        // Otherwise a non-empty queue means the writer was woken already and has not taken it
+        // yet; it takes everything queued before it waits again.
+        if wake {
             self.wake_writer();
         }
     }
@@ -221,6 +224,23 @@ impl ConnHandle {
             queue.shrink_to(16);
         }
         n
+    }
+
+    /// Whether the next queued item is a broadcast (which a write delay may hold), not the
+    /// connection's own traffic.
+    pub fn next_is_broadcast(&self) -> bool {
+        matches!(
+            self.queue().front(),
+            Some(Outbound::Message(_) | Outbound::Event(_))
+        )
+    }
+
+    /// Whether the queue holds any of the connection's own traffic (replies), which a write
+    /// delay must not hold back.
+    pub fn holds_own_traffic(&self) -> bool {
+        self.queue()
+            .iter()
+            .any(|item| matches!(item, Outbound::Local(_)))
     }
 
     /// For the writer task: resolves when something was queued or the connection closed

@@ -283,6 +283,63 @@ pub async fn cross_gateway_delivery(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// With `WRITE_DELAY_MS` (set to [`WRITE_DELAY`] by the test): broadcasts are held for the
+/// delay and arrive together, in order; a reply to the client's own command is not held, and
+/// releases what was held before it.
+pub const WRITE_DELAY: Duration = Duration::from_millis(400);
+
+pub async fn write_delay_batches_broadcasts(sys: &mut System) -> Result<()> {
+    let room = "delay";
+    let mut sender = sys.client(0, "sender").await?;
+    let mut rx = sys.client(0, "rx").await?;
+    join(&mut sender, room).await?;
+    let (_, base) = join(&mut rx, room).await?;
+
+    // Five publishes in quick succession: held, then delivered together and in order.
+    let started = Instant::now();
+    for n in 0..5 {
+        sender.publish(room, json!({"n": n})).await?;
+    }
+    let mut offsets = Vec::new();
+    let mut first_after = None;
+    while offsets.len() < 5 {
+        let m = rx.expect("message", T).await?;
+        first_after.get_or_insert_with(|| started.elapsed());
+        offsets.push(u64_field(&m, "offset")?);
+    }
+    let first_after = first_after.unwrap_or_default();
+    ensure!(
+        offsets == (base + 1..=base + 5).collect::<Vec<_>>(),
+        "expected offsets {}..={} in order, got {offsets:?}",
+        base + 1,
+        base + 5
+    );
+    ensure!(
+        first_after >= WRITE_DELAY * 3 / 4,
+        "the first broadcast came after {first_after:?}: not held for the {WRITE_DELAY:?} write delay"
+    );
+
+    // A broadcast is held; the receiver's own ping is answered at once, and the held message
+    // comes with it, before it.
+    sender.publish(room, json!({"n": "held"})).await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let asked = Instant::now();
+    let id = rx.send_command(json!({"type": "ping"})).await?;
+    let pong = rx.reply_to(id, T).await?;
+    let waited = asked.elapsed();
+    ensure!(pong["type"] == "pong", "expected pong, got {pong}");
+    ensure!(
+        waited < WRITE_DELAY / 2,
+        "a reply waited {waited:?} behind held broadcasts (write delay {WRITE_DELAY:?})"
+    );
+    let held = rx.expect("message", Duration::from_millis(10)).await?;
+    ensure!(
+        held["data"]["n"] == "held",
+        "the held message should have arrived with the pong, got {held}"
+    );
+    Ok(())
+}
+
 /// Sends `request` on a new TCP connection to gateway 0 and returns what came back within
 /// `wait` (the connection may stay open).
 async fn raw_exchange(sys: &System, request: &[u8], wait: Duration) -> Result<Vec<u8>> {
