@@ -204,9 +204,26 @@ start_socketio() {
 # Runs a load generator, keeps its JSON (last line of stdout), and records the command, the CPU
 # ticks of the server processes and of Redis before and after, the load generator's own CPU, and
 # a 10 Hz CPU sample series (for the publishing-window figure).
+# Waits (at most 30 s) until every server process of both systems is idle: below 3% of a core
+# over half a second. Without this, a system still working off the backlog of the run before
+# (Socket.IO queues seconds of messages past its capacity) slows the run that follows.
+settle() {
+  local all="${ROOMCAST_PIDS[*]:-} ${CREDIS_PID:-} ${SIO_PIDS[*]:-} ${SIO_REDIS_PID:-}" i a b
+  local tck; tck=$(getconf CLK_TCK)
+  for i in $(seq 60); do
+    # shellcheck disable=SC2086
+    a=$(ticks $all); sleep 0.5
+    # shellcheck disable=SC2086
+    b=$(ticks $all)
+    [ $(( (b - a) * 100 )) -le $(( tck * 3 / 2 )) ] && return 0
+  done
+  log "servers still busy after 30 s; running anyway"
+}
+
 run() {
   local name=$1 server_pids=$2 redis_pid=$3 bound=$4
   shift 5
+  settle
   local meta="$WORK/$name.meta" cmd
   cmd=$(printf '%q ' "$@")
   cmd=${cmd//"$SECRET"/\$SECRET}
