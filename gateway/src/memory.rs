@@ -26,7 +26,9 @@ pub async fn trim_loop(gateway: Arc<Gateway>) {
         let now = (gateway.connections_opened(), gateway.hub.connection_count());
         if now != seen {
             seen = now;
+            let started = std::time::Instant::now();
             tokio::task::spawn_blocking(trim).await.ok();
+            tracing::debug!(took = ?started.elapsed(), connections = now.1, "heap trimmed");
         }
     }
 }
