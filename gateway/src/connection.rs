@@ -796,7 +796,7 @@ async fn write_loop(
                 break;
             }
             std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
-            if !delay.is_zero() && conn.next_is_broadcast() {
+            if !delay.is_zero() && conn.holds_only_broadcasts() {
                 // Hold the broadcast so that what follows within the delay shares its write,
                 // unless the connection's own traffic (a reply) comes in. Boxed: a timer is
                 // only needed while holding.
@@ -807,7 +807,7 @@ async fn write_loop(
                         () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
                         () = &mut hold => break,
                         () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
-                            if conn.holds_own_traffic() {
+                            if !conn.holds_only_broadcasts() {
                                 break;
                             }
                         }

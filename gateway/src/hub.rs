@@ -226,21 +226,11 @@ impl ConnHandle {
         n
     }
 
-    /// Whether the next queued item is a broadcast (which a write delay may hold), not the
-    /// connection's own traffic.
-    pub fn next_is_broadcast(&self) -> bool {
-        matches!(
-            self.queue().front(),
-            Some(Outbound::Message(_) | Outbound::Event(_))
-        )
-    }
-
-    /// Whether the queue holds any of the connection's own traffic (replies), which a write
-    /// delay must not hold back.
-    pub fn holds_own_traffic(&self) -> bool {
-        self.queue()
-            .iter()
-            .any(|item| matches!(item, Outbound::Local(_)))
+    /// Whether the queue holds broadcasts and nothing else: what a write delay may hold back
+    /// (never the connection's own traffic, such as replies).
+    pub fn holds_only_broadcasts(&self) -> bool {
+        let queue = self.queue();
+        !queue.is_empty() && !queue.iter().any(|item| matches!(item, Outbound::Local(_)))
     }
 
     /// For the writer task: resolves when something was queued or the connection closed
