@@ -11,12 +11,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(
-        &[
-            "proto/roomcast/v1/auth.proto",
-            "proto/roomcast/v1/room.proto",
-        ],
-        &["proto"],
-    )?;
+    // The descriptor set feeds gRPC server reflection (grpcurl without the .proto files).
+    let descriptor = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("roomcast.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptor)
+        .compile_protos(
+            &[
+                "proto/roomcast/v1/auth.proto",
+                "proto/roomcast/v1/room.proto",
+                "proto/roomcast/v1/server_api.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

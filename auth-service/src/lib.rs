@@ -21,21 +21,34 @@ pub use mint::{MintError, encode_hs256, mint_hs256};
 pub use service::AuthHandler;
 pub use verifier::{ConfigError, KeyError, Verifier, VerifierConfig, VerifyError};
 
+use roomcast_common::credential::RequireBearer;
+use roomcast_proto::auth_service_server::AuthServiceServer;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 /// Serves `AuthService` on `listener` until `shutdown` resolves, then lets in-flight calls
-/// finish.
+/// finish. Every call must carry `internal_token` (checked before any handler runs); the
+/// gRPC health service is open, for load balancers.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     verifier: Verifier,
+    internal_token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // Calls are tiny request/response pairs: without TCP_NODELAY, Nagle's algorithm can hold a
     // reply back for a delayed ACK.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AuthServiceServer<AuthHandler>>()
+        .await;
+    let credential = RequireBearer::new(Some(&internal_token), "internal token");
     Server::builder()
-        .add_service(AuthHandler::new(verifier).into_server())
+        .add_service(AuthServiceServer::with_interceptor(
+            AuthHandler::new(verifier),
+            credential,
+        ))
+        .add_service(health)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
@@ -47,20 +60,39 @@ mod tests {
     use roomcast_proto::{AuthorizeRequest, VerifyTokenRequest};
 
     const SECRET: &[u8] = b"network-test-secret-network-test";
+    const INTERNAL: &str = "internal-token-for-tests";
 
     #[tokio::test]
     async fn serves_real_grpc_clients_and_stops_on_shutdown() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, Verifier::hs256(SECRET).unwrap(), async {
+        let verifier = Verifier::hs256(SECRET).unwrap();
+        let server = tokio::spawn(serve(listener, verifier, INTERNAL.into(), async {
             let _ = stopped.await;
         }));
 
-        let mut client = AuthServiceClient::connect(format!("http://{addr}"))
+        let token = mint_hs256(SECRET, "alice", 60, Some(vec!["chat:*".into()]), None).unwrap();
+        // Without the internal token nothing is answered, not even whether a token is valid.
+        let mut outsider = AuthServiceClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let token = mint_hs256(SECRET, "alice", 60, Some(vec!["chat:*".into()]), None).unwrap();
+        let status = outsider
+            .verify_token(VerifyTokenRequest {
+                token: token.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(status.message().contains("internal token"), "{status:?}");
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let attach = roomcast_common::credential::AttachBearer::new(INTERNAL).unwrap();
+        let mut client = AuthServiceClient::with_interceptor(channel, attach);
 
         let claims = client
             .verify_token(VerifyTokenRequest {
@@ -102,6 +134,7 @@ mod tests {
         assert_eq!(status.message(), "malformed token");
 
         drop(client);
+        drop(outsider);
         stop.send(()).unwrap();
         let result = tokio::time::timeout(std::time::Duration::from_secs(5), server)
             .await

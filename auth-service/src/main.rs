@@ -58,6 +58,9 @@ struct ServeArgs {
     /// Required `iss`.
     #[arg(long, env = "JWT_ISSUER")]
     jwt_issuer: Option<String>,
+    /// Credential of internal calls (gateways); required.
+    #[arg(long, env = "INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -116,6 +119,11 @@ fn mint(args: MintArgs) -> anyhow::Result<()> {
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
     roomcast_common::telemetry::init();
+    let internal_token = roomcast_common::credential::validate(
+        "INTERNAL_TOKEN",
+        args.internal_token.as_deref(),
+        "gateways authenticate internal calls with it; give every process the same value",
+    )?;
     let verifier = Verifier::from_config(&VerifierConfig {
         jwt_secret: args.jwt_secret,
         jwt_public_key_file: args.jwt_public_key_file,
@@ -162,7 +170,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     readiness.set(true);
     tracing::info!(addr = %addr, metrics_addr = %metrics_addr, algorithm = ?verifier.algorithm(), "listening");
 
-    roomcast_auth::serve(listener, verifier, stopped(stop_rx)).await?;
+    roomcast_auth::serve(listener, verifier, internal_token, stopped(stop_rx)).await?;
     metrics.await.context("metrics server task failed")??;
     tracing::info!("stopped");
     Ok(())

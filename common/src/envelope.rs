@@ -2,7 +2,8 @@
 //!
 //! Channel layout: one channel per room (`rc:room:<name>`), subscribed by a gateway only while
 //! it holds at least one member of the room, plus one control channel (`rc:ctl`) that every
-//! gateway subscribes to for rare cluster-wide commands (disconnects).
+//! gateway subscribes to for rare cluster-wide commands (disconnects, server-side
+//! subscriptions).
 //!
 //! A payload is a short text header and the ready-to-send client frame, so a gateway reads the
 //! offset and sender without parsing JSON and forwards the frame bytes untouched:
@@ -41,6 +42,23 @@ pub enum Control {
         client_id: String,
         code: u16,
         reason: String,
+    },
+    /// Join every connection of `user` (when set) or the connection `client_id` to `room`,
+    /// whatever its token's room rules say: a backend decided.
+    Subscribe {
+        room: String,
+        #[serde(default)]
+        user: String,
+        #[serde(default)]
+        client_id: String,
+    },
+    /// Make every connection of `user` (or the connection `client_id`) leave `room`.
+    Unsubscribe {
+        room: String,
+        #[serde(default)]
+        user: String,
+        #[serde(default)]
+        client_id: String,
     },
 }
 

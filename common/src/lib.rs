@@ -2,6 +2,8 @@
 //!
 //! - [`broker`] — the pub/sub leg (in-memory for standalone, Redis for a cluster) that carries
 //!   broadcasts from room-service to the gateways holding members of a room.
+//! - [`credential`] — bearer credentials on gRPC calls (internal token, API key), checked in
+//!   an interceptor.
 //! - [`envelope`] — the bytes that travel on the broker, and the channel names.
 //! - [`nats`] — NATS as the pub/sub leg instead of Redis pub/sub.
 //! - [`message`] — the JSON `message` frame, built in exactly one shape everywhere.
@@ -12,6 +14,7 @@
 //!   (`OTEL_EXPORTER_OTLP_ENDPOINT`).
 
 pub mod broker;
+pub mod credential;
 pub mod envelope;
 pub mod error_code;
 pub mod message;
@@ -19,6 +22,12 @@ pub mod nats;
 pub mod ops;
 pub mod room;
 pub mod telemetry;
+
+/// Starts the idempotency keys a gateway makes up for its own retries of a publish (the
+/// client gave none). Room-service keeps those only for [`RETRY_KEY_WINDOW`]: they guard a
+/// retry within one call, not a client's retry after a reconnect.
+pub const RETRY_KEY_PREFIX: &str = "retry:";
+pub const RETRY_KEY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Milliseconds since the unix epoch.
 pub fn unix_millis() -> u64 {

@@ -16,10 +16,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::Uri;
+use roomcast_common::credential::{AttachBearer, CredentialError};
 use roomcast_common::unix_millis;
 use roomcast_proto as pb;
 use roomcast_proto::auth_service_client::AuthServiceClient;
 use roomcast_proto::room_service_client::RoomServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -35,7 +37,12 @@ pub enum BackendConfigError {
     Empty(String),
     #[error("bad endpoint {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
 }
+
+/// A channel that carries the internal token on every call.
+pub type Internal = InterceptedService<Channel, AttachBearer>;
 
 /// One resolved endpoint.
 struct Member<C> {
@@ -232,7 +239,7 @@ impl<C: Clone> Pool<C> {
                     member.skip_until.store(0, Ordering::Relaxed);
                     return Ok(response.into_inner());
                 }
-                Err(status) if status.code() == Code::Unavailable => {
+                Err(status) if is_transport_failure(&status) => {
                     member
                         .skip_until
                         .store(unix_millis() + SKIP_MS, Ordering::Relaxed);
@@ -241,7 +248,37 @@ impl<C: Clone> Pool<C> {
                 Err(status) => return Err(status),
             }
         }
-        Err(last)
+        Err(Status::unavailable(format!(
+            "no instance answered: {}",
+            last.message()
+        )))
+    }
+}
+
+/// Whether a call failed in transport (the instance is down, was killed mid-call, or timed
+/// out) rather than being answered. Such a call may be tried on another instance: every RPC
+/// the gateway makes is idempotent (publishes carry an idempotency key). A connection cut
+/// mid-call surfaces as UNKNOWN or INTERNAL carrying the h2/hyper/io error; an answer from a
+/// handler never carries a source.
+fn is_transport_failure(status: &Status) -> bool {
+    use std::error::Error as _;
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => true,
+        Code::Unknown | Code::Internal => {
+            let mut source = status.source();
+            while let Some(error) = source {
+                if error.is::<hyper::Error>()
+                    || error.is::<std::io::Error>()
+                    || error.is::<tonic::transport::Error>()
+                    || error.to_string().starts_with("h2 protocol error")
+                {
+                    return true;
+                }
+                source = error.source();
+            }
+            false
+        }
+        _ => false,
     }
 }
 
@@ -261,15 +298,26 @@ macro_rules! rpc {
 
 /// The services this gateway forwards to.
 pub struct Backends {
-    pub room: Pool<RoomServiceClient<Channel>>,
-    pub auth: Pool<AuthServiceClient<Channel>>,
+    pub room: Pool<RoomServiceClient<Internal>>,
+    pub auth: Pool<AuthServiceClient<Internal>>,
 }
 
 impl Backends {
-    pub fn new(room_urls: &str, auth_urls: &str) -> Result<Self, BackendConfigError> {
+    /// Every call carries `internal_token`, the credential the services require.
+    pub fn new(
+        room_urls: &str,
+        auth_urls: &str,
+        internal_token: &str,
+    ) -> Result<Self, BackendConfigError> {
+        let attach = AttachBearer::new(internal_token)?;
+        let room_attach = attach.clone();
         Ok(Self {
-            room: Pool::new(room_urls, RoomServiceClient::new)?,
-            auth: Pool::new(auth_urls, AuthServiceClient::new)?,
+            room: Pool::new(room_urls, move |channel| {
+                RoomServiceClient::with_interceptor(channel, room_attach.clone())
+            })?,
+            auth: Pool::new(auth_urls, move |channel| {
+                AuthServiceClient::with_interceptor(channel, attach.clone())
+            })?,
         })
     }
 
@@ -282,6 +330,75 @@ impl Backends {
     rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);
     rpc!(room.connection_closed(pb::ConnectionClosedRequest) -> pb::ConnectionClosedResponse);
     rpc!(room.gateway_heartbeat(pb::GatewayHeartbeatRequest) -> pb::GatewayHeartbeatResponse);
+
+    /// `Join`, with a recovery larger than one transport message completed from history
+    /// pages: `missed` then holds every message up to the join's offset. If the history moved
+    /// on meanwhile (new epoch, or trimmed past the cursor), the join says `recovered: false`.
+    pub async fn join_recovering(
+        &self,
+        request: pb::JoinRequest,
+    ) -> Result<pb::JoinResponse, Status> {
+        let room = request.room.clone();
+        let mut joined = self.join(request).await?;
+        while joined.more {
+            let Some(cursor) = joined.missed.last().map(|p| p.offset) else {
+                break;
+            };
+            if cursor >= joined.offset {
+                break;
+            }
+            let page = self
+                .history(pb::HistoryRequest {
+                    room: room.clone(),
+                    since: Some(cursor),
+                    limit: 0,
+                })
+                .await?;
+            let contiguous = page.publications.first().map(|p| p.offset) == Some(cursor + 1);
+            if page.epoch != joined.epoch || !contiguous {
+                joined.recovered = Some(false);
+                joined.missed.clear();
+                break;
+            }
+            joined.more = page.more;
+            joined.missed.extend(
+                page.publications
+                    .into_iter()
+                    .take_while(|p| p.offset <= joined.offset),
+            );
+        }
+        joined.more = false;
+        Ok(joined)
+    }
+
+    /// `History` for up to `request.limit` messages however large: pages are fetched until
+    /// the limit or the end of the history.
+    pub async fn history_pages(
+        &self,
+        request: pb::HistoryRequest,
+    ) -> Result<pb::HistoryResponse, Status> {
+        let limit = request.limit as usize;
+        let mut history = self.history(request.clone()).await?;
+        while history.more && history.publications.len() < limit {
+            let Some(cursor) = history.publications.last().map(|p| p.offset) else {
+                break;
+            };
+            let left = limit - history.publications.len();
+            let page = self
+                .history(pb::HistoryRequest {
+                    room: request.room.clone(),
+                    since: Some(cursor),
+                    limit: u32::try_from(left).unwrap_or(u32::MAX),
+                })
+                .await?;
+            if page.epoch != history.epoch || page.publications.is_empty() {
+                break;
+            }
+            history.more = page.more;
+            history.publications.extend(page.publications);
+        }
+        Ok(history)
+    }
 
     /// Resolves the services' host names now and then every [`RESOLVE_EVERY`].
     pub async fn keep_resolved(&self) {

@@ -143,6 +143,9 @@ pub struct GatewayConfig {
     /// Pub/sub leg; default: REDIS_URL.
     #[arg(long, env = "BROKER_URL")]
     pub broker_url: Option<String>,
+    /// Credential of internal calls to room-service and auth-service; required.
+    #[arg(long, env = "INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
     #[command(flatten)]
     pub connection: ConnectionSettings,
 }

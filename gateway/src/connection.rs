@@ -149,6 +149,7 @@ async fn start(
         token: auth.token,
         expires_at: auth.expires_at,
         refused_in_a_row: 0,
+        publishes: 0,
         _slot: auth.slot,
     };
     Some((reader, stream, writer))
@@ -172,6 +173,17 @@ async fn linger(read: ReadSide) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
 }
 
+/// The idempotency key a publish travels with. A client's own key is scoped to its user (two
+/// users cannot collide or block each other); without one, the gateway numbers the
+/// connection's publishes, so its own retry on another room-service instance (after a
+/// transport failure mid-call) cannot store the message twice.
+fn idempotency_key(user: &str, client_id: &str, client_key: Option<&str>, nth: u64) -> String {
+    match client_key {
+        Some(key) => format!("c:{user}:{key}"),
+        None => format!("{}{client_id}:{nth}", roomcast_common::RETRY_KEY_PREFIX),
+    }
+}
+
 /// What a connection may do in a room it joined.
 struct Joined {
     can_publish: bool,
@@ -187,6 +199,8 @@ struct Reader {
     publish_bucket: TokenBucket,
     /// Publishes refused by the rate limit since the last accepted one.
     refused_in_a_row: u32,
+    /// Publishes sent on; numbers the idempotency keys the gateway makes up.
+    publishes: u64,
     /// This connection's place in the per-user count, given back when the reader is dropped.
     _slot: UserSlot,
 }
@@ -311,7 +325,14 @@ impl Reader {
             Command::Ping => self.send(ServerFrame::Pong { id }).await,
             Command::Join { room, since } => self.join(id, room, since).await,
             Command::Leave { room } => self.leave(id, room).await,
-            Command::Publish { room, data } => self.publish(id, room, data.get()).await,
+            Command::Publish {
+                room,
+                data,
+                idempotency_key,
+            } => {
+                self.publish(id, room, data.get(), idempotency_key.as_deref())
+                    .await
+            }
             Command::Presence { room } => self.presence(id, room).await,
             Command::History { room, since, limit } => self.history(id, room, since, limit).await,
             Command::Refresh { token } => self.refresh(id, token).await,
@@ -383,7 +404,7 @@ impl Reader {
                 offset: p.offset,
             }),
         };
-        let joined = self.gateway.backends.join(request).await;
+        let joined = self.gateway.backends.join_recovering(request).await;
         let joined = match joined {
             Ok(joined) => joined,
             Err(status) => {
@@ -473,7 +494,7 @@ impl Reader {
         self.rooms.get(room)
     }
 
-    async fn publish(&mut self, id: Option<u64>, room: String, data: &str) {
+    async fn publish(&mut self, id: Option<u64>, room: String, data: &str, key: Option<&str>) {
         let Some(joined) = self.joined(&room) else {
             return self
                 .send_error(id, ErrorCode::NotJoined, "join the room before publishing")
@@ -501,11 +522,18 @@ impl Reader {
             return self.send_error(id, ErrorCode::RateLimited, &message).await;
         }
         self.refused_in_a_row = 0;
+        self.publishes += 1;
         let request = pb::PublishRequest {
             room: room.clone(),
             client_id: self.conn.client_id.to_string(),
             user: self.conn.user.to_string(),
             data_json: data.to_owned(),
+            idempotency_key: idempotency_key(
+                &self.conn.user,
+                &self.conn.client_id,
+                key,
+                self.publishes,
+            ),
         };
         match self.gateway.backends.publish(request).await {
             Ok(published) => {
@@ -559,7 +587,7 @@ impl Reader {
             since,
             limit,
         };
-        match self.gateway.backends.history(request).await {
+        match self.gateway.backends.history_pages(request).await {
             Ok(history) => {
                 let messages = history
                     .publications

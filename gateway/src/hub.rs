@@ -637,6 +637,9 @@ impl Hub {
                     }
                 }
             }
+            Control::Subscribe { room, .. } | Control::Unsubscribe { room, .. } => {
+                tracing::warn!(%room, "server-side subscription changes are not applied by this gateway");
+            }
         }
     }
 }

@@ -56,6 +56,11 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> anyhow::Result<()> {
     config.connection.validate()?;
+    let internal_token = roomcast_common::credential::validate(
+        "INTERNAL_TOKEN",
+        config.internal_token.as_deref(),
+        "the gateway authenticates its calls to room-service and auth-service with it",
+    )?;
     let id = gateway_id(config.id.as_deref())?;
     let broker_url = config.broker_url.as_deref().unwrap_or(&config.redis_url);
     let supported = ["redis://", "rediss://", "nats://"];
@@ -77,7 +82,11 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         .subscribe(CONTROL_CHANNEL)
         .await
         .context("subscribing to the control channel")?;
-    let backends = Backends::new(&config.room_service_url, &config.auth_service_url)?;
+    let backends = Backends::new(
+        &config.room_service_url,
+        &config.auth_service_url,
+        &internal_token,
+    )?;
     let subscriptions = Subscriptions::start(
         subscriber,
         readiness.clone(),

@@ -10,6 +10,8 @@ use serde_json::value::RawValue;
 
 /// Largest `history.limit` a client may ask for; the room-service caps it further.
 pub const MAX_HISTORY_LIMIT: u32 = 1000;
+/// Longest `publish.idempotencyKey`, in bytes (contract §1.2).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 64;
 
 /// A validated client command.
 #[derive(Debug, PartialEq)]
@@ -26,6 +28,9 @@ pub enum Command {
         room: String,
         /// The payload exactly as the client sent it (already valid JSON).
         data: RawJson,
+        /// A retry with the same key in the same room within the idempotency window gets the
+        /// first publish's offset and is not stored twice.
+        idempotency_key: Option<String>,
     },
     Presence {
         room: String,
@@ -106,6 +111,8 @@ struct RawFrame<'a> {
     limit: Option<u32>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    #[serde(rename = "idempotencyKey", borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(
@@ -157,9 +164,27 @@ pub fn parse(text: &str) -> Result<Request, FrameError> {
             let data = raw
                 .data
                 .ok_or_else(|| FrameError::bad(id, "missing field `data`"))?;
+            let idempotency_key = match raw.idempotency_key.as_deref() {
+                None => None,
+                Some(key)
+                    if key.is_empty()
+                        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+                        || key.chars().any(char::is_control) =>
+                {
+                    return Err(FrameError::bad(
+                        id,
+                        format!(
+                            "`idempotencyKey` must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes \
+                             without control characters"
+                        ),
+                    ));
+                }
+                Some(key) => Some(key.to_owned()),
+            };
             Command::Publish {
                 room: room()?,
                 data: RawJson(data.to_owned()),
+                idempotency_key,
             }
         }
         "presence" => Command::Presence { room: room()? },
@@ -342,11 +367,34 @@ mod tests {
             Command::Leave { room: "r".into() }
         );
         match ok(r#"{"type":"publish","room":"r","data":{"a": [1, "x"]}}"#).command {
-            Command::Publish { room, data } => {
+            Command::Publish {
+                room,
+                data,
+                idempotency_key,
+            } => {
                 assert_eq!(room, "r");
                 assert_eq!(data.get(), r#"{"a": [1, "x"]}"#);
+                assert_eq!(idempotency_key, None);
             }
             other => panic!("{other:?}"),
+        }
+        match ok(r#"{"type":"publish","room":"r","data":1,"idempotencyKey":"k-1"}"#).command {
+            Command::Publish {
+                idempotency_key, ..
+            } => assert_eq!(idempotency_key.as_deref(), Some("k-1")),
+            other => panic!("{other:?}"),
+        }
+        let long = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1);
+        for key in ["\"\"", "\"a\\nb\"", "1", &format!("\"{long}\"")] {
+            let frame = format!(
+                r#"{{"type":"publish","id":3,"room":"r","data":1,"idempotencyKey":{key}}}"#
+            );
+            let error = parse(&frame).unwrap_err();
+            assert_eq!(
+                (error.id, error.code),
+                (Some(3), ErrorCode::BadRequest),
+                "{key}"
+            );
         }
         assert_eq!(
             ok(r#"{"type":"history","room":"r","since":5,"limit":10}"#).command,

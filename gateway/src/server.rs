@@ -279,6 +279,7 @@ pub async fn heartbeat_loop(gateway: Arc<Gateway>) {
             gateway_id: gateway.id.clone(),
             connections: gateway.hub.connection_count() as u64,
             lease_ms: lease.as_millis() as u64,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         if let Err(status) = gateway.backends.gateway_heartbeat(request).await {
             tracing::debug!(%status, "gateway heartbeat not recorded");

@@ -55,6 +55,9 @@ pub async fn run(
         .jwt_secret
         .clone()
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    // The services listen on ports others can reach (ROOM_SERVICE_ADDR for the server API), so
+    // internal calls need a credential here too; nothing outside this process needs it.
+    let internal_token = roomcast_common::credential::generate();
     let broker = MemoryBroker::new();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop_signal = move || {
@@ -68,7 +71,12 @@ pub async fn run(
     let auth_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let auth_addr = auth_listener.local_addr()?;
     let verifier = roomcast_auth::Verifier::hs256(secret.as_bytes())?;
-    tokio::spawn(roomcast_auth::serve(auth_listener, verifier, stop_signal()));
+    tokio::spawn(roomcast_auth::serve(
+        auth_listener,
+        verifier,
+        internal_token.clone(),
+        stop_signal(),
+    ));
 
     // room-service with the in-memory store, on ROOM_SERVICE_ADDR.
     let room_listener = tokio::net::TcpListener::bind(config.room_service_addr)
@@ -86,6 +94,7 @@ pub async fn run(
         store,
         roomcast_room::service::ServiceOptions {
             api_key: config.api_key.clone(),
+            internal_token: Some(internal_token.clone()),
             ..Default::default()
         },
     );
@@ -103,6 +112,7 @@ pub async fn run(
     let backends = Backends::new(
         &format!("http://{room_addr}"),
         &format!("http://{auth_addr}"),
+        &internal_token,
     )?;
     let readiness = Readiness::default();
     let subscriptions = Subscriptions::start(
@@ -128,7 +138,7 @@ pub async fn run(
     println!("Roomcast standalone is running.");
     println!("  demo page:  http://{addr}/?token={token}");
     println!("  WebSocket:  ws://{addr}/ws?token=<jwt>");
-    println!("  server API: grpc://{room_addr} (roomcast.v1.RoomService)");
+    println!("  server API: grpc://{room_addr} (roomcast.v1.ServerApi, API_KEY)");
     println!("  dev token ({}; 24 h): {token}", config.dev_user);
     if config.jwt_secret.is_none() {
         println!("  JWT_SECRET was not set; this run's secret: {secret}");

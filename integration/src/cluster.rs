@@ -23,6 +23,8 @@ pub struct ClusterOptions {
     pub max_frame_bytes: usize,
     /// The room-service server API key.
     pub api_key: String,
+    /// `INTERNAL_TOKEN` of every process; made up per cluster.
+    pub internal_token: String,
     /// HS256 secret shared by auth-service (or the standalone gateway) and the token helpers.
     pub secret: String,
     pub history_size: u64,
@@ -48,6 +50,7 @@ impl Default for ClusterOptions {
             heartbeat_timeout_ms: 30_000,
             max_frame_bytes: 65_536,
             api_key: "roomcast-test-api-key".into(),
+            internal_token: roomcast_common::credential::generate(),
             secret: "roomcast-test-secret".into(),
             history_size: 1000,
             history_ttl_seconds: 3600,
@@ -180,6 +183,7 @@ impl Cluster {
                     .env("AUTH_SERVICE_ADDR", format!("127.0.0.1:{auth_grpc}"))
                     .env("METRICS_ADDR", format!("127.0.0.1:{auth_http}"))
                     .env("JWT_SECRET", &opts.secret)
+                    .env("INTERNAL_TOKEN", &opts.internal_token)
                     .env("REDIS_URL", redis.url()),
             )?,
             grpc_url: Some(format!("http://127.0.0.1:{auth_grpc}")),
@@ -196,7 +200,8 @@ impl Cluster {
                 .env("REDIS_URL", redis.url())
                 .env("HISTORY_SIZE", opts.history_size)
                 .env("HISTORY_TTL_SECONDS", opts.history_ttl_seconds)
-                .env("API_KEY", &opts.api_key);
+                .env("API_KEY", &opts.api_key)
+                .env("INTERNAL_TOKEN", &opts.internal_token);
             for (k, v) in &opts.room_env {
                 spec = spec.env(k.clone(), v);
             }
@@ -218,6 +223,7 @@ impl Cluster {
                 .env("GATEWAY_ID", format!("gw-{i}"))
                 .env("ROOM_SERVICE_URL", &room_urls)
                 .env("AUTH_SERVICE_URL", &auth_url)
+                .env("INTERNAL_TOKEN", &opts.internal_token)
                 .env("REDIS_URL", redis.url());
             let spec = opts.gateway_spec(spec, &format!("127.0.0.1:{port}"));
             gateways.push(Service {

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use roomcast_proto::room_service_client::RoomServiceClient;
+use roomcast_proto::server_api_client::ServerApiClient;
 use roomcast_proto::{DisconnectRequest, HistoryRequest, PresenceRequest, ServerPublishRequest};
 use serde_json::{Value, json};
 
@@ -1183,7 +1183,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
     let room = "srv";
     let key = sys.options().api_key.clone();
     let url = sys.server_api_url(0);
-    let mut api = RoomServiceClient::connect(url.clone())
+    let mut api = ServerApiClient::connect(url.clone())
         .await
         .with_context(|| format!("connecting to the server API at {url}"))?;
     let mut a = sys.client(1, "alice").await?;
@@ -1193,12 +1193,17 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
         room: room.into(),
         data_json: r#"{"hello":"world"}"#.into(),
         user: String::new(),
+        idempotency_key: String::new(),
     };
     for (case, request) in [
         ("no API key", tonic::Request::new(publish())),
         ("a wrong API key", with_key(publish(), "wrong-key")?),
+        (
+            "the internal token",
+            with_key(publish(), &sys.options().internal_token.clone())?,
+        ),
     ] {
-        match api.server_publish(request).await {
+        match api.publish(request).await {
             Ok(r) => bail!("ServerPublish with {case} succeeded: {r:?}"),
             Err(s) => ensure!(
                 matches!(
@@ -1214,7 +1219,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
         .context("a refused server publish was delivered")?;
 
     let published = api
-        .server_publish(with_key(publish(), &key)?)
+        .publish(with_key(publish(), &key)?)
         .await
         .context("ServerPublish with the API key")?
         .into_inner();
@@ -1234,7 +1239,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
     );
 
     let presence = api
-        .server_presence(with_key(PresenceRequest { room: room.into() }, &key)?)
+        .presence(with_key(PresenceRequest { room: room.into() }, &key)?)
         .await
         .context("ServerPresence")?
         .into_inner();
@@ -1246,7 +1251,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
         "ServerPresence should list alice: {presence:?}"
     );
     let history = api
-        .server_history(with_key(
+        .history(with_key(
             HistoryRequest {
                 room: room.into(),
                 since: None,
@@ -1272,7 +1277,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
 pub async fn server_api_disconnect(sys: &mut System) -> Result<()> {
     let key = sys.options().api_key.clone();
     let url = sys.server_api_url(1);
-    let mut api = RoomServiceClient::connect(url.clone())
+    let mut api = ServerApiClient::connect(url.clone())
         .await
         .with_context(|| format!("connecting to the server API at {url}"))?;
     let mut b0 = sys.client(0, "bob").await?;

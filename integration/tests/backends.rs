@@ -4,7 +4,7 @@
 use roomcast_integration::cluster::{Cluster, ClusterOptions};
 use roomcast_integration::token::{self, Claims};
 use roomcast_proto::auth_service_client::AuthServiceClient;
-use roomcast_proto::room_service_client::RoomServiceClient;
+use roomcast_proto::server_api_client::ServerApiClient;
 use roomcast_proto::{ServerPublishRequest, VerifyTokenRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,11 +15,16 @@ async fn backends_start_and_accept_the_harness_credentials() {
     };
     let secret = opts.secret.clone();
     let key = opts.api_key.clone();
+    let internal = opts.internal_token.clone();
     let cluster = Cluster::start(opts).await.unwrap();
 
-    let mut auth = AuthServiceClient::connect(cluster.auth_grpc())
+    let channel = tonic::transport::Endpoint::from_shared(cluster.auth_grpc())
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let attach = roomcast_common::credential::AttachBearer::new(&internal).unwrap();
+    let mut auth = AuthServiceClient::with_interceptor(channel, attach);
     let claims = Claims::new("alice").rooms(["chat:*"]);
     let good = token::mint(&secret, &claims).unwrap();
     let verified = auth
@@ -43,17 +48,18 @@ async fn backends_start_and_accept_the_harness_credentials() {
     }
 
     for i in 0..cluster.room_service_count() {
-        let mut rooms = RoomServiceClient::connect(cluster.room_service_grpc(i))
+        let mut rooms = ServerApiClient::connect(cluster.room_service_grpc(i))
             .await
             .unwrap();
         let mut request = tonic::Request::new(ServerPublishRequest {
             room: "backends".into(),
             data_json: "{}".into(),
             user: String::new(),
+            idempotency_key: String::new(),
         });
         let value = format!("Bearer {key}").parse().unwrap();
         request.metadata_mut().insert("authorization", value);
-        let published = rooms.server_publish(request).await.unwrap().into_inner();
+        let published = rooms.publish(request).await.unwrap().into_inner();
         // Both instances share the store: offsets continue across them.
         assert_eq!(published.offset, i as u64 + 1);
     }

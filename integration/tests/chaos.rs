@@ -503,8 +503,8 @@ mod load {
 
     use anyhow::{Context, Result, bail, ensure};
     use roomcast_integration::{CloseInfo, Incoming, System, TestClient, http, token};
-    use roomcast_proto::room_service_client::RoomServiceClient;
-    use roomcast_proto::{ClusterStatsRequest, HistoryRequest, ServerPublishRequest};
+    use roomcast_proto::server_api_client::ServerApiClient;
+    use roomcast_proto::{HistoryRequest, InfoRequest, ServerPublishRequest};
     use serde_json::{Value, json};
     use tokio::sync::{mpsc, watch};
     use tonic::transport::{Channel, Endpoint};
@@ -1018,7 +1018,7 @@ mod load {
     #[derive(Clone)]
     pub struct ApiPublisher {
         pub name: String,
-        clients: Vec<RoomServiceClient<Channel>>,
+        clients: Vec<ServerApiClient<Channel>>,
         key: String,
         next: usize,
     }
@@ -1040,7 +1040,7 @@ mod load {
                         .with_context(|| format!("endpoint {url}"))?
                         .connect_timeout(Duration::from_secs(1))
                         .timeout(Duration::from_secs(4));
-                    Ok(RoomServiceClient::new(endpoint.connect_lazy()))
+                    Ok(ServerApiClient::new(endpoint.connect_lazy()))
                 })
                 .collect::<Result<Vec<_>>>()?;
             Ok(ApiPublisher {
@@ -1057,7 +1057,7 @@ mod load {
             p
         }
 
-        fn client(&mut self) -> RoomServiceClient<Channel> {
+        fn client(&mut self) -> ServerApiClient<Channel> {
             let c = self.clients[self.next % self.clients.len()].clone();
             self.next += 1;
             c
@@ -1073,9 +1073,10 @@ mod load {
                 room: room.to_owned(),
                 data_json: data.to_string(),
                 user: String::new(),
+                idempotency_key: String::new(),
             };
             let mut client = self.client();
-            let call = client.server_publish(keyed(request, &self.key));
+            let call = client.publish(keyed(request, &self.key));
             match tokio::time::timeout(Duration::from_secs(5), call).await {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
@@ -1096,10 +1097,7 @@ mod load {
             let mut last = None;
             for _ in 0..2 * self.clients.len() {
                 let mut client = self.client();
-                match client
-                    .server_history(keyed(request.clone(), &self.key))
-                    .await
-                {
+                match client.history(keyed(request.clone(), &self.key)).await {
                     Ok(r) => return Ok(r.into_inner()),
                     Err(status) => last = Some(status),
                 }
@@ -1107,13 +1105,13 @@ mod load {
             bail!("ServerHistory {room}: {last:?}")
         }
 
-        /// Gateways with a live lease, from `ClusterStats`.
+        /// Gateways with a live lease, from `Info`.
         pub async fn cluster_gateways(&mut self) -> Result<BTreeSet<String>> {
             let mut client = self.client();
             let stats = client
-                .cluster_stats(keyed(ClusterStatsRequest {}, &self.key))
+                .info(keyed(InfoRequest {}, &self.key))
                 .await
-                .context("ClusterStats")?
+                .context("Info")?
                 .into_inner();
             Ok(stats.gateways.into_iter().map(|g| g.gateway_id).collect())
         }

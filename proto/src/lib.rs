@@ -7,3 +7,6 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// The encoded descriptors of every Roomcast proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("roomcast");

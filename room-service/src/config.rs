@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use roomcast_common::credential::{self, CredentialError};
 
 use crate::service::ServiceOptions;
 use crate::store::HistoryLimits;
@@ -43,6 +44,13 @@ pub struct Config {
     /// Largest accepted message payload (`data`), in bytes.
     #[arg(long, env = "MAX_DATA_BYTES", default_value_t = 65536)]
     pub max_data_bytes: usize,
+    /// Credential of internal calls (gateways); required: the service refuses to start
+    /// without it.
+    #[arg(long, env = "INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
+    /// How long an idempotency key of a publish is remembered.
+    #[arg(long, env = "IDEMPOTENCY_WINDOW_SECONDS", default_value_t = 300)]
+    pub idempotency_window_seconds: u64,
     /// How often members of gateways whose lease ran out are removed (and announced as left).
     #[arg(long, env = "PRESENCE_SWEEP_MS", default_value_t = 1000)]
     pub presence_sweep_ms: u64,
@@ -66,6 +74,12 @@ pub enum ConfigError {
          that Redis; unset BROKER_URL"
     )]
     BrokerNotStore { broker: String, store: String },
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(
+        "IDEMPOTENCY_WINDOW_SECONDS must be between 1 and {HISTORY_TTL_LIMIT_SECONDS}, got {0}"
+    )]
+    IdempotencyWindow(u64),
 }
 
 impl Config {
@@ -79,6 +93,19 @@ impl Config {
         }
         if !(1..=MAX_DATA_BYTES_LIMIT).contains(&self.max_data_bytes) {
             return Err(ConfigError::MaxDataBytes(self.max_data_bytes));
+        }
+        if !(1..=HISTORY_TTL_LIMIT_SECONDS).contains(&self.idempotency_window_seconds) {
+            return Err(ConfigError::IdempotencyWindow(
+                self.idempotency_window_seconds,
+            ));
+        }
+        credential::validate(
+            "INTERNAL_TOKEN",
+            self.internal_token.as_deref(),
+            "gateways authenticate internal calls with it; give every process the same value",
+        )?;
+        if let Some(key) = self.api_key.as_deref().filter(|k| !k.is_empty()) {
+            credential::validate("API_KEY", Some(key), "")?;
         }
         let store = redis_target(&self.redis_url).map_err(|reason| ConfigError::RedisUrl {
             url: self.redis_url.clone(),
@@ -118,7 +145,14 @@ impl Config {
     pub fn service_options(&self) -> ServiceOptions {
         ServiceOptions {
             api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            internal_token: self
+                .internal_token
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned),
             max_data_bytes: self.max_data_bytes,
+            idempotency_window: Duration::from_secs(self.idempotency_window_seconds),
         }
     }
 }
@@ -134,6 +168,8 @@ fn redis_target(url: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    const TOKEN: &str = "0123456789abcdef0123";
+
     fn parse(args: &[&str]) -> Config {
         let mut argv = vec!["room-service"];
         argv.extend_from_slice(args);
@@ -144,14 +180,24 @@ mod tests {
     fn defaults_are_valid() {
         // Flags win over the environment, so the defaults are checked with explicit values
         // that a stray environment cannot change.
-        let config = parse(&["--redis-url", "redis://127.0.0.1:6379"]);
+        let config = parse(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--internal-token",
+            TOKEN,
+        ]);
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.history_limits().size, config.history_size);
     }
 
     #[test]
     fn bad_values_are_refused() {
-        let base = ["--redis-url", "redis://127.0.0.1:6379"];
+        let base = [
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--internal-token",
+            TOKEN,
+        ];
         let with = |extra: &[&str]| {
             let mut args = base.to_vec();
             args.extend_from_slice(extra);
@@ -180,8 +226,32 @@ mod tests {
         ));
         assert_eq!(with(&["--broker-url", "redis://127.0.0.1:6379/0"]), Ok(()));
         assert!(matches!(
-            parse(&["--redis-url", "http://x"]).validate(),
+            parse(&["--redis-url", "http://x", "--internal-token", TOKEN]).validate(),
             Err(ConfigError::RedisUrl { .. })
+        ));
+        assert!(matches!(
+            with(&["--api-key", "short"]),
+            Err(ConfigError::Credential(CredentialError::TooShort { .. }))
+        ));
+        assert!(matches!(
+            with(&["--idempotency-window-seconds", "0"]),
+            Err(ConfigError::IdempotencyWindow(0))
+        ));
+    }
+
+    #[test]
+    fn the_internal_token_is_required() {
+        let config = parse(&["--redis-url", "redis://127.0.0.1:6379"]);
+        if std::env::var_os("INTERNAL_TOKEN").is_none() {
+            assert!(matches!(
+                config.validate(),
+                Err(ConfigError::Credential(CredentialError::Missing { .. }))
+            ));
+        }
+        let config = parse(&["--internal-token", "  "]);
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Credential(CredentialError::Missing { .. }))
         ));
     }
 

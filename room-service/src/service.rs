@@ -1,10 +1,10 @@
-//! The gRPC `RoomService`: validation, API-key checks for the server API, and mapping between
-//! proto messages and the store.
+//! The internal gRPC `RoomService` (called by gateways): validation and mapping between proto
+//! messages and the store. Its credential is checked before any handler runs (see
+//! [`crate::serve`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use roomcast_common::envelope::{Control, encode_control};
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::room::validate_room_name;
 use roomcast_proto as pb;
@@ -12,7 +12,7 @@ use roomcast_proto::room_service_server::RoomService;
 use serde_json::value::RawValue;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Joiner, Position, Store, StoreError, StoredMessage};
+use crate::store::{Joiner, Once, Position, Store, StoreError, StoredMessage};
 
 /// Longest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
@@ -20,37 +20,44 @@ pub const MAX_CLIENT_ID_LEN: usize = 128;
 pub const MAX_USER_LEN: usize = 256;
 /// Longest accepted gateway id, in bytes.
 pub const MAX_GATEWAY_ID_LEN: usize = 256;
-/// Most rooms one `Broadcast` may name.
-pub const MAX_BROADCAST_ROOMS: usize = 1000;
 /// Lease used when a heartbeat does not say.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Longest lease a heartbeat may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
-/// Longest WebSocket close reason, in bytes (a close frame's payload is at most 125 bytes,
-/// two of them for the code).
-pub const MAX_CLOSE_REASON_LEN: usize = 123;
-/// The close code a `Disconnect` without one uses (policy violation).
-pub const DEFAULT_CLOSE_CODE: u16 = 1008;
+
+/// Largest answer of one paged call (history, recovery), in bytes of message content: well
+/// inside tonic's default 4 MiB message limit, which stays in force on both ends. A page holds
+/// at least one message, and one message is at most `MAX_DATA_BYTES` (3 MiB at most).
+pub const PAGE_BYTES: usize = 1024 * 1024;
+/// Longest accepted idempotency key as the caller scoped it, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 512;
 
 /// Settings of the service itself (the store has its own).
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
-    /// The key the server API requires; `None` (or empty) disables the server API.
+    /// The key the server API requires; `None` (or empty) switches the server API off.
     pub api_key: Option<String>,
+    /// The credential of internal calls (`RoomService`); `None` refuses every internal call.
+    pub internal_token: Option<String>,
     /// Largest accepted `data_json`, in bytes.
     pub max_data_bytes: usize,
+    /// How long an idempotency key is remembered.
+    pub idempotency_window: Duration,
 }
 
 impl Default for ServiceOptions {
     fn default() -> Self {
         ServiceOptions {
             api_key: None,
+            internal_token: None,
             max_data_bytes: 64 * 1024,
+            idempotency_window: Duration::from_secs(300),
         }
     }
 }
 
-/// The `RoomService` implementation; cheap to clone.
+/// The internal `RoomService` implementation; cheap to clone. The server API
+/// ([`crate::server_api::ServerApiImpl`]) is built on the same parts.
 #[derive(Clone)]
 pub struct RoomServiceImpl {
     store: Store,
@@ -69,31 +76,13 @@ impl RoomServiceImpl {
         &self.store
     }
 
-    /// Checks the server API key: `authorization: Bearer <API_KEY>`.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(expected) = self.options.api_key.as_deref().filter(|k| !k.is_empty()) else {
-            return Err(Status::permission_denied(
-                "server API disabled: API_KEY not set",
-            ));
-        };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer_token)
-            .ok_or_else(|| {
-                Status::unauthenticated("missing API key (authorization: Bearer <key>)")
-            })?;
-        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid API key"))
-        }
+    pub fn options(&self) -> &ServiceOptions {
+        &self.options
     }
 
     /// Validates `data_json`: at most `max_data_bytes`, and valid JSON. Returns it without
     /// surrounding whitespace, ready to embed in a frame.
-    fn check_data<'a>(&self, data_json: &'a str) -> Result<&'a str, Status> {
+    pub(crate) fn check_data<'a>(&self, data_json: &'a str) -> Result<&'a str, Status> {
         if data_json.len() > self.options.max_data_bytes {
             return Err(ErrorCode::TooLarge.status(format!(
                 "data is {} bytes, more than the limit of {}",
@@ -106,16 +95,35 @@ impl RoomServiceImpl {
             .map_err(|e| Status::invalid_argument(format!("data is not valid JSON: {e}")))
     }
 
-    async fn publish_checked(
+    /// Publishes; with a non-empty `idempotency_key` (already scoped by the caller), at most
+    /// once per key within the idempotency window.
+    pub(crate) async fn publish_checked(
         &self,
         room: &str,
         user: &str,
         client_id: &str,
         data_json: &str,
+        idempotency_key: &str,
     ) -> Result<pb::PublishResponse, Status> {
+        if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(Status::invalid_argument(format!(
+                "idempotency key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            )));
+        }
+        let window = if idempotency_key.starts_with(roomcast_common::RETRY_KEY_PREFIX) {
+            self.options
+                .idempotency_window
+                .min(roomcast_common::RETRY_KEY_WINDOW)
+        } else {
+            self.options.idempotency_window
+        };
+        let once = (!idempotency_key.is_empty()).then_some(Once {
+            key: idempotency_key,
+            window,
+        });
         let published = self
             .store
-            .publish(room, user, client_id, data_json)
+            .publish_once(room, user, client_id, data_json, once)
             .await
             .map_err(store_status)?;
         metrics::counter!("roomcast_room_published_total").increment(1);
@@ -125,7 +133,7 @@ impl RoomServiceImpl {
         })
     }
 
-    async fn presence_of(
+    pub(crate) async fn presence_of(
         &self,
         request: pb::PresenceRequest,
     ) -> Result<pb::PresenceResponse, Status> {
@@ -146,7 +154,12 @@ impl RoomServiceImpl {
         })
     }
 
-    async fn history_of(&self, request: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
+    /// One page of history: at most `limit` messages and about [`PAGE_BYTES`]; `more` says
+    /// the page stopped short of `limit` for size.
+    pub(crate) async fn history_of(
+        &self,
+        request: pb::HistoryRequest,
+    ) -> Result<pb::HistoryResponse, Status> {
         check_room(&request.room)?;
         let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
         let page = self
@@ -154,39 +167,42 @@ impl RoomServiceImpl {
             .history(&request.room, request.since, limit)
             .await
             .map_err(store_status)?;
+        let (publications, more) = paged(page.messages);
         Ok(pb::HistoryResponse {
             epoch: page.epoch,
             offset: page.offset,
-            publications: page.messages.into_iter().map(publication).collect(),
+            publications,
+            more,
         })
     }
 }
 
-/// The token of an `authorization: Bearer <token>` value (scheme case-insensitive).
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
-/// Compares without an early exit, so the time taken does not reveal how much of the key a
-/// guess got right (only its length).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Cuts `messages` to one transport-safe page: whole messages up to [`PAGE_BYTES`], at least
+/// one. Returns the page and whether messages were left out.
+pub(crate) fn paged(messages: Vec<StoredMessage>) -> (Vec<pb::Publication>, bool) {
+    let mut bytes = 0usize;
+    let mut page = Vec::new();
+    let total = messages.len();
+    for message in messages {
+        // Field tags, lengths and the offset: a generous per-message allowance.
+        let size = message.data_json.len() + message.user.len() + message.client_id.len() + 32;
+        if !page.is_empty() && bytes + size > PAGE_BYTES {
+            break;
+        }
+        bytes += size;
+        page.push(publication(message));
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let more = page.len() < total;
+    (page, more)
 }
 
-fn check_room(room: &str) -> Result<(), Status> {
+pub(crate) fn check_room(room: &str) -> Result<(), Status> {
     validate_room_name(room).map_err(|e| Status::invalid_argument(format!("room {room:?}: {e}")))
 }
 
 /// An id that travels in broker envelope headers: non-empty when `required`, bounded, and free
 /// of whitespace and control characters (a newline would break the envelope).
-fn check_id(what: &str, id: &str, max: usize, required: bool) -> Result<(), Status> {
+pub(crate) fn check_id(what: &str, id: &str, max: usize, required: bool) -> Result<(), Status> {
     if required && id.is_empty() {
         return Err(Status::invalid_argument(format!("{what} is required")));
     }
@@ -203,7 +219,7 @@ fn check_id(what: &str, id: &str, max: usize, required: bool) -> Result<(), Stat
     Ok(())
 }
 
-fn check_user(user: &str, required: bool) -> Result<(), Status> {
+pub(crate) fn check_user(user: &str, required: bool) -> Result<(), Status> {
     if required && user.is_empty() {
         return Err(Status::invalid_argument("user is required"));
     }
@@ -215,7 +231,7 @@ fn check_user(user: &str, required: bool) -> Result<(), Status> {
     Ok(())
 }
 
-fn store_status(error: StoreError) -> Status {
+pub(crate) fn store_status(error: StoreError) -> Status {
     let kind = match &error {
         StoreError::Unavailable(_) => "unavailable",
         StoreError::Config(_) | StoreError::Internal(_) => "internal",
@@ -233,18 +249,13 @@ fn store_status(error: StoreError) -> Status {
     }
 }
 
-fn publication(message: StoredMessage) -> pb::Publication {
+pub(crate) fn publication(message: StoredMessage) -> pb::Publication {
     pb::Publication {
         offset: message.offset,
         user: message.user,
         client_id: message.client_id,
         data_json: message.data_json,
     }
-}
-
-/// Accepted WebSocket close codes: the ones an endpoint may send, and the application range.
-fn valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[tonic::async_trait]
@@ -282,11 +293,13 @@ impl RoomService for RoomServiceImpl {
             let result = if recovered { "recovered" } else { "lost" };
             metrics::counter!("roomcast_room_recoveries_total", "result" => result).increment(1);
         }
+        let (missed, more) = paged(joined.missed);
         Ok(Response::new(pb::JoinResponse {
             epoch: joined.epoch,
             offset: joined.offset,
             recovered: joined.recovered,
-            missed: joined.missed.into_iter().map(publication).collect(),
+            missed,
+            more,
         }))
     }
 
@@ -324,9 +337,15 @@ impl RoomService for RoomServiceImpl {
         check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
         check_user(&request.user, false)?;
         let data = self.check_data(&request.data_json)?;
-        self.publish_checked(&request.room, &request.user, &request.client_id, data)
-            .await
-            .map(Response::new)
+        self.publish_checked(
+            &request.room,
+            &request.user,
+            &request.client_id,
+            data,
+            &request.idempotency_key,
+        )
+        .await
+        .map(Response::new)
     }
 
     #[tracing::instrument(
@@ -400,255 +419,49 @@ impl RoomService for RoomServiceImpl {
     ) -> Result<Response<pb::GatewayHeartbeatResponse>, Status> {
         let request = request.into_inner();
         check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)?;
+        check_id("version", &request.version, MAX_GATEWAY_ID_LEN, false)?;
         let lease = match request.lease_ms {
             0 => DEFAULT_LEASE,
             ms => Duration::from_millis(ms).min(MAX_LEASE),
         };
         self.store
-            .gateway_heartbeat(&request.gateway_id, request.connections, lease)
+            .gateway_heartbeat(
+                &request.gateway_id,
+                request.connections,
+                lease,
+                &request.version,
+            )
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::GatewayHeartbeatResponse {}))
     }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ServerPublish",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
-    async fn server_publish(
-        &self,
-        request: Request<pb::ServerPublishRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
-        self.authorize(&request)?;
-        let request = request.into_inner();
-        check_room(&request.room)?;
-        check_user(&request.user, false)?;
-        let data = self.check_data(&request.data_json)?;
-        let user = if request.user.is_empty() {
-            "server"
-        } else {
-            &request.user
-        };
-        self.publish_checked(&request.room, user, "", data)
-            .await
-            .map(Response::new)
-    }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Broadcast",
-        skip_all,
-        fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
-    )]
-    async fn broadcast(
-        &self,
-        request: Request<pb::BroadcastRequest>,
-    ) -> Result<Response<pb::BroadcastResponse>, Status> {
-        self.authorize(&request)?;
-        let request = request.into_inner();
-        if request.rooms.is_empty() {
-            return Err(Status::invalid_argument("rooms is empty"));
-        }
-        if request.rooms.len() > MAX_BROADCAST_ROOMS {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_BROADCAST_ROOMS} rooms per broadcast"
-            )));
-        }
-        check_user(&request.user, false)?;
-        let data = self.check_data(&request.data_json)?;
-        let user = if request.user.is_empty() {
-            "server"
-        } else {
-            &request.user
-        };
-        let mut results = Vec::with_capacity(request.rooms.len());
-        for room in &request.rooms {
-            let outcome = match check_room(room) {
-                Ok(()) => self.publish_checked(room, user, "", data).await,
-                Err(status) => Err(status),
-            };
-            results.push(match outcome {
-                Ok(published) => pb::BroadcastResult {
-                    room: room.clone(),
-                    published: Some(published),
-                    error: String::new(),
-                },
-                Err(status) => pb::BroadcastResult {
-                    room: room.clone(),
-                    published: None,
-                    error: status.message().to_owned(),
-                },
-            });
-        }
-        Ok(Response::new(pb::BroadcastResponse { results }))
-    }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ServerPresence",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
-    async fn server_presence(
-        &self,
-        request: Request<pb::PresenceRequest>,
-    ) -> Result<Response<pb::PresenceResponse>, Status> {
-        self.authorize(&request)?;
-        self.presence_of(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ServerHistory",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
-    async fn server_history(
-        &self,
-        request: Request<pb::HistoryRequest>,
-    ) -> Result<Response<pb::HistoryResponse>, Status> {
-        self.authorize(&request)?;
-        self.history_of(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Disconnect",
-        skip_all,
-        fields(otel.kind = "server")
-    )]
-    async fn disconnect(
-        &self,
-        request: Request<pb::DisconnectRequest>,
-    ) -> Result<Response<pb::DisconnectResponse>, Status> {
-        self.authorize(&request)?;
-        let request = request.into_inner();
-        if request.user.is_empty() && request.client_id.is_empty() {
-            return Err(Status::invalid_argument("user or client_id is required"));
-        }
-        check_user(&request.user, false)?;
-        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
-        let code = match request.code {
-            0 => DEFAULT_CLOSE_CODE,
-            code => u16::try_from(code)
-                .ok()
-                .filter(|c| valid_close_code(*c))
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!("{code} is not a usable WebSocket close code"))
-                })?,
-        };
-        if request.reason.len() > MAX_CLOSE_REASON_LEN {
-            return Err(Status::invalid_argument(format!(
-                "reason is longer than {MAX_CLOSE_REASON_LEN} bytes"
-            )));
-        }
-        let control = Control::Disconnect {
-            user: request.user,
-            client_id: request.client_id,
-            code,
-            reason: request.reason,
-        };
-        self.store
-            .publish_control(encode_control(&control))
-            .await
-            .map_err(store_status)?;
-        Ok(Response::new(pb::DisconnectResponse {}))
-    }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/RoomStats",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
-    async fn room_stats(
-        &self,
-        request: Request<pb::RoomStatsRequest>,
-    ) -> Result<Response<pb::RoomStatsResponse>, Status> {
-        self.authorize(&request)?;
-        let request = request.into_inner();
-        check_room(&request.room)?;
-        let stats = self
-            .store
-            .room_stats(&request.room)
-            .await
-            .map_err(store_status)?;
-        Ok(Response::new(pb::RoomStatsResponse {
-            room: request.room,
-            members: stats.members,
-            epoch: stats.epoch,
-            offset: stats.offset,
-            history_len: stats.history_len,
-        }))
-    }
-
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ClusterStats",
-        skip_all,
-        fields(otel.kind = "server")
-    )]
-    async fn cluster_stats(
-        &self,
-        request: Request<pb::ClusterStatsRequest>,
-    ) -> Result<Response<pb::ClusterStatsResponse>, Status> {
-        self.authorize(&request)?;
-        let gateways = self.store.gateways().await.map_err(store_status)?;
-        let connections = gateways
-            .iter()
-            .map(|g| g.connections)
-            .fold(0u64, u64::saturating_add);
-        Ok(Response::new(pb::ClusterStatsResponse {
-            gateways: gateways
-                .into_iter()
-                .map(|g| pb::GatewayInfo {
-                    gateway_id: g.gateway_id,
-                    connections: g.connections,
-                    last_seen_ms: g.last_seen_ms,
-                })
-                .collect(),
-            connections,
-        }))
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use roomcast_common::broker::{BrokerEvent, MemoryBroker, Sink, Subscriber};
-    use roomcast_common::envelope::{CONTROL_CHANNEL, Envelope, decode};
+    use roomcast_common::envelope::{Envelope, decode};
     use tonic::Code;
 
     use super::*;
     use crate::store::HistoryLimits;
 
-    const KEY: &str = "s3cret-key";
-
-    fn service(api_key: Option<&str>) -> (RoomServiceImpl, MemoryBroker) {
+    pub(crate) fn service(api_key: Option<&str>) -> (RoomServiceImpl, MemoryBroker) {
         let broker = MemoryBroker::new();
         let store = Store::memory(broker.clone(), HistoryLimits::default());
         let options = ServiceOptions {
             api_key: api_key.map(str::to_owned),
             max_data_bytes: 32,
+            ..Default::default()
         };
         (RoomServiceImpl::new(store, options), broker)
     }
 
-    fn with_key<T>(message: T, authorization: &str) -> Request<T> {
-        let mut request = Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", authorization.parse().unwrap());
-        request
-    }
-
     /// The error code of a call, `None` when it succeeded.
-    fn code<T>(result: Result<T, Status>) -> Option<Code> {
+    pub(crate) fn code<T>(result: Result<T, Status>) -> Option<Code> {
         result.err().map(|s| s.code())
-    }
-
-    fn authed<T>(message: T) -> Request<T> {
-        with_key(message, &format!("Bearer {KEY}"))
     }
 
     fn publish_request(room: &str, data_json: &str) -> Request<pb::PublishRequest> {
@@ -657,6 +470,7 @@ mod tests {
             client_id: "c1".into(),
             user: "alice".into(),
             data_json: data_json.into(),
+            idempotency_key: String::new(),
         })
     }
 
@@ -670,7 +484,7 @@ mod tests {
         }
     }
 
-    async fn listen(
+    pub(crate) async fn listen(
         broker: &MemoryBroker,
         channel: &str,
     ) -> (Subscriber, Arc<Mutex<Vec<Envelope>>>) {
@@ -741,6 +555,7 @@ mod tests {
             gateway_id: String::new(),
             connections: 1,
             lease_ms: 0,
+            version: String::new(),
         };
         assert_eq!(
             code(service.gateway_heartbeat(Request::new(request)).await),
@@ -850,254 +665,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn server_api_requires_the_key() {
-        let stats = || pb::ClusterStatsRequest {};
-        let (disabled, _) = service(None);
-        let status = disabled.cluster_stats(authed(stats())).await.unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied);
-        assert_eq!(status.message(), "server API disabled: API_KEY not set");
-        let (empty, _) = service(Some(""));
-        assert_eq!(
-            empty
-                .cluster_stats(authed(stats()))
-                .await
-                .unwrap_err()
-                .code(),
-            Code::PermissionDenied
-        );
-
-        let (service, _) = service(Some(KEY));
-        assert_eq!(
-            code(service.cluster_stats(Request::new(stats())).await),
-            Some(Code::Unauthenticated)
-        );
-        for bad in [
-            "Bearer wrong",
-            "Bearer s3cret-ke",
-            "Bearer s3cret-key2",
-            "Basic s3cret-key",
-            "s3cret-key",
-            "Bearer ",
-        ] {
-            assert_eq!(
-                code(service.cluster_stats(with_key(stats(), bad)).await),
-                Some(Code::Unauthenticated),
-                "{bad}"
-            );
-        }
-        assert!(
-            service
-                .cluster_stats(with_key(stats(), &format!("bearer  {KEY} ")))
-                .await
-                .is_ok()
-        );
-        assert!(service.cluster_stats(authed(stats())).await.is_ok());
-        let request = pb::ServerPublishRequest {
-            room: "r".into(),
-            data_json: "1".into(),
-            user: String::new(),
-        };
-        assert_eq!(
-            code(service.server_publish(Request::new(request)).await),
-            Some(Code::Unauthenticated)
-        );
-        let request = pb::PresenceRequest { room: "r".into() };
-        assert_eq!(
-            code(service.server_presence(Request::new(request)).await),
-            Some(Code::Unauthenticated)
-        );
-        let request = pb::HistoryRequest {
-            room: "r".into(),
-            since: None,
-            limit: 0,
-        };
-        assert_eq!(
-            code(service.server_history(Request::new(request)).await),
-            Some(Code::Unauthenticated)
-        );
-        let request = pb::RoomStatsRequest { room: "r".into() };
-        assert_eq!(
-            code(service.room_stats(Request::new(request)).await),
-            Some(Code::Unauthenticated)
-        );
-        let request = pb::DisconnectRequest {
-            user: "u".into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            code(service.disconnect(Request::new(request)).await),
-            Some(Code::Unauthenticated)
-        );
-        let request = pb::BroadcastRequest {
-            rooms: vec!["r".into()],
-            data_json: "1".into(),
-            user: String::new(),
-        };
-        assert_eq!(
-            code(service.broadcast(Request::new(request)).await),
-            Some(Code::Unauthenticated)
-        );
-    }
-
-    #[tokio::test]
-    async fn server_publish_broadcast_and_stats() {
-        let (service, broker) = service(Some(KEY));
-        let (_sub, seen) = listen(&broker, "rc:room:a").await;
-        let request = pb::ServerPublishRequest {
-            room: "a".into(),
-            data_json: "{}".into(),
-            user: String::new(),
-        };
-        let published = service
-            .server_publish(authed(request))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(published.offset, 1);
-        let Envelope::Message { sender, frame, .. } = seen.lock().unwrap()[0].clone() else {
-            panic!("not a message")
-        };
-        assert_eq!(sender, "");
-        let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
-        assert_eq!(
-            (v["user"].as_str(), v["clientId"].as_str()),
-            (Some("server"), Some(""))
-        );
-
-        let request = pb::BroadcastRequest {
-            rooms: vec!["a".into(), "b c".into(), "b".into()],
-            data_json: "[1]".into(),
-            user: "ops".into(),
-        };
-        let results = service
-            .broadcast(authed(request))
-            .await
-            .unwrap()
-            .into_inner()
-            .results;
-        assert_eq!(results.len(), 3);
-        assert_eq!(results[0].published.as_ref().map(|p| p.offset), Some(2));
-        assert!(results[1].published.is_none() && !results[1].error.is_empty());
-        assert_eq!(results[2].published.as_ref().map(|p| p.offset), Some(1));
-        let request = pb::BroadcastRequest {
-            rooms: vec![],
-            data_json: "1".into(),
-            user: String::new(),
-        };
-        assert_eq!(
-            service.broadcast(authed(request)).await.unwrap_err().code(),
-            Code::InvalidArgument
-        );
-        let request = pb::BroadcastRequest {
-            rooms: vec!["a".into()],
-            data_json: "nope".into(),
-            user: String::new(),
-        };
-        assert_eq!(
-            service.broadcast(authed(request)).await.unwrap_err().code(),
-            Code::InvalidArgument
-        );
-
-        let stats = service
-            .room_stats(authed(pb::RoomStatsRequest { room: "a".into() }))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            (
-                stats.room.as_str(),
-                stats.offset,
-                stats.history_len,
-                stats.members
-            ),
-            ("a", 2, 2, 0)
-        );
-
-        for (gateway_id, connections) in [("gw1", 3), ("gw2", 4)] {
-            let request = pb::GatewayHeartbeatRequest {
-                gateway_id: gateway_id.into(),
-                connections,
-                lease_ms: 0,
-            };
-            service
-                .gateway_heartbeat(Request::new(request))
-                .await
-                .unwrap();
-        }
-        let cluster = service
-            .cluster_stats(authed(pb::ClusterStatsRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!((cluster.gateways.len(), cluster.connections), (2, 7));
-    }
-
-    #[tokio::test]
-    async fn disconnect_publishes_a_control_command() {
-        let (service, broker) = service(Some(KEY));
-        let (_sub, seen) = listen(&broker, CONTROL_CHANNEL).await;
-        let request = pb::DisconnectRequest {
-            user: "u1".into(),
-            client_id: String::new(),
-            code: 0,
-            reason: "bye".into(),
-        };
-        service.disconnect(authed(request)).await.unwrap();
-        let request = pb::DisconnectRequest {
-            user: String::new(),
-            client_id: "c9".into(),
-            code: 4001,
-            reason: String::new(),
-        };
-        service.disconnect(authed(request)).await.unwrap();
-        let seen = seen.lock().unwrap().clone();
-        assert_eq!(
-            seen,
-            vec![
-                Envelope::Control(Control::Disconnect {
-                    user: "u1".into(),
-                    client_id: String::new(),
-                    code: 1008,
-                    reason: "bye".into()
-                }),
-                Envelope::Control(Control::Disconnect {
-                    user: String::new(),
-                    client_id: "c9".into(),
-                    code: 4001,
-                    reason: String::new()
-                }),
-            ]
-        );
-        for request in [
-            pb::DisconnectRequest::default(),
-            pb::DisconnectRequest {
-                user: "u".into(),
-                code: 1005,
-                ..Default::default()
-            },
-            pb::DisconnectRequest {
-                user: "u".into(),
-                code: 70000,
-                ..Default::default()
-            },
-            pb::DisconnectRequest {
-                user: "u".into(),
-                reason: "r".repeat(124),
-                ..Default::default()
-            },
-        ] {
-            assert_eq!(
-                service
-                    .disconnect(authed(request))
-                    .await
-                    .unwrap_err()
-                    .code(),
-                Code::InvalidArgument
-            );
-        }
-    }
-
-    #[tokio::test]
     async fn an_unreachable_store_is_unavailable() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -1117,14 +684,97 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
     }
 
-    #[test]
-    fn bearer_and_constant_time_compare() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("BEARER   abc "), Some("abc"));
-        assert_eq!(bearer_token("Bearer"), None);
-        assert_eq!(bearer_token("Token abc"), None);
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
+    #[tokio::test]
+    async fn a_repeated_idempotency_key_is_stored_once() {
+        let (service, broker) = service(None);
+        let (_sub, seen) = listen(&broker, "rc:room:r").await;
+        let keyed = |data: &str, key: &str| {
+            let mut request = publish_request("r", data);
+            request.get_mut().idempotency_key = key.into();
+            request
+        };
+        let first = service
+            .publish(keyed("1", "k1"))
+            .await
+            .unwrap()
+            .into_inner();
+        let again = service
+            .publish(keyed("1", "k1"))
+            .await
+            .unwrap()
+            .into_inner();
+        let other = service
+            .publish(keyed("2", "k2"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((first.offset, again.offset, other.offset), (1, 1, 2));
+        assert_eq!(first.epoch, again.epoch);
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "the repeat was not broadcast"
+        );
+        let too_long = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1);
+        assert_eq!(
+            code(service.publish(keyed("3", &too_long)).await),
+            Some(Code::InvalidArgument)
+        );
+    }
+
+    #[tokio::test]
+    async fn large_recovery_and_history_come_in_pages() {
+        let broker = MemoryBroker::new();
+        let store = Store::memory(broker, HistoryLimits::default());
+        let options = ServiceOptions {
+            max_data_bytes: 20 * 1024,
+            ..Default::default()
+        };
+        let service = RoomServiceImpl::new(store, options);
+        let data = format!("\"{}\"", "x".repeat(10 * 1024));
+        for _ in 0..300 {
+            service.publish(publish_request("r", &data)).await.unwrap();
+        }
+        let mut request = join_request("r", "c2");
+        let epoch = service
+            .history(Request::new(pb::HistoryRequest {
+                room: "r".into(),
+                since: Some(300),
+                limit: 0,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .epoch;
+        request.since = Some(pb::Position { epoch, offset: 0 });
+        let joined = service
+            .join(Request::new(request))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(joined.recovered, Some(true));
+        assert!(joined.more);
+        let mut got: Vec<u64> = joined.missed.iter().map(|p| p.offset).collect();
+        assert!(got.len() < 300 && !got.is_empty());
+        let mut pages = 1;
+        let mut more = true;
+        while more {
+            let page = service
+                .history(Request::new(pb::HistoryRequest {
+                    room: "r".into(),
+                    since: got.last().copied(),
+                    limit: 0,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            let bytes: usize = page.publications.iter().map(|p| p.data_json.len()).sum();
+            assert!(bytes <= PAGE_BYTES, "{bytes}");
+            got.extend(page.publications.iter().map(|p| p.offset));
+            more = page.more;
+            pages += 1;
+        }
+        assert_eq!(got, (1..=300).collect::<Vec<_>>());
+        assert!(pages >= 3, "{pages}");
     }
 }

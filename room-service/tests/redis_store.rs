@@ -479,11 +479,11 @@ async fn presence_joins_leaves_and_dead_gateways() {
     let store = store(&server, 10);
     let (_subscriber, seen) = listen(&server, "rc:room:r").await;
     store
-        .gateway_heartbeat("gw-short", 1, Duration::from_millis(300))
+        .gateway_heartbeat("gw-short", 1, Duration::from_millis(300), "v")
         .await
         .unwrap();
     store
-        .gateway_heartbeat("gw-long", 5, Duration::from_secs(60))
+        .gateway_heartbeat("gw-long", 5, Duration::from_secs(60), "v")
         .await
         .unwrap();
     store
@@ -594,11 +594,11 @@ async fn sweep_removes_members_of_expired_gateways_once() {
     let other_instance = self::store(&server, 10);
     let (_subscriber, seen) = listen(&server, "rc:room:s").await;
     store
-        .gateway_heartbeat("gw-dying", 1, Duration::from_millis(200))
+        .gateway_heartbeat("gw-dying", 1, Duration::from_millis(200), "v")
         .await
         .unwrap();
     store
-        .gateway_heartbeat("gw-alive", 1, Duration::from_secs(60))
+        .gateway_heartbeat("gw-alive", 1, Duration::from_secs(60), "v")
         .await
         .unwrap();
     store
@@ -640,4 +640,72 @@ async fn sweep_removes_members_of_expired_gateways_once() {
         .map(|m| m.client_id)
         .collect();
     assert_eq!(members, vec!["a1"]);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_publishes_once_within_its_window() {
+    use roomcast_room::store::Once;
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let (_subscriber, seen) = listen(&server, "rc:room:r").await;
+    let once = |key| {
+        Some(Once {
+            key,
+            window: Duration::from_millis(400),
+        })
+    };
+    let first = store
+        .publish_once("r", "u", "c", "1", once("k"))
+        .await
+        .unwrap();
+    let again = store
+        .publish_once("r", "u", "c", "1", once("k"))
+        .await
+        .unwrap();
+    let other = store
+        .publish_once("r", "u", "c", "2", once("k2"))
+        .await
+        .unwrap();
+    assert_eq!((first.offset, again.offset, other.offset), (1, 1, 2));
+    assert_eq!(first.epoch, again.epoch);
+    wait_for(&seen, 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "the repeat was not broadcast"
+    );
+    assert_eq!(store.history("r", None, 0).await.unwrap().messages.len(), 2);
+    // Past the window the key is forgotten.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = store
+        .publish_once("r", "u", "c", "1", once("k"))
+        .await
+        .unwrap();
+    assert_eq!(later.offset, 3);
+}
+
+#[tokio::test]
+async fn history_remove_starts_a_new_epoch_and_rooms_are_listed() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let first = store.publish("chat:a", "u", "c", "1").await.unwrap();
+    store.publish("chat:b", "u", "c", "1").await.unwrap();
+    store.publish("other", "u", "c", "1").await.unwrap();
+    let joiner = Joiner {
+        client_id: "c9",
+        user: "u9",
+        gateway_id: "gw",
+    };
+    store.join("chat:c", joiner, None).await.unwrap();
+    let rooms = store.rooms("chat:", 10).await.unwrap();
+    let names: Vec<&str> = rooms.iter().map(|r| r.room.as_str()).collect();
+    assert_eq!(names, ["chat:a", "chat:b", "chat:c"]);
+    assert_eq!((rooms[0].offset, rooms[2].members), (1, 1));
+    assert_eq!(store.rooms("", 2).await.unwrap().len(), 2);
+
+    store.remove_history("chat:a").await.unwrap();
+    let next = store.publish("chat:a", "u", "c", "2").await.unwrap();
+    assert_ne!(next.epoch, first.epoch);
+    assert_eq!(next.offset, 1);
 }

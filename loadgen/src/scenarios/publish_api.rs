@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use roomcast_proto::room_service_client::RoomServiceClient;
+use roomcast_proto::server_api_client::ServerApiClient;
 use roomcast_proto::{RoomStatsRequest, ServerPublishRequest};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -25,7 +25,7 @@ use crate::scenarios::{Pacer, unix_ns};
 /// The room-service server API, reachable and accepting our key.
 #[derive(Clone)]
 pub struct ApiTarget {
-    client: RoomServiceClient<Channel>,
+    client: ServerApiClient<Channel>,
     auth: AsciiMetadataValue,
     in_flight: Arc<Semaphore>,
 }
@@ -75,7 +75,7 @@ async fn connect(url: &str, key: &str, max_in_flight: u32, timeout: Duration) ->
     let auth: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {key}"))
         .context("the API key must be printable ASCII")?;
     let target = ApiTarget {
-        client: RoomServiceClient::new(channel),
+        client: ServerApiClient::new(channel),
         auth,
         in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
     };
@@ -158,12 +158,13 @@ async fn lane(
                     room: ctx.rooms[room].clone(),
                     data_json,
                     user: "loadgen".into(),
+                    idempotency_key: String::new(),
                 });
                 request.metadata_mut().insert("authorization", target.auth.clone());
                 let mut client = target.client.clone();
                 calls.push(async move {
                     let outcome = client
-                        .server_publish(request)
+                        .publish(request)
                         .await
                         .map(|_| ())
                         .map_err(|s| grpc_reason(s.code()));

@@ -15,8 +15,8 @@ use roomcast_common::message::message_frame;
 
 use super::{
     GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner,
-    MEMBER_JOINED, MEMBER_LEFT, Member, Position, Published, RoomStats, StoredMessage,
-    member_event, new_epoch, recover,
+    MEMBER_JOINED, MEMBER_LEFT, Member, Once, Position, Published, RoomStats, RoomSummary,
+    StoredMessage, member_event, new_epoch, recover,
 };
 
 /// How often idle rooms and old gateway records are swept, at most.
@@ -35,6 +35,8 @@ pub struct MemoryStore {
 struct State {
     rooms: HashMap<String, Room>,
     gateways: HashMap<String, GatewayRecord>,
+    /// (room, idempotency key) -> the first publish's result and when the record expires.
+    once: HashMap<(String, String), (Published, u64)>,
     /// Unix ms after which the next operation sweeps expired state.
     next_sweep_ms: u64,
 }
@@ -72,6 +74,7 @@ struct MemberRecord {
 struct GatewayRecord {
     connections: u64,
     last_seen_ms: u64,
+    version: String,
     lease_until_ms: u64,
 }
 
@@ -178,13 +181,28 @@ impl MemoryStore {
             state
                 .gateways
                 .retain(|_, g| g.lease_until_ms.saturating_add(retention) > now);
+            state.once.retain(|_, (_, until)| *until > now);
         }
         state
     }
 
-    pub fn publish(&self, room: &str, user: &str, client_id: &str, data_json: &str) -> Published {
+    pub fn publish(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+        once: Option<Once<'_>>,
+    ) -> Published {
         let now = self.now();
         let mut state = self.lock(now);
+        let once_key = once.map(|o| ((room.to_owned(), o.key.to_owned()), o.window));
+        if let Some((key, _)) = &once_key
+            && let Some((published, until)) = state.once.get(key)
+            && *until > now
+        {
+            return published.clone();
+        }
         let slot = &mut state.rooms.entry(room.to_owned()).or_default().stream;
         let stream = live_stream(slot, now, &self.limits, true);
         stream.seq += 1;
@@ -206,7 +224,12 @@ impl MemoryStore {
             &room_channel(room),
             encode_message(offset, &epoch, client_id, &frame),
         );
-        Published { epoch, offset }
+        let published = Published { epoch, offset };
+        if let Some((key, window)) = once_key {
+            let until = now.saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+            state.once.insert(key, (published.clone(), until));
+        }
+        published
     }
 
     pub fn join(&self, room: &str, joiner: Joiner<'_>, since: Option<&Position>) -> Joined {
@@ -317,6 +340,40 @@ impl MemoryStore {
         }
     }
 
+    pub fn remove_history(&self, room: &str) {
+        let now = self.now();
+        let mut state = self.lock(now);
+        if let Some(entry) = state.rooms.get_mut(room) {
+            entry.stream = None;
+        }
+    }
+
+    pub fn rooms(&self, prefix: &str, limit: usize) -> Vec<RoomSummary> {
+        let now = self.now();
+        let state = self.lock(now);
+        let mut rooms: Vec<RoomSummary> = state
+            .rooms
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .filter_map(|(name, room)| {
+                let offset = room
+                    .stream
+                    .as_ref()
+                    .filter(|s| now < s.expires_at_ms)
+                    .map(|s| s.seq);
+                let members = u64::try_from(room.members.len()).unwrap_or(u64::MAX);
+                (members > 0 || offset.is_some()).then(|| RoomSummary {
+                    room: name.clone(),
+                    members,
+                    offset: offset.unwrap_or(0),
+                })
+            })
+            .collect();
+        rooms.sort();
+        rooms.truncate(limit);
+        rooms
+    }
+
     pub fn room_stats(&self, room: &str) -> RoomStats {
         let members = u64::try_from(self.presence(room).len()).unwrap_or(u64::MAX);
         let now = self.now();
@@ -345,7 +402,13 @@ impl MemoryStore {
         }
     }
 
-    pub fn gateway_heartbeat(&self, gateway_id: &str, connections: u64, lease: Duration) {
+    pub fn gateway_heartbeat(
+        &self,
+        gateway_id: &str,
+        connections: u64,
+        lease: Duration,
+        version: &str,
+    ) {
         let now = self.now();
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         let mut state = self.lock(now);
@@ -354,6 +417,7 @@ impl MemoryStore {
             GatewayRecord {
                 connections,
                 last_seen_ms: now,
+                version: version.to_owned(),
                 lease_until_ms: now.saturating_add(lease_ms),
             },
         );
@@ -370,6 +434,7 @@ impl MemoryStore {
                 gateway_id: id.clone(),
                 connections: g.connections,
                 last_seen_ms: g.last_seen_ms,
+                version: g.version.clone(),
             })
             .collect();
         gateways.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
@@ -428,14 +493,14 @@ mod tests {
     async fn offsets_are_contiguous_and_broadcast_in_order() {
         let (store, broker) = store(1000, 3600);
         let (_sub, seen) = listen(&broker, "rc:room:r").await;
-        let first = store.publish("r", "alice", "c1", r#"{"n":1}"#);
+        let first = store.publish("r", "alice", "c1", r#"{"n":1}"#, None);
         assert_eq!(first.offset, 1);
         for n in 2..=5 {
-            let p = store.publish("r", "alice", "c1", &n.to_string());
+            let p = store.publish("r", "alice", "c1", &n.to_string(), None);
             assert_eq!(p.offset, n);
             assert_eq!(p.epoch, first.epoch);
         }
-        assert_eq!(store.publish("other", "a", "c", "1").offset, 1);
+        assert_eq!(store.publish("other", "a", "c", "1", None).offset, 1);
         let seen = seen.lock().unwrap();
         let offsets: Vec<u64> = seen
             .iter()
@@ -459,7 +524,7 @@ mod tests {
     fn history_is_bounded_by_count() {
         let (store, _) = store(3, 3600);
         for n in 1..=5 {
-            store.publish("r", "u", "c", &n.to_string());
+            store.publish("r", "u", "c", &n.to_string(), None);
         }
         let page = store.history("r", None, 0);
         assert_eq!(page.offset, 5);
@@ -482,9 +547,9 @@ mod tests {
     #[test]
     fn history_is_bounded_by_age_and_expires_with_a_new_epoch() {
         let (store, _) = store(100, 10);
-        let first = store.publish("r", "u", "c", "1");
+        let first = store.publish("r", "u", "c", "1", None);
         store.advance_clock(Duration::from_secs(6));
-        store.publish("r", "u", "c", "2");
+        store.publish("r", "u", "c", "2", None);
         store.advance_clock(Duration::from_secs(6));
         // Message 1 is 12 s old, message 2 is 6 s old.
         let page = store.history("r", None, 0);
@@ -500,7 +565,7 @@ mod tests {
         assert_ne!(page.epoch, first.epoch);
         assert_eq!(page.offset, 0);
         assert!(page.messages.is_empty());
-        let next = store.publish("r", "u", "c", "3");
+        let next = store.publish("r", "u", "c", "3", None);
         assert_eq!(next.offset, 1);
         assert_eq!(next.epoch, page.epoch);
     }
@@ -512,7 +577,7 @@ mod tests {
         let joined = store.join("r", j, None);
         assert_eq!((joined.offset, joined.recovered), (0, None));
         for n in 1..=2 {
-            store.publish("r", "bob", "c2", &n.to_string());
+            store.publish("r", "bob", "c2", &n.to_string(), None);
         }
         let epoch = joined.epoch.clone();
         // Nothing missed.
@@ -531,7 +596,7 @@ mod tests {
         );
         // History holds 3..=5 only: offset 2 is gone.
         for n in 3..=5 {
-            store.publish("r", "bob", "c2", &n.to_string());
+            store.publish("r", "bob", "c2", &n.to_string(), None);
         }
         let r = store.join("r", j, Some(&at(1)));
         assert_eq!((r.recovered, r.missed.len()), (Some(false), 0));
@@ -558,7 +623,7 @@ mod tests {
     #[test]
     fn recovery_fails_after_the_history_expired() {
         let (store, _) = store(100, 10);
-        let p = store.publish("r", "u", "c", "1");
+        let p = store.publish("r", "u", "c", "1", None);
         store.advance_clock(Duration::from_secs(11));
         let r = store.join(
             "r",
@@ -623,8 +688,8 @@ mod tests {
     #[test]
     fn members_of_a_dead_gateway_drop_out() {
         let (store, _) = store(10, 3600);
-        store.gateway_heartbeat("gw1", 1, Duration::from_secs(5));
-        store.gateway_heartbeat("gw2", 2, Duration::from_secs(60));
+        store.gateway_heartbeat("gw1", 1, Duration::from_secs(5), "");
+        store.gateway_heartbeat("gw2", 2, Duration::from_secs(60), "");
         store.join("r", joiner("c1", "alice", "gw1"), None);
         store.join("r", joiner("c2", "bob", "gw2"), None);
         store.join("r", joiner("c3", "carol", "unknown-gw"), None);
@@ -653,9 +718,9 @@ mod tests {
                 history_len: 0
             }
         );
-        let p = store.publish("r", "u", "c", "1");
-        store.publish("r", "u", "c", "2");
-        store.publish("r", "u", "c", "3");
+        let p = store.publish("r", "u", "c", "1", None);
+        store.publish("r", "u", "c", "2", None);
+        store.publish("r", "u", "c", "3", None);
         let stats = store.room_stats("r");
         assert_eq!(
             (stats.epoch, stats.offset, stats.history_len),

@@ -83,6 +83,15 @@ pub struct StoredMessage {
     pub data_json: String,
 }
 
+/// Makes a publish idempotent: the same `key` in the same room within `window` answers the
+/// first publish's position and stores nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Once<'a> {
+    /// Scoped by the caller (see `service::idempotency_scope`), at most a few hundred bytes.
+    pub key: &'a str,
+    pub window: Duration,
+}
+
 /// The result of a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -137,6 +146,15 @@ pub struct RoomStats {
     pub history_len: u64,
 }
 
+/// A room that has members or history, as the server API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RoomSummary {
+    pub room: String,
+    pub members: u64,
+    /// The latest offset; 0 when the room holds no history state.
+    pub offset: u64,
+}
+
 /// A gateway with a live lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayInfo {
@@ -144,6 +162,8 @@ pub struct GatewayInfo {
     pub connections: u64,
     /// Unix milliseconds of the last heartbeat.
     pub last_seen_ms: u64,
+    /// As the gateway reported it; empty when it did not.
+    pub version: String,
 }
 
 /// How long a gateway's record is kept after its lease ran out. Members whose gateway's lease
@@ -202,9 +222,22 @@ impl Store {
         client_id: &str,
         data_json: &str,
     ) -> Result<Published, StoreError> {
+        self.publish_once(room, user, client_id, data_json, None)
+            .await
+    }
+
+    /// [`Store::publish`], at most once per [`Once`] key when one is given.
+    pub async fn publish_once(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+        once: Option<Once<'_>>,
+    ) -> Result<Published, StoreError> {
         match self {
-            Store::Memory(s) => Ok(s.publish(room, user, client_id, data_json)),
-            Store::Redis(s) => s.publish(room, user, client_id, data_json).await,
+            Store::Memory(s) => Ok(s.publish(room, user, client_id, data_json, once)),
+            Store::Redis(s) => s.publish_once(room, user, client_id, data_json, once).await,
         }
     }
 
@@ -259,19 +292,44 @@ impl Store {
         }
     }
 
+    /// Forgets the room's history: the next publish or join starts a new epoch, so a client
+    /// recovering from the old one is told `recovered: false`. Members stay.
+    pub async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => {
+                s.remove_history(room);
+                Ok(())
+            }
+            Store::Redis(s) => s.remove_history(room).await,
+        }
+    }
+
+    /// Rooms with members or history whose name starts with `prefix`, sorted, at most
+    /// `limit`. An administrative call: the Redis store scans the keyspace.
+    pub async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.rooms(prefix, limit)),
+            Store::Redis(s) => s.rooms(prefix, limit).await,
+        }
+    }
+
     /// Records that `gateway_id` is alive with `connections` connections until `lease` passes.
     pub async fn gateway_heartbeat(
         &self,
         gateway_id: &str,
         connections: u64,
         lease: Duration,
+        version: &str,
     ) -> Result<(), StoreError> {
         match self {
             Store::Memory(s) => {
-                s.gateway_heartbeat(gateway_id, connections, lease);
+                s.gateway_heartbeat(gateway_id, connections, lease, version);
                 Ok(())
             }
-            Store::Redis(s) => s.gateway_heartbeat(gateway_id, connections, lease).await,
+            Store::Redis(s) => {
+                s.gateway_heartbeat(gateway_id, connections, lease, version)
+                    .await
+            }
         }
     }
 

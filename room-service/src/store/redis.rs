@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner,
-    MEMBER_JOINED, MEMBER_LEFT, Member, Position, Published, RoomStats, StoreError, StoredMessage,
-    member_event, new_epoch, recover,
+    MEMBER_JOINED, MEMBER_LEFT, Member, Once, Position, Published, RoomStats, RoomSummary,
+    StoreError, StoredMessage, member_event, new_epoch, recover,
 };
 
 /// Upper bound on one store operation, reconnection included: callers fail fast instead of
@@ -102,6 +102,8 @@ struct MemberRecord {
 struct GatewayRecord {
     connections: u64,
     last_seen_ms: u64,
+    #[serde(default)]
+    version: String,
 }
 
 #[derive(Clone)]
@@ -256,6 +258,18 @@ impl RedisStore {
         client_id: &str,
         data_json: &str,
     ) -> Result<Published, StoreError> {
+        self.publish_once(room, user, client_id, data_json, None)
+            .await
+    }
+
+    pub async fn publish_once(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+        once: Option<Once<'_>>,
+    ) -> Result<Published, StoreError> {
         let keys = RoomKeys::new(room);
         let room_json =
             serde_json::to_string(room).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -274,10 +288,22 @@ impl RedisStore {
             .arg(user)
             .arg(data_json)
             .arg(tail);
+        if let Some(once) = once {
+            // The room's hash tag comes first, so the record lives in the room's slot.
+            invocation
+                .key(format!("rc:{{{room}}}:idem:{}", once.key))
+                .arg(
+                    u64::try_from(once.window.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                );
+        }
         let mut connection = self.connection.clone();
         let (epoch, offset): (String, u64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
+        // A repeated idempotent publish goes out again on NATS (the script cannot say it was
+        // a repeat without another round trip); gateways drop the known offset as a duplicate.
         if self.nats.is_some() {
             let frame = message_frame(room, offset, &epoch, user, client_id, data_json);
             let payload = encode_message(offset, &epoch, client_id, &frame);
@@ -493,6 +519,91 @@ impl RedisStore {
         })
     }
 
+    pub async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
+        let keys = RoomKeys::new(room);
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("DEL")
+                .arg(&keys.epoch)
+                .arg(&keys.seq)
+                .arg(&keys.hist)
+                .query_async::<u64>(&mut connection)
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
+        // Room names cannot hold glob characters (room name rules), so the prefix is literal.
+        let mut names = std::collections::BTreeSet::new();
+        for suffix in ["seq", "members"] {
+            let pattern = format!("rc:{{{prefix}*}}:{suffix}");
+            let mut connection = self.connection.clone();
+            let keys: Vec<String> = self
+                .run(async move {
+                    let mut cursor = 0u64;
+                    let mut keys = Vec::new();
+                    loop {
+                        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut connection)
+                            .await?;
+                        keys.extend(batch);
+                        if next == 0 {
+                            return Ok(keys);
+                        }
+                        cursor = next;
+                    }
+                })
+                .await?;
+            names.extend(keys.iter().filter_map(|key| {
+                key.strip_prefix("rc:{")
+                    .and_then(|rest| rest.rsplit_once("}:"))
+                    .map(|(room, _)| room.to_owned())
+            }));
+        }
+        let names: Vec<String> = names.into_iter().take(limit).collect();
+        let mut pipe = redis::pipe();
+        for room in &names {
+            let keys = RoomKeys::new(room);
+            pipe.cmd("HLEN")
+                .arg(&keys.members)
+                .cmd("GET")
+                .arg(&keys.seq);
+        }
+        let mut connection = self.connection.clone();
+        let counts: Vec<(u64, Option<String>)> = if names.is_empty() {
+            Vec::new()
+        } else {
+            let flat: Vec<redis::Value> = self
+                .run(async move { pipe.query_async(&mut connection).await })
+                .await?;
+            flat.chunks(2)
+                .map(|pair| {
+                    let members = redis::from_redis_value::<u64>(pair[0].clone()).unwrap_or(0);
+                    let offset = redis::from_redis_value::<Option<String>>(pair[1].clone())
+                        .ok()
+                        .flatten();
+                    (members, offset)
+                })
+                .collect()
+        };
+        Ok(names
+            .into_iter()
+            .zip(counts)
+            .map(|(room, (members, offset))| RoomSummary {
+                room,
+                members,
+                offset: offset.and_then(|o| o.parse().ok()).unwrap_or(0),
+            })
+            .collect())
+    }
+
     pub async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
         let members = u64::try_from(self.presence(room).await?.len()).unwrap_or(u64::MAX);
         let keys = RoomKeys::new(room);
@@ -519,12 +630,14 @@ impl RedisStore {
         gateway_id: &str,
         connections: u64,
         lease: Duration,
+        version: &str,
     ) -> Result<(), StoreError> {
         let now = roomcast_common::unix_millis();
         let lease_until = now.saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
         let record = serde_json::to_string(&GatewayRecord {
             connections,
             last_seen_ms: now,
+            version: version.to_owned(),
         })
         .map_err(|e| StoreError::Internal(e.to_string()))?;
         let mut pipe = redis::pipe();
@@ -658,6 +771,7 @@ impl RedisStore {
                     gateway_id,
                     connections: record.connections,
                     last_seen_ms: record.last_seen_ms,
+                    version: record.version,
                 })
             })
             .collect();

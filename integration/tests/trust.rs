@@ -1,0 +1,362 @@
+//! The trust boundary (contract §2) against a real cluster: an outsider who can reach the
+//! services' ports, with no credential, a wrong one, or the API key, calls every internal RPC
+//! and changes nothing; the server API opens only with the API key. Also: large recoveries
+//! and histories (far above one gRPC message) arrive whole through a gateway.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use roomcast_integration::{ClusterOptions, Flavor, System, run};
+use roomcast_proto as pb;
+use roomcast_proto::auth_service_client::AuthServiceClient;
+use roomcast_proto::room_service_client::RoomServiceClient;
+use roomcast_proto::server_api_client::ServerApiClient;
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const T: Duration = Duration::from_secs(10);
+
+fn with_bearer<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(credential) = credential
+        && let Ok(value) = format!("Bearer {credential}").parse()
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+async fn channel(url: &str) -> Result<Channel> {
+    Channel::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// What an outsider could change: presence, history, offsets and the gateways' records.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    members: Vec<(String, String)>,
+    history: Vec<(u64, String, String)>,
+    epoch: String,
+    offset: u64,
+    gateways: Vec<(String, u64)>,
+}
+
+async fn snapshot(api: &mut ServerApiClient<Channel>, key: &str, room: &str) -> Result<Snapshot> {
+    let mut members: Vec<(String, String)> = api
+        .presence(with_bearer(
+            pb::PresenceRequest { room: room.into() },
+            Some(key),
+        ))
+        .await?
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| (m.user, m.client_id))
+        .collect();
+    members.sort();
+    let history = api
+        .history(with_bearer(
+            pb::HistoryRequest {
+                room: room.into(),
+                since: None,
+                limit: 0,
+            },
+            Some(key),
+        ))
+        .await?
+        .into_inner();
+    let info = api
+        .info(with_bearer(pb::InfoRequest {}, Some(key)))
+        .await?
+        .into_inner();
+    Ok(Snapshot {
+        members,
+        history: history
+            .publications
+            .into_iter()
+            .map(|p| (p.offset, p.user, p.data_json))
+            .collect(),
+        epoch: history.epoch,
+        offset: history.offset,
+        gateways: info
+            .gateways
+            .into_iter()
+            .map(|g| (g.gateway_id, g.connections))
+            .collect(),
+    })
+}
+
+/// Every internal RPC with `credential`; each must be refused with UNAUTHENTICATED.
+async fn outsider_calls_everything(
+    room_url: &str,
+    auth_url: &str,
+    credential: Option<&str>,
+    room: &str,
+    victim: &str,
+    token: &str,
+) -> Result<()> {
+    let mut rooms = RoomServiceClient::new(channel(room_url).await?);
+    let mut auth = AuthServiceClient::new(channel(auth_url).await?);
+    let mut outcomes: Vec<(&str, Result<(), tonic::Status>)> = Vec::new();
+    let publish = pb::PublishRequest {
+        room: room.into(),
+        client_id: victim.into(),
+        user: "admin".into(),
+        data_json: r#"{"evil":true}"#.into(),
+        idempotency_key: String::new(),
+    };
+    outcomes.push((
+        "Publish",
+        rooms
+            .publish(with_bearer(publish, credential))
+            .await
+            .map(drop),
+    ));
+    let join = pb::JoinRequest {
+        room: room.into(),
+        client_id: "fake-client".into(),
+        user: "fake-user".into(),
+        gateway_id: "gw-0".into(),
+        since: None,
+    };
+    outcomes.push((
+        "Join",
+        rooms.join(with_bearer(join, credential)).await.map(drop),
+    ));
+    let leave = pb::LeaveRequest {
+        room: room.into(),
+        client_id: victim.into(),
+        user: "alice".into(),
+        gateway_id: "gw-0".into(),
+    };
+    outcomes.push((
+        "Leave",
+        rooms.leave(with_bearer(leave, credential)).await.map(drop),
+    ));
+    let closed = pb::ConnectionClosedRequest {
+        client_id: victim.into(),
+        user: "alice".into(),
+        gateway_id: "gw-0".into(),
+        rooms: vec![room.into()],
+    };
+    outcomes.push((
+        "ConnectionClosed",
+        rooms
+            .connection_closed(with_bearer(closed, credential))
+            .await
+            .map(drop),
+    ));
+    let heartbeat = pb::GatewayHeartbeatRequest {
+        gateway_id: "fake".into(),
+        connections: 999_999,
+        lease_ms: 60_000,
+        version: "evil".into(),
+    };
+    outcomes.push((
+        "GatewayHeartbeat",
+        rooms
+            .gateway_heartbeat(with_bearer(heartbeat, credential))
+            .await
+            .map(drop),
+    ));
+    outcomes.push((
+        "Presence",
+        rooms
+            .presence(with_bearer(
+                pb::PresenceRequest { room: room.into() },
+                credential,
+            ))
+            .await
+            .map(drop),
+    ));
+    let history = pb::HistoryRequest {
+        room: room.into(),
+        since: None,
+        limit: 0,
+    };
+    outcomes.push((
+        "History",
+        rooms
+            .history(with_bearer(history, credential))
+            .await
+            .map(drop),
+    ));
+    let verify = pb::VerifyTokenRequest {
+        token: token.into(),
+    };
+    outcomes.push((
+        "VerifyToken",
+        auth.verify_token(with_bearer(verify, credential))
+            .await
+            .map(drop),
+    ));
+    let authorize = pb::AuthorizeRequest {
+        token: token.into(),
+        room: room.into(),
+    };
+    outcomes.push((
+        "Authorize",
+        auth.authorize(with_bearer(authorize, credential))
+            .await
+            .map(drop),
+    ));
+    for (rpc, outcome) in outcomes {
+        match outcome {
+            Ok(()) => anyhow::bail!("{rpc} with {credential:?} succeeded"),
+            Err(status) => ensure!(
+                status.code() == Code::Unauthenticated,
+                "{rpc} with {credential:?}: expected UNAUTHENTICATED, got {status:?}"
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn outsiders_change_nothing(sys: &mut System) -> Result<()> {
+    let room = "secure";
+    let cluster = sys.cluster().context("needs a cluster")?;
+    let key = cluster.options().api_key.clone();
+    let room_url = cluster.room_service_grpc(0);
+    let auth_url = cluster.auth_grpc();
+    let mut alice = sys.client(0, "alice").await?;
+    alice.join(room).await?;
+    alice.publish(room, json!({"n": 1})).await?;
+    alice.publish(room, json!({"n": 2})).await?;
+    let mut bob = sys.client(0, "bob").await?;
+    bob.join(room).await?;
+    alice.drain(Duration::from_millis(300)).await?;
+    let token = sys.mint(&roomcast_integration::Claims::new("alice"))?;
+
+    let mut api = ServerApiClient::new(channel(&room_url).await?);
+    let before = snapshot(&mut api, &key, room).await?;
+    ensure!(
+        before.members.len() == 2 && before.offset == 2,
+        "{before:?}"
+    );
+    for credential in [
+        None,
+        Some("not-the-internal-token-0123"),
+        Some(key.as_str()),
+    ] {
+        outsider_calls_everything(
+            &room_url,
+            &auth_url,
+            credential,
+            room,
+            alice.client_id(),
+            &token,
+        )
+        .await?;
+    }
+    let after = snapshot(&mut api, &key, room).await?;
+    ensure!(before == after, "state changed:\n{before:?}\n{after:?}");
+    bob.expect_none(Some("message"), Duration::from_millis(500))
+        .await
+        .context("an outsider's publish was delivered")?;
+    bob.expect_none(Some("member_left"), Duration::from_millis(10))
+        .await
+        .context("an outsider evicted alice")?;
+    // Alice's connection still works end to end.
+    let offset = alice.publish(room, json!({"n": 3})).await?;
+    ensure!(offset == 3, "offset {offset}");
+    bob.expect("message", T).await?;
+
+    // The server API opens with the API key only: not with the internal token.
+    let internal = cluster.options().internal_token.clone();
+    for credential in [None, Some(internal.as_str())] {
+        let status = api
+            .info(with_bearer(pb::InfoRequest {}, credential))
+            .await
+            .unwrap_err();
+        ensure!(
+            status.code() == Code::Unauthenticated,
+            "Info with {credential:?}: {status:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_without_the_internal_token_change_nothing() {
+    let opts = ClusterOptions {
+        gateways: 1,
+        room_services: 1,
+        ..ClusterOptions::default()
+    };
+    run(
+        "outsiders_change_nothing",
+        Flavor::Cluster,
+        opts,
+        outsiders_change_nothing,
+    )
+    .await;
+}
+
+/// 1000 messages of 10 KB (10 MB, more than twice tonic's 4 MiB message limit) published on
+/// one gateway; a client that saw none of them recovers all of them on the other gateway,
+/// and `history` with `limit: 1000` answers all of them too.
+async fn large_recovery(sys: &mut System) -> Result<()> {
+    let room = "busy";
+    let filler = "x".repeat(10 * 1024);
+    let mut reader = sys.client(1, "reader").await?;
+    let joined = reader.join(room).await?;
+    let epoch = joined["epoch"].as_str().context("epoch")?.to_owned();
+    reader.close().await?;
+
+    let key = sys.options().api_key.clone();
+    let mut api = ServerApiClient::connect(sys.server_api_url(0)).await?;
+    for n in 1..=1000u64 {
+        let request = pb::ServerPublishRequest {
+            room: room.into(),
+            data_json: json!({"n": n, "filler": filler}).to_string(),
+            user: String::new(),
+            idempotency_key: String::new(),
+        };
+        api.publish(with_bearer(request, Some(&key))).await?;
+    }
+
+    let mut back = sys.client(0, "reader").await?;
+    let joined = back
+        .request_ok(
+            json!({"type": "join", "room": room, "since": {"epoch": epoch, "offset": 0}}),
+            "joined",
+        )
+        .await?;
+    ensure!(joined["recovered"] == json!(true), "not recovered");
+    let missed = joined["missed"].as_array().context("missed")?;
+    let offsets: Vec<u64> = missed.iter().filter_map(|m| m["offset"].as_u64()).collect();
+    ensure!(
+        offsets == (1..=1000).collect::<Vec<_>>(),
+        "recovered {} messages, first {:?} last {:?}",
+        offsets.len(),
+        offsets.first(),
+        offsets.last()
+    );
+    ensure!(missed[999]["data"]["n"] == json!(1000));
+
+    let history = back
+        .request_ok(
+            json!({"type": "history", "room": room, "since": 0, "limit": 1000}),
+            "history",
+        )
+        .await?;
+    let messages: &Vec<Value> = history["messages"].as_array().context("messages")?;
+    ensure!(messages.len() == 1000, "history gave {}", messages.len());
+    ensure!(messages[0]["offset"] == json!(1) && messages[999]["offset"] == json!(1000));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_large_messages_recover_on_another_gateway() {
+    let opts = ClusterOptions {
+        gateways: 2,
+        room_services: 1,
+        ..ClusterOptions::default()
+    }
+    // The 10 MB answers are single frames to the client.
+    .gateway_env("OUTBOUND_QUEUE_LEN", 1024);
+    run("large_recovery", Flavor::Cluster, opts, large_recovery).await;
+}
