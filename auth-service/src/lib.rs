@@ -16,7 +16,7 @@ pub mod mint;
 pub mod service;
 pub mod verifier;
 
-pub use claims::{Claims, pattern_matches};
+pub use claims::{Claims, MAX_SUBJECT_BYTES, pattern_matches, valid_subject};
 pub use mint::{MintError, encode_hs256, mint_hs256};
 pub use service::AuthHandler;
 pub use verifier::{ConfigError, KeyError, Verifier, VerifierConfig, VerifyError};

@@ -11,7 +11,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::claims::Claims;
+use crate::claims::{Claims, valid_subject};
 
 /// Where the verification key comes from; mirrors the service's settings.
 #[derive(Debug, Clone, Default)]
@@ -268,6 +268,10 @@ fn claims_from_json(mut map: Map<String, Value>) -> Result<Claims, VerifyError> 
     let sub = match map.remove("sub") {
         None | Some(Value::Null) => return Err(VerifyError::MissingClaim("sub")),
         Some(Value::String(s)) if s.is_empty() => return Err(VerifyError::MissingClaim("sub")),
+        // The user id is echoed to other members and written to logs.
+        Some(Value::String(s)) if !valid_subject(&s) => {
+            return Err(VerifyError::InvalidClaim("sub"));
+        }
         Some(Value::String(s)) => s,
         Some(_) => return Err(VerifyError::InvalidClaim("sub")),
     };
@@ -352,6 +356,38 @@ mod tests {
         assert_eq!(claims.sub, "alice");
         assert_eq!(claims.rooms, Some(vec!["chat:*".to_owned()]));
         assert_eq!(claims.publish, None);
+    }
+
+    #[test]
+    fn refuses_subjects_that_cannot_be_user_ids() {
+        for bad in [
+            "alice\nmallory",
+            "nul\0",
+            "bell\u{7}",
+            "esc\u{1b}[31m",
+            "c1\u{9b}",
+        ] {
+            let token = sign_hs(&json!({"sub": bad, "exp": in_an_hour()}));
+            assert_eq!(
+                hs().verify(&token),
+                Err(VerifyError::InvalidClaim("sub")),
+                "{bad:?}"
+            );
+        }
+        let long = "u".repeat(257);
+        let token = sign_hs(&json!({"sub": long, "exp": in_an_hour()}));
+        assert_eq!(hs().verify(&token), Err(VerifyError::InvalidClaim("sub")));
+        assert_eq!(
+            VerifyError::InvalidClaim("sub").to_string(),
+            "token has an invalid sub claim"
+        );
+
+        let longest = "u".repeat(256);
+        let token = sign_hs(&json!({"sub": longest, "exp": in_an_hour()}));
+        assert_eq!(hs().verify(&token).unwrap().sub, longest);
+        let unicode = "Zoë 日本";
+        let token = sign_hs(&json!({"sub": unicode, "exp": in_an_hour()}));
+        assert_eq!(hs().verify(&token).unwrap().sub, unicode);
     }
 
     #[test]
