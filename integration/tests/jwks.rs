@@ -12,14 +12,24 @@ use roomcast_integration::logs::LogDir;
 use roomcast_integration::process::{ChildProcess, Spawn, binary};
 use roomcast_integration::token::now;
 use roomcast_integration::{Cluster, ClusterOptions, TestClient};
+use roomcast_proto::VerifyTokenRequest;
+use roomcast_proto::auth_service_client::AuthServiceClient;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const RSA_PRIVATE: &[u8] = include_bytes!("../../auth-service/testdata/rsa.key.pem");
 const EC_PRIVATE: &[u8] = include_bytes!("../../auth-service/testdata/ec.key.pem");
 const EC2_PRIVATE: &[u8] = include_bytes!("../../auth-service/testdata/ec2.key.pem");
 const WAIT: Duration = Duration::from_secs(5);
+/// A test CA, and a certificate it issued for `localhost` / 127.0.0.1 (see testdata/README.md).
+const TEST_CA_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/jwks-ca.pem");
+const LOCALHOST_CERT: &[u8] = include_bytes!("../testdata/jwks-localhost.pem");
+const LOCALHOST_KEY: &[u8] = include_bytes!("../testdata/jwks-localhost.key.pem");
 
 fn rsa() -> EncodingKey {
     EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap()
@@ -54,7 +64,8 @@ fn token(sub: &str, alg: Algorithm, kid: &str, key: &EncodingKey) -> String {
     jsonwebtoken::encode(&header, &claims, key).unwrap()
 }
 
-/// Serves one JWKS document (replaceable) at any path over HTTP/1.1 and counts requests.
+/// Serves one JWKS document (replaceable) at any path over HTTP/1.1, or HTTPS, and counts
+/// requests.
 struct JwksServer {
     url: String,
     body: Arc<Mutex<Vec<u8>>>,
@@ -64,33 +75,47 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: Vec<u8>) -> Self {
+        Self::start_with(body, None).await
+    }
+
+    /// Over HTTPS with the `localhost` certificate; the URL names `localhost`.
+    async fn start_tls(body: Vec<u8>) -> Self {
+        let certs = CertificateDer::pem_slice_iter(LOCALHOST_CERT)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(LOCALHOST_KEY).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Self::start_with(body, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(body: Vec<u8>, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            None => format!("http://127.0.0.1:{port}/jwks.json"),
+            Some(_) => format!("https://localhost:{port}/jwks.json"),
+        };
         let body = Arc::new(Mutex::new(body));
         let hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let (body, hits) = (b.clone(), h.clone());
+            while let Ok((socket, _)) = listener.accept().await {
+                let (body, hits, tls) = (b.clone(), h.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                    match tls {
+                        None => answer(socket, &body, &hits).await,
+                        Some(tls) => {
+                            if let Ok(socket) = tls.accept(socket).await {
+                                answer(socket, &body, &hits).await;
+                            }
                         }
                     }
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    let body = body.lock().unwrap().clone();
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                         content-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = socket.write_all(head.as_bytes()).await;
-                    let _ = socket.write_all(&body).await;
-                    let _ = socket.shutdown().await;
                 });
             }
         });
@@ -109,6 +134,32 @@ impl JwksServer {
     fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+}
+
+/// Reads one request head and answers with `body`.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
+    body: &Mutex<Vec<u8>>,
+    hits: &AtomicUsize,
+) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    let body = body.lock().unwrap().clone();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = socket.write_all(head.as_bytes()).await;
+    let _ = socket.write_all(&body).await;
+    let _ = socket.shutdown().await;
 }
 
 impl Drop for JwksServer {
@@ -251,12 +302,25 @@ async fn jwks_tokens_connect_and_keys_rotate_without_restart() {
     cluster.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-/// auth-service alone with `JWKS_URL` (and free ports); returns the process once it exited.
+/// auth-service alone with `JWKS_URL` (and free ports), which must fail to start; returns the
+/// process once it exited.
 async fn auth_service_alone(dir: &LogDir, name: &str, jwks_url: &str) -> ChildProcess {
-    let spec = Spawn::new(name, binary("auth-service").unwrap(), dir.path())
+    auth_service_alone_with(dir, name, jwks_url, &[]).await
+}
+
+async fn auth_service_alone_with(
+    dir: &LogDir,
+    name: &str,
+    jwks_url: &str,
+    env: &[(&str, &str)],
+) -> ChildProcess {
+    let mut spec = Spawn::new(name, binary("auth-service").unwrap(), dir.path())
         .env("JWKS_URL", jwks_url)
         .env("AUTH_SERVICE_ADDR", "127.0.0.1:0")
         .env("METRICS_ADDR", "127.0.0.1:0");
+    for (k, v) in env {
+        spec = spec.env(*k, v);
+    }
     let process = ChildProcess::spawn(spec).unwrap();
     let started = Instant::now();
     let status = process
@@ -317,6 +381,62 @@ async fn auth_service_refuses_to_start_without_its_key_set() {
     assert!(
         log.lines()
             .any(|l| l.starts_with("Error: JWKS_URL") && l.contains("no usable key")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_jwks_url_is_verified_against_the_trust_store() {
+    let server = JwksServer::start_tls(key_set(&[(ec(), Algorithm::ES256, "ec-1")])).await;
+
+    // Trusting the test CA (rustls-native-certs reads SSL_CERT_FILE): the set loads over TLS.
+    let opts = ClusterOptions {
+        gateways: 0,
+        room_services: 1,
+        ..ClusterOptions::default()
+    }
+    .auth_env("JWKS_URL", &server.url)
+    .auth_env("SSL_CERT_FILE", TEST_CA_FILE);
+    let cluster = Cluster::start(opts).await.unwrap();
+    assert_eq!(server.hits(), 1);
+    let mut auth = AuthServiceClient::connect(cluster.auth_grpc())
+        .await
+        .unwrap();
+    let t = token("dora", Algorithm::ES256, "ec-1", &ec());
+    let verified = auth
+        .verify_token(VerifyTokenRequest { token: t })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(verified.claims.unwrap().sub, "dora");
+    cluster.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // With the system's roots only, the test CA is not trusted: start-up fails and says why.
+    let dir = LogDir::for_test("jwks-tls").unwrap();
+    let before = server.hits();
+    let process = auth_service_alone(&dir, "auth-untrusted", &server.url).await;
+    let log = std::fs::read_to_string(process.log_path()).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("Error: JWKS_URL https://localhost")
+                && l.to_lowercase().contains("certificate")),
+        "{log}"
+    );
+    assert_eq!(server.hits(), before, "no request got past the handshake");
+
+    // No root certificates at all.
+    let process = auth_service_alone_with(
+        &dir,
+        "auth-no-roots",
+        &server.url,
+        &[("SSL_CERT_FILE", "/nonexistent/ca.pem")],
+    )
+    .await;
+    let log = std::fs::read_to_string(process.log_path()).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("Error: JWKS_URL https://localhost")
+                && l.contains("cannot set up TLS")),
         "{log}"
     );
 }
