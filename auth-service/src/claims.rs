@@ -42,6 +42,15 @@ impl Claims {
     }
 }
 
+/// The longest user id (`sub`) accepted, in bytes.
+pub const MAX_SUBJECT_BYTES: usize = 256;
+
+/// Whether `sub` can be a user id: not empty, at most [`MAX_SUBJECT_BYTES`] bytes, and free of
+/// control characters (it is shown to other members and written to logs).
+pub fn valid_subject(sub: &str) -> bool {
+    !sub.is_empty() && sub.len() <= MAX_SUBJECT_BYTES && !sub.chars().any(char::is_control)
+}
+
 /// Whether `pattern` (an exact name, or a prefix ending in `*`) matches `room`.
 pub fn pattern_matches(pattern: &str, room: &str) -> bool {
     match pattern.strip_suffix('*') {
@@ -183,6 +192,32 @@ mod tests {
             json,
             serde_json::json!({"sub": "alice", "exp": 0, "publish": ["a"]})
         );
+    }
+
+    #[test]
+    fn subjects() {
+        for ok in [
+            "alice",
+            "user@example.com",
+            "ünïcødé 用户",
+            &"x".repeat(256),
+        ] {
+            assert!(valid_subject(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a\nb",
+            "a\0b",
+            "\r",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{85}",
+            &"x".repeat(257),
+            // 256 bytes is the limit, not 256 characters.
+            &"é".repeat(129),
+        ] {
+            assert!(!valid_subject(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,19 +4,24 @@
 //! Layout:
 //! - [`claims`]: the claims Roomcast reads, room-pattern matching, `can_join` / `can_publish`,
 //!   and conversion to and from the proto `Claims`.
-//! - [`verifier`]: builds a [`Verifier`] from settings (`JWT_SECRET` or `JWT_PUBLIC_KEY_FILE`)
-//!   and checks tokens; every refusal is a [`VerifyError`] with a short, client-safe message.
+//! - [`verifier`]: builds a [`Verifier`] from settings (`JWT_SECRET`, `JWT_PUBLIC_KEY_FILE` or
+//!   `JWKS_URL`) and checks tokens; every refusal is a [`VerifyError`] with a short, client-safe
+//!   message.
+//! - [`jwks`]: the keys of a `JWKS_URL`: fetched over HTTP(S), cached, refreshed periodically
+//!   and on an unknown `kid` (rate-limited).
 //! - [`mint`]: HS256 development tokens (the `mint-token` command, standalone mode, tests).
 //! - [`service`]: the tonic `AuthService` implementation.
 //! - [`serve`]: runs the gRPC server on a bound listener; the binary and standalone mode both
 //!   call it.
 
 pub mod claims;
+pub mod jwks;
 pub mod mint;
 pub mod service;
 pub mod verifier;
 
-pub use claims::{Claims, pattern_matches};
+pub use claims::{Claims, MAX_SUBJECT_BYTES, pattern_matches, valid_subject};
+pub use jwks::{FetchError, Jwks, JwksError, JwksSettings};
 pub use mint::{MintError, encode_hs256, mint_hs256};
 pub use service::AuthHandler;
 pub use verifier::{ConfigError, KeyError, Verifier, VerifierConfig, VerifyError};

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -49,9 +50,17 @@ struct ServeArgs {
     /// PEM public key: RSA (RS256) or EC P-256 (ES256).
     #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
     jwt_public_key_file: Option<PathBuf>,
-    /// JWKS endpoint (not supported yet).
+    /// JSON Web Key Set URL (http:// or https://); the token's `kid` picks the key (RS256 or
+    /// ES256).
     #[arg(long, env = "JWKS_URL")]
     jwks_url: Option<String>,
+    /// How often the JWKS is fetched again, in seconds.
+    #[arg(long, env = "JWKS_REFRESH_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    jwks_refresh_seconds: u64,
+    /// The least time, in seconds, between a JWKS fetch and one caused by a token with an
+    /// unknown `kid`.
+    #[arg(long, env = "JWKS_MIN_REFRESH_SECONDS", default_value_t = 10)]
+    jwks_min_refresh_seconds: u64,
     /// Required `aud`; when unset, tokens carrying an `aud` are refused.
     #[arg(long, env = "JWT_AUDIENCE")]
     jwt_audience: Option<String>,
@@ -89,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::MintToken(args)) => mint(args),
         None => {
             let result = run(cli.serve).await;
+            if let Err(e) = &result {
+                // One line in the log as well, where operators look first.
+                tracing::error!("{e:#}");
+            }
             // Sends the spans still queued (nothing to do without OTEL_EXPORTER_OTLP_ENDPOINT).
             let _ = tokio::task::spawn_blocking(roomcast_common::telemetry::shutdown).await;
             result
@@ -128,9 +141,12 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         jwt_secret: args.jwt_secret,
         jwt_public_key_file: args.jwt_public_key_file,
         jwks_url: args.jwks_url,
+        jwks_refresh: Some(Duration::from_secs(args.jwks_refresh_seconds)),
+        jwks_min_refresh: Some(Duration::from_secs(args.jwks_min_refresh_seconds)),
         audience: args.jwt_audience,
         issuer: args.jwt_issuer,
-    })?;
+    })
+    .await?;
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -168,7 +184,12 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     readiness.set(true);
-    tracing::info!(addr = %addr, metrics_addr = %metrics_addr, algorithm = ?verifier.algorithm(), "listening");
+    let keys = match (verifier.algorithm(), verifier.jwks()) {
+        (_, Some(jwks)) => format!("JWKS {}", jwks.url()),
+        (Some(algorithm), None) => format!("{algorithm:?}"),
+        (None, None) => "none".to_owned(),
+    };
+    tracing::info!(addr = %addr, metrics_addr = %metrics_addr, keys, "listening");
 
     roomcast_auth::serve(listener, verifier, internal_token, stopped(stop_rx)).await?;
     metrics.await.context("metrics server task failed")??;

@@ -4,7 +4,7 @@
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use roomcast_common::room::RoomNameError;
 
-use crate::claims::{Claims, validate_pattern};
+use crate::claims::{Claims, MAX_SUBJECT_BYTES, valid_subject, validate_pattern};
 use crate::verifier::unix_now;
 
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +13,8 @@ pub enum MintError {
     EmptySecret,
     #[error("sub is empty")]
     EmptySubject,
+    #[error("sub is longer than {MAX_SUBJECT_BYTES} bytes or holds control characters")]
+    BadSubject,
     #[error("bad room pattern {pattern:?}: {error}")]
     BadPattern {
         pattern: String,
@@ -33,6 +35,9 @@ pub fn mint_hs256(
 ) -> Result<String, MintError> {
     if sub.is_empty() {
         return Err(MintError::EmptySubject);
+    }
+    if !valid_subject(sub) {
+        return Err(MintError::BadSubject);
     }
     for pattern in rooms.iter().chain(publish.iter()).flatten() {
         validate_pattern(pattern).map_err(|error| MintError::BadPattern {
@@ -116,6 +121,10 @@ mod tests {
         assert!(matches!(
             mint_hs256(SECRET, "", 60, None, None),
             Err(MintError::EmptySubject)
+        ));
+        assert!(matches!(
+            mint_hs256(SECRET, "a\nb", 60, None, None),
+            Err(MintError::BadSubject)
         ));
         let err = mint_hs256(SECRET, "a", 60, None, Some(vec!["bad room".into()])).unwrap_err();
         assert!(matches!(err, MintError::BadPattern { ref pattern, .. } if pattern == "bad room"));

@@ -27,8 +27,8 @@ impl AuthHandler {
         AuthServiceServer::new(self)
     }
 
-    fn verify(&self, token: &str) -> Result<Claims, Status> {
-        self.verifier.verify(token).map_err(|e| {
+    async fn verify(&self, token: &str) -> Result<Claims, Status> {
+        self.verifier.verify_fresh(token).await.map_err(|e| {
             tracing::debug!(reason = %e, "token refused");
             ErrorCode::Unauthorized.status(e.to_string())
         })
@@ -46,7 +46,7 @@ impl AuthService for AuthHandler {
         &self,
         request: Request<VerifyTokenRequest>,
     ) -> Result<Response<VerifyTokenResponse>, Status> {
-        let claims = self.verify(&request.get_ref().token)?;
+        let claims = self.verify(&request.get_ref().token).await?;
         Ok(Response::new(VerifyTokenResponse {
             claims: Some(claims.into()),
         }))
@@ -62,7 +62,7 @@ impl AuthService for AuthHandler {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
         let request = request.get_ref();
-        let claims = self.verify(&request.token)?;
+        let claims = self.verify(&request.token).await?;
         validate_room_name(&request.room)
             .map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
         Ok(Response::new(AuthorizeResponse {

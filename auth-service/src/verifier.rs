@@ -1,17 +1,20 @@
 //! Token verification: signature, algorithm, expiry, and the claims Roomcast needs.
 //!
-//! A verifier accepts exactly one algorithm, fixed by its key (HS256 for a secret, RS256 for an
+//! Every key accepts exactly one algorithm, fixed by the key (HS256 for a secret, RS256 for an
 //! RSA public key, ES256 for a P-256 public key). The token header cannot choose another one,
-//! which closes the classic "HS256 signed with the RSA public key" confusion.
+//! which closes the classic "HS256 signed with the RSA public key" confusion. With a JWKS the
+//! token's `kid` header picks the key, and the key still fixes the algorithm.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::claims::Claims;
+use crate::claims::{Claims, valid_subject};
+use crate::jwks::{Jwks, JwksError, JwksSettings, Selected};
 
 /// Where the verification key comes from; mirrors the service's settings.
 #[derive(Debug, Clone, Default)]
@@ -20,8 +23,13 @@ pub struct VerifierConfig {
     pub jwt_secret: Option<String>,
     /// `JWT_PUBLIC_KEY_FILE`: PEM public key, RSA (RS256) or EC P-256 (ES256).
     pub jwt_public_key_file: Option<PathBuf>,
-    /// `JWKS_URL`: not supported yet; setting it is an error rather than silently ignored.
+    /// `JWKS_URL`: a JSON Web Key Set, fetched at start-up and refreshed.
     pub jwks_url: Option<String>,
+    /// `JWKS_REFRESH_SECONDS`: how often the key set is fetched again (default 300).
+    pub jwks_refresh: Option<Duration>,
+    /// `JWKS_MIN_REFRESH_SECONDS`: the least time between a fetch and one caused by a token
+    /// with an unknown `kid` (default 10).
+    pub jwks_min_refresh: Option<Duration>,
     /// `JWT_AUDIENCE`: when set, tokens must carry this `aud`. When unset, tokens that carry an
     /// `aud` are refused, since they were meant for someone else.
     pub audience: Option<String>,
@@ -36,8 +44,8 @@ pub enum ConfigError {
     NoKey,
     #[error("set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE and JWKS_URL")]
     SeveralKeys,
-    #[error("JWKS_URL is not supported yet: use JWT_SECRET or JWT_PUBLIC_KEY_FILE")]
-    JwksUnsupported,
+    #[error(transparent)]
+    Jwks(#[from] JwksError),
     #[error("JWT secret is empty")]
     EmptySecret,
     #[error("cannot read JWT_PUBLIC_KEY_FILE {path}: {error}")]
@@ -84,30 +92,48 @@ pub enum VerifyError {
     MissingClaim(&'static str),
     #[error("token has an invalid {0} claim")]
     InvalidClaim(&'static str),
+    #[error("unknown token key")]
+    UnknownKey,
+    #[error("token has no kid")]
+    MissingKeyId,
     #[error("invalid token")]
     Invalid,
 }
 
-/// Verifies tokens with one key and one algorithm.
+/// Verifies tokens with one key and one algorithm, or with the keys of a JWKS.
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Keys,
+    /// One per algorithm the keys use, each accepting only that algorithm.
+    validations: Vec<Validation>,
+}
+
+#[derive(Clone)]
+enum Keys {
+    Fixed {
+        key: DecodingKey,
+        algorithm: Algorithm,
+    },
+    Jwks(Arc<Jwks>),
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key: for HS256 it is the shared secret.
-        f.debug_struct("Verifier")
-            .field("algorithm", &self.algorithm())
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("Verifier");
+        match &self.keys {
+            Keys::Fixed { algorithm, .. } => d.field("algorithm", algorithm),
+            Keys::Jwks(jwks) => d.field("jwks", jwks),
+        };
+        d.finish_non_exhaustive()
     }
 }
 
 impl Verifier {
     /// Builds the verifier the settings describe. Exactly one key source must be set; empty
-    /// values count as unset.
-    pub fn from_config(config: &VerifierConfig) -> Result<Self, ConfigError> {
+    /// values count as unset. With `JWKS_URL` this fetches the key set (and fails when it
+    /// cannot get a usable one) and starts its periodic refresh.
+    pub async fn from_config(config: &VerifierConfig) -> Result<Self, ConfigError> {
         let secret = config.jwt_secret.as_deref().filter(|s| !s.is_empty());
         let key_file = config
             .jwt_public_key_file
@@ -126,7 +152,16 @@ impl Verifier {
                 Self::hs256(secret.as_bytes())?
             }
             (None, Some(path), None) => Self::from_public_key_file(path)?,
-            (None, None, Some(_)) => return Err(ConfigError::JwksUnsupported),
+            (None, None, Some(url)) => {
+                let mut settings = JwksSettings::new(url);
+                if let Some(every) = config.jwks_refresh {
+                    settings.refresh_interval = every;
+                }
+                if let Some(min) = config.jwks_min_refresh {
+                    settings.min_refresh_interval = min;
+                }
+                Self::from_jwks(Jwks::start(settings).await?)
+            }
             _ => return Err(ConfigError::SeveralKeys),
         };
 
@@ -182,45 +217,107 @@ impl Verifier {
     }
 
     fn new(key: DecodingKey, algorithm: Algorithm) -> Self {
-        let mut validation = Validation::new(algorithm);
-        // `exp` and `sub` are checked below with our own messages and no leeway: an expired
-        // token is refused, as the gateway closes connections on expiry at the same instant.
-        validation.required_spec_claims.clear();
-        validation.validate_exp = false;
-        validation.validate_nbf = true;
-        validation.leeway = 0;
-        Self { key, validation }
+        Self {
+            keys: Keys::Fixed { key, algorithm },
+            validations: vec![validation(algorithm)],
+        }
+    }
+
+    /// Verifies with the keys of a key set, chosen by each token's `kid`.
+    pub fn from_jwks(jwks: Arc<Jwks>) -> Self {
+        Self {
+            keys: Keys::Jwks(jwks),
+            validations: vec![validation(Algorithm::RS256), validation(Algorithm::ES256)],
+        }
     }
 
     /// Requires tokens to carry `aud` = `audience` (or list it).
     pub fn with_audience(mut self, audience: &str) -> Self {
-        self.validation.set_audience(&[audience]);
-        self.validation
-            .required_spec_claims
-            .insert("aud".to_owned());
+        for validation in &mut self.validations {
+            validation.set_audience(&[audience]);
+            validation.required_spec_claims.insert("aud".to_owned());
+        }
         self
     }
 
     /// Requires tokens to carry `iss` = `issuer`.
     pub fn with_issuer(mut self, issuer: &str) -> Self {
-        self.validation.set_issuer(&[issuer]);
-        self.validation
-            .required_spec_claims
-            .insert("iss".to_owned());
+        for validation in &mut self.validations {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
         self
     }
 
-    /// The one algorithm this verifier accepts.
-    pub fn algorithm(&self) -> Algorithm {
-        self.validation.algorithms[0]
+    /// The one algorithm a fixed key accepts; `None` with a JWKS, where each key fixes its own.
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        match &self.keys {
+            Keys::Fixed { algorithm, .. } => Some(*algorithm),
+            Keys::Jwks(_) => None,
+        }
     }
 
-    /// Checks the token and returns its claims.
+    /// The key set, when the keys come from a JWKS.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Fixed { .. } => None,
+            Keys::Jwks(jwks) => Some(jwks),
+        }
+    }
+
+    /// Checks the token with the keys at hand and returns its claims. With a JWKS, a `kid`
+    /// missing from the cached set is [`VerifyError::UnknownKey`]; [`verify_fresh`]
+    /// (Self::verify_fresh) fetches the set again in that case.
     pub fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
         if token.is_empty() {
             return Err(VerifyError::Missing);
         }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
+        match &self.keys {
+            Keys::Fixed { key, algorithm } => self.decode(token, key, *algorithm),
+            Keys::Jwks(jwks) => {
+                let header =
+                    jsonwebtoken::decode_header(token).map_err(|e| map_jwt_error(e.kind()))?;
+                match jwks.select(header.kid.as_deref()) {
+                    Selected::Key(key) => self.decode(token, &key.decoding, key.algorithm),
+                    Selected::Unknown => Err(VerifyError::UnknownKey),
+                    Selected::NoKid => Err(VerifyError::MissingKeyId),
+                }
+            }
+        }
+    }
+
+    /// [`verify`](Self::verify), and with a JWKS: when the token's `kid` is not in the cached
+    /// set (the issuer rotated its keys), fetches the set again, at most once per
+    /// `JWKS_MIN_REFRESH_SECONDS`, and tries once more.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Claims, VerifyError> {
+        let first = self.verify(token);
+        if first != Err(VerifyError::UnknownKey) {
+            return first;
+        }
+        let Keys::Jwks(jwks) = &self.keys else {
+            return first;
+        };
+        let kid = jsonwebtoken::decode_header(token)
+            .ok()
+            .and_then(|header| header.kid);
+        match kid {
+            Some(kid) if jwks.refresh_for_kid(&kid).await => self.verify(token),
+            _ => first,
+        }
+    }
+
+    fn decode(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        algorithm: Algorithm,
+    ) -> Result<Claims, VerifyError> {
+        let validation = self
+            .validations
+            .iter()
+            .find(|v| v.algorithms == [algorithm])
+            .ok_or(VerifyError::WrongAlgorithm)?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
             .map_err(|e| map_jwt_error(e.kind()))?;
         let claims = claims_from_json(data.claims)?;
         if claims.exp <= unix_now() {
@@ -228,6 +325,18 @@ impl Verifier {
         }
         Ok(claims)
     }
+}
+
+/// The checks every token gets, for tokens of `algorithm` only.
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    // `exp` and `sub` are checked below with our own messages and no leeway: an expired
+    // token is refused, as the gateway closes connections on expiry at the same instant.
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = true;
+    validation.leeway = 0;
+    validation
 }
 
 fn map_jwt_error(kind: &ErrorKind) -> VerifyError {
@@ -268,6 +377,10 @@ fn claims_from_json(mut map: Map<String, Value>) -> Result<Claims, VerifyError> 
     let sub = match map.remove("sub") {
         None | Some(Value::Null) => return Err(VerifyError::MissingClaim("sub")),
         Some(Value::String(s)) if s.is_empty() => return Err(VerifyError::MissingClaim("sub")),
+        // The user id is echoed to other members and written to logs.
+        Some(Value::String(s)) if !valid_subject(&s) => {
+            return Err(VerifyError::InvalidClaim("sub"));
+        }
         Some(Value::String(s)) => s,
         Some(_) => return Err(VerifyError::InvalidClaim("sub")),
     };
@@ -352,6 +465,38 @@ mod tests {
         assert_eq!(claims.sub, "alice");
         assert_eq!(claims.rooms, Some(vec!["chat:*".to_owned()]));
         assert_eq!(claims.publish, None);
+    }
+
+    #[test]
+    fn refuses_subjects_that_cannot_be_user_ids() {
+        for bad in [
+            "alice\nmallory",
+            "nul\0",
+            "bell\u{7}",
+            "esc\u{1b}[31m",
+            "c1\u{9b}",
+        ] {
+            let token = sign_hs(&json!({"sub": bad, "exp": in_an_hour()}));
+            assert_eq!(
+                hs().verify(&token),
+                Err(VerifyError::InvalidClaim("sub")),
+                "{bad:?}"
+            );
+        }
+        let long = "u".repeat(257);
+        let token = sign_hs(&json!({"sub": long, "exp": in_an_hour()}));
+        assert_eq!(hs().verify(&token), Err(VerifyError::InvalidClaim("sub")));
+        assert_eq!(
+            VerifyError::InvalidClaim("sub").to_string(),
+            "token has an invalid sub claim"
+        );
+
+        let longest = "u".repeat(256);
+        let token = sign_hs(&json!({"sub": longest, "exp": in_an_hour()}));
+        assert_eq!(hs().verify(&token).unwrap().sub, longest);
+        let unicode = "Zoë 日本";
+        let token = sign_hs(&json!({"sub": unicode, "exp": in_an_hour()}));
+        assert_eq!(hs().verify(&token).unwrap().sub, unicode);
     }
 
     #[test]
@@ -478,7 +623,7 @@ mod tests {
         let claims = json!({"sub": "bob", "exp": in_an_hour(), "publish": []});
 
         let rs = Verifier::from_public_key_pem(RSA_PUBLIC).unwrap();
-        assert_eq!(rs.algorithm(), Algorithm::RS256);
+        assert_eq!(rs.algorithm(), Some(Algorithm::RS256));
         let rsa_key = EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap();
         let token = sign(Algorithm::RS256, &rsa_key, &claims);
         let verified = rs.verify(&token).unwrap();
@@ -486,7 +631,7 @@ mod tests {
         assert_eq!(verified.publish, Some(vec![]));
 
         let es = Verifier::from_public_key_pem(EC_PUBLIC).unwrap();
-        assert_eq!(es.algorithm(), Algorithm::ES256);
+        assert_eq!(es.algorithm(), Some(Algorithm::ES256));
         let ec_key = EncodingKey::from_ec_pem(EC_PRIVATE).unwrap();
         let token = sign(Algorithm::ES256, &ec_key, &claims);
         assert_eq!(es.verify(&token).unwrap().sub, "bob");
@@ -520,9 +665,11 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn config_needs_exactly_one_supported_key() {
-        let err = Verifier::from_config(&VerifierConfig::default()).unwrap_err();
+    #[tokio::test]
+    async fn config_needs_exactly_one_supported_key() {
+        let err = Verifier::from_config(&VerifierConfig::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ConfigError::NoKey));
 
         let empty = VerifierConfig {
@@ -530,17 +677,27 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            Verifier::from_config(&empty),
+            Verifier::from_config(&empty).await,
             Err(ConfigError::NoKey)
         ));
 
         let jwks = VerifierConfig {
-            jwks_url: Some("https://example.com/jwks.json".into()),
+            jwks_url: Some("ftp://example.com/jwks.json".into()),
             ..Default::default()
         };
-        let err = Verifier::from_config(&jwks).unwrap_err();
-        assert!(matches!(err, ConfigError::JwksUnsupported));
-        assert!(err.to_string().contains("not supported"));
+        let err = Verifier::from_config(&jwks).await.unwrap_err();
+        assert!(matches!(err, ConfigError::Jwks(JwksError::BadUrl { .. })));
+        assert!(err.to_string().contains("JWKS_URL"), "{err}");
+
+        let secret_and_jwks = VerifierConfig {
+            jwt_secret: Some("s".into()),
+            jwks_url: Some("http://127.0.0.1:1/jwks.json".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Verifier::from_config(&secret_and_jwks).await,
+            Err(ConfigError::SeveralKeys)
+        ));
 
         let both = VerifierConfig {
             jwt_secret: Some("s".into()),
@@ -548,7 +705,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            Verifier::from_config(&both),
+            Verifier::from_config(&both).await,
             Err(ConfigError::SeveralKeys)
         ));
 
@@ -557,7 +714,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            Verifier::from_config(&missing_file),
+            Verifier::from_config(&missing_file).await,
             Err(ConfigError::ReadKeyFile { .. })
         ));
 
@@ -568,15 +725,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Verifier::from_config(&from_file).unwrap().algorithm(),
-            Algorithm::ES256
+            Verifier::from_config(&from_file).await.unwrap().algorithm(),
+            Some(Algorithm::ES256)
         );
 
         let secret = VerifierConfig {
             jwt_secret: Some(String::from_utf8(SECRET.to_vec()).unwrap()),
             ..Default::default()
         };
-        let v = Verifier::from_config(&secret).unwrap();
+        let v = Verifier::from_config(&secret).await.unwrap();
         let token = mint_hs256(SECRET, "alice", 60, None, None).unwrap();
         assert_eq!(v.verify(&token).unwrap().sub, "alice");
     }

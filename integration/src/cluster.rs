@@ -35,6 +35,10 @@ pub struct ClusterOptions {
     pub gateway_env: Vec<(String, String)>,
     /// Extra environment for every room-service.
     pub room_env: Vec<(String, String)>,
+    /// Extra environment for auth-service. When it names another key source (`JWKS_URL` or
+    /// `JWT_PUBLIC_KEY_FILE`), auth-service gets no `JWT_SECRET`, and [`ClusterOptions::secret`]
+    /// no longer signs valid tokens.
+    pub auth_env: Vec<(String, String)>,
     pub ports: PortPlan,
     /// How long each process gets to become ready.
     pub ready_timeout: Duration,
@@ -57,6 +61,7 @@ impl Default for ClusterOptions {
             allowed_origins: None,
             gateway_env: Vec::new(),
             room_env: Vec::new(),
+            auth_env: Vec::new(),
             ports: PortPlan::Free,
             ready_timeout: Duration::from_secs(15),
         }
@@ -88,6 +93,11 @@ impl ClusterOptions {
 
     pub fn gateway_env(mut self, key: impl Into<String>, value: impl ToString) -> Self {
         self.gateway_env.push((key.into(), value.to_string()));
+        self
+    }
+
+    pub fn auth_env(mut self, key: impl Into<String>, value: impl ToString) -> Self {
+        self.auth_env.push((key.into(), value.to_string()));
         self
     }
 
@@ -177,15 +187,21 @@ impl Cluster {
 
         let auth_grpc = plan.port(PortRole::AuthGrpc)?;
         let auth_http = plan.port(PortRole::AuthMetrics)?;
+        let mut auth_spec = Spawn::new("auth-service", binary("auth-service")?, dir)
+            .env("AUTH_SERVICE_ADDR", format!("127.0.0.1:{auth_grpc}"))
+            .env("METRICS_ADDR", format!("127.0.0.1:{auth_http}"))
+            .env("JWT_SECRET", &opts.secret)
+            .env("INTERNAL_TOKEN", &opts.internal_token)
+            .env("REDIS_URL", redis.url());
+        for (k, v) in &opts.auth_env {
+            if k == "JWKS_URL" || k == "JWT_PUBLIC_KEY_FILE" {
+                // auth-service refuses to start with two key sources.
+                auth_spec.env.retain(|(k, _)| k != "JWT_SECRET");
+            }
+            auth_spec = auth_spec.env(k.clone(), v);
+        }
         let auth = Service {
-            process: ChildProcess::spawn(
-                Spawn::new("auth-service", binary("auth-service")?, dir)
-                    .env("AUTH_SERVICE_ADDR", format!("127.0.0.1:{auth_grpc}"))
-                    .env("METRICS_ADDR", format!("127.0.0.1:{auth_http}"))
-                    .env("JWT_SECRET", &opts.secret)
-                    .env("INTERNAL_TOKEN", &opts.internal_token)
-                    .env("REDIS_URL", redis.url()),
-            )?,
+            process: ChildProcess::spawn(auth_spec)?,
             grpc_url: Some(format!("http://127.0.0.1:{auth_grpc}")),
             http_url: format!("http://127.0.0.1:{auth_http}"),
         };
