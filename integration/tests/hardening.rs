@@ -1,0 +1,228 @@
+//! Gateway hardening against hostile or broken clients: handshakes that never finish (idle
+//! sockets, slowloris) and the pending-handshake cap.
+//!
+//! Each test starts its own cluster and kills it at the end, pass or fail. Build first:
+//! `cargo build --workspace`. Every socket is on loopback and their number is bounded.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use roomcast_integration::{ClusterOptions, Flavor, System, run};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(5);
+
+/// One gateway, one room-service: enough for what these tests check, and lighter on CPU.
+fn small() -> ClusterOptions {
+    ClusterOptions {
+        gateways: 1,
+        room_services: 1,
+        ..ClusterOptions::default()
+    }
+}
+
+fn gateway_addr(sys: &System, i: usize) -> String {
+    sys.http_url(i)
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Whether the server has closed `tcp` (EOF or reset), waiting at most `wait`. What it sent
+/// before closing is appended to `got`.
+async fn closed_within(tcp: &mut TcpStream, wait: Duration, got: &mut Vec<u8>) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The request line and headers of a WebSocket handshake with `token`.
+fn handshake_request(token: &str) -> String {
+    format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: roomcast\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake timeout and the pending-handshake cap
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+fn handshake_options() -> ClusterOptions {
+    small().gateway_env("HANDSHAKE_TIMEOUT_MS", HANDSHAKE_TIMEOUT.as_millis())
+}
+
+/// A client sending its handshake headers at one byte per second is closed once the handshake
+/// timeout has passed, though it keeps sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_handshake_is_closed() {
+    run(
+        "slowloris_handshake_is_closed",
+        Flavor::Cluster,
+        handshake_options(),
+        async |sys: &mut System| {
+            let request = handshake_request(&sys.token("slow")?);
+            let mut tcp = TcpStream::connect(gateway_addr(sys, 0)).await?;
+            let opened = Instant::now();
+            let mut got = Vec::new();
+            for byte in request.as_bytes() {
+                if tcp.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                if closed_within(&mut tcp, Duration::from_secs(1), &mut got).await {
+                    break;
+                }
+                ensure!(
+                    opened.elapsed() < HANDSHAKE_TIMEOUT + Duration::from_secs(3),
+                    "a slowloris client is still connected after {:?} (handshake timeout \
+                     {HANDSHAKE_TIMEOUT:?})",
+                    opened.elapsed()
+                );
+            }
+            let took = opened.elapsed();
+            ensure!(
+                took >= HANDSHAKE_TIMEOUT * 9 / 10,
+                "closed after {took:?}, before the handshake timeout: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            ensure!(
+                took < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+                "closed only after {took:?}"
+            );
+            ensure!(
+                got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+                "a timed-out handshake may get a 408 and nothing else, got {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// 200 TCP connections that never send a byte are all closed within the handshake timeout;
+/// meanwhile a normal client connects and works, and its WebSocket outlives the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_closed_while_clients_connect() {
+    run(
+        "idle_sockets_are_closed_while_clients_connect",
+        Flavor::Cluster,
+        handshake_options(),
+        async |sys: &mut System| {
+            const IDLE: usize = 200;
+            let addr = gateway_addr(sys, 0);
+            let opened = Instant::now();
+            let mut idle = Vec::with_capacity(IDLE);
+            for _ in 0..IDLE {
+                idle.push(TcpStream::connect(&addr).await?);
+            }
+
+            let mut a = sys
+                .client(0, "alice")
+                .await
+                .context("connect during the flood")?;
+            let mut b = sys.client(0, "bob").await?;
+            a.join("flood").await?;
+            b.join("flood").await?;
+            let offset = a.publish("flood", json!("during")).await?;
+            let m = b.expect("message", T).await?;
+            ensure!(m["offset"] == offset, "expected offset {offset}, got {m}");
+
+            let deadline = opened + HANDSHAKE_TIMEOUT + Duration::from_secs(2);
+            let mut still_open = 0;
+            for tcp in &mut idle {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut got = Vec::new();
+                if !closed_within(tcp, left, &mut got).await {
+                    still_open += 1;
+                }
+            }
+            ensure!(
+                still_open == 0,
+                "{still_open} of {IDLE} idle sockets still open {:?} after opening (handshake \
+                 timeout {HANDSHAKE_TIMEOUT:?})",
+                opened.elapsed()
+            );
+
+            // Upgraded connections are past their handshake: the timeout does not touch them.
+            let since_upgrade = opened.elapsed();
+            if since_upgrade < HANDSHAKE_TIMEOUT * 2 {
+                tokio::time::sleep(HANDSHAKE_TIMEOUT * 2 - since_upgrade).await;
+            }
+            a.request_ok(json!({"type": "ping"}), "pong")
+                .await
+                .context("a WebSocket after the handshake timeout")?;
+            let offset = b.publish("flood", json!("after")).await?;
+            let m = a.expect("message", T).await?;
+            ensure!(m["offset"] == offset, "expected offset {offset}, got {m}");
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// Past MAX_PENDING_HANDSHAKES connections in their HTTP phase, new ones are refused at once
+/// (503 or a plain close), long before the handshake timeout; once the idle ones are gone,
+/// clients connect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_handshakes_are_capped() {
+    const CAP: usize = 16;
+    run(
+        "pending_handshakes_are_capped",
+        Flavor::Cluster,
+        small()
+            .gateway_env("MAX_PENDING_HANDSHAKES", CAP)
+            .gateway_env("HANDSHAKE_TIMEOUT_MS", 20_000),
+        async |sys: &mut System| {
+            let addr = gateway_addr(sys, 0);
+            let mut idle = Vec::with_capacity(CAP);
+            for _ in 0..CAP {
+                idle.push(TcpStream::connect(&addr).await?);
+            }
+            // Let the gateway accept them all.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for n in 0..3 {
+                let mut extra = TcpStream::connect(&addr).await?;
+                let mut got = Vec::new();
+                ensure!(
+                    closed_within(&mut extra, Duration::from_secs(2), &mut got).await,
+                    "connection #{} over a cap of {CAP} pending handshakes was not closed",
+                    CAP + 1 + n
+                );
+                ensure!(
+                    got.is_empty() || got.starts_with(b"HTTP/1.1 503"),
+                    "over the cap: expected 503 or a plain close, got {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+            }
+            for tcp in &mut idle {
+                let mut got = Vec::new();
+                ensure!(
+                    !closed_within(tcp, Duration::ZERO, &mut got).await,
+                    "an idle socket within the cap was closed before the handshake timeout"
+                );
+            }
+            drop(idle);
+            // The gateway sees them close and gives their places back.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut c = sys
+                .client(0, "after")
+                .await
+                .context("connect once the idle sockets are gone")?;
+            c.request_ok(json!({"type": "ping"}), "pong").await?;
+            Ok(())
+        },
+    )
+    .await;
+}
