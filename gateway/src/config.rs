@@ -32,6 +32,13 @@ pub struct ConnectionSettings {
     /// Publishes a connection may make in a burst (token bucket size).
     #[arg(long, env = "PUBLISH_BURST", default_value_t = 200)]
     pub publish_burst: u32,
+    /// Reads (`join`, `presence`, `history`) per second one connection may make (token bucket
+    /// rate). Over it they get `rate_limited`; the connection stays open.
+    #[arg(long, env = "READ_RATE", default_value_t = 20.0)]
+    pub read_rate: f64,
+    /// Reads a connection may make in a burst (token bucket size).
+    #[arg(long, env = "READ_BURST", default_value_t = 40)]
+    pub read_burst: u32,
     /// Consecutive refused publishes after which the connection is closed with 4029.
     #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER", default_value_t = 50)]
     pub rate_limit_close_after: u32,
@@ -87,6 +94,12 @@ impl ConnectionSettings {
         }
         if self.publish_burst == 0 {
             return Err(ConfigError::Zero("PUBLISH_BURST"));
+        }
+        if !self.read_rate.is_finite() || self.read_rate <= 0.0 {
+            return Err(ConfigError::Zero("READ_RATE"));
+        }
+        if self.read_burst == 0 {
+            return Err(ConfigError::Zero("READ_BURST"));
         }
         if self.handshake_timeout_ms == 0 {
             return Err(ConfigError::Zero("HANDSHAKE_TIMEOUT_MS"));
@@ -205,6 +218,8 @@ mod tests {
             outbound_queue_len: 4,
             publish_rate: 1.0,
             publish_burst: 1,
+            read_rate: 1.0,
+            read_burst: 1,
             rate_limit_close_after: 1,
             max_rooms_per_connection: 1,
             max_connections_per_user: 0,
@@ -225,6 +240,9 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = settings();
         s.write_delay_ms = MAX_WRITE_DELAY_MS + 1;
+        assert!(s.validate().is_err());
+        let mut s = settings();
+        s.read_rate = 0.0;
         assert!(s.validate().is_err());
         let mut s = settings();
         s.handshake_timeout_ms = 0;

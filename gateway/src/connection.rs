@@ -143,6 +143,7 @@ async fn start(
     let settings = &gateway.settings;
     let reader = Reader {
         publish_bucket: TokenBucket::new(settings.publish_rate, f64::from(settings.publish_burst)),
+        read_bucket: TokenBucket::new(settings.read_rate, f64::from(settings.read_burst)),
         gateway: gateway.clone(),
         conn,
         rooms: HashMap::new(),
@@ -185,6 +186,9 @@ struct Reader {
     token: String,
     expires_at: i64,
     publish_bucket: TokenBucket,
+    /// Reads (`join`, `presence`, `history`): each costs the backends a call, so a client
+    /// cannot loop them for free. Refused reads never close the connection.
+    read_bucket: TokenBucket,
     /// Publishes refused by the rate limit since the last accepted one.
     refused_in_a_row: u32,
     /// This connection's place in the per-user count, given back when the reader is dropped.
@@ -307,6 +311,16 @@ impl Reader {
             }
         };
         let id = request.id;
+        let is_read = matches!(
+            request.command,
+            Command::Join { .. } | Command::Presence { .. } | Command::History { .. }
+        );
+        if is_read && !self.read_bucket.try_take() {
+            metrics::counter!("roomcast_gateway_read_rate_limited_total").increment(1);
+            let wait = self.read_bucket.wait_hint().as_millis();
+            let message = format!("read rate exceeded; retry in {wait} ms");
+            return self.send_error(id, ErrorCode::RateLimited, &message).await;
+        }
         match request.command {
             Command::Ping => self.send(ServerFrame::Pong { id }).await,
             Command::Join { room, since } => self.join(id, room, since).await,

@@ -1,12 +1,13 @@
 //! Gateway hardening against hostile or broken clients: handshakes that never finish (idle
-//! sockets, slowloris) and the pending-handshake cap.
+//! sockets, slowloris), the pending-handshake cap, and the read rate limit.
 //!
 //! Each test starts its own cluster and kills it at the end, pass or fail. Build first:
 //! `cargo build --workspace`. Every socket is on loopback and their number is bounded.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use roomcast_integration::{ClusterOptions, Flavor, System, run};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -221,6 +222,74 @@ async fn pending_handshakes_are_capped() {
                 .await
                 .context("connect once the idle sockets are gone")?;
             c.request_ok(json!({"type": "ping"}), "pong").await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read rate limit
+
+/// A burst of `history` and `presence` requests beyond the read bucket (defaults: 20/s, burst
+/// 40) gets `rate_limited` errors carrying the commands' ids; the connection stays open and
+/// reads work again once the bucket refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_rate_limited_without_closing() {
+    run(
+        "reads_are_rate_limited_without_closing",
+        Flavor::Cluster,
+        small(),
+        async |sys: &mut System| {
+            const BURST: u64 = 120;
+            let room = "reads";
+            let mut c = sys.client(0, "reader").await?;
+            c.join(room).await?;
+            let mut ids = BTreeMap::new();
+            for n in 0..BURST {
+                let kind = if n % 3 == 0 { "presence" } else { "history" };
+                let id = c.send_command(json!({"type": kind, "room": room})).await?;
+                ids.insert(id, kind);
+            }
+            let mut limited = 0;
+            let mut served = 0;
+            for (&id, &kind) in &ids {
+                let reply = c.reply_to(id, T).await?;
+                match reply["type"].as_str() {
+                    Some(t) if t == kind => served += 1,
+                    Some("error") if reply["code"] == "rate_limited" => limited += 1,
+                    _ => bail!("reply to `{kind}` id {id}: unexpected {reply}"),
+                }
+            }
+            ensure!(
+                limited > 0,
+                "{BURST} reads in a burst: none was rate limited ({served} served)"
+            );
+            // The join took one of the 40.
+            ensure!(
+                served >= 39,
+                "only {served} of {BURST} reads served: the burst is 40"
+            );
+            ensure!(c.close_code().is_none(), "the connection was closed");
+
+            // A join over the limit is refused the same way.
+            let mut refused_join = false;
+            for n in 0..60 {
+                let r = c
+                    .request(json!({"type": "join", "room": format!("more-{n}")}))
+                    .await?;
+                if r["type"] == "error" && r["code"] == "rate_limited" {
+                    refused_join = true;
+                    break;
+                }
+            }
+            ensure!(refused_join, "joins are reads too: none was rate limited");
+
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.request_ok(json!({"type": "history", "room": room}), "history")
+                .await
+                .context("a read after the bucket refilled")?;
+            c.publish(room, json!("still open")).await?;
             Ok(())
         },
     )
