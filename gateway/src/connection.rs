@@ -16,8 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::hub::{ConnHandle, Local, Outbound};
 use crate::limits::{TokenBucket, UserSlot};
@@ -28,6 +29,8 @@ use crate::socket::{self, ReadSide};
 /// Close codes of the protocol (section 1.4).
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const TOKEN_EXPIRED: u16 = 4001;
     pub const RATE_LIMITED: u16 = 4029;
@@ -205,8 +208,16 @@ fn instant_of_unix(secs: i64) -> Instant {
     Instant::now() + left
 }
 
-fn is_too_big(error: &tokio_tungstenite::tungstenite::Error) -> bool {
-    matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_))
+/// The close frame owed for a read error, if the client is still there to get one.
+fn close_for(error: &WsError) -> Option<(u16, &'static str)> {
+    match error {
+        WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
+        WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
+        // The client dropped the connection: nobody to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol violation")),
+        _ => None,
+    }
 }
 
 impl Reader {
@@ -253,8 +264,9 @@ impl Reader {
             let message = match next {
                 None => return,
                 Some(Err(error)) => {
-                    if is_too_big(&error) {
-                        self.conn.close(close::TOO_BIG, "frame too large");
+                    if let Some((code, reason)) = close_for(&error) {
+                        tracing::debug!(client = %self.conn.client_id, %error, code, "closing");
+                        self.conn.close(code, reason);
                     }
                     return;
                 }
@@ -986,6 +998,23 @@ mod tests {
         cursors.apply(restarted, &mut out, 10);
         cursors.apply(message(&room, 2), &mut out, 10);
         assert_eq!(texts(&out), ["f1", "2"]);
+    }
+
+    #[test]
+    fn read_errors_map_to_close_codes() {
+        use tokio_tungstenite::tungstenite::error::CapacityError;
+        let too_big = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
+        assert_eq!(close_for(&too_big).unwrap().0, close::TOO_BIG);
+        let utf8 = WsError::Utf8("invalid".into());
+        assert_eq!(close_for(&utf8).unwrap().0, close::INVALID_PAYLOAD);
+        let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
+        assert_eq!(close_for(&unmasked).unwrap().0, close::PROTOCOL_ERROR);
+        let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert!(close_for(&reset).is_none(), "nobody left to tell");
+        assert!(close_for(&WsError::ConnectionClosed).is_none());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Gateway hardening against hostile or broken clients: handshakes that never finish (idle
-//! sockets, slowloris), the pending-handshake cap, and the read rate limit.
+//! sockets, slowloris), the pending-handshake cap, the read rate limit, and invalid frames.
 //!
 //! Each test starts its own cluster and kills it at the end, pass or fail. Build first:
 //! `cargo build --workspace`. Every socket is on loopback and their number is bounded.
@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use roomcast_integration::{ClusterOptions, Flavor, System, run};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -290,6 +290,150 @@ async fn reads_are_rate_limited_without_closing() {
                 .await
                 .context("a read after the bucket refilled")?;
             c.publish(room, json!("still open")).await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invalid frames
+
+/// A client frame with `opcode` around `payload`, masked as RFC 6455 requires of clients.
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    assert!(payload.len() < 126, "short frames only");
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A server frame: opcode and payload (server frames are not masked).
+#[derive(Debug)]
+struct ServerFrame {
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+/// The complete server frames at the start of `bytes`.
+fn parse_frames(mut bytes: &[u8]) -> Vec<ServerFrame> {
+    let mut frames = Vec::new();
+    loop {
+        if bytes.len() < 2 {
+            break;
+        }
+        let opcode = bytes[0] & 0x0f;
+        let (len, head) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&bytes[2..10]);
+                (u64::from_be_bytes(n) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if bytes.len() < head + len {
+            break;
+        }
+        frames.push(ServerFrame {
+            opcode,
+            payload: bytes[head..head + len].to_vec(),
+        });
+        bytes = &bytes[head + len..];
+    }
+    frames
+}
+
+/// Opens a WebSocket by hand on gateway 0 and reads up to the `connected` frame. Returns the
+/// socket.
+async fn raw_websocket(sys: &System, user: &str) -> Result<TcpStream> {
+    let mut tcp = TcpStream::connect(gateway_addr(sys, 0)).await?;
+    tcp.write_all(handshake_request(&sys.token(user)?).as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut buf))
+            .await
+            .context("no `connected` frame in time")??;
+        ensure!(
+            n > 0,
+            "closed during the handshake: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        ensure!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "expected 101, got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        let frames = parse_frames(&got[end + 4..]);
+        if frames.iter().any(|f| f.opcode == 1) {
+            return Ok(tcp);
+        }
+    }
+}
+
+/// Reads server frames from `tcp` until a close frame; returns its code.
+async fn read_until_close(tcp: &mut TcpStream, wait: Duration) -> Result<u16> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + wait;
+    loop {
+        let frames = parse_frames(&got);
+        if let Some(close) = frames.iter().find(|f| f.opcode == 8) {
+            ensure!(close.payload.len() >= 2, "close frame without code");
+            return Ok(u16::from_be_bytes([close.payload[0], close.payload[1]]));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Err(_) => bail!("no close frame within {wait:?}; frames: {frames:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                bail!("the connection ended without a close frame; frames: {frames:?}")
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A text frame that is not valid UTF-8 closes the connection with 1007, with a close frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_closes_1007() {
+    run(
+        "invalid_utf8_closes_1007",
+        Flavor::Cluster,
+        small(),
+        async |sys: &mut System| {
+            let mut tcp = raw_websocket(sys, "mojibake").await?;
+            tcp.write_all(&masked_frame(
+                0x1,
+                b"{\"type\":\"ping\",\"x\":\"\xff\xfe\"}",
+            ))
+            .await?;
+            let code = read_until_close(&mut tcp, T).await?;
+            ensure!(
+                code == 1007,
+                "invalid UTF-8: expected close 1007, got {code}"
+            );
+
+            // An unmasked client frame breaks RFC 6455: 1002.
+            let mut tcp = raw_websocket(sys, "unmasked").await?;
+            let payload = br#"{"type":"ping"}"#;
+            let mut frame = vec![0x81, payload.len() as u8];
+            frame.extend_from_slice(payload);
+            tcp.write_all(&frame).await?;
+            let code = read_until_close(&mut tcp, T).await?;
+            ensure!(
+                code == 1002,
+                "unmasked frame: expected close 1002, got {code}"
+            );
             Ok(())
         },
     )
