@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::message::message_frame;
@@ -73,6 +73,7 @@ pub fn run(
         };
         reader.read_loop(&mut stream).await;
         reader.conn.shut();
+        reader.conn.reader_finished();
         reader.cleanup().await;
         let _ = writer.await;
         reader.gateway.hub.remove_connection(&reader.conn.client_id);
@@ -284,7 +285,12 @@ impl Reader {
                     ))
                     .await
                 }
-                Message::Close(_) => return,
+                Message::Close(_) => {
+                    // tungstenite sends its close reply on a flush; it goes to the writer,
+                    // which sends it after the replies still owed.
+                    let _ = stream.flush().await;
+                    return;
+                }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
@@ -517,14 +523,15 @@ impl Reader {
         if !self.publish_bucket.try_take() {
             metrics::counter!("roomcast_gateway_rate_limited_total").increment(1);
             self.refused_in_a_row += 1;
+            let wait = self.publish_bucket.wait_hint().as_millis();
+            let message = format!("publish rate exceeded; retry in {wait} ms");
+            // Answered even when it ends the connection: the error precedes the close frame.
+            self.send_error(id, ErrorCode::RateLimited, &message).await;
             if self.refused_in_a_row >= self.gateway.settings.rate_limit_close_after {
                 self.conn
                     .close(close::RATE_LIMITED, "publish rate exceeded repeatedly");
-                return;
             }
-            let wait = self.publish_bucket.wait_hint().as_millis();
-            let message = format!("publish rate exceeded; retry in {wait} ms");
-            return self.send_error(id, ErrorCode::RateLimited, &message).await;
+            return;
         }
         self.refused_in_a_row = 0;
         let request = pb::PublishRequest {
@@ -854,6 +861,8 @@ async fn write_loop(
                 crate::hub::CLOSE_SLOW_CONSUMER,
                 "slow consumer: outbound queue overflowed",
             );
+            // This batch may hold replies: it goes out before the close frame, like the rest.
+            pending = concat(&mut out);
             break;
         }
         if out.is_empty() {
@@ -877,30 +886,53 @@ async fn write_loop(
             }
         }
     }
+    // Closing. Every reply owed goes out before the close frame: wait for the reader to finish
+    // the command it may be running (a publish being stored, say), so its reply is queued,
+    // then send the replies still queued. Bounded, in case a backend hangs.
+    let reader_done = std::future::poll_fn(|cx| conn.poll_reader_finished(cx));
+    let _ = tokio::time::timeout(OWED_REPLY_WAIT, reader_done).await;
+    conn.take_batch(&mut batch, usize::MAX);
+    let (owed, close_reply) = owed_replies(batch.drain(..));
     let last = match conn.close_reason.get() {
         Some((code, reason)) => socket::close(*code, reason),
-        None => {
-            // Closed by the client or the socket: only tungstenite's reply to a close is owed.
-            batch.clear();
-            conn.take_batch(&mut batch, usize::MAX);
-            batch
-                .drain(..)
-                .find_map(|item| match item {
-                    Outbound::Local(local) => match *local {
-                        Local::Raw(bytes) => Some(bytes),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .unwrap_or_default()
-        }
+        // Closed by the client or the socket: tungstenite's reply to a close, if any.
+        None => close_reply.unwrap_or_default(),
     };
     // Boxed: only a closing connection needs this future's space.
     let finish = Box::pin(async move {
         socket.write_all(&pending).await?;
+        for reply in &owed {
+            socket.write_all(reply).await?;
+        }
         socket.write_all(&last).await
     });
     let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
+}
+
+/// How long a closing connection waits for the reply to the command in flight.
+const OWED_REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// What a closing connection still sends of its queue: the replies to the client's commands,
+/// in order (broadcasts are dropped: a client recovers them with `since`), and tungstenite's
+/// reply to a client's close frame, if one is queued.
+fn owed_replies(items: impl Iterator<Item = Outbound>) -> (Vec<Bytes>, Option<Bytes>) {
+    let mut owed = Vec::new();
+    let mut close_reply = None;
+    for item in items {
+        let Outbound::Local(local) = item else {
+            continue;
+        };
+        match *local {
+            Local::Frame(frame) => owed.push(socket::text(frame.as_bytes())),
+            Local::JoinDone { reply, .. }
+            | Local::JoinFailed { reply, .. }
+            | Local::Left { reply, .. } => owed.push(socket::text(reply.as_bytes())),
+            // Pings and pongs are moot now; a close frame (opcode 8) is the client's answer.
+            Local::Raw(bytes) if bytes.first() == Some(&0x88) => close_reply = Some(bytes),
+            Local::Raw(_) | Local::JoinStart { .. } => {}
+        }
+    }
+    (owed, close_reply)
 }
 
 #[cfg(test)]
@@ -998,6 +1030,28 @@ mod tests {
         cursors.apply(restarted, &mut out, 10);
         cursors.apply(message(&room, 2), &mut out, 10);
         assert_eq!(texts(&out), ["f1", "2"]);
+    }
+
+    #[test]
+    fn a_closing_connection_sends_replies_in_order_and_no_broadcasts() {
+        let room: Arc<str> = Arc::from("r");
+        let items = vec![
+            Outbound::frame("a"),
+            message(&room, 1),
+            Outbound::local(Local::Raw(socket::ping())),
+            Outbound::local(Local::JoinStart { room: room.clone() }),
+            Outbound::local(Local::JoinDone {
+                room: room.clone(),
+                epoch: Arc::from("e"),
+                offset: 1,
+                reply: "joined".into(),
+            }),
+            Outbound::local(Local::Raw(socket::close(1000, ""))),
+            Outbound::frame("b"),
+        ];
+        let (owed, close_reply) = owed_replies(items.into_iter());
+        assert_eq!(texts(&owed), ["a", "joined", "b"]);
+        assert_eq!(close_reply.unwrap(), socket::close(1000, ""));
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Gateway hardening against hostile or broken clients: handshakes that never finish (idle
-//! sockets, slowloris), the pending-handshake cap, the read rate limit, and invalid frames.
+//! sockets, slowloris), the pending-handshake cap, the read rate limit, invalid frames, and the
+//! rule that every reply owed is sent before a close (rate-limit close, drain).
 //!
 //! Each test starts its own cluster and kills it at the end, pass or fail. Build first:
 //! `cargo build --workspace`. Every socket is on loopback and their number is bounded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use roomcast_integration::{ClusterOptions, Flavor, System, run};
-use serde_json::json;
+use roomcast_integration::{ClusterOptions, Flavor, Incoming, System, TestClient, run};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -433,6 +434,210 @@ async fn invalid_utf8_closes_1007() {
             ensure!(
                 code == 1002,
                 "unmasked frame: expected close 1002, got {code}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies owed before a close
+
+/// The frame with `id` among `frames`, each id at most once.
+fn replies_by_id(frames: &[Value]) -> Result<BTreeMap<u64, Value>> {
+    let mut by_id = BTreeMap::new();
+    for frame in frames {
+        if let Some(id) = frame.get("id").and_then(Value::as_u64)
+            && by_id.insert(id, frame.clone()).is_some()
+        {
+            bail!("two replies for id {id}");
+        }
+    }
+    Ok(by_id)
+}
+
+/// Every message of `room` still in history, oldest first (paged).
+async fn full_history(c: &mut TestClient, room: &str) -> Result<Vec<Value>> {
+    let mut all = Vec::new();
+    let mut since = 0u64;
+    loop {
+        let h = c
+            .request_ok(
+                json!({"type": "history", "room": room, "since": since, "limit": 1000}),
+                "history",
+            )
+            .await?;
+        let page = h["messages"]
+            .as_array()
+            .context("`messages` not an array")?;
+        let Some(last) = page.last() else {
+            return Ok(all);
+        };
+        since = last["offset"].as_u64().context("message without offset")?;
+        all.extend(page.iter().cloned());
+    }
+}
+
+/// A burst of 400 publishes with the default limits (100/s, burst 200, close after 50
+/// refusals in a row): every publish the gateway handled is answered, `published` or
+/// `rate_limited` with its id, before the 4029 close frame; the refusal that triggers the close
+/// is answered too; and the room holds exactly the acknowledged publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_publishes_are_answered_before_4029() {
+    run(
+        "refused_publishes_are_answered_before_4029",
+        Flavor::Cluster,
+        small(),
+        async |sys: &mut System| {
+            const N: u64 = 400;
+            // The default RATE_LIMIT_CLOSE_AFTER.
+            const CLOSE_AFTER: usize = 50;
+            let room = "burst";
+            let mut c = sys.client(0, "burster").await?;
+            c.join(room).await?;
+            let first = c
+                .send_command(json!({"type": "publish", "room": room, "data": 0}))
+                .await?;
+            for n in 1..N {
+                let cmd = json!({"type": "publish", "room": room, "data": n});
+                if c.send_command(cmd).await.is_err() {
+                    break; // closed already
+                }
+            }
+            let close = c.expect_close(Duration::from_secs(15)).await?;
+            ensure!(close.code == Some(4029), "expected close 4029, got {close}");
+            let frames = c.drain(Duration::ZERO).await?;
+            let replies = replies_by_id(&frames)?;
+            let Some((&last_id, last)) = replies.last_key_value() else {
+                bail!("no reply at all before the close");
+            };
+            ensure!(
+                last["type"] == "error" && last["code"] == "rate_limited",
+                "the refusal that closed the connection should be answered before the close: \
+                 last reply is {last}"
+            );
+            let mut acked = BTreeSet::new();
+            for id in first..=last_id {
+                let reply = replies.get(&id).with_context(|| {
+                    format!(
+                        "publish id {id} got no reply before the close, though id {last_id} \
+                         did ({} replies)",
+                        replies.len()
+                    )
+                })?;
+                match reply["type"].as_str() {
+                    Some("published") => {
+                        acked.insert(reply["offset"].as_u64().context("offset")?);
+                    }
+                    Some("error") if reply["code"] == "rate_limited" => {}
+                    _ => bail!("publish id {id}: unexpected reply {reply}"),
+                }
+            }
+
+            // The close comes with the RATE_LIMIT_CLOSE_AFTER-th refusal in a row, which is
+            // answered like the ones before it.
+            let refused_in_a_row = replies
+                .values()
+                .rev()
+                .take_while(|r| r["type"] == "error")
+                .count();
+            ensure!(
+                refused_in_a_row == CLOSE_AFTER,
+                "expected the last {CLOSE_AFTER} replies before the close to be refusals, got \
+                 {refused_in_a_row}"
+            );
+
+            let mut other = sys.client(0, "counter").await?;
+            let joined = other.join(room).await?;
+            let offset = joined["offset"].as_u64().context("joined.offset")?;
+            ensure!(
+                acked.len() as u64 == offset,
+                "{} publishes acknowledged but the room's offset is {offset}",
+                acked.len()
+            );
+            ensure!(
+                acked == (1..=offset).collect(),
+                "acknowledged offsets are not 1..={offset}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// A client publishes continuously (8 in flight) to a gateway that is then drained (SIGTERM):
+/// it is closed with 1001, and the publishes it saw acknowledged are exactly its messages in
+/// the room's history: a publish stored while the drain began was answered before the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_answers_publishes_in_flight() {
+    let mut opts = ClusterOptions::default()
+        .history(10_000, 3600)
+        .gateway_env("PUBLISH_RATE", 100_000)
+        .gateway_env("PUBLISH_BURST", 100_000);
+    opts.room_services = 1;
+    run(
+        "drain_answers_publishes_in_flight",
+        Flavor::Cluster,
+        opts,
+        async |sys: &mut System| {
+            const IN_FLIGHT: usize = 8;
+            let room = "drained";
+            let mut observer = sys.client(0, "observer").await?;
+            observer.join(room).await?;
+            let mut p = sys.client(1, "publisher").await?;
+            p.join(room).await?;
+            let publisher_id = p.client_id().to_owned();
+
+            let started = Instant::now();
+            let mut signalled = false;
+            let mut can_send = true;
+            let mut outstanding = 0;
+            let mut acked = BTreeSet::new();
+            let close = loop {
+                while can_send && outstanding < IN_FLIGHT {
+                    let cmd = json!({"type": "publish", "room": room, "data": "x"});
+                    match p.send_command(cmd).await {
+                        Ok(_) => outstanding += 1,
+                        Err(_) => can_send = false,
+                    }
+                }
+                if !signalled && started.elapsed() >= Duration::from_millis(300) {
+                    let cluster = sys.cluster().context("a cluster")?;
+                    cluster.gateway(1).process.terminate()?;
+                    signalled = true;
+                }
+                match p.recv(T).await? {
+                    Incoming::Json(v) if v["type"] == "published" => {
+                        acked.insert(v["offset"].as_u64().context("offset")?);
+                        outstanding -= 1;
+                    }
+                    Incoming::Json(v) if v["type"] == "error" => {
+                        bail!("publisher: a publish failed: {v}")
+                    }
+                    // Presence events and the like.
+                    Incoming::Json(_) => {}
+                    Incoming::Closed(close) => break close,
+                    other => bail!("publisher: unexpected {other}"),
+                }
+            };
+            ensure!(close.code == Some(1001), "expected close 1001, got {close}");
+            ensure!(!acked.is_empty(), "nothing was published before the drain");
+
+            let stored: BTreeSet<u64> = full_history(&mut observer, room)
+                .await?
+                .iter()
+                .filter(|m| m["clientId"] == publisher_id.as_str())
+                .filter_map(|m| m["offset"].as_u64())
+                .collect();
+            let unacked: Vec<_> = stored.difference(&acked).collect();
+            let phantom: Vec<_> = acked.difference(&stored).collect();
+            ensure!(
+                unacked.is_empty() && phantom.is_empty(),
+                "{} acknowledged, {} stored: stored without an ack before the close: {unacked:?}; \
+                 acknowledged but not stored: {phantom:?}",
+                acked.len(),
+                stored.len()
             );
             Ok(())
         },
