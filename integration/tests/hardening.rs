@@ -479,6 +479,47 @@ async fn full_history(c: &mut TestClient, room: &str) -> Result<Vec<Value>> {
     }
 }
 
+/// A client's close frame is answered with a close frame (RFC 6455), after the replies owed:
+/// a ping sent right before the close still gets its pong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_is_answered() {
+    run(
+        "client_close_is_answered",
+        Flavor::Cluster,
+        small(),
+        async |sys: &mut System| {
+            let mut tcp = raw_websocket(sys, "polite").await?;
+            let mut frames = masked_frame(0x1, br#"{"type":"ping","id":9}"#);
+            frames.extend(masked_frame(0x8, &1000u16.to_be_bytes()));
+            tcp.write_all(&frames).await?;
+            let mut got = Vec::new();
+            ensure!(
+                closed_within(&mut tcp, T, &mut got).await,
+                "the server did not end the connection after the client's close"
+            );
+            let frames = parse_frames(&got);
+            let pong = frames
+                .iter()
+                .position(|f| f.opcode == 1 && f.payload.starts_with(br#"{"type":"pong""#));
+            let close = frames.iter().position(|f| f.opcode == 8);
+            let (Some(pong), Some(close)) = (pong, close) else {
+                bail!("expected a pong and a close frame, got {frames:?}");
+            };
+            ensure!(
+                pong < close,
+                "the pong came after the close frame: {frames:?}"
+            );
+            let code = &frames[close].payload;
+            ensure!(
+                code.len() >= 2 && u16::from_be_bytes([code[0], code[1]]) == 1000,
+                "the close reply should echo 1000: {frames:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
 /// A burst of 400 publishes with the default limits (100/s, burst 200, close after 50
 /// refusals in a row): every publish the gateway handled is answered, `published` or
 /// `rate_limited` with its id, before the 4029 close frame; the refusal that triggers the close
