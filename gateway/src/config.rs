@@ -32,6 +32,13 @@ pub struct ConnectionSettings {
     /// Publishes a connection may make in a burst (token bucket size).
     #[arg(long, env = "PUBLISH_BURST", default_value_t = 200)]
     pub publish_burst: u32,
+    /// Reads (`join`, `presence`, `history`) per second one connection may make (token bucket
+    /// rate). Over it they get `rate_limited`; the connection stays open.
+    #[arg(long, env = "READ_RATE", default_value_t = 20.0)]
+    pub read_rate: f64,
+    /// Reads a connection may make in a burst (token bucket size).
+    #[arg(long, env = "READ_BURST", default_value_t = 40)]
+    pub read_burst: u32,
     /// Consecutive refused publishes after which the connection is closed with 4029.
     #[arg(long, env = "RATE_LIMIT_CLOSE_AFTER", default_value_t = 50)]
     pub rate_limit_close_after: u32,
@@ -46,6 +53,14 @@ pub struct ConnectionSettings {
     /// several messages. Replies to the client's own commands are never held.
     #[arg(long, env = "WRITE_DELAY_MS", default_value_t = 0)]
     pub write_delay_ms: u64,
+    /// A TCP connection that has not completed its WebSocket upgrade (or any other HTTP
+    /// exchange) within this time is closed, whether it sent nothing or sends slowly.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// TCP connections still in their HTTP phase at once; beyond it new ones are refused with
+    /// 503 and closed at once, so idle sockets cannot use up the file descriptors.
+    #[arg(long, env = "MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
+    pub max_pending_handshakes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +95,18 @@ impl ConnectionSettings {
         if self.publish_burst == 0 {
             return Err(ConfigError::Zero("PUBLISH_BURST"));
         }
+        if !self.read_rate.is_finite() || self.read_rate <= 0.0 {
+            return Err(ConfigError::Zero("READ_RATE"));
+        }
+        if self.read_burst == 0 {
+            return Err(ConfigError::Zero("READ_BURST"));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err(ConfigError::Zero("HANDSHAKE_TIMEOUT_MS"));
+        }
+        if self.max_pending_handshakes == 0 {
+            return Err(ConfigError::Zero("MAX_PENDING_HANDSHAKES"));
+        }
         if self.rate_limit_close_after == 0 {
             return Err(ConfigError::Zero("RATE_LIMIT_CLOSE_AFTER"));
         }
@@ -94,6 +121,10 @@ impl ConnectionSettings {
 
     pub fn write_delay(&self) -> Duration {
         Duration::from_millis(self.write_delay_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -190,10 +221,14 @@ mod tests {
             outbound_queue_len: 4,
             publish_rate: 1.0,
             publish_burst: 1,
+            read_rate: 1.0,
+            read_burst: 1,
             rate_limit_close_after: 1,
             max_rooms_per_connection: 1,
             max_connections_per_user: 0,
             write_delay_ms: 0,
+            handshake_timeout_ms: 1,
+            max_pending_handshakes: 1,
         }
     }
 
@@ -208,6 +243,15 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = settings();
         s.write_delay_ms = MAX_WRITE_DELAY_MS + 1;
+        assert!(s.validate().is_err());
+        let mut s = settings();
+        s.read_rate = 0.0;
+        assert!(s.validate().is_err());
+        let mut s = settings();
+        s.handshake_timeout_ms = 0;
+        assert!(s.validate().is_err());
+        let mut s = settings();
+        s.max_pending_handshakes = 0;
         assert!(s.validate().is_err());
     }
 

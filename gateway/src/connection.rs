@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::message::message_frame;
@@ -16,8 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::hub::{ConnHandle, Local, Outbound};
 use crate::limits::{TokenBucket, UserSlot};
@@ -28,6 +29,8 @@ use crate::socket::{self, ReadSide};
 /// Close codes of the protocol (section 1.4).
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const TOKEN_EXPIRED: u16 = 4001;
     pub const RATE_LIMITED: u16 = 4029;
@@ -70,6 +73,7 @@ pub fn run(
         };
         reader.read_loop(&mut stream).await;
         reader.conn.shut();
+        reader.conn.reader_finished();
         reader.cleanup().await;
         let _ = writer.await;
         reader.gateway.hub.remove_connection(&reader.conn.client_id);
@@ -143,6 +147,7 @@ async fn start(
     let settings = &gateway.settings;
     let reader = Reader {
         publish_bucket: TokenBucket::new(settings.publish_rate, f64::from(settings.publish_burst)),
+        read_bucket: TokenBucket::new(settings.read_rate, f64::from(settings.read_burst)),
         gateway: gateway.clone(),
         conn,
         rooms: HashMap::new(),
@@ -197,6 +202,9 @@ struct Reader {
     token: String,
     expires_at: i64,
     publish_bucket: TokenBucket,
+    /// Reads (`join`, `presence`, `history`): each costs the backends a call, so a client
+    /// cannot loop them for free. Refused reads never close the connection.
+    read_bucket: TokenBucket,
     /// Publishes refused by the rate limit since the last accepted one.
     refused_in_a_row: u32,
     /// Publishes sent on; numbers the idempotency keys the gateway makes up.
@@ -215,8 +223,16 @@ fn instant_of_unix(secs: i64) -> Instant {
     Instant::now() + left
 }
 
-fn is_too_big(error: &tokio_tungstenite::tungstenite::Error) -> bool {
-    matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_))
+/// The close frame owed for a read error, if the client is still there to get one.
+fn close_for(error: &WsError) -> Option<(u16, &'static str)> {
+    match error {
+        WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
+        WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
+        // The client dropped the connection: nobody to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol violation")),
+        _ => None,
+    }
 }
 
 impl Reader {
@@ -263,8 +279,9 @@ impl Reader {
             let message = match next {
                 None => return,
                 Some(Err(error)) => {
-                    if is_too_big(&error) {
-                        self.conn.close(close::TOO_BIG, "frame too large");
+                    if let Some((code, reason)) = close_for(&error) {
+                        tracing::debug!(client = %self.conn.client_id, %error, code, "closing");
+                        self.conn.close(code, reason);
                     }
                     return;
                 }
@@ -282,7 +299,12 @@ impl Reader {
                     ))
                     .await
                 }
-                Message::Close(_) => return,
+                Message::Close(_) => {
+                    // tungstenite sends its close reply on a flush; it goes to the writer,
+                    // which sends it after the replies still owed.
+                    let _ = stream.flush().await;
+                    return;
+                }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
@@ -321,6 +343,16 @@ impl Reader {
             }
         };
         let id = request.id;
+        let is_read = matches!(
+            request.command,
+            Command::Join { .. } | Command::Presence { .. } | Command::History { .. }
+        );
+        if is_read && !self.read_bucket.try_take() {
+            metrics::counter!("roomcast_gateway_read_rate_limited_total").increment(1);
+            let wait = self.read_bucket.wait_hint().as_millis();
+            let message = format!("read rate exceeded; retry in {wait} ms");
+            return self.send_error(id, ErrorCode::RateLimited, &message).await;
+        }
         match request.command {
             Command::Ping => self.send(ServerFrame::Pong { id }).await,
             Command::Join { room, since } => self.join(id, room, since).await,
@@ -512,14 +544,15 @@ impl Reader {
         if !self.publish_bucket.try_take() {
             metrics::counter!("roomcast_gateway_rate_limited_total").increment(1);
             self.refused_in_a_row += 1;
+            let wait = self.publish_bucket.wait_hint().as_millis();
+            let message = format!("publish rate exceeded; retry in {wait} ms");
+            // Answered even when it ends the connection: the error precedes the close frame.
+            self.send_error(id, ErrorCode::RateLimited, &message).await;
             if self.refused_in_a_row >= self.gateway.settings.rate_limit_close_after {
                 self.conn
                     .close(close::RATE_LIMITED, "publish rate exceeded repeatedly");
-                return;
             }
-            let wait = self.publish_bucket.wait_hint().as_millis();
-            let message = format!("publish rate exceeded; retry in {wait} ms");
-            return self.send_error(id, ErrorCode::RateLimited, &message).await;
+            return;
         }
         self.refused_in_a_row = 0;
         self.publishes += 1;
@@ -856,6 +889,8 @@ async fn write_loop(
                 crate::hub::CLOSE_SLOW_CONSUMER,
                 "slow consumer: outbound queue overflowed",
             );
+            // This batch may hold replies: it goes out before the close frame, like the rest.
+            pending = concat(&mut out);
             break;
         }
         if out.is_empty() {
@@ -879,30 +914,53 @@ async fn write_loop(
             }
         }
     }
+    // Closing. Every reply owed goes out before the close frame: wait for the reader to finish
+    // the command it may be running (a publish being stored, say), so its reply is queued,
+    // then send the replies still queued. Bounded, in case a backend hangs.
+    let reader_done = std::future::poll_fn(|cx| conn.poll_reader_finished(cx));
+    let _ = tokio::time::timeout(OWED_REPLY_WAIT, reader_done).await;
+    conn.take_batch(&mut batch, usize::MAX);
+    let (owed, close_reply) = owed_replies(batch.drain(..));
     let last = match conn.close_reason.get() {
         Some((code, reason)) => socket::close(*code, reason),
-        None => {
-            // Closed by the client or the socket: only tungstenite's reply to a close is owed.
-            batch.clear();
-            conn.take_batch(&mut batch, usize::MAX);
-            batch
-                .drain(..)
-                .find_map(|item| match item {
-                    Outbound::Local(local) => match *local {
-                        Local::Raw(bytes) => Some(bytes),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .unwrap_or_default()
-        }
+        // Closed by the client or the socket: tungstenite's reply to a close, if any.
+        None => close_reply.unwrap_or_default(),
     };
     // Boxed: only a closing connection needs this future's space.
     let finish = Box::pin(async move {
         socket.write_all(&pending).await?;
+        for reply in &owed {
+            socket.write_all(reply).await?;
+        }
         socket.write_all(&last).await
     });
     let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
+}
+
+/// How long a closing connection waits for the reply to the command in flight.
+const OWED_REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// What a closing connection still sends of its queue: the replies to the client's commands,
+/// in order (broadcasts are dropped: a client recovers them with `since`), and tungstenite's
+/// reply to a client's close frame, if one is queued.
+fn owed_replies(items: impl Iterator<Item = Outbound>) -> (Vec<Bytes>, Option<Bytes>) {
+    let mut owed = Vec::new();
+    let mut close_reply = None;
+    for item in items {
+        let Outbound::Local(local) = item else {
+            continue;
+        };
+        match *local {
+            Local::Frame(frame) => owed.push(socket::text(frame.as_bytes())),
+            Local::JoinDone { reply, .. }
+            | Local::JoinFailed { reply, .. }
+            | Local::Left { reply, .. } => owed.push(socket::text(reply.as_bytes())),
+            // Pings and pongs are moot now; a close frame (opcode 8) is the client's answer.
+            Local::Raw(bytes) if bytes.first() == Some(&0x88) => close_reply = Some(bytes),
+            Local::Raw(_) | Local::JoinStart { .. } => {}
+        }
+    }
+    (owed, close_reply)
 }
 
 #[cfg(test)]
@@ -1000,6 +1058,45 @@ mod tests {
         cursors.apply(restarted, &mut out, 10);
         cursors.apply(message(&room, 2), &mut out, 10);
         assert_eq!(texts(&out), ["f1", "2"]);
+    }
+
+    #[test]
+    fn a_closing_connection_sends_replies_in_order_and_no_broadcasts() {
+        let room: Arc<str> = Arc::from("r");
+        let items = vec![
+            Outbound::frame("a"),
+            message(&room, 1),
+            Outbound::local(Local::Raw(socket::ping())),
+            Outbound::local(Local::JoinStart { room: room.clone() }),
+            Outbound::local(Local::JoinDone {
+                room: room.clone(),
+                epoch: Arc::from("e"),
+                offset: 1,
+                reply: "joined".into(),
+            }),
+            Outbound::local(Local::Raw(socket::close(1000, ""))),
+            Outbound::frame("b"),
+        ];
+        let (owed, close_reply) = owed_replies(items.into_iter());
+        assert_eq!(texts(&owed), ["a", "joined", "b"]);
+        assert_eq!(close_reply.unwrap(), socket::close(1000, ""));
+    }
+
+    #[test]
+    fn read_errors_map_to_close_codes() {
+        use tokio_tungstenite::tungstenite::error::CapacityError;
+        let too_big = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
+        assert_eq!(close_for(&too_big).unwrap().0, close::TOO_BIG);
+        let utf8 = WsError::Utf8("invalid".into());
+        assert_eq!(close_for(&utf8).unwrap().0, close::INVALID_PAYLOAD);
+        let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
+        assert_eq!(close_for(&unmasked).unwrap().0, close::PROTOCOL_ERROR);
+        let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert!(close_for(&reset).is_none(), "nobody left to tell");
+        assert!(close_for(&WsError::ConnectionClosed).is_none());
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct ConnHandle {
     capacity: usize,
     /// Set once the connection is ending; both of its tasks watch it.
     closed: AtomicBool,
+    /// Set when the reader handles no more commands: every reply it owes is queued.
+    reader_done: AtomicBool,
     /// Wakes the reader task when the connection is closed from elsewhere.
     reader_wake: Notify,
     /// Why it was closed, for the close frame; the first reason wins.
@@ -125,6 +127,7 @@ impl ConnHandle {
             writer_woken: AtomicBool::new(false),
             capacity,
             closed: AtomicBool::new(false),
+            reader_done: AtomicBool::new(false),
             reader_wake: Notify::new(),
             close_reason: OnceLock::new(),
         }
@@ -149,6 +152,24 @@ impl ConnHandle {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// For the reader task: it handles no more commands, so every reply it owes is queued.
+    pub fn reader_finished(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        self.wake_writer();
+    }
+
+    /// For the writer task: resolves once [`reader_finished`](Self::reader_finished) was called.
+    pub fn poll_reader_finished(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.reader_done.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.writer.register(cx.waker());
+        if self.reader_done.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
     /// Resolves once the connection is closed (for the reader task).
     pub async fn closed(&self) {
         while !self.is_closed() {
@@ -168,12 +189,14 @@ impl ConnHandle {
     /// Queues `item` unless the queue already holds `limit` items; then the connection is
     /// closed as a slow consumer.
     fn push(&self, item: Outbound, limit: usize) {
-        if self.is_closed() {
-            return;
-        }
         // The connection's own traffic always wakes the writer: it may be holding broadcasts
         // (a write delay) that a reply must not wait behind.
         let own = matches!(item, Outbound::Local(_));
+        // Once closing, broadcasts are dropped (a client recovers them with `since`), but a
+        // reply to a command still running is owed: the writer sends it before the close frame.
+        if self.is_closed() && !own {
+            return;
+        }
         let wake = {
             let mut queue = self.queue();
             if queue.len() >= limit {
@@ -716,6 +739,19 @@ mod tests {
         hub.dispatch(message("r", 2, "x"));
         assert!(a.is_closed());
         assert_eq!(a.close_reason.get().unwrap().0, CLOSE_SLOW_CONSUMER);
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_still_queues_replies_but_not_broadcasts() {
+        let (hub, _repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 8);
+        hub.add_member("r", a.clone());
+        hub.set_base("r", "e", 0);
+        a.close(1001, "draining");
+        hub.dispatch(message("r", 1, "x"));
+        assert!(ra.try_recv().is_none(), "broadcasts stop at the close");
+        a.reply(Outbound::frame("owed")).await;
+        assert!(matches!(ra.try_recv().unwrap(), Outbound::Local(_)));
     }
 
     #[test]

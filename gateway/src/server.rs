@@ -2,7 +2,7 @@
 //! before the upgrade), the demo page at `/`, the ops endpoints, and draining on shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -199,7 +199,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(gateway.clone());
-    let server = tokio::spawn(accept_loop(listener, app, accepting_stopped));
+    let limits = HandshakeLimits {
+        timeout: gateway.settings.handshake_timeout(),
+        max_pending: gateway.settings.max_pending_handshakes,
+    };
+    let server = tokio::spawn(accept_loop(listener, app, limits, accepting_stopped));
     tokio::spawn(crate::memory::trim_loop(gateway.clone()));
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
@@ -210,15 +214,45 @@ pub async fn serve(
     Ok(())
 }
 
+/// Bounds on connections that have not finished their HTTP phase (the WebSocket upgrade, or
+/// any other request).
+#[derive(Debug, Clone, Copy)]
+struct HandshakeLimits {
+    /// Time from accept to the end of the HTTP phase; past it the connection is dropped.
+    timeout: Duration,
+    /// Connections in their HTTP phase at once; more are refused at once.
+    max_pending: usize,
+}
+
+/// Answer to a connection over the pending limit, written without waiting (best effort).
+const OVERLOADED: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// One connection counted as pending; the count drops when this does.
+struct PendingSlot(Arc<AtomicUsize>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections and serves HTTP/1.1 on each until `stop` fires. HTTP/1.1 only, served
 /// straight on the `TcpStream`, so that an upgraded connection gives its socket back (see
 /// [`socket::upgraded`]).
+///
+/// A connection's HTTP phase ends when it is upgraded (the hyper connection then resolves and
+/// hands the socket over) or closed. It is bounded in time and in number: a client that never
+/// sends a byte, or sends its headers a byte at a time, would otherwise hold a socket and a
+/// task for ever, and enough of them exhaust the file descriptors.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: HandshakeLimits,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let service = TowerToHyperService::new(app);
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -233,6 +267,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        if pending.load(Ordering::Relaxed) >= limits.max_pending {
+            metrics::counter!("roomcast_gateway_handshakes_refused_total").increment(1);
+            // A fresh socket's send buffer is empty: this write does not block.
+            let _ = tcp.try_write(OVERLOADED);
+            continue;
+        }
+        pending.fetch_add(1, Ordering::Relaxed);
+        let slot = PendingSlot(pending.clone());
         // Frames are small and latency matters more than packet count: no Nagle delay
         // (without this a `published` reply waits for the client's next frame or a delayed
         // ACK).
@@ -242,9 +284,17 @@ async fn accept_loop(
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades();
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "http connection ended with an error");
+            match tokio::time::timeout(limits.timeout, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "http connection ended with an error"),
+                Err(_) => {
+                    // Dropping the connection closes the socket (and cancels a handshake still
+                    // being checked: no WebSocket starts).
+                    metrics::counter!("roomcast_gateway_handshake_timeouts_total").increment(1);
+                    tracing::debug!("http phase exceeded the handshake timeout");
+                }
             }
+            drop(slot);
         });
     }
 }
