@@ -328,6 +328,7 @@ impl Backends {
     rpc!(room.publish(pb::PublishRequest) -> pb::PublishResponse);
     rpc!(room.presence(pb::PresenceRequest) -> pb::PresenceResponse);
     rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);
+    rpc!(room.connection_opened(pb::ConnectionOpenedRequest) -> pb::ConnectionOpenedResponse);
     rpc!(room.connection_closed(pb::ConnectionClosedRequest) -> pb::ConnectionClosedResponse);
     rpc!(room.gateway_heartbeat(pb::GatewayHeartbeatRequest) -> pb::GatewayHeartbeatResponse);
 

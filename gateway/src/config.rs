@@ -45,7 +45,8 @@ pub struct ConnectionSettings {
     /// Rooms one connection may be in at once.
     #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
     pub max_rooms_per_connection: usize,
-    /// Connections one user may hold on this gateway (0: no limit).
+    /// Connections one user may hold across the cluster (0: no limit); counted in the store,
+    /// so a dead gateway's connections stop counting when its lease runs out.
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,
     /// How long a connection holds a broadcast before writing it, to write it together with

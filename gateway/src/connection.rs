@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::hub::{ConnHandle, Local, Outbound};
+use crate::hub::{ConnHandle, Local, Outbound, ServerCommand};
 use crate::limits::{TokenBucket, UserSlot};
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::server::Gateway;
@@ -41,12 +41,17 @@ const MAX_BATCH: usize = 64;
 
 /// What the handshake established about the client.
 pub struct Authenticated {
+    /// Chosen at the handshake: the cluster-wide per-user count records it.
+    pub client_id: Arc<str>,
     pub user: String,
     pub token: String,
     /// Token expiry, unix seconds.
     pub expires_at: i64,
     /// This connection's place in the per-user count; given back when the connection ends.
     pub slot: UserSlot,
+    /// Whether the room-service counted it against the user's limit across the cluster; then
+    /// its end must be reported even when it joined no room.
+    pub counted: bool,
 }
 
 /// Read buffer per connection, allocated for every connection: small, since most frames are
@@ -96,10 +101,13 @@ async fn start(
         Ok(upgraded) => upgraded,
         Err(error) => {
             tracing::debug!(%error, "upgrade failed");
+            if auth.counted {
+                report_closed(&gateway, &auth.client_id, &auth.user, Vec::new());
+            }
             return None;
         }
     };
-    let client_id: Arc<str> = Arc::from(gateway.next_client_id());
+    let client_id = auth.client_id.clone();
     let user: Arc<str> = Arc::from(auth.user.as_str());
     let conn = Arc::new(ConnHandle::new(
         client_id.clone(),
@@ -155,6 +163,7 @@ async fn start(
         expires_at: auth.expires_at,
         refused_in_a_row: 0,
         publishes: 0,
+        counted: auth.counted,
         _slot: auth.slot,
     };
     Some((reader, stream, writer))
@@ -189,6 +198,13 @@ fn idempotency_key(user: &str, client_id: &str, client_key: Option<&str>, nth: u
     }
 }
 
+/// Who asked for a join: the client, or a backend through the server API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Joining {
+    Client,
+    Server,
+}
+
 /// What a connection may do in a room it joined.
 struct Joined {
     can_publish: bool,
@@ -209,6 +225,8 @@ struct Reader {
     refused_in_a_row: u32,
     /// Publishes sent on; numbers the idempotency keys the gateway makes up.
     publishes: u64,
+    /// See [`Authenticated::counted`].
+    counted: bool,
     /// This connection's place in the per-user count, given back when the reader is dropped.
     _slot: UserSlot,
 }
@@ -253,7 +271,15 @@ impl Reader {
                 .reset(expiry.min(silent_until).min(next_ping));
             let next = tokio::select! {
                 biased;
-                () = self.conn.closed() => return,
+                () = self.conn.attention() => {
+                    if self.conn.is_closed() {
+                        return;
+                    }
+                    for command in self.conn.take_server_commands() {
+                        Box::pin(self.server_command(command)).await;
+                    }
+                    continue;
+                }
                 next = stream.next() => next,
                 () = &mut timer => {
                     let now = Instant::now();
@@ -371,7 +397,35 @@ impl Reader {
         }
     }
 
+    /// A server-side subscription change (server API): carried out like the client's own
+    /// command, answered with `joined` / `left` without an id. A subscription ignores the
+    /// token's room rules (the backend decided); publishing still follows them.
+    async fn server_command(&mut self, command: ServerCommand) {
+        match command {
+            ServerCommand::Subscribe { room } => {
+                if !self.rooms.contains_key(room.as_str()) {
+                    self.join_as(None, room, None, Joining::Server).await;
+                }
+            }
+            ServerCommand::Unsubscribe { room } => {
+                if self.rooms.contains_key(room.as_str()) {
+                    self.leave(None, room).await;
+                }
+            }
+        }
+    }
+
     async fn join(&mut self, id: Option<u64>, room: String, since: Option<Position>) {
+        self.join_as(id, room, since, Joining::Client).await
+    }
+
+    async fn join_as(
+        &mut self,
+        id: Option<u64>,
+        room: String,
+        since: Option<Position>,
+        by: Joining,
+    ) {
         if self.rooms.contains_key(room.as_str()) {
             return self
                 .send_error(id, ErrorCode::BadRequest, "already joined")
@@ -387,11 +441,16 @@ impl Reader {
             token: self.token.clone(),
             room: room.clone(),
         };
-        let access = match self.gateway.backends.authorize(request).await {
-            Ok(access) => access,
-            Err(status) => return self.send_status(id, &status).await,
+        let access = match (self.gateway.backends.authorize(request).await, by) {
+            (Ok(access), _) => access,
+            // The backend's subscription stands without the auth service; publishing waits.
+            (Err(status), Joining::Server) => {
+                tracing::warn!(%room, %status, "server subscription: publish rights unknown");
+                pb::AuthorizeResponse::default()
+            }
+            (Err(status), Joining::Client) => return self.send_status(id, &status).await,
         };
-        if !access.can_join {
+        if !access.can_join && by == Joining::Client {
             return self
                 .send_error(
                     id,
@@ -682,23 +741,29 @@ impl Reader {
             self.gateway.hub.remove_member(room, &self.conn.client_id);
             self.gateway.subscriptions.release(room.clone());
         }
-        if rooms.is_empty() {
+        if rooms.is_empty() && !self.counted {
             return;
         }
-        let request = pb::ConnectionClosedRequest {
-            client_id: self.conn.client_id.to_string(),
-            user: self.conn.user.to_string(),
-            gateway_id: self.gateway.id.clone(),
-            rooms: rooms.iter().map(|r| r.to_string()).collect(),
-        };
-        let gateway = self.gateway.clone();
-        // Not awaited by the connection: its socket is already done.
-        tokio::spawn(async move {
-            if let Err(status) = gateway.backends.connection_closed(request).await {
-                tracing::warn!(%status, "connection close not recorded by the room service");
-            }
-        });
+        let rooms = rooms.iter().map(|r| r.to_string()).collect();
+        report_closed(&self.gateway, &self.conn.client_id, &self.conn.user, rooms);
     }
+}
+
+/// Tells the room-service that a connection ended: it leaves `rooms` and its user's count.
+/// Not awaited by the connection: its socket is already done.
+fn report_closed(gateway: &Arc<Gateway>, client_id: &str, user: &str, rooms: Vec<String>) {
+    let request = pb::ConnectionClosedRequest {
+        client_id: client_id.to_owned(),
+        user: user.to_owned(),
+        gateway_id: gateway.id.clone(),
+        rooms,
+    };
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        if let Err(status) = gateway.backends.connection_closed(request).await {
+            tracing::warn!(%status, "connection close not recorded by the room service");
+        }
+    });
 }
 
 /// Per-room delivery state kept by the writer.

@@ -115,6 +115,16 @@ pub struct ConnHandle {
     reader_wake: Notify,
     /// Why it was closed, for the close frame; the first reason wins.
     pub close_reason: OnceLock<(u16, String)>,
+    /// Server-side subscription changes for the reader to carry out (rare: empty, no heap).
+    server_commands: Mutex<Vec<ServerCommand>>,
+}
+
+/// A change a backend asked for through the server API, carried out by the connection's reader
+/// as if the client had sent it (replies without an `id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCommand {
+    Subscribe { room: String },
+    Unsubscribe { room: String },
 }
 
 impl ConnHandle {
@@ -130,6 +140,41 @@ impl ConnHandle {
             reader_done: AtomicBool::new(false),
             reader_wake: Notify::new(),
             close_reason: OnceLock::new(),
+            server_commands: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Hands `command` to the reader task and wakes it.
+    pub fn push_server_command(&self, command: ServerCommand) {
+        self.server_commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(command);
+        self.reader_wake.notify_one();
+    }
+
+    /// The server commands waiting, oldest first.
+    pub fn take_server_commands(&self) -> Vec<ServerCommand> {
+        std::mem::take(
+            &mut *self
+                .server_commands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// For the reader task: resolves once the connection is closed or a server command waits.
+    pub async fn attention(&self) {
+        loop {
+            let waiting = !self
+                .server_commands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+            if self.is_closed() || waiting {
+                return;
+            }
+            self.reader_wake.notified().await;
         }
     }
 
@@ -168,13 +213,6 @@ impl ConnHandle {
             return Poll::Ready(());
         }
         Poll::Pending
-    }
-
-    /// Resolves once the connection is closed (for the reader task).
-    pub async fn closed(&self) {
-        while !self.is_closed() {
-            self.reader_wake.notified().await;
-        }
     }
 
     fn wake_writer(&self) {
@@ -643,6 +681,20 @@ impl Hub {
         }
     }
 
+    /// Runs `f` on every local connection of `user` (when set) or the connection `client_id`.
+    fn each_target(&self, user: &str, client_id: &str, f: impl Fn(&ConnHandle)) {
+        let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        if user.is_empty() {
+            if let Some(conn) = connections.get(client_id) {
+                f(conn);
+            }
+            return;
+        }
+        for conn in connections.values().filter(|c| *c.user == *user) {
+            f(conn);
+        }
+    }
+
     fn apply_control(&self, control: Control) {
         match control {
             Control::Disconnect {
@@ -660,9 +712,20 @@ impl Hub {
                     }
                 }
             }
-            Control::Subscribe { room, .. } | Control::Unsubscribe { room, .. } => {
-                tracing::warn!(%room, "server-side subscription changes are not applied by this gateway");
-            }
+            Control::Subscribe {
+                room,
+                user,
+                client_id,
+            } => self.each_target(&user, &client_id, |conn| {
+                conn.push_server_command(ServerCommand::Subscribe { room: room.clone() });
+            }),
+            Control::Unsubscribe {
+                room,
+                user,
+                client_id,
+            } => self.each_target(&user, &client_id, |conn| {
+                conn.push_server_command(ServerCommand::Unsubscribe { room: room.clone() });
+            }),
         }
     }
 }

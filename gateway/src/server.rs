@@ -170,11 +170,34 @@ async fn websocket(
             "too many connections for this user",
         );
     };
+    // The count across the cluster (a user behind a load balancer reaches every gateway).
+    // A room-service that cannot answer does not lock users out: the local count still holds.
+    let client_id: Arc<str> = Arc::from(gateway.next_client_id());
+    let mut counted = false;
+    if limit > 0 {
+        let request = pb::ConnectionOpenedRequest {
+            client_id: client_id.to_string(),
+            user: claims.sub.clone(),
+            gateway_id: gateway.id.clone(),
+            max_per_user: u32::try_from(limit).unwrap_or(u32::MAX),
+        };
+        match gateway.backends.connection_opened(request).await {
+            Ok(_) => counted = true,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                return refuse(StatusCode::TOO_MANY_REQUESTS, status.message());
+            }
+            Err(status) => {
+                tracing::warn!(%status, "per-user count across the cluster unavailable")
+            }
+        }
+    }
     let auth = Authenticated {
+        client_id,
         user: claims.sub,
         token,
         expires_at: claims.exp,
         slot,
+        counted,
     };
     tokio::spawn(connection::run(on_upgrade, gateway, auth));
     let mut response = Response::new(Body::empty());

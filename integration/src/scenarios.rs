@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use roomcast_proto::server_api_client::ServerApiClient;
-use roomcast_proto::{DisconnectRequest, HistoryRequest, PresenceRequest, ServerPublishRequest};
+use roomcast_proto::{
+    DisconnectRequest, HistoryRequest, PresenceRequest, ServerPublishRequest, SubscribeRequest,
+    UnsubscribeRequest,
+};
 use serde_json::{Value, json};
 
 use crate::client::{ConnectError, ConnectOptions, TestClient};
@@ -1306,6 +1309,75 @@ pub async fn server_api_disconnect(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// Server-side subscriptions: `Subscribe` joins every connection of a user (on every gateway)
+/// to a room its token does not even allow, with a `joined` frame without an id; they then
+/// receive the room's messages and appear in presence. `Unsubscribe` makes them leave.
+pub async fn server_api_subscribe(sys: &mut System) -> Result<()> {
+    let room = "news";
+    let key = sys.options().api_key.clone();
+    let url = sys.server_api_url(0);
+    let mut api = ServerApiClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let only_chat = Claims::new("carol").rooms(["chat:*"]);
+    let mut c0 = sys.client_with(0, &only_chat).await?;
+    let mut c1 = sys.client_with(1, &only_chat).await?;
+    let mut other = sys.client(0, "dave").await?;
+    let request = SubscribeRequest {
+        room: room.into(),
+        user: "carol".into(),
+        client_id: String::new(),
+    };
+    api.subscribe(with_key(request, &key)?)
+        .await
+        .context("Subscribe")?;
+    for c in [&mut c0, &mut c1] {
+        let joined = c.expect("joined", T).await?;
+        ensure!(
+            joined["room"] == json!(room) && joined.get("id").is_none(),
+            "{}: {joined}",
+            c.name()
+        );
+    }
+    other
+        .expect_none(Some("joined"), SILENCE)
+        .await
+        .context("another user was subscribed")?;
+    let publish = ServerPublishRequest {
+        room: room.into(),
+        data_json: r#"{"headline":1}"#.into(),
+        user: String::new(),
+        idempotency_key: String::new(),
+    };
+    api.publish(with_key(publish.clone(), &key)?).await?;
+    for c in [&mut c0, &mut c1] {
+        let m = c.expect("message", T).await?;
+        ensure!(m["data"] == json!({"headline": 1}), "{m}");
+    }
+    let presence = c0
+        .request_ok(json!({"type": "presence", "room": room}), "presence")
+        .await?;
+    let members = presence["members"].as_array().context("members")?;
+    ensure!(members.len() == 2, "presence: {presence}");
+
+    let request = UnsubscribeRequest {
+        room: room.into(),
+        user: String::new(),
+        client_id: c1.client_id().to_owned(),
+    };
+    api.unsubscribe(with_key(request, &key)?)
+        .await
+        .context("Unsubscribe")?;
+    let left = c1.expect("left", T).await?;
+    ensure!(left["room"] == json!(room), "{left}");
+    api.publish(with_key(publish, &key)?).await?;
+    c0.expect("message", T).await?;
+    c1.expect_none(Some("message"), SILENCE)
+        .await
+        .context("an unsubscribed connection still received the room")?;
+    Ok(())
+}
+
 /// A connection whose token expires is closed with 4001; one that refreshed in time stays.
 pub async fn token_expiry_closes_4001(sys: &mut System) -> Result<()> {
     let short = Claims::new("brief").expires_in(2);
@@ -1373,17 +1445,23 @@ pub async fn connection_limits(sys: &mut System) -> Result<()> {
         .await?;
     join(&mut c, "r4").await.context("join after leaving one")?;
 
+    // The limit holds across the cluster: one connection on each gateway fills it, and a
+    // third is refused on either.
     let first = sys.client(0, "limited").await?;
-    let _second = sys.client(0, "limited").await?;
+    let _second = sys.client(1, "limited").await?;
     let opts = ConnectOptions::token(sys.token("limited")?);
-    match TestClient::connect_raw(&sys.ws_url(0), &opts).await {
-        Ok(_) => bail!("a third connection of one user was accepted with a limit of 2"),
-        Err(ConnectError::Http { status, body }) => ensure!(
-            (400..500).contains(&status) && status != 401 && !body.trim().is_empty(),
-            "over the per-user limit: expected a 4xx refusal (not 401) with a reason, got \
-             {status} {body:?}"
-        ),
-        Err(e) => bail!("over the per-user limit: expected an HTTP refusal, got {e}"),
+    for gateway in [0, 1] {
+        match TestClient::connect_raw(&sys.ws_url(gateway), &opts).await {
+            Ok(_) => bail!(
+                "a third connection of one user was accepted on gateway {gateway} with a limit \
+                 of 2"
+            ),
+            Err(ConnectError::Http { status, body }) => ensure!(
+                status == 429 && !body.trim().is_empty(),
+                "over the per-user limit: expected 429 with a reason, got {status} {body:?}"
+            ),
+            Err(e) => bail!("over the per-user limit: expected an HTTP refusal, got {e}"),
+        }
     }
     sys.client(0, "someone-else")
         .await
@@ -1392,7 +1470,7 @@ pub async fn connection_limits(sys: &mut System) -> Result<()> {
     // The slot is released when the gateway notices the close.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        match sys.client(0, "limited").await {
+        match sys.client(1, "limited").await {
             Ok(_) => break,
             Err(e) if Instant::now() >= deadline => {
                 return Err(e.context("a slot freed by a closed connection should be reusable"));

@@ -316,6 +316,7 @@ async fn auth_service_alone_with(
 ) -> ChildProcess {
     let mut spec = Spawn::new(name, binary("auth-service").unwrap(), dir.path())
         .env("JWKS_URL", jwks_url)
+        .env("INTERNAL_TOKEN", roomcast_common::credential::generate())
         .env("AUTH_SERVICE_ADDR", "127.0.0.1:0")
         .env("METRICS_ADDR", "127.0.0.1:0");
     for (k, v) in env {
@@ -399,9 +400,14 @@ async fn https_jwks_url_is_verified_against_the_trust_store() {
     .auth_env("SSL_CERT_FILE", TEST_CA_FILE);
     let cluster = Cluster::start(opts).await.unwrap();
     assert_eq!(server.hits(), 1);
-    let mut auth = AuthServiceClient::connect(cluster.auth_grpc())
+    let channel = tonic::transport::Endpoint::from_shared(cluster.auth_grpc())
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let attach =
+        roomcast_common::credential::AttachBearer::new(&cluster.options().internal_token).unwrap();
+    let mut auth = AuthServiceClient::with_interceptor(channel, attach);
     let t = token("dora", Algorithm::ES256, "ec-1", &ec());
     let verified = auth
         .verify_token(VerifyTokenRequest { token: t })

@@ -360,3 +360,58 @@ async fn a_thousand_large_messages_recover_on_another_gateway() {
     .gateway_env("OUTBOUND_QUEUE_LEN", 1024);
     run("large_recovery", Flavor::Cluster, opts, large_recovery).await;
 }
+
+/// The per-user limit counts across the cluster and a killed gateway's connections stop
+/// counting when its lease runs out (here 3 s), without anyone closing them.
+async fn dead_gateway_connections_stop_counting(sys: &mut System) -> Result<()> {
+    use roomcast_integration::{ConnectError, ConnectOptions, TestClient};
+    let _held = sys.client(0, "ghost").await?;
+    let opts = ConnectOptions::token(sys.token("ghost")?);
+    match TestClient::connect_raw(&sys.ws_url(1), &opts).await {
+        Err(ConnectError::Http { status: 429, .. }) => {}
+        Ok(_) => anyhow::bail!("a second connection was accepted with a limit of 1"),
+        Err(e) => anyhow::bail!("expected 429 on the other gateway, got {e}"),
+    }
+    let cluster = sys.cluster().context("needs a cluster")?;
+    cluster.gateway(0).process.kill9()?;
+    let killed = std::time::Instant::now();
+    let deadline = killed + Duration::from_secs(15);
+    loop {
+        match TestClient::connect_raw(&sys.ws_url(1), &opts).await {
+            Ok(_) => break,
+            Err(ConnectError::Http { status: 429, .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "{e}: still refused {:?} after the gateway died",
+                    killed.elapsed()
+                ));
+            }
+        }
+    }
+    ensure!(
+        killed.elapsed() >= Duration::from_secs(1),
+        "accepted after {:?}: before the dead gateway's lease could run out",
+        killed.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limit_spans_gateways_and_follows_leases() {
+    let opts = ClusterOptions {
+        gateways: 2,
+        room_services: 1,
+        ..ClusterOptions::default()
+    }
+    .heartbeat(1_000, 3_000)
+    .gateway_env("MAX_CONNECTIONS_PER_USER", 1);
+    run(
+        "dead_gateway_connections_stop_counting",
+        Flavor::Cluster,
+        opts,
+        dead_gateway_connections_stop_counting,
+    )
+    .await;
+}

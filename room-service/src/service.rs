@@ -377,6 +377,37 @@ impl RoomService for RoomServiceImpl {
     }
 
     #[tracing::instrument(
+        name = "roomcast.v1.RoomService/ConnectionOpened",
+        skip_all,
+        fields(otel.kind = "server")
+    )]
+    async fn connection_opened(
+        &self,
+        request: Request<pb::ConnectionOpenedRequest>,
+    ) -> Result<Response<pb::ConnectionOpenedResponse>, Status> {
+        let request = request.into_inner();
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+        check_user(&request.user, true)?;
+        check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)?;
+        let counted = self
+            .store
+            .connection_opened(
+                &request.user,
+                &request.client_id,
+                &request.gateway_id,
+                request.max_per_user,
+            )
+            .await
+            .map_err(store_status)?;
+        match counted {
+            Ok(connections) => Ok(Response::new(pb::ConnectionOpenedResponse { connections })),
+            Err(held) => Err(ErrorCode::RateLimited.status(format!(
+                "user holds {held} connections, the limit across the cluster"
+            ))),
+        }
+    }
+
+    #[tracing::instrument(
         name = "roomcast.v1.RoomService/ConnectionClosed",
         skip_all,
         fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
@@ -390,6 +421,14 @@ impl RoomService for RoomServiceImpl {
         check_user(&request.user, false)?;
         // Try every room even when one fails; leaving is idempotent, so the caller may retry.
         let mut first_error = None;
+        if !request.user.is_empty()
+            && let Err(error) = self
+                .store
+                .connection_closed(&request.user, &request.client_id)
+                .await
+        {
+            first_error = Some(error);
+        }
         for room in &request.rooms {
             if validate_room_name(room).is_err() {
                 continue;

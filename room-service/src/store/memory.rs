@@ -35,6 +35,8 @@ pub struct MemoryStore {
 struct State {
     rooms: HashMap<String, Room>,
     gateways: HashMap<String, GatewayRecord>,
+    /// user -> client id -> gateway id: connections counted against per-user limits.
+    users: HashMap<String, HashMap<String, String>>,
     /// (room, idempotency key) -> the first publish's result and when the record expires.
     once: HashMap<(String, String), (Published, u64)>,
     /// Unix ms after which the next operation sweeps expired state.
@@ -399,6 +401,41 @@ impl MemoryStore {
                 offset: 0,
                 history_len: 0,
             },
+        }
+    }
+
+    /// See `RedisStore::connection_opened`.
+    pub fn connection_opened(
+        &self,
+        user: &str,
+        client_id: &str,
+        gateway: &str,
+        limit: u32,
+    ) -> Result<u64, u64> {
+        let now = self.now();
+        let mut state = self.lock(now);
+        let State {
+            users, gateways, ..
+        } = &mut *state;
+        let held = users.entry(user.to_owned()).or_default();
+        if !held.contains_key(client_id) {
+            held.retain(|_, g| gateway_alive(gateways, g, now));
+            if limit > 0 && held.len() >= limit as usize {
+                return Err(held.len() as u64);
+            }
+            held.insert(client_id.to_owned(), gateway.to_owned());
+        }
+        Ok(held.len() as u64)
+    }
+
+    pub fn connection_closed(&self, user: &str, client_id: &str) {
+        let now = self.now();
+        let mut state = self.lock(now);
+        if let Some(held) = state.users.get_mut(user) {
+            held.remove(client_id);
+            if held.is_empty() {
+                state.users.remove(user);
+            }
         }
     }
 

@@ -313,6 +313,31 @@ impl Store {
         }
     }
 
+    /// Counts a connection against `user`'s limit across the cluster: `Ok(count)` with it,
+    /// `Err(count)` when `limit` (0: none) live connections already exist.
+    pub async fn connection_opened(
+        &self,
+        user: &str,
+        client_id: &str,
+        gateway: &str,
+        limit: u32,
+    ) -> Result<Result<u64, u64>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(s.connection_opened(user, client_id, gateway, limit)),
+            Store::Redis(s) => s.connection_opened(user, client_id, gateway, limit).await,
+        }
+    }
+
+    pub async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => {
+                s.connection_closed(user, client_id);
+                Ok(())
+            }
+            Store::Redis(s) => s.connection_closed(user, client_id).await,
+        }
+    }
+
     /// Records that `gateway_id` is alive with `connections` connections until `lease` passes.
     pub async fn gateway_heartbeat(
         &self,

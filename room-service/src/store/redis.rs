@@ -49,8 +49,19 @@ fn gateway_rooms_key(gateway: &str) -> String {
     format!("rc:gw:{{{gateway}}}:rooms")
 }
 
+/// The connections of `user` across the cluster: hash client id -> gateway id.
+fn user_connections_key(user: &str) -> String {
+    format!("rc:user:{{{user}}}:conns")
+}
+
+/// Users with connections on `gateway`, for the sweeper.
+fn gateway_users_key(gateway: &str) -> String {
+    format!("rc:gw:{{{gateway}}}:users")
+}
+
 /// The room scripts, each with the prelude prepended.
 struct Scripts {
+    connect: Script,
     publish: Script,
     join: Script,
     leave: Script,
@@ -62,6 +73,7 @@ impl Scripts {
     fn new() -> Self {
         let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
+            connect: Script::new(include_str!("connect.lua")),
             publish: with_prelude(include_str!("publish.lua")),
             join: with_prelude(include_str!("join.lua")),
             leave: Script::new(include_str!("leave.lua")),
@@ -460,7 +472,12 @@ impl RedisStore {
         &self,
         members: &[(String, MemberRecord)],
     ) -> Result<Vec<String>, StoreError> {
-        let mut gateways: Vec<&str> = members.iter().map(|(_, r)| r.gateway.as_str()).collect();
+        self.dead_among(members.iter().map(|(_, r)| r.gateway.as_str()).collect())
+            .await
+    }
+
+    /// The gateways among `gateways` whose lease ran out.
+    async fn dead_among(&self, mut gateways: Vec<&str>) -> Result<Vec<String>, StoreError> {
         gateways.sort_unstable();
         gateways.dedup();
         if gateways.is_empty() {
@@ -660,6 +677,138 @@ impl RedisStore {
     /// Removes the members of every gateway whose lease ran out (announcing `member_left`),
     /// then marks the gateway swept (lease score 0) so the next sweep skips it. Safe to run
     /// on every instance at once: a member is removed, and announced, once.
+    /// Counts `client_id` against `user`'s limit across the cluster: `Ok(count)` with it, or
+    /// `Err(count)` inside when the user already holds `limit` live connections. Connections
+    /// of gateways whose lease ran out are dropped before refusing.
+    pub async fn connection_opened(
+        &self,
+        user: &str,
+        client_id: &str,
+        gateway: &str,
+        limit: u32,
+    ) -> Result<Result<u64, u64>, StoreError> {
+        let key = user_connections_key(user);
+        let mut count = self
+            .count_connection(&key, client_id, gateway, limit)
+            .await?;
+        if count <= 0 {
+            // Refused: drop what dead gateways left behind, then try once more.
+            let mut connection = self.connection.clone();
+            let key2 = key.clone();
+            let held: HashMap<String, String> = self
+                .run(async move {
+                    redis::cmd("HGETALL")
+                        .arg(&key2)
+                        .query_async(&mut connection)
+                        .await
+                })
+                .await?;
+            let dead = self
+                .dead_among(held.values().map(String::as_str).collect())
+                .await?;
+            let stale: Vec<&String> = held
+                .iter()
+                .filter(|(_, gateway)| dead.contains(gateway))
+                .map(|(client, _)| client)
+                .collect();
+            if stale.is_empty() {
+                return Ok(Err(count.unsigned_abs()));
+            }
+            let mut connection = self.connection.clone();
+            let key2 = key.clone();
+            self.run(async move {
+                redis::cmd("HDEL")
+                    .arg(&key2)
+                    .arg(&stale)
+                    .query_async::<()>(&mut connection)
+                    .await
+            })
+            .await?;
+            count = self
+                .count_connection(&key, client_id, gateway, limit)
+                .await?;
+            if count <= 0 {
+                return Ok(Err(count.unsigned_abs()));
+            }
+        }
+        let mut connection = self.connection.clone();
+        let users = gateway_users_key(gateway);
+        self.run(async move {
+            redis::cmd("SADD")
+                .arg(&users)
+                .arg(user)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await?;
+        Ok(Ok(count.unsigned_abs()))
+    }
+
+    /// Runs `connect.lua`: the count with the connection, negative when refused.
+    async fn count_connection(
+        &self,
+        key: &str,
+        client_id: &str,
+        gateway: &str,
+        limit: u32,
+    ) -> Result<i64, StoreError> {
+        let mut invocation = self.scripts.connect.prepare_invoke();
+        invocation.key(key).arg(client_id).arg(gateway).arg(limit);
+        let mut connection = self.connection.clone();
+        self.run(async move { invocation.invoke_async(&mut connection).await })
+            .await
+    }
+
+    /// Stops counting `user`'s connections on `gateway` (a dead one).
+    async fn forget_gateway_connections(
+        &self,
+        user: &str,
+        gateway: &str,
+    ) -> Result<(), StoreError> {
+        let key = user_connections_key(user);
+        let mut connection = self.connection.clone();
+        let key2 = key.clone();
+        let held: HashMap<String, String> = self
+            .run(async move {
+                redis::cmd("HGETALL")
+                    .arg(&key2)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        let stale: Vec<&String> = held
+            .iter()
+            .filter(|(_, g)| g.as_str() == gateway)
+            .map(|(client, _)| client)
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(&stale)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await
+    }
+
+    /// Stops counting `client_id` for `user`.
+    pub async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError> {
+        let key = user_connections_key(user);
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(client_id)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await
+    }
+
     pub async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
         let now = roomcast_common::unix_millis();
         let mut connection = self.connection.clone();
@@ -688,9 +837,25 @@ impl RedisStore {
                 // Reading presence drops (and announces) members of dead gateways.
                 self.presence(room).await?;
             }
+            let users_key = gateway_users_key(gateway);
+            let mut connection = self.connection.clone();
+            let users: Vec<String> = self
+                .run(async move {
+                    redis::cmd("SMEMBERS")
+                        .arg(&users_key)
+                        .query_async(&mut connection)
+                        .await
+                })
+                .await?;
+            for user in &users {
+                self.forget_gateway_connections(user, gateway).await?;
+            }
             let mut pipe = redis::pipe();
             pipe.cmd("DEL")
                 .arg(gateway_rooms_key(gateway))
+                .ignore()
+                .cmd("DEL")
+                .arg(gateway_users_key(gateway))
                 .ignore()
                 .cmd("ZADD")
                 .arg(GATEWAY_LEASES_KEY)
