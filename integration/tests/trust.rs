@@ -415,3 +415,91 @@ async fn per_user_limit_spans_gateways_and_follows_leases() {
     )
     .await;
 }
+
+/// A room-service killed while publishes are in flight: the gateway fails each call over to
+/// the other instance, so no client sees `internal`, and its own retries carry idempotency
+/// keys, so nothing is stored (or delivered) twice.
+async fn room_service_killed_mid_call(sys: &mut System) -> Result<()> {
+    use roomcast_integration::Incoming;
+    let room = "failover";
+    let mut publisher = sys.client(0, "pub").await?;
+    let mut member = sys.client(0, "member").await?;
+    publisher.join(room).await?;
+    member.join(room).await?;
+    let started = std::time::Instant::now();
+    let mut killed = false;
+    let mut in_flight = 0usize;
+    let mut seq = 0u64;
+    let mut acked = 0u64;
+    let mut unavailable = 0u64;
+    while started.elapsed() < Duration::from_secs(4) || in_flight > 0 {
+        if !killed && started.elapsed() > Duration::from_millis(1500) {
+            sys.cluster()
+                .context("needs a cluster")?
+                .room_service(0)
+                .process
+                .kill9()?;
+            killed = true;
+        }
+        while in_flight < 16 && started.elapsed() < Duration::from_secs(4) {
+            seq += 1;
+            publisher
+                .send_command(json!({"type": "publish", "room": room, "data": {"seq": seq}}))
+                .await?;
+            in_flight += 1;
+        }
+        match publisher.recv(T).await? {
+            Incoming::Json(reply) if reply["type"] == "published" => {
+                acked += 1;
+                in_flight -= 1;
+            }
+            Incoming::Json(reply) if reply["type"] == "error" => {
+                ensure!(
+                    reply["code"] == "unavailable",
+                    "a publish failed with {reply} (a transport failure is `unavailable`)"
+                );
+                unavailable += 1;
+                in_flight -= 1;
+            }
+            Incoming::Json(_) => {}
+            other => anyhow::bail!("publisher: {other}"),
+        }
+    }
+    ensure!(killed && acked > 0, "acked {acked}");
+    // Every stored message is stored once: the member sees each seq at most once, in offsets
+    // that increase by one.
+    let frames = member.drain(Duration::from_secs(2)).await?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last = 0u64;
+    for m in frames.iter().filter(|m| m["type"] == "message") {
+        let offset = m["offset"].as_u64().context("offset")?;
+        ensure!(offset == last + 1, "offset {offset} after {last}");
+        last = offset;
+        let n = m["data"]["seq"].as_u64().context("seq")?;
+        ensure!(seen.insert(n), "seq {n} was stored twice (offset {offset})");
+    }
+    ensure!(
+        last >= acked,
+        "{acked} acknowledged but the room holds {last}"
+    );
+    eprintln!("{seq} sent, {acked} acked, {unavailable} unavailable, {last} stored");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_service_killed_mid_call_loses_and_duplicates_nothing() {
+    let opts = ClusterOptions {
+        gateways: 1,
+        room_services: 2,
+        ..ClusterOptions::default()
+    }
+    .gateway_env("PUBLISH_RATE", 100_000)
+    .gateway_env("PUBLISH_BURST", 100_000);
+    run(
+        "room_service_killed_mid_call",
+        Flavor::Cluster,
+        opts,
+        room_service_killed_mid_call,
+    )
+    .await;
+}
