@@ -38,16 +38,38 @@ pub async fn serve(
     service: RoomServiceImpl,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_readiness(listener, service, None, shutdown).await
+}
+
+/// [`serve`], with the gRPC health status following `readiness` (NOT_SERVING while the store
+/// is unreachable or the service drains), as `/readyz` does.
+pub async fn serve_with_readiness(
+    listener: tokio::net::TcpListener,
+    service: RoomServiceImpl,
+    readiness: Option<roomcast_common::ops::Readiness>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let options = service.options();
     let internal = RequireBearer::new(options.internal_token.as_deref(), "internal token");
     let api_key = RequireBearer::new(options.api_key.as_deref(), "API key");
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RoomServiceServer<RoomServiceImpl>>()
-        .await;
-    health_reporter
-        .set_serving::<ServerApiServer<ServerApiImpl>>()
-        .await;
+    match readiness {
+        None => set_health(&health_reporter, true).await,
+        Some(readiness) => {
+            let reporter = health_reporter.clone();
+            tokio::spawn(async move {
+                let mut shown = None;
+                loop {
+                    let ready = readiness.get();
+                    if shown != Some(ready) {
+                        set_health(&reporter, ready).await;
+                        shown = Some(ready);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            });
+        }
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(roomcast_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -64,4 +86,27 @@ pub async fn serve(
             shutdown,
         )
         .await
+}
+
+/// Marks every service of this port (and the server as a whole, "") serving or not.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, ready: bool) {
+    use tonic_health::ServingStatus;
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter
+        .set_service_status(
+            <RoomServiceServer<RoomServiceImpl> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter
+        .set_service_status(
+            <ServerApiServer<ServerApiImpl> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter.set_service_status("", status).await;
 }

@@ -73,7 +73,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %grpc_listener.local_addr()?, metrics_addr = %ops_listener.local_addr()?, "listening");
 
     let ops_task = tokio::spawn(ops::serve(ops_listener, readiness.clone(), stopped()));
-    let grpc_task = tokio::spawn(roomcast_room::serve(grpc_listener, service, stopped()));
+    let grpc_task = tokio::spawn(roomcast_room::serve_with_readiness(
+        grpc_listener,
+        service,
+        Some(readiness.clone()),
+        stopped(),
+    ));
 
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -163,3 +163,50 @@ async fn reflection_lists_the_services() {
         assert!(names.iter().any(|n| n == wanted), "{names:?}");
     }
 }
+
+#[tokio::test]
+async fn health_follows_readiness() {
+    let store = Store::memory(MemoryBroker::new(), HistoryLimits::default());
+    let service = RoomServiceImpl::new(store, ServiceOptions::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let readiness = roomcast_common::ops::Readiness::default();
+    tokio::spawn(roomcast_room::serve_with_readiness(
+        listener,
+        service,
+        Some(readiness.clone()),
+        std::future::pending(),
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    let status = |wanted: ServingStatus| {
+        let mut health = health.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            loop {
+                let got = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: "roomcast.v1.ServerApi".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status;
+                if got == wanted as i32 {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "still {got}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    status(ServingStatus::NotServing).await;
+    readiness.set(true);
+    status(ServingStatus::Serving).await;
+    readiness.start_draining();
+    status(ServingStatus::NotServing).await;
+}
