@@ -326,6 +326,7 @@ impl Backends {
     rpc!(room.join(pb::JoinRequest) -> pb::JoinResponse);
     rpc!(room.leave(pb::LeaveRequest) -> pb::LeaveResponse);
     rpc!(room.publish(pb::PublishRequest) -> pb::PublishResponse);
+    rpc!(room.publish_batch(pb::PublishBatchRequest) -> pb::PublishBatchResponse);
     rpc!(room.presence(pb::PresenceRequest) -> pb::PresenceResponse);
     rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);
     rpc!(room.connection_opened(pb::ConnectionOpenedRequest) -> pb::ConnectionOpenedResponse);

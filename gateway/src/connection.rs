@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::hub::{ConnHandle, Local, Outbound, ServerCommand};
 use crate::limits::{TokenBucket, UserSlot};
+use crate::pipeline::Publishes;
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::server::Gateway;
 use crate::socket::{self, ReadSide};
@@ -38,6 +39,9 @@ pub mod close {
 
 /// Frames written to the socket per flush at most, so one busy connection cannot hog its task.
 const MAX_BATCH: usize = 64;
+
+/// How long a closing connection waits for its publishes in flight to be answered.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the handshake established about the client.
 pub struct Authenticated {
@@ -77,6 +81,9 @@ pub fn run(
             return;
         };
         reader.read_loop(&mut stream).await;
+        // Publishes already read are stored and answered before the close (bounded like any
+        // command in flight).
+        let _ = tokio::time::timeout(FLUSH_LIMIT, Box::pin(reader.flush_publishes())).await;
         reader.conn.shut();
         reader.conn.reader_finished();
         reader.cleanup().await;
@@ -162,8 +169,9 @@ async fn start(
         token: auth.token,
         expires_at: auth.expires_at,
         refused_in_a_row: 0,
-        publishes: 0,
+        publish_count: 0,
         counted: auth.counted,
+        publishes: Publishes::default(),
         _slot: auth.slot,
     };
     Some((reader, stream, writer))
@@ -224,9 +232,11 @@ struct Reader {
     /// Publishes refused by the rate limit since the last accepted one.
     refused_in_a_row: u32,
     /// Publishes sent on; numbers the idempotency keys the gateway makes up.
-    publishes: u64,
+    publish_count: u64,
     /// See [`Authenticated::counted`].
     counted: bool,
+    /// Publishes on their way to the room-service, in order.
+    publishes: Publishes,
     /// This connection's place in the per-user count, given back when the reader is dropped.
     _slot: UserSlot,
 }
@@ -239,6 +249,17 @@ fn instant_of_unix(secs: i64) -> Instant {
     let left = secs.saturating_mul(1000).saturating_sub(now).max(0);
     let left = Duration::from_millis(u64::try_from(left).unwrap_or(0)).min(MAX_WAIT);
     Instant::now() + left
+}
+
+/// The `error` frame for a failed backend call.
+pub(crate) fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
+    let code = ErrorCode::from_grpc(status.code());
+    let message = if code == ErrorCode::Unavailable {
+        "a backend is unavailable; retry"
+    } else {
+        status.message()
+    };
+    ServerFrame::Error { id, code, message }.to_json().into()
 }
 
 /// The close frame owed for a read error, if the client is still there to get one.
@@ -278,6 +299,10 @@ impl Reader {
                     for command in self.conn.take_server_commands() {
                         Box::pin(self.server_command(command)).await;
                     }
+                    continue;
+                }
+                done = self.publishes.next_done(), if self.publishes.has_in_flight() => {
+                    Box::pin(self.publishes.finish(done, &self.conn, &self.gateway)).await;
                     continue;
                 }
                 next = stream.next() => next,
@@ -345,13 +370,7 @@ impl Reader {
     }
 
     fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
-        let code = ErrorCode::from_grpc(status.code());
-        let message = if code == ErrorCode::Unavailable {
-            "a backend is unavailable; retry"
-        } else {
-            status.message()
-        };
-        ServerFrame::Error { id, code, message }.to_json().into()
+        error_frame(id, status)
     }
 
     async fn send_status(&self, id: Option<u64>, status: &tonic::Status) {
@@ -361,7 +380,19 @@ impl Reader {
     }
 
     async fn handle_text(&mut self, text: &str) {
-        let request = match protocol::parse(text) {
+        let request = protocol::parse(text);
+        // Only publishes overtake a publish in flight; anything else waits for them, so its
+        // reply comes after theirs and it sees what they stored.
+        if !matches!(
+            request,
+            Ok(protocol::Request {
+                command: Command::Publish { .. },
+                ..
+            })
+        ) {
+            self.flush_publishes().await;
+        }
+        let request = match request {
             Ok(request) => request,
             Err(error) => {
                 metrics::counter!("roomcast_gateway_bad_frames_total").increment(1);
@@ -588,12 +619,12 @@ impl Reader {
     async fn publish(&mut self, id: Option<u64>, room: String, data: &str, key: Option<&str>) {
         let Some(joined) = self.joined(&room) else {
             return self
-                .send_error(id, ErrorCode::NotJoined, "join the room before publishing")
+                .refuse_publish(id, ErrorCode::NotJoined, "join the room before publishing")
                 .await;
         };
         if !joined.can_publish {
             return self
-                .send_error(
+                .refuse_publish(
                     id,
                     ErrorCode::Forbidden,
                     "the token does not allow publishing here",
@@ -606,7 +637,8 @@ impl Reader {
             let wait = self.publish_bucket.wait_hint().as_millis();
             let message = format!("publish rate exceeded; retry in {wait} ms");
             // Answered even when it ends the connection: the error precedes the close frame.
-            self.send_error(id, ErrorCode::RateLimited, &message).await;
+            self.refuse_publish(id, ErrorCode::RateLimited, &message)
+                .await;
             if self.refused_in_a_row >= self.gateway.settings.rate_limit_close_after {
                 self.conn
                     .close(close::RATE_LIMITED, "publish rate exceeded repeatedly");
@@ -614,7 +646,7 @@ impl Reader {
             return;
         }
         self.refused_in_a_row = 0;
-        self.publishes += 1;
+        self.publish_count += 1;
         let request = pb::PublishRequest {
             room: room.clone(),
             client_id: self.conn.client_id.to_string(),
@@ -624,20 +656,30 @@ impl Reader {
                 &self.conn.user,
                 &self.conn.client_id,
                 key,
-                self.publishes,
+                self.publish_count,
             ),
         };
-        match self.gateway.backends.publish(request).await {
-            Ok(published) => {
-                self.send(ServerFrame::Published {
-                    id,
-                    room: &room,
-                    offset: published.offset,
-                })
-                .await
-            }
-            Err(status) => self.send_status(id, &status).await,
+        // The reader goes on reading; the reply comes when the batch returns.
+        let room = self
+            .rooms
+            .get_key_value(room.as_str())
+            .map_or_else(|| Arc::from(room.as_str()), |(name, _)| name.clone());
+        self.publishes.push(&self.gateway, id, room, request);
+    }
+
+    /// Answers a publish the gateway refuses itself, after the publishes before it.
+    async fn refuse_publish(&mut self, id: Option<u64>, code: ErrorCode, message: &str) {
+        let reply: Utf8Bytes = ServerFrame::Error { id, code, message }.to_json().into();
+        if self.publishes.is_idle() {
+            self.conn.reply(Outbound::frame(reply)).await;
+        } else {
+            self.publishes.push_answered(reply);
         }
+    }
+
+    /// Waits until every publish read so far is stored and answered.
+    async fn flush_publishes(&mut self) {
+        self.publishes.flush(&self.conn, &self.gateway).await;
     }
 
     async fn presence(&mut self, id: Option<u64>, room: String) {

@@ -4,6 +4,7 @@
 //! - [`server`] — HTTP surface (handshake at `/ws`, demo page, ops endpoints) and draining;
 //! - [`connection`] — one connection's reader (commands) and writer (socket, pings, cursors);
 //! - [`socket`] — the WebSocket upgrade, frame encoding, the read side tungstenite parses;
+//! - [`pipeline`] — a connection's publishes, pipelined in ordered batches;
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — local connections and rooms, fan-out of broker payloads;
 //! - [`limits`] — publish token bucket, connections per user;
@@ -20,6 +21,7 @@ pub mod connection;
 pub mod hub;
 pub mod limits;
 pub mod memory;
+pub mod pipeline;
 pub mod protocol;
 pub mod repair;
 pub mod server;

@@ -31,6 +31,8 @@ pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 pub const PAGE_BYTES: usize = 1024 * 1024;
 /// Longest accepted idempotency key as the caller scoped it, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 512;
+/// Most publishes in one `PublishBatch`.
+pub const MAX_BATCH_LEN: usize = 1024;
 
 /// Settings of the service itself (the store has its own).
 #[derive(Debug, Clone)]
@@ -174,6 +176,27 @@ impl RoomServiceImpl {
             publications,
             more,
         })
+    }
+}
+
+impl RoomServiceImpl {
+    /// One client publish, validated.
+    async fn publish_one(
+        &self,
+        request: &pb::PublishRequest,
+    ) -> Result<pb::PublishResponse, Status> {
+        check_room(&request.room)?;
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
+        check_user(&request.user, false)?;
+        let data = self.check_data(&request.data_json)?;
+        self.publish_checked(
+            &request.room,
+            &request.user,
+            &request.client_id,
+            data,
+            &request.idempotency_key,
+        )
+        .await
     }
 }
 
@@ -332,20 +355,39 @@ impl RoomService for RoomServiceImpl {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let request = request.into_inner();
-        check_room(&request.room)?;
-        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
-        check_user(&request.user, false)?;
-        let data = self.check_data(&request.data_json)?;
-        self.publish_checked(
-            &request.room,
-            &request.user,
-            &request.client_id,
-            data,
-            &request.idempotency_key,
-        )
-        .await
-        .map(Response::new)
+        self.publish_one(request.get_ref()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(
+        name = "roomcast.v1.RoomService/PublishBatch",
+        skip_all,
+        fields(otel.kind = "server", publishes = request.get_ref().publishes.len())
+    )]
+    async fn publish_batch(
+        &self,
+        request: Request<pb::PublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let publishes = request.into_inner().publishes;
+        if publishes.len() > MAX_BATCH_LEN {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH_LEN} publishes per batch"
+            )));
+        }
+        let mut results = Vec::with_capacity(publishes.len());
+        // One after the other: the order given is the order stored.
+        for publish in publishes {
+            let outcome = match self.publish_one(&publish).await {
+                Ok(published) => pb::publish_result::Outcome::Published(published),
+                Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }),
+            };
+            results.push(pb::PublishResult {
+                outcome: Some(outcome),
+            });
+        }
+        Ok(Response::new(pb::PublishBatchResponse { results }))
     }
 
     #[tracing::instrument(
@@ -815,5 +857,58 @@ pub(crate) mod tests {
         }
         assert_eq!(got, (1..=300).collect::<Vec<_>>());
         assert!(pages >= 3, "{pages}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_stored_in_order_with_a_result_each() {
+        let (service, broker) = service(None);
+        let (_sub, seen) = listen(&broker, "rc:room:r").await;
+        let publishes = ["1", "{", "2", "3"]
+            .into_iter()
+            .map(|data| publish_request("r", data).into_inner())
+            .collect();
+        let results = service
+            .publish_batch(Request::new(pb::PublishBatchRequest { publishes }))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        let outcomes: Vec<Result<u64, i32>> = results
+            .into_iter()
+            .map(|r| match r.outcome.unwrap() {
+                pb::publish_result::Outcome::Published(p) => Ok(p.offset),
+                pb::publish_result::Outcome::Error(e) => Err(e.code),
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![Ok(1), Err(Code::InvalidArgument as i32), Ok(2), Ok(3)]
+        );
+        let data: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Envelope::Message { frame, .. } => {
+                    let v: serde_json::Value = serde_json::from_slice(frame).unwrap();
+                    Some(v["data"].to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(data, ["1", "2", "3"]);
+        let too_many = (0..=MAX_BATCH_LEN)
+            .map(|_| publish_request("r", "1").into_inner())
+            .collect();
+        assert_eq!(
+            code(
+                service
+                    .publish_batch(Request::new(pb::PublishBatchRequest {
+                        publishes: too_many
+                    }))
+                    .await
+            ),
+            Some(Code::InvalidArgument)
+        );
     }
 }

@@ -1,0 +1,213 @@
+//! A connection's publishes, pipelined. The reader does not wait for each publish's round
+//! trip to the room-service before reading the next frame: publishes accepted while a call is
+//! in flight queue up and go together as one ordered `PublishBatch` when it returns. So one
+//! connection's publish rate is bounded by batch size / round trip, not 1 / round trip, and
+//! its messages are still stored in the order it sent them (one batch at a time, each stored
+//! in order).
+//!
+//! Replies keep the order of the commands: a publish the gateway refuses itself (not joined,
+//! rate limit) while others are pending is answered in its place in the queue. Any other
+//! command waits until the pipeline is empty ([`Publishes::flush`]), so "a publish sent after
+//! a join sees the join" and "a read sent after a publish sees it" hold as before.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use roomcast_proto as pb;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tonic::Status;
+
+use crate::hub::{ConnHandle, Outbound};
+use crate::protocol::ServerFrame;
+use crate::server::Gateway;
+
+/// Most publishes in one batch (the room-service accepts up to 1024).
+const MAX_BATCH: usize = 256;
+/// Most payload bytes in one batch: well inside a 4 MiB gRPC message.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// One publish in the queue: to be stored, or already answered by the gateway.
+enum Entry {
+    Publish {
+        id: Option<u64>,
+        room: Arc<str>,
+        request: pb::PublishRequest,
+    },
+    Answered(Utf8Bytes),
+}
+
+/// What a batch answers, in order: the `id` and room of each publish sent, or a reply that was
+/// already decided.
+enum Slot {
+    Sent { id: Option<u64>, room: Arc<str> },
+    Answered(Utf8Bytes),
+}
+
+/// A returned batch, for [`Publishes::finish`].
+pub struct Done(Vec<Slot>, Result<pb::PublishBatchResponse, Status>);
+
+/// The queue and the batch in flight. Idle, it holds no heap memory.
+#[derive(Default)]
+pub struct Publishes {
+    queued: VecDeque<Entry>,
+    /// A task of its own: it finishes storing what it carries even if the connection ends.
+    in_flight: Option<JoinHandle<Done>>,
+}
+
+impl Publishes {
+    /// Nothing queued and nothing in flight: a reply may go out directly.
+    pub fn is_idle(&self) -> bool {
+        self.queued.is_empty() && self.in_flight.is_none()
+    }
+
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Queues a publish; starts a batch when none is in flight.
+    pub fn push(
+        &mut self,
+        gateway: &Arc<Gateway>,
+        id: Option<u64>,
+        room: Arc<str>,
+        request: pb::PublishRequest,
+    ) {
+        self.queued.push_back(Entry::Publish { id, room, request });
+        if self.in_flight.is_none() {
+            self.start(gateway);
+        }
+    }
+
+    /// Queues a reply the gateway decided itself, to go out in its place.
+    pub fn push_answered(&mut self, reply: Utf8Bytes) {
+        self.queued.push_back(Entry::Answered(reply));
+    }
+
+    /// Resolves when the batch in flight returns; never resolves when none is. Cancel-safe:
+    /// dropped before it resolves, the batch stays in flight.
+    pub async fn next_done(&mut self) -> Done {
+        let Some(batch) = self.in_flight.as_mut() else {
+            return std::future::pending().await;
+        };
+        let done = match batch.await {
+            Ok(done) => done,
+            // The task panicked or was aborted: nothing can say which publishes it stored.
+            Err(error) => Done(
+                Vec::new(),
+                Err(Status::internal(format!("publish task failed: {error}"))),
+            ),
+        };
+        self.in_flight = None;
+        done
+    }
+
+    /// Sends the replies of a returned batch, then starts the next one.
+    pub async fn finish(&mut self, done: Done, conn: &ConnHandle, gateway: &Arc<Gateway>) {
+        let Done(slots, result) = done;
+        let mut results = match result {
+            Ok(response) => Ok(response.results.into_iter()),
+            Err(status) => Err(status),
+        };
+        for slot in slots {
+            let reply = match slot {
+                Slot::Answered(reply) => reply,
+                Slot::Sent { id, room } => {
+                    let outcome = match &mut results {
+                        Ok(results) => results.next().and_then(|r| r.outcome),
+                        Err(status) => Some(pb::publish_result::Outcome::Error(pb::PublishError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        })),
+                    };
+                    reply_for(id, &room, outcome)
+                }
+            };
+            conn.reply(Outbound::frame(reply)).await;
+        }
+        // Replies decided while nothing was left to store go out now.
+        while let Some(Entry::Answered(_)) = self.queued.front() {
+            if let Some(Entry::Answered(reply)) = self.queued.pop_front() {
+                conn.reply(Outbound::frame(reply)).await;
+            }
+        }
+        if !self.queued.is_empty() {
+            self.start(gateway);
+        }
+    }
+
+    /// Waits until everything queued is stored and answered.
+    pub async fn flush(&mut self, conn: &ConnHandle, gateway: &Arc<Gateway>) {
+        while self.in_flight.is_some() {
+            let done = self.next_done().await;
+            self.finish(done, conn, gateway).await;
+        }
+    }
+
+    /// Sends the front of the queue as one batch.
+    fn start(&mut self, gateway: &Arc<Gateway>) {
+        let mut slots = Vec::new();
+        let mut publishes = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(entry) = self.queued.front() {
+            if let Entry::Publish { request, .. } = entry {
+                let size = request.data_json.len();
+                if !publishes.is_empty()
+                    && (publishes.len() >= MAX_BATCH || bytes + size > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+            }
+            match self.queued.pop_front() {
+                Some(Entry::Publish { id, room, request }) => {
+                    slots.push(Slot::Sent { id, room });
+                    publishes.push(request);
+                }
+                Some(Entry::Answered(reply)) => slots.push(Slot::Answered(reply)),
+                None => break,
+            }
+        }
+        if publishes.is_empty() {
+            // Only decided replies: nothing to send (finish() emits them).
+            self.queued
+                .extend(slots.into_iter().filter_map(|slot| match slot {
+                    Slot::Answered(reply) => Some(Entry::Answered(reply)),
+                    Slot::Sent { .. } => None,
+                }));
+            return;
+        }
+        metrics::histogram!("roomcast_gateway_publish_batch_size").record(publishes.len() as f64);
+        let gateway = gateway.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            let request = pb::PublishBatchRequest { publishes };
+            let result = gateway.backends.publish_batch(request).await;
+            Done(slots, result)
+        }));
+    }
+}
+
+/// The reply to one publish of a batch.
+fn reply_for(
+    id: Option<u64>,
+    room: &str,
+    outcome: Option<pb::publish_result::Outcome>,
+) -> Utf8Bytes {
+    match outcome {
+        Some(pb::publish_result::Outcome::Published(published)) => ServerFrame::Published {
+            id,
+            room,
+            offset: published.offset,
+        }
+        .to_json()
+        .into(),
+        Some(pb::publish_result::Outcome::Error(error)) => {
+            let status = Status::new(tonic::Code::from_i32(error.code), error.message);
+            crate::connection::error_frame(id, &status)
+        }
+        None => crate::connection::error_frame(
+            id,
+            &Status::internal("the room service gave no result for this publish"),
+        ),
+    }
+}
