@@ -12,7 +12,7 @@ use roomcast_proto::room_service_server::RoomService;
 use serde_json::value::RawValue;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Joiner, Once, Position, Store, StoreError, StoredMessage};
+use crate::store::{Joiner, Once, Position, PublishItem, Store, StoreError, StoredMessage};
 
 /// Longest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
@@ -107,22 +107,7 @@ impl RoomServiceImpl {
         data_json: &str,
         idempotency_key: &str,
     ) -> Result<pb::PublishResponse, Status> {
-        if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-            return Err(Status::invalid_argument(format!(
-                "idempotency key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
-            )));
-        }
-        let window = if idempotency_key.starts_with(roomcast_common::RETRY_KEY_PREFIX) {
-            self.options
-                .idempotency_window
-                .min(roomcast_common::RETRY_KEY_WINDOW)
-        } else {
-            self.options.idempotency_window
-        };
-        let once = (!idempotency_key.is_empty()).then_some(Once {
-            key: idempotency_key,
-            window,
-        });
+        let once = self.once(idempotency_key)?;
         let published = self
             .store
             .publish_once(room, user, client_id, data_json, once)
@@ -133,6 +118,24 @@ impl RoomServiceImpl {
             epoch: published.epoch,
             offset: published.offset,
         })
+    }
+
+    /// The idempotency of a publish with `key` (none when empty). Keys a gateway made up for
+    /// its own retries are kept only as long as such a retry can come.
+    fn once<'k>(&self, key: &'k str) -> Result<Option<Once<'k>>, Status> {
+        if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(Status::invalid_argument(format!(
+                "idempotency key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            )));
+        }
+        let window = if key.starts_with(roomcast_common::RETRY_KEY_PREFIX) {
+            self.options
+                .idempotency_window
+                .min(roomcast_common::RETRY_KEY_WINDOW)
+        } else {
+            self.options.idempotency_window
+        };
+        Ok((!key.is_empty()).then_some(Once { key, window }))
     }
 
     pub(crate) async fn presence_of(
@@ -185,10 +188,7 @@ impl RoomServiceImpl {
         &self,
         request: &pb::PublishRequest,
     ) -> Result<pb::PublishResponse, Status> {
-        check_room(&request.room)?;
-        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
-        check_user(&request.user, false)?;
-        let data = self.check_data(&request.data_json)?;
+        let data = self.check_publish(request)?;
         self.publish_checked(
             &request.room,
             &request.user,
@@ -197,6 +197,14 @@ impl RoomServiceImpl {
             &request.idempotency_key,
         )
         .await
+    }
+
+    /// Validates a client publish; returns its data, trimmed.
+    fn check_publish<'a>(&self, request: &'a pb::PublishRequest) -> Result<&'a str, Status> {
+        check_room(&request.room)?;
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
+        check_user(&request.user, false)?;
+        self.check_data(&request.data_json)
     }
 }
 
@@ -373,20 +381,56 @@ impl RoomService for RoomServiceImpl {
                 "at most {MAX_BATCH_LEN} publishes per batch"
             )));
         }
-        let mut results = Vec::with_capacity(publishes.len());
-        // One after the other: the order given is the order stored.
-        for publish in publishes {
-            let outcome = match self.publish_one(&publish).await {
-                Ok(published) => pb::publish_result::Outcome::Published(published),
-                Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                }),
-            };
-            results.push(pb::PublishResult {
-                outcome: Some(outcome),
-            });
+        // Validate each; the valid ones go to the store in one ordered call.
+        let mut checked: Vec<Result<PublishItem<'_>, Status>> = Vec::new();
+        let mut keys = Vec::with_capacity(publishes.len());
+        for publish in &publishes {
+            keys.push(self.once(&publish.idempotency_key));
         }
+        for (publish, once) in publishes.iter().zip(&keys) {
+            checked.push(self.check_publish(publish).and_then(|data| {
+                Ok(PublishItem {
+                    room: &publish.room,
+                    user: &publish.user,
+                    client_id: &publish.client_id,
+                    data_json: data,
+                    once: once.clone()?,
+                })
+            }));
+        }
+        let items: Vec<PublishItem<'_>> = checked.iter().filter_map(|c| c.clone().ok()).collect();
+        let stored = if items.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.publish_many(&items).await.map_err(store_status)
+        };
+        metrics::counter!("roomcast_room_published_total").increment(items.len() as u64);
+        let mut stored = stored.map(Vec::into_iter);
+        let results = checked
+            .into_iter()
+            .map(|check| {
+                let outcome = match (check, &mut stored) {
+                    (Err(status), _) => Err(status),
+                    (Ok(_), Err(status)) => Err(status.clone()),
+                    (Ok(_), Ok(stored)) => stored
+                        .next()
+                        .map(|p| pb::PublishResponse {
+                            epoch: p.epoch,
+                            offset: p.offset,
+                        })
+                        .ok_or_else(|| Status::internal("the store gave fewer results")),
+                };
+                pb::PublishResult {
+                    outcome: Some(match outcome {
+                        Ok(published) => pb::publish_result::Outcome::Published(published),
+                        Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        }),
+                    }),
+                }
+            })
+            .collect();
         Ok(Response::new(pb::PublishBatchResponse { results }))
     }
 

@@ -709,3 +709,41 @@ async fn history_remove_starts_a_new_epoch_and_rooms_are_listed() {
     assert_ne!(next.epoch, first.epoch);
     assert_eq!(next.offset, 1);
 }
+
+#[tokio::test]
+async fn publish_many_keeps_order_even_after_redis_forgot_the_script() {
+    use roomcast_room::store::PublishItem;
+    let server = RedisServer::start();
+    let store = store(&server, 100);
+    let (_subscriber, seen) = listen(&server, "rc:room:m").await;
+    store.publish("m", "u", "c", "0").await.unwrap();
+    // A restarted or flushed Redis has no scripts: the batch must still run in order.
+    server.command(&["SCRIPT", "FLUSH"]);
+    let data: Vec<String> = (1..=50).map(|n| n.to_string()).collect();
+    let items: Vec<PublishItem> = data
+        .iter()
+        .map(|d| PublishItem {
+            room: "m",
+            user: "u",
+            client_id: "c",
+            data_json: d,
+            once: None,
+        })
+        .collect();
+    let published = store.publish_many(&items).await.unwrap();
+    let offsets: Vec<u64> = published.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (2..=51).collect::<Vec<_>>());
+    let frames = wait_for(&seen, 51).await;
+    let got: Vec<String> = frames
+        .iter()
+        .map(|payload| match decode(payload.clone()).unwrap() {
+            Envelope::Message { frame, .. } => {
+                let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+                v["data"].to_string()
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let want: Vec<String> = (0..=50).map(|n| n.to_string()).collect();
+    assert_eq!(got, want);
+}

@@ -92,6 +92,17 @@ pub struct Once<'a> {
     pub window: Duration,
 }
 
+/// One publish of a batch ([`Store::publish_many`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PublishItem<'a> {
+    pub room: &'a str,
+    pub user: &'a str,
+    pub client_id: &'a str,
+    /// Valid JSON.
+    pub data_json: &'a str,
+    pub once: Option<Once<'a>>,
+}
+
 /// The result of a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -238,6 +249,22 @@ impl Store {
         match self {
             Store::Memory(s) => Ok(s.publish(room, user, client_id, data_json, once)),
             Store::Redis(s) => s.publish_once(room, user, client_id, data_json, once).await,
+        }
+    }
+
+    /// Publishes `items` in the order given, each as [`Store::publish_once`] would; all or
+    /// nothing is known: an error means none of the results came back (some may be stored,
+    /// which their idempotency keys make safe to retry).
+    pub async fn publish_many(
+        &self,
+        items: &[PublishItem<'_>],
+    ) -> Result<Vec<Published>, StoreError> {
+        match self {
+            Store::Memory(s) => Ok(items
+                .iter()
+                .map(|i| s.publish(i.room, i.user, i.client_id, i.data_json, i.once))
+                .collect()),
+            Store::Redis(s) => s.publish_many(items).await,
         }
     }
 

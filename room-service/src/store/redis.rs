@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner,
-    MEMBER_JOINED, MEMBER_LEFT, Member, Once, Position, Published, RoomStats, RoomSummary,
-    StoreError, StoredMessage, member_event, new_epoch, recover,
+    MEMBER_JOINED, MEMBER_LEFT, Member, Once, Position, PublishItem, Published, RoomStats,
+    RoomSummary, StoreError, StoredMessage, member_event, new_epoch, recover,
 };
 
 /// Upper bound on one store operation, reconnection included: callers fail fast instead of
@@ -282,10 +282,57 @@ impl RedisStore {
         data_json: &str,
         once: Option<Once<'_>>,
     ) -> Result<Published, StoreError> {
-        let keys = RoomKeys::new(room);
+        let item = PublishItem {
+            room,
+            user,
+            client_id,
+            data_json,
+            once,
+        };
+        let invocation = self.publish_invocation(&item)?;
+        let mut connection = self.connection.clone();
+        let (epoch, offset): (String, u64) = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        let published = Published { epoch, offset };
+        self.broadcast_on_nats(&item, &published).await;
+        Ok(published)
+    }
+
+    /// Publishes `items` in order in one round trip (a pipeline: Redis runs the scripts one
+    /// after the other, in the order sent).
+    pub async fn publish_many(
+        &self,
+        items: &[PublishItem<'_>],
+    ) -> Result<Vec<Published>, StoreError> {
+        let mut pipe = redis::pipe();
+        // EVALSHA fails on a Redis that lost its scripts (restart, flush); loading it first in
+        // the same pipeline keeps the order, where a retry after NOSCRIPT would not.
+        pipe.load_script(&self.scripts.publish).ignore();
+        for item in items {
+            pipe.invoke_script(&self.publish_invocation(item)?);
+        }
+        let mut connection = self.connection.clone();
+        let results: Vec<(String, u64)> = self
+            .run(async move { pipe.query_async(&mut connection).await })
+            .await?;
+        let mut published = Vec::with_capacity(results.len());
+        for (item, (epoch, offset)) in items.iter().zip(results) {
+            let p = Published { epoch, offset };
+            self.broadcast_on_nats(item, &p).await;
+            published.push(p);
+        }
+        Ok(published)
+    }
+
+    fn publish_invocation<'s>(
+        &'s self,
+        item: &PublishItem<'_>,
+    ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
+        let keys = RoomKeys::new(item.room);
         let room_json =
-            serde_json::to_string(room).map_err(|e| StoreError::Internal(e.to_string()))?;
-        let tail = message_frame_tail(user, client_id, data_json);
+            serde_json::to_string(item.room).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let tail = message_frame_tail(item.user, item.client_id, item.data_json);
         let mut invocation = self.scripts.publish.prepare_invoke();
         invocation
             .key(&keys.epoch)
@@ -294,34 +341,42 @@ impl RedisStore {
             .arg(new_epoch())
             .arg(self.ttl_ms())
             .arg(self.limits.size.max(1))
-            .arg(self.script_channel(room))
+            .arg(self.script_channel(item.room))
             .arg(room_json)
-            .arg(client_id)
-            .arg(user)
-            .arg(data_json)
+            .arg(item.client_id)
+            .arg(item.user)
+            .arg(item.data_json)
             .arg(tail);
-        if let Some(once) = once {
+        if let Some(once) = item.once {
             // The room's hash tag comes first, so the record lives in the room's slot.
             invocation
-                .key(format!("rc:{{{room}}}:idem:{}", once.key))
+                .key(format!("rc:{{{}}}:idem:{}", item.room, once.key))
                 .arg(
                     u64::try_from(once.window.as_millis())
                         .unwrap_or(u64::MAX)
                         .max(1),
                 );
         }
-        let mut connection = self.connection.clone();
-        let (epoch, offset): (String, u64) = self
-            .run(async move { invocation.invoke_async(&mut connection).await })
-            .await?;
-        // A repeated idempotent publish goes out again on NATS (the script cannot say it was
-        // a repeat without another round trip); gateways drop the known offset as a duplicate.
-        if self.nats.is_some() {
-            let frame = message_frame(room, offset, &epoch, user, client_id, data_json);
-            let payload = encode_message(offset, &epoch, client_id, &frame);
-            self.broadcast(&room_channel(room), payload).await;
+        Ok(invocation)
+    }
+
+    /// With NATS as the broker, room-service publishes after the script. A repeated
+    /// idempotent publish goes out again (the script cannot say it was a repeat without
+    /// another round trip); gateways drop the known offset as a duplicate.
+    async fn broadcast_on_nats(&self, item: &PublishItem<'_>, published: &Published) {
+        if self.nats.is_none() {
+            return;
         }
-        Ok(Published { epoch, offset })
+        let frame = message_frame(
+            item.room,
+            published.offset,
+            &published.epoch,
+            item.user,
+            item.client_id,
+            item.data_json,
+        );
+        let payload = encode_message(published.offset, &published.epoch, item.client_id, &frame);
+        self.broadcast(&room_channel(item.room), payload).await;
     }
 
     pub async fn join(
