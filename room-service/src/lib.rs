@@ -8,7 +8,8 @@
 //! - [`service`]: the internal gRPC `RoomService` (called by gateways, behind the internal
 //!   token) on top of a [`store::Store`].
 //! - [`server_api`]: the gRPC `ServerApi` for other backends, behind the API key.
-//! - [`serve`]: runs the gRPC server on a listener until shutdown.
+//! - [`serve`] / [`serve_tls`]: run the gRPC server on a listener until shutdown, plain or
+//!   over TLS (`GRPC_TLS_*`).
 //!
 //! The service is stateless: run as many instances as needed against one Redis. The gateway's
 //! standalone mode builds a memory-backed service in-process with [`store::Store::memory`] and
@@ -26,6 +27,7 @@ pub use store::{HistoryLimits, Store, StoreError};
 use roomcast_common::credential::RequireBearer;
 use roomcast_proto::room_service_server::RoomServiceServer;
 use roomcast_proto::server_api_server::ServerApiServer;
+use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
 
 /// Serves, on `listener` until `shutdown` resolves (in-flight calls finish):
@@ -36,6 +38,17 @@ use tonic::transport::server::TcpIncoming;
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: RoomServiceImpl,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    serve_tls(listener, service, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (with client certificates required if it names a
+/// client CA: `GRPC_TLS_*`).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    service: RoomServiceImpl,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let options = service.options();
@@ -53,7 +66,11 @@ pub async fn serve(
         .build_v1()
         .ok();
     let server_api = ServerApiImpl::new(service.clone());
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(RoomServiceServer::with_interceptor(service, internal))
         .add_service(ServerApiServer::with_interceptor(server_api, api_key))
         .add_service(health)
