@@ -77,7 +77,8 @@ pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 /// The socket of an upgraded connection.
 pub enum Upgraded {
     Tcp(TcpStream),
-    Tls(TlsStream),
+    /// Boxed: the TLS state is over a kilobyte.
+    Tls(Box<TlsStream>),
 }
 
 impl Upgraded {
@@ -89,7 +90,7 @@ impl Upgraded {
                 (ReadHalf::Tcp(read), WriteHalf::Tcp(write))
             }
             Upgraded::Tls(tls) => {
-                let (read, write) = tokio::io::split(tls);
+                let (read, write) = tokio::io::split(*tls);
                 (ReadHalf::Tls(read), WriteHalf::Tls(write))
             }
         }
@@ -107,7 +108,10 @@ pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<(Upgraded, Bytes), Upgrad
             let parts = upgraded
                 .downcast::<TokioIo<TlsStream>>()
                 .map_err(|_| UpgradeError::NotTcp)?;
-            Ok((Upgraded::Tls(parts.io.into_inner()), parts.read_buf))
+            Ok((
+                Upgraded::Tls(Box::new(parts.io.into_inner())),
+                parts.read_buf,
+            ))
         }
     }
 }
