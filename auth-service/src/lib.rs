@@ -11,8 +11,8 @@
 //!   and on an unknown `kid` (rate-limited).
 //! - [`mint`]: HS256 development tokens (the `mint-token` command, standalone mode, tests).
 //! - [`service`]: the tonic `AuthService` implementation.
-//! - [`serve`]: runs the gRPC server on a bound listener; the binary and standalone mode both
-//!   call it.
+//! - [`serve`] / [`serve_tls`]: run the gRPC server on a bound listener, plain or over TLS
+//!   (`GRPC_TLS_*`); the binary and standalone mode call them.
 
 pub mod claims;
 pub mod jwks;
@@ -28,8 +28,8 @@ pub use verifier::{ConfigError, KeyError, Verifier, VerifierConfig, VerifyError}
 
 use roomcast_common::credential::RequireBearer;
 use roomcast_proto::auth_service_server::AuthServiceServer;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 
 /// Serves `AuthService` on `listener` until `shutdown` resolves, then lets in-flight calls
 /// finish. Every call must carry `internal_token` (checked before any handler runs); the
@@ -40,6 +40,18 @@ pub async fn serve(
     internal_token: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_tls(listener, verifier, internal_token, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (with client certificates required if it names a
+/// client CA: `GRPC_TLS_*`).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    verifier: Verifier,
+    internal_token: String,
+    tls: Option<ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     // Calls are tiny request/response pairs: without TCP_NODELAY, Nagle's algorithm can hold a
     // reply back for a delayed ACK.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -48,7 +60,11 @@ pub async fn serve(
         .set_serving::<AuthServiceServer<AuthHandler>>()
         .await;
     let credential = RequireBearer::new(Some(&internal_token), "internal token");
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(AuthServiceServer::with_interceptor(
             AuthHandler::new(verifier),
             credential,

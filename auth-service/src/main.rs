@@ -70,6 +70,16 @@ struct ServeArgs {
     /// Credential of internal calls (gateways); required.
     #[arg(long, env = "INTERNAL_TOKEN", hide_env_values = true)]
     internal_token: Option<String>,
+    /// PEM certificate chain of the gRPC server; with GRPC_TLS_KEY_FILE, gRPC is served over
+    /// TLS only.
+    #[arg(long, env = "GRPC_TLS_CERT_FILE")]
+    grpc_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of GRPC_TLS_CERT_FILE.
+    #[arg(long, env = "GRPC_TLS_KEY_FILE")]
+    grpc_tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate issued by it (mTLS).
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA_FILE")]
+    grpc_tls_client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -137,6 +147,16 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.internal_token.as_deref(),
         "gateways authenticate internal calls with it; give every process the same value",
     )?;
+    let grpc_tls = roomcast_common::tls::grpc_server(
+        args.grpc_tls_cert_file.as_deref(),
+        args.grpc_tls_key_file.as_deref(),
+        args.grpc_tls_client_ca_file.as_deref(),
+    )?;
+    let tls = match (&grpc_tls, &args.grpc_tls_client_ca_file) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
     let verifier = Verifier::from_config(&VerifierConfig {
         jwt_secret: args.jwt_secret,
         jwt_public_key_file: args.jwt_public_key_file,
@@ -189,9 +209,16 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (Some(algorithm), None) => format!("{algorithm:?}"),
         (None, None) => "none".to_owned(),
     };
-    tracing::info!(addr = %addr, metrics_addr = %metrics_addr, keys, "listening");
+    tracing::info!(addr = %addr, metrics_addr = %metrics_addr, keys, tls, "listening");
 
-    roomcast_auth::serve(listener, verifier, internal_token, stopped(stop_rx)).await?;
+    roomcast_auth::serve_tls(
+        listener,
+        verifier,
+        internal_token,
+        grpc_tls,
+        stopped(stop_rx),
+    )
+    .await?;
     metrics.await.context("metrics server task failed")??;
     tracing::info!("stopped");
     Ok(())

@@ -153,7 +153,12 @@ pub struct RedisSubscriber {
 
 impl RedisSubscriber {
     pub async fn connect(url: &str, sink: Sink) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(resp3_url(url))?;
+        Self::connect_client(redis::Client::open(resp3_url(url))?, sink).await
+    }
+
+    /// [`RedisSubscriber::connect`] with a client made beforehand (`rediss://` with its own
+    /// CA, say: [`crate::tls::redis_client`]); its URL must ask for RESP3 ([`resp3_url`]).
+    pub async fn connect_client(client: redis::Client, sink: Sink) -> Result<Self, BrokerError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))

@@ -10,6 +10,8 @@
 //! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
 //! - [`room`] — room-name rules.
 //! - [`ops`] — `/healthz`, `/readyz`, `/metrics` for every binary.
+//! - [`tls`] — TLS material from PEM files (gRPC servers and clients, the gateway's listener,
+//!   `rediss://`), checked at start-up.
 //! - [`telemetry`] — logging (`RUST_LOG`, `LOG_FORMAT=json`) and OTLP span export
 //!   (`OTEL_EXPORTER_OTLP_ENDPOINT`).
 
@@ -22,6 +24,7 @@ pub mod nats;
 pub mod ops;
 pub mod room;
 pub mod telemetry;
+pub mod tls;
 
 /// Starts the idempotency keys a gateway makes up for its own retries of a publish (the
 /// client gave none). Room-service keeps those only for [`RETRY_KEY_WINDOW`]: they guard a

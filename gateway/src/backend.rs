@@ -9,6 +9,10 @@
 //! A host name counts as a list: it is resolved, every address becomes an endpoint, and the
 //! resolution is refreshed, so a Kubernetes headless Service spreads the load over its pods
 //! and follows them as they come and go.
+//!
+//! `https://` URLs use TLS (`GRPC_TLS_*`: the CA to trust, the client certificate for mTLS).
+//! An endpoint made from a resolved address still presents and verifies the configured host
+//! name (SNI, certificate check), not the address.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +26,7 @@ use roomcast_proto as pb;
 use roomcast_proto::auth_service_client::AuthServiceClient;
 use roomcast_proto::room_service_client::RoomServiceClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Response, Status};
 
 /// How long an endpoint that answered UNAVAILABLE is skipped.
@@ -59,18 +63,51 @@ struct Member<C> {
 pub struct Pool<C> {
     /// The configured URLs, as given.
     urls: Vec<Uri>,
+    /// TLS of `https://` URLs; `None`: the system's roots, no client certificate.
+    tls: Option<ClientTlsConfig>,
     make: Box<dyn Fn(Channel) -> C + Send + Sync>,
     /// The current endpoints; replaced whole by a refresh.
     members: RwLock<Arc<Vec<Member<C>>>>,
     next: AtomicUsize,
 }
 
-fn endpoint(url: &str) -> Result<Channel, BackendConfigError> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).map_err(|e| BackendConfigError::BadUrl {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })?;
+/// The host of `uri` without IPv6 brackets: the name TLS verifies.
+fn host_name(uri: &Uri) -> &str {
+    uri.host().unwrap_or_default().trim_matches(['[', ']'])
+}
+
+/// An error with its sources, on one line (tonic's own text is only "transport error").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        source = error.source();
+    }
+    text
+}
+
+/// A lazily connecting channel to `url`; over TLS for `https://`, verifying `domain`.
+fn endpoint(
+    url: &str,
+    domain: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, BackendConfigError> {
+    let bad = |reason: String| BackendConfigError::BadUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
+    if endpoint.uri().scheme_str() == Some("https") {
+        let config = tls
+            .cloned()
+            .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots())
+            .domain_name(domain);
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| bad(error_chain(&e)))?;
+    }
     Ok(endpoint
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(5))
@@ -90,9 +127,10 @@ fn with_address(url: &Uri, addr: std::net::SocketAddr) -> String {
 
 impl<C: Clone> Pool<C> {
     /// `urls`: one URL or a comma-separated list. Host names are used as they are until the
-    /// first [`Pool::refresh`].
+    /// first [`Pool::refresh`]. `tls` applies to `https://` URLs.
     pub fn new(
         urls: &str,
+        tls: Option<ClientTlsConfig>,
         make: impl Fn(Channel) -> C + Send + Sync + 'static,
     ) -> Result<Self, BackendConfigError> {
         let mut parsed = Vec::new();
@@ -113,7 +151,7 @@ impl<C: Clone> Pool<C> {
             members.push(Member {
                 url: url.to_owned(),
                 origin: parsed.len(),
-                client: make(endpoint(url)?),
+                client: make(endpoint(url, host_name(&uri), tls.as_ref())?),
                 skip_until: AtomicU64::new(0),
             });
             parsed.push(uri);
@@ -123,6 +161,7 @@ impl<C: Clone> Pool<C> {
         }
         Ok(Self {
             urls: parsed,
+            tls,
             make: Box::new(make),
             members: RwLock::new(Arc::new(members)),
             next: AtomicUsize::new(0),
@@ -155,7 +194,12 @@ impl<C: Clone> Pool<C> {
             let resolved: Vec<String> = if is_literal {
                 Vec::new()
             } else {
-                let port = uri.port_u16().unwrap_or(80);
+                let default_port = if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                };
+                let port = uri.port_u16().unwrap_or(default_port);
                 match tokio::net::lookup_host((host, port)).await {
                     Ok(addrs) => addrs.map(|addr| with_address(uri, addr)).collect(),
                     Err(error) => {
@@ -188,7 +232,7 @@ impl<C: Clone> Pool<C> {
                     client: member.client.clone(),
                     skip_until: AtomicU64::new(member.skip_until.load(Ordering::Relaxed)),
                 },
-                None => match endpoint(url) {
+                None => match endpoint(url, host_name(&self.urls[*origin]), self.tls.as_ref()) {
                     Ok(channel) => Member {
                         url: url.clone(),
                         origin: *origin,
@@ -303,19 +347,21 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// Every call carries `internal_token`, the credential the services require.
+    /// Every call carries `internal_token`, the credential the services require. `tls`
+    /// applies to `https://` URLs (default: the system's roots, no client certificate).
     pub fn new(
         room_urls: &str,
         auth_urls: &str,
         internal_token: &str,
+        tls: Option<ClientTlsConfig>,
     ) -> Result<Self, BackendConfigError> {
         let attach = AttachBearer::new(internal_token)?;
         let room_attach = attach.clone();
         Ok(Self {
-            room: Pool::new(room_urls, move |channel| {
+            room: Pool::new(room_urls, tls.clone(), move |channel| {
                 RoomServiceClient::with_interceptor(channel, room_attach.clone())
             })?,
-            auth: Pool::new(auth_urls, move |channel| {
+            auth: Pool::new(auth_urls, tls, move |channel| {
                 AuthServiceClient::with_interceptor(channel, attach.clone())
             })?,
         })
@@ -419,7 +465,7 @@ mod tests {
 
     #[tokio::test]
     async fn fails_over_on_unavailable_and_not_on_other_errors() {
-        let pool = Pool::new("http://127.0.0.1:1, http://127.0.0.1:2", |c| c).unwrap();
+        let pool = Pool::new("http://127.0.0.1:1, http://127.0.0.1:2", None, |c| c).unwrap();
         let calls = std::sync::Mutex::new(Vec::new());
         let result: Result<(), Status> = pool
             .call(|_c| {
@@ -437,14 +483,14 @@ mod tests {
 
     #[test]
     fn rejects_empty_and_bad_lists() {
-        assert!(Pool::new(" , ", |c| c).is_err());
-        assert!(Pool::new("not a url\u{0}", |c| c).is_err());
-        assert!(Pool::new("/path-only", |c| c).is_err());
+        assert!(Pool::new(" , ", None, |c| c).is_err());
+        assert!(Pool::new("not a url\u{0}", None, |c| c).is_err());
+        assert!(Pool::new("/path-only", None, |c| c).is_err());
     }
 
     #[tokio::test]
     async fn a_host_name_becomes_one_endpoint_per_address() {
-        let pool = Pool::new("http://localhost:50051,http://127.0.0.1:7", |c| c).unwrap();
+        let pool = Pool::new("http://localhost:50051,http://127.0.0.1:7", None, |c| c).unwrap();
         pool.refresh().await;
         let endpoints = pool.endpoints();
         assert!(
@@ -466,7 +512,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_does_not_resolve_is_kept_as_is() {
-        let pool = Pool::new("http://no-such-host.invalid:50051", |c| c).unwrap();
+        let pool = Pool::new("http://no-such-host.invalid:50051", None, |c| c).unwrap();
         pool.refresh().await;
         assert_eq!(pool.endpoints(), ["http://no-such-host.invalid:50051"]);
     }

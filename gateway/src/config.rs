@@ -1,6 +1,7 @@
 //! Settings of the gateway (protocol.md section 3), from flags or environment variables.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -178,6 +179,26 @@ pub struct GatewayConfig {
     /// Credential of internal calls to room-service and auth-service; required.
     #[arg(long, env = "INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// PEM CA certificate(s) a `rediss://` broker must chain to; default: the system's roots.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM CA certificate(s) `https://` room-service and auth-service URLs must chain to;
+    /// default: the system's roots.
+    #[arg(long, env = "GRPC_TLS_CA_FILE")]
+    pub grpc_tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to `https://` services (mTLS).
+    #[arg(long, env = "GRPC_TLS_CLIENT_CERT_FILE")]
+    pub grpc_tls_client_cert_file: Option<PathBuf>,
+    /// PEM private key of GRPC_TLS_CLIENT_CERT_FILE.
+    #[arg(long, env = "GRPC_TLS_CLIENT_KEY_FILE")]
+    pub grpc_tls_client_key_file: Option<PathBuf>,
+    /// PEM certificate chain: with GATEWAY_TLS_KEY_FILE, GATEWAY_ADDR serves TLS only
+    /// (`wss://`, `https://`).
+    #[arg(long, env = "GATEWAY_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of GATEWAY_TLS_CERT_FILE.
+    #[arg(long, env = "GATEWAY_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub connection: ConnectionSettings,
 }

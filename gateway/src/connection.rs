@@ -13,7 +13,6 @@ use roomcast_common::error_code::ErrorCode;
 use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -104,7 +103,7 @@ async fn start(
     tokio::task::JoinHandle<()>,
 )> {
     let (on_upgrade, gateway, auth) = *setup;
-    let (tcp, pre_read) = match socket::upgraded(on_upgrade).await {
+    let (socket, pre_read) = match socket::upgraded(on_upgrade).await {
         Ok(upgraded) => upgraded,
         Err(error) => {
             tracing::debug!(%error, "upgrade failed");
@@ -139,7 +138,7 @@ async fn start(
     // which it would keep alive for the connection's lifetime.
     let pre_read_copy = pre_read[..].to_vec();
     drop(pre_read);
-    let (read, write) = tcp.into_split();
+    let (read, write) = socket.into_split();
     let max = gateway.settings.max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -946,7 +945,7 @@ fn concat(frames: &mut Vec<Bytes>) -> Bytes {
 /// The connection's only writer to the socket. Pings come from the reader (it owns the
 /// connection's one timer) through the queue, like every other frame.
 async fn write_loop(
-    mut socket: OwnedWriteHalf,
+    mut socket: socket::WriteHalf,
     conn: Arc<ConnHandle>,
     limit: usize,
     delay: Duration,
@@ -1020,6 +1019,18 @@ async fn write_loop(
                 }
             }
         }
+        if socket.buffers() {
+            // TLS: what the stream took may still sit in its record buffer.
+            let flushed = tokio::select! {
+                biased;
+                flushed = socket.flush() => flushed,
+                () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
+            };
+            if flushed.is_err() {
+                conn.shut();
+                return;
+            }
+        }
     }
     // Closing. Every reply owed goes out before the close frame: wait for the reader to finish
     // the command it may be running (a publish being stored, say), so its reply is queued,
@@ -1039,7 +1050,9 @@ async fn write_loop(
         for reply in &owed {
             socket.write_all(reply).await?;
         }
-        socket.write_all(&last).await
+        socket.write_all(&last).await?;
+        // Flushes (TLS: and sends close_notify), then ends the sending direction.
+        socket.shutdown().await
     });
     let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
 }

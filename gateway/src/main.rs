@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use roomcast_common::broker::{RedisSubscriber, Sink, Subscriber};
+use roomcast_common::broker::{RedisSubscriber, Sink, Subscriber, resp3_url};
 use roomcast_common::envelope::CONTROL_CHANNEL;
 use roomcast_common::nats::NatsSubscriber;
 use roomcast_common::ops::Readiness;
+use roomcast_common::tls;
 use roomcast_gateway::backend::Backends;
 use roomcast_gateway::config::{GatewayConfig, gateway_id};
 use roomcast_gateway::hub::Hub;
@@ -70,6 +71,26 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     {
         anyhow::bail!("BROKER_URL {broker_url:?}: expected redis://, rediss:// or nats://");
     }
+    // Every file is read and checked before anything connects.
+    let redis = if broker_url.starts_with("nats://") {
+        None
+    } else {
+        let setting = if config.broker_url.is_some() {
+            "BROKER_URL"
+        } else {
+            "REDIS_URL"
+        };
+        Some(tls::redis_client(
+            setting,
+            &resp3_url(broker_url),
+            config.redis_ca_file.as_deref(),
+        )?)
+    };
+    let grpc_tls = grpc_client_tls(&config)?;
+    let listener_tls = tls::http_server(
+        ("GATEWAY_TLS_CERT_FILE", config.tls_cert_file.as_deref()),
+        ("GATEWAY_TLS_KEY_FILE", config.tls_key_file.as_deref()),
+    )?;
     let (hub, repairs) = Hub::new();
     let hub = Arc::new(hub);
     let sink: Sink = {
@@ -77,7 +98,7 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         Arc::new(move |event| hub.dispatch(event))
     };
     let readiness = Readiness::default();
-    let subscriber = connect_broker(broker_url, sink).await;
+    let subscriber = connect_broker(broker_url, redis, sink).await;
     subscriber
         .subscribe(CONTROL_CHANNEL)
         .await
@@ -86,6 +107,7 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         &config.room_service_url,
         &config.auth_service_url,
         &internal_token,
+        grpc_tls,
     )?;
     let subscriptions = Subscriptions::start(
         subscriber,
@@ -104,28 +126,51 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, "listening");
+    let scheme = if listener_tls.is_some() { "wss" } else { "ws" };
+    tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, scheme, "listening");
     tokio::spawn(server::heartbeat_loop(gateway.clone()));
     let resolving = gateway.clone();
     tokio::spawn(async move { resolving.backends.keep_resolved().await });
     tokio::spawn(repair::run(gateway.clone(), repairs));
-    server::serve(listener, gateway, shutdown_signal(), drain_window).await?;
+    let acceptor = listener_tls.map(tokio_rustls::TlsAcceptor::from);
+    server::serve(listener, gateway, shutdown_signal(), drain_window, acceptor).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Connects to the broker, retrying with backoff: a gateway started before its broker waits.
-async fn connect_broker(url: &str, sink: Sink) -> Subscriber {
+/// The TLS of `https://` service URLs: `None` (the system's roots, no client certificate)
+/// unless a `GRPC_TLS_*` setting is given.
+fn grpc_client_tls(
+    config: &GatewayConfig,
+) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    let ca = config.grpc_tls_ca_file.as_deref();
+    let cert = config.grpc_tls_client_cert_file.as_deref();
+    let key = config.grpc_tls_client_key_file.as_deref();
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    let tls = tls::grpc_client(ca, cert, key)?;
+    let urls = [&config.room_service_url, &config.auth_service_url];
+    if !urls.iter().any(|urls| urls.contains("https://")) {
+        tracing::warn!(
+            "GRPC_TLS_* is set but no ROOM_SERVICE_URL / AUTH_SERVICE_URL is https://: unused"
+        );
+    }
+    Ok(Some(tls))
+}
+
+/// Connects to the broker (`redis`: the client of a Redis broker), retrying with backoff: a
+/// gateway started before its broker waits.
+async fn connect_broker(url: &str, redis: Option<redis::Client>, sink: Sink) -> Subscriber {
     let mut delay = Duration::from_millis(100);
     loop {
-        let connected = if url.starts_with("nats://") {
-            NatsSubscriber::connect(url, sink.clone())
+        let connected = match &redis {
+            None => NatsSubscriber::connect(url, sink.clone())
                 .await
-                .map(Subscriber::Nats)
-        } else {
-            RedisSubscriber::connect(url, sink.clone())
+                .map(Subscriber::Nats),
+            Some(client) => RedisSubscriber::connect_client(client.clone(), sink.clone())
                 .await
-                .map(Subscriber::Redis)
+                .map(Subscriber::Redis),
         };
         match connected {
             Ok(subscriber) => return subscriber,

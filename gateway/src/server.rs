@@ -17,6 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_proto as pb;
 use serde::Deserialize;
+use tokio_rustls::TlsAcceptor;
 use tonic::Code;
 
 use crate::backend::Backends;
@@ -214,11 +215,15 @@ async fn websocket(
 /// Serves until `shutdown` resolves, then drains: readiness off, new handshakes refused, open
 /// connections closed with 1001 (clients reconnect elsewhere) in batches spread over
 /// `drain_window`, then returns.
+///
+/// With `tls`, every connection is a TLS connection (`wss://`, `https://`); its handshake
+/// counts against the handshake timeout like the HTTP phase.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_window: Duration,
+    tls: Option<TlsAcceptor>,
 ) -> std::io::Result<()> {
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(gateway.clone());
@@ -226,7 +231,7 @@ pub async fn serve(
         timeout: gateway.settings.handshake_timeout(),
         max_pending: gateway.settings.max_pending_handshakes,
     };
-    let server = tokio::spawn(accept_loop(listener, app, limits, accepting_stopped));
+    let server = tokio::spawn(accept_loop(listener, app, limits, tls, accepting_stopped));
     tokio::spawn(crate::memory::trim_loop(gateway.clone()));
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
@@ -261,17 +266,19 @@ impl Drop for PendingSlot {
 }
 
 /// Accepts connections and serves HTTP/1.1 on each until `stop` fires. HTTP/1.1 only, served
-/// straight on the `TcpStream`, so that an upgraded connection gives its socket back (see
-/// [`socket::upgraded`]).
+/// straight on the `TcpStream` (or on the TLS stream over it, with `tls`), so that an upgraded
+/// connection gives its socket back (see [`socket::upgraded`]).
 ///
-/// A connection's HTTP phase ends when it is upgraded (the hyper connection then resolves and
-/// hands the socket over) or closed. It is bounded in time and in number: a client that never
-/// sends a byte, or sends its headers a byte at a time, would otherwise hold a socket and a
-/// task for ever, and enough of them exhaust the file descriptors.
+/// A connection's HTTP phase (TLS handshake included) ends when it is upgraded (the hyper
+/// connection then resolves and hands the socket over) or closed. It is bounded in time and in
+/// number: a client that never sends a byte, or sends its headers a byte at a time, would
+/// otherwise hold a socket and a task for ever, and enough of them exhaust the file
+/// descriptors.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: HandshakeLimits,
+    tls: Option<TlsAcceptor>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let service = TowerToHyperService::new(app);
@@ -292,8 +299,11 @@ async fn accept_loop(
         };
         if pending.load(Ordering::Relaxed) >= limits.max_pending {
             metrics::counter!("roomcast_gateway_handshakes_refused_total").increment(1);
-            // A fresh socket's send buffer is empty: this write does not block.
-            let _ = tcp.try_write(OVERLOADED);
+            // A fresh socket's send buffer is empty: this write does not block. (A TLS client
+            // could not read it: it is just closed.)
+            if tls.is_none() {
+                let _ = tcp.try_write(OVERLOADED);
+            }
             continue;
         }
         pending.fetch_add(1, Ordering::Relaxed);
@@ -303,11 +313,23 @@ async fn accept_loop(
         // ACK).
         let _ = tcp.set_nodelay(true);
         let service = service.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            match tokio::time::timeout(limits.timeout, connection).await {
+            let phase = async move {
+                match tls {
+                    None => http_phase(tcp, service).await,
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(stream) => http_phase(stream, service).await,
+                        Err(error) => {
+                            metrics::counter!("roomcast_gateway_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(%error, "TLS handshake failed");
+                            Ok(())
+                        }
+                    },
+                }
+            };
+            match tokio::time::timeout(limits.timeout, phase).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::debug!(%error, "http connection ended with an error"),
                 Err(_) => {
@@ -321,6 +343,20 @@ async fn accept_loop(
         });
     }
 }
+
+/// Serves HTTP/1.1 on one connection until it closes or is upgraded. `io` is the
+/// `TcpStream` or the TLS stream: exactly the types [`socket::upgraded`] takes back.
+async fn http_phase<I>(io: I, service: AppService) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+}
+
+type AppService = TowerToHyperService<Router>;
 
 async fn drain(gateway: &Gateway, window: Duration) {
     const BATCHES: u32 = 10;

@@ -7,6 +7,10 @@
 //! bytes straight to the kernel. Only the read direction goes through tungstenite; the few
 //! bytes tungstenite itself wants to send (pong and close replies) are queued to the writer
 //! like any other frame, so one task alone writes to the socket.
+//!
+//! With `GATEWAY_TLS_*` the socket is a TLS stream instead ([`Upgraded::Tls`]); its halves are
+//! enums over the two, so a plain connection pays one branch per read or write and nothing
+//! else.
 
 use std::io;
 use std::pin::Pin;
@@ -19,7 +23,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::hub::ConnHandle;
 
@@ -27,7 +31,7 @@ use crate::hub::ConnHandle;
 pub enum UpgradeError {
     #[error("the upgrade did not complete: {0}")]
     Upgrade(#[from] hyper::Error),
-    #[error("the upgraded connection is not a TCP stream")]
+    #[error("the upgraded connection is neither a TCP nor a TLS stream")]
     NotTcp,
 }
 
@@ -67,15 +71,109 @@ pub fn accept_key(headers: &HeaderMap) -> Result<String, HandshakeError> {
     Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
+/// A TLS connection accepted by the gateway (`GATEWAY_TLS_*`).
+pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The socket of an upgraded connection.
+pub enum Upgraded {
+    Tcp(TcpStream),
+    /// Boxed: the TLS state is over a kilobyte.
+    Tls(Box<TlsStream>),
+}
+
+impl Upgraded {
+    /// The read and write halves, owned by the reader and the writer.
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Upgraded::Tcp(tcp) => {
+                let (read, write) = tcp.into_split();
+                (ReadHalf::Tcp(read), WriteHalf::Tcp(write))
+            }
+            Upgraded::Tls(tls) => {
+                let (read, write) = tokio::io::split(*tls);
+                (ReadHalf::Tls(read), WriteHalf::Tls(write))
+            }
+        }
+    }
+}
+
 /// Waits for the HTTP connection to hand over its socket after the 101 response. Returns the
 /// socket and whatever the HTTP layer had already read past the request (the client's first
 /// frames, if it did not wait for the 101).
-pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<(TcpStream, Bytes), UpgradeError> {
+pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<(Upgraded, Bytes), UpgradeError> {
     let upgraded = on_upgrade.await?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| UpgradeError::NotTcp)?;
-    Ok((parts.io.into_inner(), parts.read_buf))
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Ok((Upgraded::Tcp(parts.io.into_inner()), parts.read_buf)),
+        Err(upgraded) => {
+            let parts = upgraded
+                .downcast::<TokioIo<TlsStream>>()
+                .map_err(|_| UpgradeError::NotTcp)?;
+            Ok((
+                Upgraded::Tls(Box::new(parts.io.into_inner())),
+                parts.read_buf,
+            ))
+        }
+    }
+}
+
+/// The socket's read half.
+pub enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream>),
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Tcp(read) => Pin::new(read).poll_read(cx, buf),
+            ReadHalf::Tls(read) => Pin::new(read).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The socket's write half.
+pub enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream>),
+}
+
+impl WriteHalf {
+    /// Whether written bytes may wait in a buffer until a flush (TLS records do; a TCP write
+    /// goes straight to the kernel).
+    pub fn buffers(&self) -> bool {
+        matches!(self, WriteHalf::Tls(_))
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(write) => Pin::new(write).poll_write(cx, buf),
+            WriteHalf::Tls(write) => Pin::new(write).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(write) => Pin::new(write).poll_flush(cx),
+            WriteHalf::Tls(write) => Pin::new(write).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(write) => Pin::new(write).poll_shutdown(cx),
+            WriteHalf::Tls(write) => Pin::new(write).poll_shutdown(cx),
+        }
+    }
 }
 
 /// A server-to-client frame (FIN set, not masked) of `opcode` around `payload`.
@@ -121,16 +219,16 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 /// The socket's read half as tungstenite sees it. What tungstenite writes (pongs, the reply
 /// to a client's close) goes to the connection's writer instead of the socket.
 pub struct ReadSide {
-    read: OwnedReadHalf,
+    read: ReadHalf,
     conn: Arc<ConnHandle>,
 }
 
 impl ReadSide {
-    pub fn new(read: OwnedReadHalf, conn: Arc<ConnHandle>) -> Self {
+    pub fn new(read: ReadHalf, conn: Arc<ConnHandle>) -> Self {
         Self { read, conn }
     }
 
-    pub fn into_inner(self) -> OwnedReadHalf {
+    pub fn into_inner(self) -> ReadHalf {
         self.read
     }
 }

@@ -113,6 +113,7 @@ pub async fn run(
         &format!("http://{room_addr}"),
         &format!("http://{auth_addr}"),
         &internal_token,
+        None,
     )?;
     let readiness = Readiness::default();
     let subscriptions = Subscriptions::start(
@@ -146,7 +147,14 @@ pub async fn run(
     tracing::info!(%addr, "listening");
     tokio::spawn(server::heartbeat_loop(gateway.clone()));
     tokio::spawn(repair::run(gateway.clone(), repairs));
-    server::serve(listener, gateway, shutdown, Duration::from_millis(500)).await?;
+    server::serve(
+        listener,
+        gateway,
+        shutdown,
+        Duration::from_millis(500),
+        None,
+    )
+    .await?;
     let _ = stop.send(true);
     Ok(())
 }

@@ -218,14 +218,23 @@ impl TestClient {
                 .headers_mut()
                 .insert("origin", header(origin.clone())?);
         }
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
-                .await
-                .map_err(|_| {
-                    ConnectError::Other(anyhow!(
-                        "connecting to {url}: no answer within {CONNECT_TIMEOUT:?}"
-                    ))
-                })?;
+        // wss:// trusts the test CA (testdata/tls), nothing else.
+        let connector = if url.starts_with("wss://") {
+            let config =
+                crate::tls::client_config("ca.pem", &[b"http/1.1"]).map_err(ConnectError::Other)?;
+            Some(tokio_tungstenite::Connector::Rustls(config))
+        } else {
+            None
+        };
+        let connect =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector);
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                ConnectError::Other(anyhow!(
+                    "connecting to {url}: no answer within {CONNECT_TIMEOUT:?}"
+                ))
+            })?;
         let ws = match connected {
             Ok((ws, _response)) => ws,
             Err(tungstenite::Error::Http(response)) => {

@@ -11,6 +11,7 @@ use crate::logs::LogDir;
 use crate::ports::{PortPlan, PortRole};
 use crate::process::{ChildProcess, Spawn, binary};
 use crate::redis::RedisServer;
+use crate::tls;
 
 /// Settings of a system. The standalone gateway uses the client-visible subset (heartbeats,
 /// frame limit, secret, origins).
@@ -42,6 +43,14 @@ pub struct ClusterOptions {
     pub ports: PortPlan,
     /// How long each process gets to become ready.
     pub ready_timeout: Duration,
+    /// Redis serves TLS only (`rediss://`); room-services and gateways trust the test CA
+    /// through `REDIS_CA_FILE`.
+    pub redis_tls: bool,
+    /// room-service and auth-service serve gRPC over mTLS with the test certificates; gateways
+    /// reach them at `https://localhost:P` with the test client certificate.
+    pub grpc_mtls: bool,
+    /// Gateways terminate TLS: `wss://localhost:P/ws`, `https://localhost:P/readyz`.
+    pub gateway_tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -64,6 +73,9 @@ impl Default for ClusterOptions {
             auth_env: Vec::new(),
             ports: PortPlan::Free,
             ready_timeout: Duration::from_secs(15),
+            redis_tls: false,
+            grpc_mtls: false,
+            gateway_tls: false,
         }
     }
 }
@@ -101,6 +113,44 @@ impl ClusterOptions {
         self
     }
 
+    pub fn room_env(mut self, key: impl Into<String>, value: impl ToString) -> Self {
+        self.room_env.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// See [`ClusterOptions::redis_tls`].
+    pub fn redis_tls(mut self) -> Self {
+        self.redis_tls = true;
+        self
+    }
+
+    /// See [`ClusterOptions::grpc_mtls`].
+    pub fn grpc_mtls(mut self) -> Self {
+        self.grpc_mtls = true;
+        self
+    }
+
+    /// See [`ClusterOptions::gateway_tls`].
+    pub fn gateway_tls(mut self) -> Self {
+        self.gateway_tls = true;
+        self
+    }
+
+    /// `http`, or `https` with gRPC over TLS.
+    fn grpc_scheme(&self) -> &'static str {
+        if self.grpc_mtls { "https" } else { "http" }
+    }
+
+    /// The gRPC server settings of room-service and auth-service for [`Self::grpc_mtls`].
+    fn grpc_server_tls(&self, spec: Spawn) -> Spawn {
+        if !self.grpc_mtls {
+            return spec;
+        }
+        spec.env("GRPC_TLS_CERT_FILE", tls::path("server.pem"))
+            .env("GRPC_TLS_KEY_FILE", tls::path("server.key.pem"))
+            .env("GRPC_TLS_CLIENT_CA_FILE", tls::path("ca.pem"))
+    }
+
     /// The gateway settings shared by cluster and standalone mode.
     pub(crate) fn gateway_spec(&self, spec: Spawn, addr: &str) -> Spawn {
         let mut spec = spec
@@ -108,6 +158,11 @@ impl ClusterOptions {
             .env("HEARTBEAT_INTERVAL_MS", self.heartbeat_interval_ms)
             .env("HEARTBEAT_TIMEOUT_MS", self.heartbeat_timeout_ms)
             .env("MAX_FRAME_BYTES", self.max_frame_bytes);
+        if self.gateway_tls {
+            spec = spec
+                .env("GATEWAY_TLS_CERT_FILE", tls::path("server.pem"))
+                .env("GATEWAY_TLS_KEY_FILE", tls::path("server.key.pem"));
+        }
         if let Some(origins) = &self.allowed_origins {
             spec = spec.env("ALLOWED_ORIGINS", origins);
         }
@@ -183,16 +238,36 @@ impl Cluster {
         dir: &Path,
     ) -> Result<(Vec<Service>, Vec<Service>, Service, RedisServer)> {
         let plan = opts.ports;
-        let redis = RedisServer::start_on(plan.port(PortRole::Redis)?, dir).await?;
+        let redis_port = plan.port(PortRole::Redis)?;
+        let redis = if opts.redis_tls {
+            RedisServer::start_tls_on(redis_port, dir).await?
+        } else {
+            RedisServer::start_on(redis_port, dir).await?
+        };
+        let redis_env = |spec: Spawn| {
+            let spec = spec.env("REDIS_URL", redis.url());
+            if opts.redis_tls {
+                spec.env("REDIS_CA_FILE", tls::path("ca.pem"))
+            } else {
+                spec
+            }
+        };
+        // A certificate is for `localhost`: TLS URLs name it rather than the address.
+        let grpc_host = if opts.grpc_mtls {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        let scheme = opts.grpc_scheme();
 
         let auth_grpc = plan.port(PortRole::AuthGrpc)?;
         let auth_http = plan.port(PortRole::AuthMetrics)?;
-        let mut auth_spec = Spawn::new("auth-service", binary("auth-service")?, dir)
+        let auth_spec = Spawn::new("auth-service", binary("auth-service")?, dir)
             .env("AUTH_SERVICE_ADDR", format!("127.0.0.1:{auth_grpc}"))
             .env("METRICS_ADDR", format!("127.0.0.1:{auth_http}"))
             .env("JWT_SECRET", &opts.secret)
-            .env("INTERNAL_TOKEN", &opts.internal_token)
-            .env("REDIS_URL", redis.url());
+            .env("INTERNAL_TOKEN", &opts.internal_token);
+        let mut auth_spec = opts.grpc_server_tls(auth_spec);
         for (k, v) in &opts.auth_env {
             if k == "JWKS_URL" || k == "JWT_PUBLIC_KEY_FILE" {
                 // auth-service refuses to start with two key sources.
@@ -202,7 +277,7 @@ impl Cluster {
         }
         let auth = Service {
             process: ChildProcess::spawn(auth_spec)?,
-            grpc_url: Some(format!("http://127.0.0.1:{auth_grpc}")),
+            grpc_url: Some(format!("{scheme}://{grpc_host}:{auth_grpc}")),
             http_url: format!("http://127.0.0.1:{auth_http}"),
         };
 
@@ -210,10 +285,11 @@ impl Cluster {
         for i in 0..opts.room_services {
             let grpc = plan.port(PortRole::RoomGrpc(i))?;
             let http = plan.port(PortRole::RoomMetrics(i))?;
-            let mut spec = Spawn::new(format!("room-service-{i}"), binary("room-service")?, dir)
+            let spec = Spawn::new(format!("room-service-{i}"), binary("room-service")?, dir)
                 .env("ROOM_SERVICE_ADDR", format!("127.0.0.1:{grpc}"))
-                .env("METRICS_ADDR", format!("127.0.0.1:{http}"))
-                .env("REDIS_URL", redis.url())
+                .env("METRICS_ADDR", format!("127.0.0.1:{http}"));
+            let mut spec = opts
+                .grpc_server_tls(redis_env(spec))
                 .env("HISTORY_SIZE", opts.history_size)
                 .env("HISTORY_TTL_SECONDS", opts.history_ttl_seconds)
                 .env("API_KEY", &opts.api_key)
@@ -223,7 +299,7 @@ impl Cluster {
             }
             room_services.push(Service {
                 process: ChildProcess::spawn(spec)?,
-                grpc_url: Some(format!("http://127.0.0.1:{grpc}")),
+                grpc_url: Some(format!("{scheme}://{grpc_host}:{grpc}")),
                 http_url: format!("http://127.0.0.1:{http}"),
             });
         }
@@ -239,13 +315,23 @@ impl Cluster {
                 .env("GATEWAY_ID", format!("gw-{i}"))
                 .env("ROOM_SERVICE_URL", &room_urls)
                 .env("AUTH_SERVICE_URL", &auth_url)
-                .env("INTERNAL_TOKEN", &opts.internal_token)
-                .env("REDIS_URL", redis.url());
-            let spec = opts.gateway_spec(spec, &format!("127.0.0.1:{port}"));
+                .env("INTERNAL_TOKEN", &opts.internal_token);
+            let mut spec = opts.gateway_spec(redis_env(spec), &format!("127.0.0.1:{port}"));
+            if opts.grpc_mtls {
+                spec = spec
+                    .env("GRPC_TLS_CA_FILE", tls::path("ca.pem"))
+                    .env("GRPC_TLS_CLIENT_CERT_FILE", tls::path("client.pem"))
+                    .env("GRPC_TLS_CLIENT_KEY_FILE", tls::path("client.key.pem"));
+            }
+            let http_url = if opts.gateway_tls {
+                format!("https://localhost:{port}")
+            } else {
+                format!("http://127.0.0.1:{port}")
+            };
             gateways.push(Service {
                 process: ChildProcess::spawn(spec)?,
                 grpc_url: None,
-                http_url: format!("http://127.0.0.1:{port}"),
+                http_url,
             });
         }
         try_join_all(gateways.iter().map(|s| s.wait_ready(opts.ready_timeout))).await?;
@@ -268,20 +354,22 @@ impl Cluster {
         self.gateways.len()
     }
 
-    /// `ws://127.0.0.1:P/ws` of gateway `i`.
+    /// `ws://127.0.0.1:P/ws` of gateway `i` (`wss://localhost:P/ws` with TLS).
     pub fn ws_url(&self, i: usize) -> String {
-        format!(
-            "{}/ws",
-            self.gateways[i].http_url.replacen("http://", "ws://", 1)
-        )
+        let http = &self.gateways[i].http_url;
+        let ws = match http.strip_prefix("https://") {
+            Some(rest) => format!("wss://{rest}"),
+            None => http.replacen("http://", "ws://", 1),
+        };
+        format!("{ws}/ws")
     }
 
-    /// `http://127.0.0.1:P` of gateway `i`.
+    /// `http://127.0.0.1:P` of gateway `i` (`https://localhost:P` with TLS).
     pub fn http_url(&self, i: usize) -> String {
         self.gateways[i].http_url.clone()
     }
 
-    /// `http://127.0.0.1:P` (gRPC) of room-service `i`.
+    /// `http://127.0.0.1:P` (gRPC) of room-service `i` (`https://localhost:P` with TLS).
     pub fn room_service_grpc(&self, i: usize) -> String {
         self.room_services[i].grpc_url.clone().unwrap_or_default()
     }

@@ -6,6 +6,7 @@
 //! - [`process`]: child processes with log files, signals, readiness and kill-on-drop.
 //! - [`redis`], [`nats`]: a private redis-server, a private nats-server.
 //! - [`cluster`] / [`standalone`] / [`system`]: whole systems, and one interface over both.
+//! - [`tls`]: the test certificates and TLS clients trusting the test CA.
 //! - [`token`]: test JWTs.
 //! - [`client`]: a WebSocket client for the JSON protocol.
 //! - [`http`]: a minimal GET for the ops endpoints.
@@ -25,6 +26,7 @@ pub mod redis;
 pub mod scenarios;
 pub mod standalone;
 pub mod system;
+pub mod tls;
 pub mod token;
 
 pub use client::{CloseInfo, ConnectError, ConnectOptions, Incoming, TestClient};

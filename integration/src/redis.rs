@@ -1,11 +1,12 @@
 //! A private `redis-server` for one test system: its own port, no persistence, killed on drop.
-//! Never the shared Redis on 6379.
+//! Never the shared Redis on 6379. With TLS ([`RedisServer::start_tls_on`]) the port speaks
+//! only TLS (the test certificate for `localhost`), and the URL is `rediss://localhost:P`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::ports::free_port;
@@ -21,6 +22,8 @@ pub struct RedisServer {
     log_dir: PathBuf,
     /// How many times this server was started; names the log file of each run.
     starts: u32,
+    /// Serving TLS only.
+    tls: bool,
 }
 
 impl RedisServer {
@@ -30,12 +33,23 @@ impl RedisServer {
     }
 
     pub async fn start_on(port: u16, log_dir: &Path) -> Result<Self> {
-        let process = spawn(port, log_dir, 1)?;
+        Self::start_with(port, log_dir, false).await
+    }
+
+    /// Serves TLS only on `port`, with the test certificate (`testdata/tls`); clients are not
+    /// asked for certificates.
+    pub async fn start_tls_on(port: u16, log_dir: &Path) -> Result<Self> {
+        Self::start_with(port, log_dir, true).await
+    }
+
+    async fn start_with(port: u16, log_dir: &Path, tls: bool) -> Result<Self> {
+        let process = spawn(port, log_dir, 1, tls)?;
         let server = RedisServer {
             process,
             port,
             log_dir: log_dir.to_path_buf(),
             starts: 1,
+            tls,
         };
         server.wait_pong().await?;
         Ok(server)
@@ -45,8 +59,17 @@ impl RedisServer {
         self.port
     }
 
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// `redis://127.0.0.1:P`, or `rediss://localhost:P` (the certificate's name) with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("rediss://localhost:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
     }
 
     pub fn process(&self) -> &ChildProcess {
@@ -57,7 +80,7 @@ impl RedisServer {
     pub async fn restart_empty(&mut self) -> Result<()> {
         self.process.kill9()?;
         self.starts += 1;
-        self.process = spawn(self.port, &self.log_dir, self.starts)?;
+        self.process = spawn(self.port, &self.log_dir, self.starts, self.tls)?;
         self.wait_pong().await
     }
 
@@ -71,7 +94,7 @@ impl RedisServer {
                     self.process.log_tail(20)
                 );
             }
-            if ping(self.port).await.is_ok() {
+            if ping(self.port, self.tls).await.is_ok() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -86,16 +109,31 @@ impl RedisServer {
     }
 }
 
-fn spawn(port: u16, log_dir: &Path, start: u32) -> Result<ChildProcess> {
+fn spawn(port: u16, log_dir: &Path, start: u32, tls: bool) -> Result<ChildProcess> {
     // A restart logs to a new file rather than truncating the first run's log.
     let name = if start == 1 {
         "redis".to_owned()
     } else {
         format!("redis-{start}")
     };
-    let spec = Spawn::new(name, "redis-server", log_dir)
-        .arg("--port")
-        .arg(port.to_string())
+    let mut spec = Spawn::new(name, "redis-server", log_dir);
+    spec = if tls {
+        spec.arg("--port")
+            .arg("0")
+            .arg("--tls-port")
+            .arg(port.to_string())
+            .arg("--tls-cert-file")
+            .arg(crate::tls::path("server.pem"))
+            .arg("--tls-key-file")
+            .arg(crate::tls::path("server.key.pem"))
+            .arg("--tls-ca-cert-file")
+            .arg(crate::tls::path("ca.pem"))
+            .arg("--tls-auth-clients")
+            .arg("no")
+    } else {
+        spec.arg("--port").arg(port.to_string())
+    };
+    let spec = spec
         .arg("--bind")
         .arg("127.0.0.1")
         .arg("--save")
@@ -108,9 +146,16 @@ fn spawn(port: u16, log_dir: &Path, start: u32) -> Result<ChildProcess> {
         .context("starting redis-server (is the redis-server package installed?)")
 }
 
-/// One raw `PING` → `+PONG`.
-async fn ping(port: u16) -> Result<()> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+/// One raw `PING` → `+PONG` (over TLS, verifying `localhost` against the test CA, with `tls`).
+async fn ping(port: u16, tls: bool) -> Result<()> {
+    if tls {
+        let stream = crate::tls::connect("localhost", port).await?;
+        return ping_on(stream).await;
+    }
+    ping_on(TcpStream::connect(("127.0.0.1", port)).await?).await
+}
+
+async fn ping_on(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> Result<()> {
     stream.write_all(b"PING\r\n").await?;
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf))

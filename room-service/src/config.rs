@@ -1,10 +1,12 @@
 //! Settings, from flags or the environment, checked before anything starts.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use roomcast_common::credential::{self, CredentialError};
+use roomcast_common::tls::{self, TlsError};
 
 use crate::service::ServiceOptions;
 use crate::store::HistoryLimits;
@@ -32,6 +34,19 @@ pub struct Config {
     /// The pub/sub leg; must be the Redis of REDIS_URL (the default).
     #[arg(long, env = "BROKER_URL")]
     pub broker_url: Option<String>,
+    /// PEM CA certificate(s) a `rediss://` server must chain to; default: the system's roots.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM certificate chain of the gRPC server; with GRPC_TLS_KEY_FILE, gRPC is served over
+    /// TLS only.
+    #[arg(long, env = "GRPC_TLS_CERT_FILE")]
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of GRPC_TLS_CERT_FILE.
+    #[arg(long, env = "GRPC_TLS_KEY_FILE")]
+    pub grpc_tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate issued by it (mTLS).
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA_FILE")]
+    pub grpc_tls_client_ca_file: Option<PathBuf>,
     /// Most messages kept per room.
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
@@ -133,6 +148,20 @@ impl Config {
         self.broker_url
             .as_deref()
             .filter(|url| url.starts_with("nats://"))
+    }
+
+    /// The gRPC server's TLS (`None`: plain), from the PEM files, checked.
+    pub fn grpc_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
+        tls::grpc_server(
+            self.grpc_tls_cert_file.as_deref(),
+            self.grpc_tls_key_file.as_deref(),
+            self.grpc_tls_client_ca_file.as_deref(),
+        )
+    }
+
+    /// The client of the store's Redis (`rediss://` with TLS).
+    pub fn redis_client(&self) -> Result<redis::Client, TlsError> {
+        tls::redis_client("REDIS_URL", &self.redis_url, self.redis_ca_file.as_deref())
     }
 
     pub fn history_limits(&self) -> HistoryLimits {

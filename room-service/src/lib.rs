@@ -8,7 +8,8 @@
 //! - [`service`]: the internal gRPC `RoomService` (called by gateways, behind the internal
 //!   token) on top of a [`store::Store`].
 //! - [`server_api`]: the gRPC `ServerApi` for other backends, behind the API key.
-//! - [`serve`]: runs the gRPC server on a listener until shutdown.
+//! - [`serve`] / [`serve_with`]: run the gRPC server on a listener until shutdown, plain or
+//!   over TLS (`GRPC_TLS_*`).
 //!
 //! The service is stateless: run as many instances as needed against one Redis. The gateway's
 //! standalone mode builds a memory-backed service in-process with [`store::Store::memory`] and
@@ -26,6 +27,7 @@ pub use store::{HistoryLimits, Store, StoreError};
 use roomcast_common::credential::RequireBearer;
 use roomcast_proto::room_service_server::RoomServiceServer;
 use roomcast_proto::server_api_server::ServerApiServer;
+use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
 
 /// Serves, on `listener` until `shutdown` resolves (in-flight calls finish):
@@ -38,17 +40,27 @@ pub async fn serve(
     service: RoomServiceImpl,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    serve_with_readiness(listener, service, None, shutdown).await
+    serve_with(listener, service, ServeOptions::default(), shutdown).await
 }
 
-/// [`serve`], with the gRPC health status following `readiness` (NOT_SERVING while the store
-/// is unreachable or the service drains), as `/readyz` does.
-pub async fn serve_with_readiness(
+/// How [`serve_with`] serves, beyond the defaults of [`serve`].
+#[derive(Default)]
+pub struct ServeOptions {
+    /// TLS (with client certificates required if it names a client CA: `GRPC_TLS_*`).
+    pub tls: Option<ServerTlsConfig>,
+    /// The gRPC health status follows it (NOT_SERVING while the store is unreachable or the
+    /// service drains), as `/readyz` does; without it, always SERVING.
+    pub readiness: Option<roomcast_common::ops::Readiness>,
+}
+
+/// [`serve`], with TLS and health following readiness.
+pub async fn serve_with(
     listener: tokio::net::TcpListener,
     service: RoomServiceImpl,
-    readiness: Option<roomcast_common::ops::Readiness>,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let ServeOptions { tls, readiness } = options;
     let options = service.options();
     let internal = RequireBearer::new(options.internal_token.as_deref(), "internal token");
     let api_key = RequireBearer::new(options.api_key.as_deref(), "API key");
@@ -75,7 +87,11 @@ pub async fn serve_with_readiness(
         .build_v1()
         .ok();
     let server_api = ServerApiImpl::new(service.clone());
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(RoomServiceServer::with_interceptor(service, internal))
         .add_service(ServerApiServer::with_interceptor(server_api, api_key))
         .add_service(health)

@@ -38,16 +38,18 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    let grpc_tls = config.grpc_tls()?;
+    let redis = config.redis_client()?;
 
-    let store = match config.nats_url() {
-        Some(nats_url) => {
-            let nats = roomcast_common::nats::NatsPublisher::connect(nats_url)
+    let nats = match config.nats_url() {
+        Some(nats_url) => Some(
+            roomcast_common::nats::NatsPublisher::connect(nats_url)
                 .await
-                .with_context(|| format!("connecting to BROKER_URL {nats_url}"))?;
-            Store::redis_with_nats(&config.redis_url, config.history_limits(), nats)?
-        }
-        None => Store::redis(&config.redis_url, config.history_limits())?,
+                .with_context(|| format!("connecting to BROKER_URL {nats_url}"))?,
+        ),
+        None => None,
     };
+    let store = Store::redis_from_client(redis, config.history_limits(), nats)?;
     let service = RoomServiceImpl::new(store.clone(), config.service_options());
     let readiness = Readiness::default();
 
@@ -70,13 +72,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding ROOM_SERVICE_ADDR {}", config.addr))?;
-    tracing::info!(addr = %grpc_listener.local_addr()?, metrics_addr = %ops_listener.local_addr()?, "listening");
+    let tls = match (&grpc_tls, &config.grpc_tls_client_ca_file) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
+    tracing::info!(addr = %grpc_listener.local_addr()?, metrics_addr = %ops_listener.local_addr()?, tls, "listening");
 
     let ops_task = tokio::spawn(ops::serve(ops_listener, readiness.clone(), stopped()));
-    let grpc_task = tokio::spawn(roomcast_room::serve_with_readiness(
+    let grpc_task = tokio::spawn(roomcast_room::serve_with(
         grpc_listener,
         service,
-        Some(readiness.clone()),
+        roomcast_room::ServeOptions {
+            tls: grpc_tls,
+            readiness: Some(readiness.clone()),
+        },
         stopped(),
     ));
 

@@ -171,10 +171,13 @@ async fn health_follows_readiness() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let readiness = roomcast_common::ops::Readiness::default();
-    tokio::spawn(roomcast_room::serve_with_readiness(
+    tokio::spawn(roomcast_room::serve_with(
         listener,
         service,
-        Some(readiness.clone()),
+        roomcast_room::ServeOptions {
+            tls: None,
+            readiness: Some(readiness.clone()),
+        },
         std::future::pending(),
     ));
     let channel = Channel::from_shared(format!("http://{addr}"))

@@ -200,6 +200,20 @@ impl Store {
         RedisStore::new(url, limits).map(Store::Redis)
     }
 
+    /// A Redis store on a client made beforehand (e.g. with TLS settings), broadcasting over
+    /// NATS when `nats` is given.
+    pub fn redis_from_client(
+        client: ::redis::Client,
+        limits: HistoryLimits,
+        nats: Option<roomcast_common::nats::NatsPublisher>,
+    ) -> Result<Self, StoreError> {
+        let store = RedisStore::from_client(client, limits)?;
+        Ok(Store::Redis(match nats {
+            Some(nats) => store.with_nats(nats),
+            None => store,
+        }))
+    }
+
     /// State in Redis, broadcasts over NATS.
     pub fn redis_with_nats(
         url: &str,

@@ -187,6 +187,11 @@ impl RedisStore {
     /// after failures, so the service can start before Redis and survive its restarts.
     pub fn new(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?;
+        Self::from_client(client, limits)
+    }
+
+    /// [`RedisStore::new`] on a client made beforehand (`rediss://` with its own CA, say).
+    pub fn from_client(client: redis::Client, limits: HistoryLimits) -> Result<Self, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
