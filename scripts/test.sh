@@ -19,3 +19,7 @@ fi
 # One build of everything (the integration tests run the service binaries), then the tests.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads=2
+
+# The deployment files (Kubernetes overlays, compose, Dockerfile, HAProxy) against their schemas
+# and against the settings the binaries just built accept. No cluster or container engine needed.
+./deploy/validate.sh
