@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on this machine. Installs redis-server and nats-server from
 # Debian's packages when they are missing (the integration tests start their own servers on
-# free ports; they never use ones already running on the default ports).
+# free ports; they never use ones already running on the default ports). Then validates the
+# deployment files (deploy/validate.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
