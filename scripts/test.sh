@@ -2,7 +2,8 @@
 # Runs every test of the workspace on this machine. Installs redis-server, nats-server and
 # Node.js (with npm) from Debian's packages when they are missing (the integration tests start
 # their own servers on free ports; they never use ones already running on the default ports),
-# and the dependencies of examples/node-backend, which an integration test runs.
+# and the dependencies of examples/node-backend, which an integration test runs. Then validates
+# the deployment files (deploy/validate.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +26,7 @@ npm ci --prefix examples/node-backend --no-audit --no-fund --loglevel=error >/de
 # One build of everything (the integration tests run the service binaries), then the tests.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads=2
+
+# The deployment files (Kubernetes overlays, compose, Dockerfile, HAProxy) against their schemas
+# and against the settings the binaries just built accept. No cluster or container engine needed.
+./deploy/validate.sh
