@@ -1378,6 +1378,41 @@ pub async fn server_api_subscribe(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// `publish.idempotencyKey`: a client repeating a publish (as after a reconnect, from another
+/// gateway) gets the first one's offset, and members get the message once. Keys are per user:
+/// another user's identical key is a new message.
+pub async fn idempotent_client_publish(sys: &mut System) -> Result<()> {
+    let room = "idem";
+    let mut a = sys.client(0, "alice").await?;
+    let mut again = sys.client(1, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+    let mut member = sys.client(0, "member").await?;
+    for c in [&mut a, &mut again, &mut b, &mut member] {
+        join(c, room).await?;
+    }
+    member.drain(SILENCE).await?;
+    let publish = |key: &str| json!({"type": "publish", "room": room, "data": {"n": 1}, "idempotencyKey": key});
+    let first = a.request_ok(publish("k-1"), "published").await?;
+    let repeated = again.request_ok(publish("k-1"), "published").await?;
+    ensure!(
+        first["offset"] == repeated["offset"],
+        "a repeated key was stored again: {first} then {repeated}"
+    );
+    let other_user = b.request_ok(publish("k-1"), "published").await?;
+    ensure!(
+        other_user["offset"] != first["offset"],
+        "another user's key must not collide: {other_user}"
+    );
+    let got = member.drain(Duration::from_millis(500)).await?;
+    let messages = got.iter().filter(|m| m["type"] == "message").count();
+    ensure!(messages == 2, "member got {messages} messages: {got:?}");
+    let bad = a
+        .request(json!({"type": "publish", "room": room, "data": 1, "idempotencyKey": "x".repeat(65), "id": 77}))
+        .await?;
+    check_error(&bad, "bad_request", Some(77), "a 65-byte idempotency key")?;
+    Ok(())
+}
+
 /// A connection whose token expires is closed with 4001; one that refreshed in time stays.
 pub async fn token_expiry_closes_4001(sys: &mut System) -> Result<()> {
     let short = Claims::new("brief").expires_in(2);

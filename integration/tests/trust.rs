@@ -503,3 +503,45 @@ async fn a_room_service_killed_mid_call_loses_and_duplicates_nothing() {
     )
     .await;
 }
+
+/// The cluster binaries refuse to start without `INTERNAL_TOKEN` (or with a short one), with
+/// one line that names it, instead of serving an open internal API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_binaries_refuse_to_start_without_the_internal_token() {
+    use roomcast_integration::logs::LogDir;
+    use roomcast_integration::process::{ChildProcess, Spawn, binary};
+    let dir = LogDir::for_test("no-internal-token").unwrap();
+    for (name, token) in [
+        ("gateway", None),
+        ("room-service", None),
+        ("auth-service", None),
+        ("room-service", Some("short")),
+    ] {
+        let mut spec = Spawn::new(
+            format!("{name}-{}", token.unwrap_or("none")),
+            binary(name).unwrap(),
+            dir.path(),
+        )
+        .env("GATEWAY_ADDR", "127.0.0.1:0")
+        .env("ROOM_SERVICE_ADDR", "127.0.0.1:0")
+        .env("AUTH_SERVICE_ADDR", "127.0.0.1:0")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("JWT_SECRET", "a-secret-for-this-test-only")
+        .env("REDIS_URL", "redis://127.0.0.1:1");
+        if let Some(token) = token {
+            spec = spec.env("INTERNAL_TOKEN", token);
+        }
+        let process = ChildProcess::spawn(spec).unwrap();
+        let status = process
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} started without a usable INTERNAL_TOKEN"));
+        assert!(!status.success(), "{name}: {status}");
+        let log = std::fs::read_to_string(process.log_path()).unwrap();
+        assert!(
+            log.lines().any(|l| l.contains("INTERNAL_TOKEN")),
+            "{name} did not say why:\n{log}"
+        );
+    }
+}

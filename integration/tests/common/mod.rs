@@ -26,6 +26,7 @@ macro_rules! client_visible_tests {
             server_api => ClusterOptions::default(),
             server_api_disconnect => ClusterOptions::default(),
             server_api_subscribe => ClusterOptions::default(),
+            idempotent_client_publish => ClusterOptions::default(),
             token_expiry_closes_4001 => ClusterOptions::default(),
             publish_rate_limit => ClusterOptions::default()
                 .gateway_env("PUBLISH_RATE", 2)
