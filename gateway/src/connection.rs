@@ -956,33 +956,40 @@ async fn write_loop(
     // What the socket has not taken yet. Kept across a close, so the close frame never lands
     // in the middle of a half-written frame.
     let mut pending = Bytes::new();
+    // Whether the broadcasts now queued were already held for the write delay.
+    let mut held = false;
     'serve: loop {
+        // With a write delay, broadcasts wait for the ones that follow, whether they arrived
+        // while the writer was idle or while it was writing; the connection's own traffic (a
+        // reply) ends the wait.
+        if !delay.is_zero() && !held && conn.holds_only_broadcasts() {
+            // Boxed: a timer is only needed while holding.
+            let mut hold = Box::pin(tokio::time::sleep(delay));
+            loop {
+                tokio::select! {
+                    biased;
+                    () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
+                    () = &mut hold => break,
+                    () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
+                        if !conn.holds_only_broadcasts() {
+                            break;
+                        }
+                    }
+                }
+            }
+            held = true;
+            continue;
+        }
         // Whatever is queued goes out in one write, MAX_BATCH items at a time.
         if conn.take_batch(&mut batch, MAX_BATCH) == 0 {
             if conn.is_closed() {
                 break;
             }
             std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
-            if !delay.is_zero() && conn.holds_only_broadcasts() {
-                // Hold the broadcast so that what follows within the delay shares its write,
-                // unless the connection's own traffic (a reply) comes in. Boxed: a timer is
-                // only needed while holding.
-                let mut hold = Box::pin(tokio::time::sleep(delay));
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-                        () = &mut hold => break,
-                        () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
-                            if !conn.holds_only_broadcasts() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
+            held = false;
             continue;
         }
+        held = false;
         if conn.is_closed() {
             break;
         }
