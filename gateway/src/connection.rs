@@ -658,7 +658,9 @@ impl Reader {
                 self.publish_count,
             ),
         };
-        // The reader goes on reading; the reply comes when the batch returns.
+        // The reader goes on reading (unless the connection owes too many replies already);
+        // the reply comes when the batch returns.
+        self.wait_while_owing_too_much().await;
         let room = self
             .rooms
             .get_key_value(room.as_str())
@@ -672,7 +674,17 @@ impl Reader {
         if self.publishes.is_idle() {
             self.conn.reply(Outbound::frame(reply)).await;
         } else {
+            self.wait_while_owing_too_much().await;
             self.publishes.push_answered(reply);
+        }
+    }
+
+    /// Holds the reader (and so, through TCP, the client) while the connection owes as many
+    /// publish replies as it may.
+    async fn wait_while_owing_too_much(&mut self) {
+        while self.publishes.is_full() && self.publishes.has_in_flight() {
+            let done = self.publishes.next_done().await;
+            self.publishes.finish(done, &self.conn, &self.gateway).await;
         }
     }
 

@@ -102,6 +102,10 @@ pub struct ConnHandle {
     pub user: Arc<str>,
     /// Frames waiting for the writer task.
     queue: Mutex<VecDeque<Outbound>>,
+    /// How many of the queued items are the connection's own traffic (replies); changed
+    /// only under the queue's lock. Broadcasts are limited by how many broadcasts are queued,
+    /// so a burst of replies (a returned publish batch) cannot make a broadcast overflow.
+    own_queued: AtomicUsize,
     /// The writer task's waker, and whether it has been woken since it last looked.
     writer: AtomicWaker,
     writer_woken: AtomicBool,
@@ -133,6 +137,7 @@ impl ConnHandle {
             client_id,
             user,
             queue: Mutex::new(VecDeque::new()),
+            own_queued: AtomicUsize::new(0),
             writer: AtomicWaker::new(),
             writer_woken: AtomicBool::new(false),
             capacity,
@@ -237,7 +242,13 @@ impl ConnHandle {
         }
         let wake = {
             let mut queue = self.queue();
-            if queue.len() >= limit {
+            let own_queued = self.own_queued.load(Ordering::Relaxed);
+            let counted = if own {
+                queue.len()
+            } else {
+                queue.len().saturating_sub(own_queued)
+            };
+            if counted >= limit {
                 drop(queue);
                 metrics::counter!("roomcast_gateway_slow_consumers_total").increment(1);
                 self.close(
@@ -247,6 +258,9 @@ impl ConnHandle {
                 return;
             }
             queue.push_back(item);
+            if own {
+                self.own_queued.store(own_queued + 1, Ordering::Relaxed);
+            }
             own || queue.len() == 1
         };
         // Otherwise a non-empty queue means the writer was woken already and has not taken it
@@ -275,11 +289,27 @@ impl ConnHandle {
         self.push(item, self.capacity.saturating_mul(2));
     }
 
+    /// Queues the reply to a pipelined publish. A returned batch answers many at once, so these
+    /// may go past the reply limit by as many as the pipeline lets a connection owe
+    /// (`pipeline::MAX_OWED`); that bound is what keeps a client that never reads in check.
+    pub async fn reply_owed(&self, item: Outbound, owed: usize) {
+        self.push(item, self.capacity.saturating_mul(2).saturating_add(owed));
+    }
+
     /// Moves up to `max` queued items into `batch`; returns how many.
     pub fn take_batch(&self, batch: &mut Vec<Outbound>, max: usize) -> usize {
         let mut queue = self.queue();
         let n = queue.len().min(max);
+        let start = batch.len();
         batch.extend(queue.drain(..n));
+        let own = batch[start..]
+            .iter()
+            .filter(|item| matches!(item, Outbound::Local(_)))
+            .count();
+        if own > 0 {
+            let left = self.own_queued.load(Ordering::Relaxed).saturating_sub(own);
+            self.own_queued.store(left, Ordering::Relaxed);
+        }
         // Give back what a burst grew, so an idle connection stays small.
         if queue.is_empty() && queue.capacity() > 64 {
             queue.shrink_to(16);
@@ -321,7 +351,12 @@ impl ConnHandle {
 
     #[cfg(test)]
     pub fn try_recv(&self) -> Option<Outbound> {
-        self.queue().pop_front()
+        let item = self.queue().pop_front();
+        if matches!(item, Some(Outbound::Local(_))) {
+            let left = self.own_queued.load(Ordering::Relaxed).saturating_sub(1);
+            self.own_queued.store(left, Ordering::Relaxed);
+        }
+        item
     }
 }
 
@@ -802,6 +837,27 @@ mod tests {
         hub.dispatch(message("r", 2, "x"));
         assert!(a.is_closed());
         assert_eq!(a.close_reason.get().unwrap().0, CLOSE_SLOW_CONSUMER);
+    }
+
+    #[tokio::test]
+    async fn replies_do_not_count_against_the_broadcast_limit() {
+        let (hub, _repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 2);
+        hub.add_member("r", a.clone());
+        hub.set_base("r", "e", 0);
+        // A returned publish batch: more replies than the broadcast capacity.
+        for _ in 0..20 {
+            a.reply_owed(Outbound::frame("published"), 64).await;
+        }
+        hub.dispatch(message("r", 1, "x"));
+        hub.dispatch(message("r", 2, "x"));
+        assert!(!a.is_closed(), "two broadcasts fit a capacity of 2");
+        hub.dispatch(message("r", 3, "x"));
+        assert!(a.is_closed(), "a third broadcast overflows");
+        // Taking the replies keeps the count right: 20 replies then 2 broadcasts.
+        let mut batch = Vec::new();
+        assert_eq!(a.take_batch(&mut batch, 64), 22);
+        assert!(ra.try_recv().is_none());
     }
 
     #[tokio::test]

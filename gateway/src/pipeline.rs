@@ -26,6 +26,10 @@ use crate::server::Gateway;
 const MAX_BATCH: usize = 256;
 /// Most payload bytes in one batch: well inside a 4 MiB gRPC message.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Most publishes a connection may have queued or in flight; past it the reader waits for the
+/// batch in flight before reading on, so a client that sends faster than its publishes are
+/// stored is slowed down by TCP rather than held in memory.
+pub const MAX_OWED: usize = 1024;
 
 /// One publish in the queue: to be stored, or already answered by the gateway.
 enum Entry {
@@ -44,15 +48,20 @@ enum Slot {
     Answered(Utf8Bytes),
 }
 
+type BatchResult = Result<pb::PublishBatchResponse, Status>;
+
 /// A returned batch, for [`Publishes::finish`].
-pub struct Done(Vec<Slot>, Result<pb::PublishBatchResponse, Status>);
+pub struct Done(Vec<Slot>, BatchResult);
 
 /// The queue and the batch in flight. Idle, it holds no heap memory.
 #[derive(Default)]
 pub struct Publishes {
+    /// Replies owed: entries queued or in flight.
+    owed: usize,
     queued: VecDeque<Entry>,
-    /// A task of its own: it finishes storing what it carries even if the connection ends.
-    in_flight: Option<JoinHandle<Done>>,
+    /// What the batch in flight answers, and its call: a task of its own, so it finishes
+    /// storing what it carries even if the connection ends.
+    in_flight: Option<(Vec<Slot>, JoinHandle<BatchResult>)>,
 }
 
 impl Publishes {
@@ -65,6 +74,11 @@ impl Publishes {
         self.in_flight.is_some()
     }
 
+    /// As many replies owed as a connection may have: wait for the batch in flight.
+    pub fn is_full(&self) -> bool {
+        self.owed >= MAX_OWED
+    }
+
     /// Queues a publish; starts a batch when none is in flight.
     pub fn push(
         &mut self,
@@ -74,6 +88,7 @@ impl Publishes {
         request: pb::PublishRequest,
     ) {
         self.queued.push_back(Entry::Publish { id, room, request });
+        self.owed += 1;
         if self.in_flight.is_none() {
             self.start(gateway);
         }
@@ -82,24 +97,26 @@ impl Publishes {
     /// Queues a reply the gateway decided itself, to go out in its place.
     pub fn push_answered(&mut self, reply: Utf8Bytes) {
         self.queued.push_back(Entry::Answered(reply));
+        self.owed += 1;
     }
 
     /// Resolves when the batch in flight returns; never resolves when none is. Cancel-safe:
     /// dropped before it resolves, the batch stays in flight.
     pub async fn next_done(&mut self) -> Done {
-        let Some(batch) = self.in_flight.as_mut() else {
+        let Some((_, call)) = self.in_flight.as_mut() else {
             return std::future::pending().await;
         };
-        let done = match batch.await {
-            Ok(done) => done,
-            // The task panicked or was aborted: nothing can say which publishes it stored.
-            Err(error) => Done(
-                Vec::new(),
-                Err(Status::internal(format!("publish task failed: {error}"))),
-            ),
+        let result = match call.await {
+            Ok(result) => result,
+            // The task panicked: nothing can say which of its publishes were stored.
+            Err(error) => Err(Status::internal(format!("publish task failed: {error}"))),
         };
-        self.in_flight = None;
-        done
+        let slots = self
+            .in_flight
+            .take()
+            .map(|(slots, _)| slots)
+            .unwrap_or_default();
+        Done(slots, result)
     }
 
     /// Sends the replies of a returned batch, then starts the next one.
@@ -123,12 +140,14 @@ impl Publishes {
                     reply_for(id, &room, outcome)
                 }
             };
-            conn.reply(Outbound::frame(reply)).await;
+            conn.reply_owed(Outbound::frame(reply), MAX_OWED).await;
+            self.owed = self.owed.saturating_sub(1);
         }
         // Replies decided while nothing was left to store go out now.
         while let Some(Entry::Answered(_)) = self.queued.front() {
             if let Some(Entry::Answered(reply)) = self.queued.pop_front() {
-                conn.reply(Outbound::frame(reply)).await;
+                conn.reply_owed(Outbound::frame(reply), MAX_OWED).await;
+                self.owed = self.owed.saturating_sub(1);
             }
         }
         if !self.queued.is_empty() {
@@ -179,11 +198,11 @@ impl Publishes {
         }
         metrics::histogram!("roomcast_gateway_publish_batch_size").record(publishes.len() as f64);
         let gateway = gateway.clone();
-        self.in_flight = Some(tokio::spawn(async move {
+        let call = tokio::spawn(async move {
             let request = pb::PublishBatchRequest { publishes };
-            let result = gateway.backends.publish_batch(request).await;
-            Done(slots, result)
-        }));
+            gateway.backends.publish_batch(request).await
+        });
+        self.in_flight = Some((slots, call));
     }
 }
 
