@@ -6,7 +6,8 @@
 //!   an interceptor.
 //! - [`envelope`] — the bytes that travel on the broker, and the channel names.
 //! - [`nats`] — NATS as the pub/sub leg instead of Redis pub/sub.
-//! - [`message`] — the JSON `message` frame, built in exactly one shape everywhere.
+//! - [`frame`] — the client frames more than one crate builds (`message`, `member_joined`,
+//!   `member_left`), each in exactly one shape everywhere.
 //! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
 //! - [`room`] — room-name rules.
 //! - [`ops`] — `/healthz`, `/readyz`, `/metrics` for every binary.
@@ -19,7 +20,7 @@ pub mod broker;
 pub mod credential;
 pub mod envelope;
 pub mod error_code;
-pub mod message;
+pub mod frame;
 pub mod nats;
 pub mod ops;
 pub mod room;

@@ -10,7 +10,6 @@ use bytes::{Buf, Bytes};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use roomcast_common::error_code::ErrorCode;
-use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -543,22 +542,9 @@ impl Reader {
         self.gateway
             .hub
             .set_base(&room, &joined.epoch, joined.offset);
-        let missed = joined.recovered.map(|_| {
-            joined
-                .missed
-                .iter()
-                .map(|p| {
-                    protocol::raw(message_frame(
-                        &room,
-                        p.offset,
-                        &joined.epoch,
-                        &p.user,
-                        &p.client_id,
-                        &p.data_json,
-                    ))
-                })
-                .collect()
-        });
+        let missed = joined
+            .recovered
+            .map(|_| protocol::stored_messages(&room, &joined.epoch, &joined.missed));
         let reply = ServerFrame::Joined {
             id,
             room: &room,
@@ -722,20 +708,8 @@ impl Reader {
         };
         match self.gateway.backends.history_pages(request).await {
             Ok(history) => {
-                let messages = history
-                    .publications
-                    .iter()
-                    .map(|p| {
-                        protocol::raw(message_frame(
-                            &room,
-                            p.offset,
-                            &history.epoch,
-                            &p.user,
-                            &p.client_id,
-                            &p.data_json,
-                        ))
-                    })
-                    .collect();
+                let messages =
+                    protocol::stored_messages(&room, &history.epoch, &history.publications);
                 self.send(ServerFrame::History {
                     id,
                     room: &room,
