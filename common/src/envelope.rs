@@ -18,6 +18,7 @@ use std::fmt::Write;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::close_code::CloseCode;
 use crate::frame::{self, MemberEvent};
 
 /// Prefix of every room channel.
@@ -44,7 +45,7 @@ pub enum Control {
         user: String,
         #[serde(default)]
         client_id: String,
-        code: u16,
+        code: CloseCode,
         reason: String,
     },
     /// Join every connection of `user` (when set) or the connection `client_id` to `room`,
@@ -242,7 +243,7 @@ mod tests {
         let control = Control::Disconnect {
             user: "u".into(),
             client_id: String::new(),
-            code: 1008,
+            code: CloseCode::POLICY_VIOLATION,
             reason: "bye".into(),
         };
         assert_eq!(
