@@ -13,8 +13,13 @@
 //!   not part of the room's offset sequence; the excluded client may be empty;
 //! - `C<control json>`: a [`Control`] command.
 
+use std::fmt::Write;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+use crate::close_code::CloseCode;
+use crate::frame::{self, MemberEvent};
 
 /// Prefix of every room channel.
 pub const ROOM_CHANNEL_PREFIX: &str = "rc:room:";
@@ -40,7 +45,7 @@ pub enum Control {
         user: String,
         #[serde(default)]
         client_id: String,
-        code: u16,
+        code: CloseCode,
         reason: String,
     },
     /// Join every connection of `user` (when set) or the connection `client_id` to `room`,
@@ -82,13 +87,55 @@ pub enum Envelope {
 #[error("malformed broker payload: {0}")]
 pub struct EnvelopeError(&'static str);
 
-/// The payload of a room message; the Lua script in room-service builds the same bytes.
+/// The payload of a room message carrying `frame`.
 pub fn encode_message(offset: u64, epoch: &str, sender: &str, frame: &str) -> Bytes {
-    Bytes::from(format!("M{offset} {epoch} {sender}\n{frame}"))
+    let mut out = String::with_capacity(32 + epoch.len() + sender.len() + frame.len());
+    push_message_header(&mut out, offset, epoch, sender);
+    out.push_str(frame);
+    Bytes::from(out)
+}
+
+/// The payload of a published room message: header and [`frame::message_frame`], written
+/// into one buffer. The Redis publish script builds the same bytes (checked by
+/// `room-service/tests/redis_store.rs`).
+pub fn room_message(
+    room: &str,
+    offset: u64,
+    epoch: &str,
+    user: &str,
+    client_id: &str,
+    data_json: &str,
+) -> Bytes {
+    let mut out = String::with_capacity(
+        32 + epoch.len()
+            + client_id.len()
+            + frame::message_frame_len(room, epoch, user, client_id, data_json),
+    );
+    push_message_header(&mut out, offset, epoch, client_id);
+    frame::push_message_frame(&mut out, room, offset, epoch, user, client_id, data_json);
+    Bytes::from(out)
+}
+
+fn push_message_header(out: &mut String, offset: u64, epoch: &str, sender: &str) {
+    let _ = writeln!(out, "M{offset} {epoch} {sender}");
 }
 
 pub fn encode_event(exclude: &str, frame: &str) -> Bytes {
-    Bytes::from(format!("E{exclude}\n{frame}"))
+    let mut out = String::with_capacity(2 + exclude.len() + frame.len());
+    out.push('E');
+    out.push_str(exclude);
+    out.push('\n');
+    out.push_str(frame);
+    Bytes::from(out)
+}
+
+/// The payload announcing a membership change: [`frame::member_event_frame`], not sent to the
+/// member itself.
+pub fn member_event(event: MemberEvent, room: &str, user: &str, client_id: &str) -> Bytes {
+    encode_event(
+        client_id,
+        &frame::member_event_frame(event, room, user, client_id),
+    )
 }
 
 pub fn encode_control(control: &Control) -> Bytes {
@@ -158,6 +205,33 @@ mod tests {
     }
 
     #[test]
+    fn room_message_is_header_and_message_frame() {
+        let data = r#"{"t":"\u00e9 \"q\" \\"}"#;
+        let frame = frame::message_frame("r", 9, "ab", "u", "c\"1", data);
+        assert_eq!(
+            room_message("r", 9, "ab", "u", "c\"1", data),
+            encode_message(9, "ab", "c\"1", &frame)
+        );
+        assert_eq!(
+            encode_message(9, "ab", "c", "{}"),
+            Bytes::from_static(b"M9 ab c\n{}")
+        );
+    }
+
+    #[test]
+    fn member_event_excludes_the_member() {
+        let payload = member_event(MemberEvent::Left, "r", "u", "c1");
+        assert!(payload.starts_with(b"Ec1\n{\"type\":\"member_left\""));
+        assert_eq!(
+            decode(payload).unwrap(),
+            Envelope::Event {
+                exclude: "c1".into(),
+                frame: Bytes::from(frame::member_event_frame(MemberEvent::Left, "r", "u", "c1")),
+            }
+        );
+    }
+
+    #[test]
     fn event_and_control_round_trip() {
         assert_eq!(
             decode(encode_event("", "{}")).unwrap(),
@@ -169,7 +243,7 @@ mod tests {
         let control = Control::Disconnect {
             user: "u".into(),
             client_id: String::new(),
-            code: 1008,
+            code: CloseCode::POLICY_VIOLATION,
             reason: "bye".into(),
         };
         assert_eq!(

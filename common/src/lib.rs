@@ -6,7 +6,10 @@
 //!   an interceptor.
 //! - [`envelope`] — the bytes that travel on the broker, and the channel names.
 //! - [`nats`] — NATS as the pub/sub leg instead of Redis pub/sub.
-//! - [`message`] — the JSON `message` frame, built in exactly one shape everywhere.
+//! - [`frame`] — the client frames more than one crate builds (`message`, `member_joined`,
+//!   `member_left`), each in exactly one shape everywhere.
+//! - [`close_code`] — WebSocket close codes: the ones Roomcast sends, which codes a backend may
+//!   ask for, and whether a client should reconnect after each.
 //! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
 //! - [`room`] — room-name rules.
 //! - [`ops`] — `/healthz`, `/readyz`, `/metrics` for every binary.
@@ -16,10 +19,11 @@
 //!   (`OTEL_EXPORTER_OTLP_ENDPOINT`).
 
 pub mod broker;
+pub mod close_code;
 pub mod credential;
 pub mod envelope;
 pub mod error_code;
-pub mod message;
+pub mod frame;
 pub mod nats;
 pub mod ops;
 pub mod room;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
+use roomcast_common::close_code::CloseCode;
 use roomcast_common::error_code::ErrorCode;
-use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -25,16 +25,6 @@ use crate::pipeline::Publishes;
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::server::Gateway;
 use crate::socket::{self, ReadSide};
-
-/// Close codes of the protocol (section 1.4).
-pub mod close {
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    pub const TOO_BIG: u16 = 1009;
-    pub const TOKEN_EXPIRED: u16 = 4001;
-    pub const RATE_LIMITED: u16 = 4029;
-}
 
 /// Frames written to the socket per flush at most, so one busy connection cannot hog its task.
 const MAX_BATCH: usize = 64;
@@ -262,13 +252,13 @@ pub(crate) fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes 
 }
 
 /// The close frame owed for a read error, if the client is still there to get one.
-fn close_for(error: &WsError) -> Option<(u16, &'static str)> {
+fn close_for(error: &WsError) -> Option<(CloseCode, &'static str)> {
     match error {
-        WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
-        WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
+        WsError::Capacity(_) => Some((CloseCode::TOO_BIG, "frame too large")),
+        WsError::Utf8(_) => Some((CloseCode::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
         // The client dropped the connection: nobody to tell.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol violation")),
+        WsError::Protocol(_) => Some((CloseCode::PROTOCOL_ERROR, "protocol violation")),
         _ => None,
     }
 }
@@ -308,7 +298,7 @@ impl Reader {
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= expiry {
-                        self.conn.close(close::TOKEN_EXPIRED, "token expired");
+                        self.conn.close(CloseCode::TOKEN_EXPIRED, "token expired");
                         return;
                     }
                     if now >= silent_until {
@@ -330,7 +320,7 @@ impl Reader {
                 None => return,
                 Some(Err(error)) => {
                     if let Some((code, reason)) = close_for(&error) {
-                        tracing::debug!(client = %self.conn.client_id, %error, code, "closing");
+                        tracing::debug!(client = %self.conn.client_id, %error, code = code.get(), "closing");
                         self.conn.close(code, reason);
                     }
                     return;
@@ -543,22 +533,9 @@ impl Reader {
         self.gateway
             .hub
             .set_base(&room, &joined.epoch, joined.offset);
-        let missed = joined.recovered.map(|_| {
-            joined
-                .missed
-                .iter()
-                .map(|p| {
-                    protocol::raw(message_frame(
-                        &room,
-                        p.offset,
-                        &joined.epoch,
-                        &p.user,
-                        &p.client_id,
-                        &p.data_json,
-                    ))
-                })
-                .collect()
-        });
+        let missed = joined
+            .recovered
+            .map(|_| protocol::stored_messages(&room, &joined.epoch, &joined.missed));
         let reply = ServerFrame::Joined {
             id,
             room: &room,
@@ -640,7 +617,7 @@ impl Reader {
                 .await;
             if self.refused_in_a_row >= self.gateway.settings.rate_limit_close_after {
                 self.conn
-                    .close(close::RATE_LIMITED, "publish rate exceeded repeatedly");
+                    .close(CloseCode::RATE_LIMITED, "publish rate exceeded repeatedly");
             }
             return;
         }
@@ -734,20 +711,8 @@ impl Reader {
         };
         match self.gateway.backends.history_pages(request).await {
             Ok(history) => {
-                let messages = history
-                    .publications
-                    .iter()
-                    .map(|p| {
-                        protocol::raw(message_frame(
-                            &room,
-                            p.offset,
-                            &history.epoch,
-                            &p.user,
-                            &p.client_id,
-                            &p.data_json,
-                        ))
-                    })
-                    .collect();
+                let messages =
+                    protocol::stored_messages(&room, &history.epoch, &history.publications);
                 self.send(ServerFrame::History {
                     id,
                     room: &room,
@@ -1011,7 +976,7 @@ async fn write_loop(
         }
         if !ok {
             conn.close(
-                crate::hub::CLOSE_SLOW_CONSUMER,
+                CloseCode::SLOW_CONSUMER,
                 "slow consumer: outbound queue overflowed",
             );
             // This batch may hold replies: it goes out before the close frame, like the rest.
@@ -1213,12 +1178,12 @@ mod tests {
                 offset: 1,
                 reply: "joined".into(),
             }),
-            Outbound::local(Local::Raw(socket::close(1000, ""))),
+            Outbound::local(Local::Raw(socket::close(CloseCode::NORMAL, ""))),
             Outbound::frame("b"),
         ];
         let (owed, close_reply) = owed_replies(items.into_iter());
         assert_eq!(texts(&owed), ["a", "joined", "b"]);
-        assert_eq!(close_reply.unwrap(), socket::close(1000, ""));
+        assert_eq!(close_reply.unwrap(), socket::close(CloseCode::NORMAL, ""));
     }
 
     #[test]
@@ -1228,11 +1193,11 @@ mod tests {
             size: 2,
             max_size: 1,
         });
-        assert_eq!(close_for(&too_big).unwrap().0, close::TOO_BIG);
+        assert_eq!(close_for(&too_big).unwrap().0, CloseCode::TOO_BIG);
         let utf8 = WsError::Utf8("invalid".into());
-        assert_eq!(close_for(&utf8).unwrap().0, close::INVALID_PAYLOAD);
+        assert_eq!(close_for(&utf8).unwrap().0, CloseCode::INVALID_PAYLOAD);
         let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
-        assert_eq!(close_for(&unmasked).unwrap().0, close::PROTOCOL_ERROR);
+        assert_eq!(close_for(&unmasked).unwrap().0, CloseCode::PROTOCOL_ERROR);
         let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
         assert!(close_for(&reset).is_none(), "nobody left to tell");
         assert!(close_for(&WsError::ConnectionClosed).is_none());

@@ -15,14 +15,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use roomcast_common::broker::BrokerEvent;
+use roomcast_common::close_code::CloseCode;
 use roomcast_common::envelope::{self, Control, Envelope};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::socket;
-
-/// Close code for a connection whose outbound queue overflowed.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 const SHARDS: usize = 32;
 
@@ -118,7 +116,7 @@ pub struct ConnHandle {
     /// Wakes the reader task when the connection is closed from elsewhere.
     reader_wake: Notify,
     /// Why it was closed, for the close frame; the first reason wins.
-    pub close_reason: OnceLock<(u16, String)>,
+    pub close_reason: OnceLock<(CloseCode, String)>,
     /// Server-side subscription changes for the reader to carry out (rare: empty, no heap).
     server_commands: Mutex<Vec<ServerCommand>>,
 }
@@ -184,7 +182,7 @@ impl ConnHandle {
     }
 
     /// Closes the connection with `code`; later calls keep the first reason.
-    pub fn close(&self, code: u16, reason: &str) {
+    pub fn close(&self, code: CloseCode, reason: &str) {
         let _ = self.close_reason.set((code, reason.to_owned()));
         self.shut();
     }
@@ -252,7 +250,7 @@ impl ConnHandle {
                 drop(queue);
                 metrics::counter!("roomcast_gateway_slow_consumers_total").increment(1);
                 self.close(
-                    CLOSE_SLOW_CONSUMER,
+                    CloseCode::SLOW_CONSUMER,
                     "slow consumer: outbound queue overflowed",
                 );
                 return;
@@ -836,7 +834,7 @@ mod tests {
         assert!(!a.is_closed());
         hub.dispatch(message("r", 2, "x"));
         assert!(a.is_closed());
-        assert_eq!(a.close_reason.get().unwrap().0, CLOSE_SLOW_CONSUMER);
+        assert_eq!(a.close_reason.get().unwrap().0, CloseCode::SLOW_CONSUMER);
     }
 
     #[tokio::test]
@@ -866,7 +864,7 @@ mod tests {
         let (a, ra) = conn("a", "u", 8);
         hub.add_member("r", a.clone());
         hub.set_base("r", "e", 0);
-        a.close(1001, "draining");
+        a.close(CloseCode::GOING_AWAY, "draining");
         hub.dispatch(message("r", 1, "x"));
         assert!(ra.try_recv().is_none(), "broadcasts stop at the close");
         a.reply(Outbound::frame("owed")).await;
@@ -916,7 +914,7 @@ mod tests {
         hub.apply_control(Control::Disconnect {
             user: "alice".into(),
             client_id: String::new(),
-            code: 1008,
+            code: CloseCode::POLICY_VIOLATION,
             reason: "bye".into(),
         });
         assert!(a.is_closed());

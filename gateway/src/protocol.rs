@@ -4,7 +4,9 @@
 use std::borrow::Cow;
 
 use roomcast_common::error_code::ErrorCode;
+use roomcast_common::frame::message_frame;
 use roomcast_common::room::validate_room_name;
+use roomcast_proto as pb;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -327,6 +329,31 @@ impl ServerFrame<'_> {
 pub fn raw(frame: String) -> Box<RawValue> {
     RawValue::from_string(frame)
         .unwrap_or_else(|_| RawValue::from_string("null".to_owned()).expect("null is valid JSON"))
+}
+
+/// The `message` frame of a stored message (join recovery, `history`, gap repair): the same
+/// bytes as its live broadcast.
+pub fn stored_message(room: &str, epoch: &str, message: &pb::Publication) -> String {
+    message_frame(
+        room,
+        message.offset,
+        epoch,
+        &message.user,
+        &message.client_id,
+        &message.data_json,
+    )
+}
+
+/// [`stored_message`] for each message, for `joined.missed` and `history.messages`.
+pub fn stored_messages(
+    room: &str,
+    epoch: &str,
+    messages: &[pb::Publication],
+) -> Vec<Box<RawValue>> {
+    messages
+        .iter()
+        .map(|message| raw(stored_message(room, epoch, message)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use roomcast_common::message::message_frame;
 use roomcast_proto as pb;
 use tokio::sync::mpsc;
 
 use crate::hub::{Filled, RepairRequest};
+use crate::protocol;
 use crate::server::Gateway;
 
 /// Serves gap reports until the hub is gone. One at a time: gaps are rare (a broker hiccup),
@@ -66,14 +66,7 @@ async fn fetch(gateway: &Gateway, room: &Arc<str>, since: u64) -> Option<Filled>
                 .publications
                 .into_iter()
                 .map(|p| {
-                    let frame = message_frame(
-                        room,
-                        p.offset,
-                        &history.epoch,
-                        &p.user,
-                        &p.client_id,
-                        &p.data_json,
-                    );
+                    let frame = protocol::stored_message(room, &history.epoch, &p);
                     (p.offset, p.client_id, frame)
                 })
                 .collect();

@@ -14,6 +14,7 @@ use axum::routing::get;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use roomcast_common::close_code::CloseCode;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_proto as pb;
 use serde::Deserialize;
@@ -365,7 +366,7 @@ async fn drain(gateway: &Gateway, window: Duration) {
     let pause = window / BATCHES;
     for batch in connections.chunks(batch_size) {
         for conn in batch {
-            conn.close(connection::close::GOING_AWAY, "gateway draining; reconnect");
+            conn.close(CloseCode::GOING_AWAY, "gateway draining; reconnect");
         }
         tokio::time::sleep(pause).await;
     }

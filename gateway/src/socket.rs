@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, header};
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use roomcast_common::close_code::CloseCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -205,13 +206,13 @@ pub fn ping() -> Bytes {
 }
 
 /// A close frame with `code` and `reason` (cut to fit a control frame's 125 bytes).
-pub fn close(code: u16, reason: &str) -> Bytes {
+pub fn close(code: CloseCode, reason: &str) -> Bytes {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
     let mut payload = Vec::with_capacity(2 + end);
-    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&code.get().to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..end]);
     frame(0x8, &payload)
 }
@@ -301,7 +302,7 @@ mod tests {
     #[test]
     fn close_frames_fit_a_control_frame() {
         let long = "é".repeat(200);
-        let bytes = close(4008, &long);
+        let bytes = close(CloseCode::SLOW_CONSUMER, &long);
         let (_, n, rest) = parse(&bytes);
         assert!(n <= 125);
         assert_eq!(u16::from_be_bytes([rest[0], rest[1]]), 4008);

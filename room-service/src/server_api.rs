@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use roomcast_common::close_code::CloseCode;
 use roomcast_common::envelope::{Control, encode_control};
 use roomcast_proto as pb;
 use roomcast_proto::server_api_server::ServerApi;
@@ -19,7 +20,7 @@ pub const MAX_BROADCAST_ROOMS: usize = 1000;
 /// two of them for the code).
 pub const MAX_CLOSE_REASON_LEN: usize = 123;
 /// The close code a `Disconnect` without one uses (policy violation).
-pub const DEFAULT_CLOSE_CODE: u16 = 1008;
+pub const DEFAULT_CLOSE_CODE: CloseCode = CloseCode::POLICY_VIOLATION;
 /// Longest idempotency key a backend may give, in bytes.
 pub const MAX_SERVER_IDEMPOTENCY_KEY_LEN: usize = 256;
 /// Rooms listed when `RoomsRequest.limit` is 0, and at most.
@@ -71,11 +72,6 @@ fn check_target(user: &str, client_id: &str) -> Result<(), Status> {
     }
     check_user(user, false)?;
     check_id("client_id", client_id, MAX_CLIENT_ID_LEN, false)
-}
-
-/// Accepted WebSocket close codes: the ones an endpoint may send, and the application range.
-fn valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[tonic::async_trait]
@@ -229,9 +225,10 @@ impl ServerApi for ServerApiImpl {
         check_target(&request.user, &request.client_id)?;
         let code = match request.code {
             0 => DEFAULT_CLOSE_CODE,
+            // Only codes an endpoint may send (see `CloseCode`): RFC 6455's and 3000-4999.
             code => u16::try_from(code)
                 .ok()
-                .filter(|c| valid_close_code(*c))
+                .and_then(CloseCode::new)
                 .ok_or_else(|| {
                     Status::invalid_argument(format!("{code} is not a usable WebSocket close code"))
                 })?,
@@ -520,13 +517,13 @@ mod tests {
                 Envelope::Control(Control::Disconnect {
                     user: "u1".into(),
                     client_id: String::new(),
-                    code: 1008,
+                    code: CloseCode::POLICY_VIOLATION,
                     reason: "bye".into()
                 }),
                 Envelope::Control(Control::Disconnect {
                     user: String::new(),
                     client_id: "c9".into(),
-                    code: 4001,
+                    code: CloseCode::TOKEN_EXPIRED,
                     reason: String::new()
                 }),
             ]

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use roomcast_common::broker::{BrokerEvent, RedisSubscriber, Sink, Subscriber};
-use roomcast_common::envelope::{Envelope, decode};
-use roomcast_common::message::message_frame;
-use roomcast_room::store::{HistoryLimits, Joiner, Position, RedisStore, StoreError};
+use roomcast_common::envelope::{Envelope, decode, encode_message, member_event, room_message};
+use roomcast_common::frame::{MemberEvent, message_frame};
+use roomcast_room::store::{HistoryLimits, Joiner, Position, PublishItem, RedisStore, StoreError};
 
 /// A `redis-server` child process on its own port.
 struct RedisServer {
@@ -202,41 +202,140 @@ async fn concurrent_publishers_get_contiguous_offsets_delivered_in_order() {
     }
 }
 
+/// Inputs the publish script must pass through exactly as the Rust builders write them: user
+/// ids with quotes, backslashes and non-ASCII (control characters are refused upstream, but the
+/// escaping is Rust's anyway), and data JSON in every shape the service accepts (any valid JSON,
+/// kept byte for byte: whitespace, escapes, raw unicode, empty strings, large numbers).
+fn awkward_publishes() -> Vec<(String, String, String)> {
+    let users = [
+        "al\"ice \\ ☃ 𝄞 \u{7}\ttab",
+        "u",
+        "\\\"",
+        "ünï/cødé\u{2028}\u{fffd}",
+    ];
+    let client_ids = ["gw-1/c\u{e9}", "c\"1", "gw:7\\x"];
+    let data = [
+        r#"{"text":"héllo \"world\" \u2028 ☃","n":[1,2.5e3,null,true],"o":{}}"#.to_owned(),
+        r#""""#.to_owned(),
+        r#"{"":""}"#.to_owned(),
+        "null".to_owned(),
+        "0".to_owned(),
+        "[]".to_owned(),
+        r#""\u0000\b\f\n\r\t\\\/\"\ud83d\ude00 😀""#.to_owned(),
+        "{ \"a\" : [ 1 ,\n\t2 ] ,\r\n \"b\":{\"c\":{\"d\":[[[{}]]]}} }".to_owned(),
+        "[18446744073709551616,-9223372036854775809,1e308,-0,0.000001,123456789012345678901234567890]"
+            .to_owned(),
+        format!("\"{}\"", "x\\\"y".repeat(16 * 1024)),
+    ];
+    data.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                users[i % users.len()].to_owned(),
+                client_ids[i % client_ids.len()].to_owned(),
+                d.clone(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn lua_frame_is_byte_identical_to_message_frame() {
+async fn lua_publishes_exactly_what_the_rust_frame_builders_build() {
     let server = RedisServer::start();
-    let store = store(&server, 10);
-    let user = "al\"ice \\ ☃ 𝄞 \u{7}\ttab";
-    let client_id = "gw-1/c\u{e9}";
-    let data = r#"{"text":"héllo \"world\" \u2028 ☃","n":[1,2.5e3,null,true],"o":{}}"#;
-    let (_subscriber, seen) = listen(&server, "rc:room:chat:general").await;
-    let published = store
-        .publish("chat:general", user, client_id, data)
-        .await
-        .unwrap();
-    let payload = wait_for(&seen, 1).await.remove(0);
-    let want = format!(
-        "M{} {} {client_id}\n{}",
-        published.offset,
-        published.epoch,
-        message_frame(
-            "chat:general",
-            published.offset,
-            &published.epoch,
+    let store = store(&server, 100);
+    let room = "chat:a.b_c-1";
+    let (_subscriber, seen) = listen(&server, &format!("rc:room:{room}")).await;
+    let cases = awkward_publishes();
+    let mut published = Vec::new();
+    for (user, client_id, data) in &cases {
+        published.push(store.publish(room, user, client_id, data).await.unwrap());
+    }
+    // The batched path (one pipeline of script calls) and an offset far from 1, formatted by
+    // the script's own number conversion (Lua numbers are doubles: exact up to 2^53).
+    server.command(&["SET", &format!("rc:{{{room}}}:seq"), "9007199254740000"]);
+    let items: Vec<PublishItem<'_>> = cases
+        .iter()
+        .take(3)
+        .map(|(user, client_id, data)| PublishItem {
+            room,
             user,
             client_id,
-            data
-        )
+            data_json: data,
+            once: None,
+        })
+        .collect();
+    published.extend(store.publish_many(&items).await.unwrap());
+    assert_eq!(
+        published.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        (1..=10)
+            .chain(9_007_199_254_740_001..=9_007_199_254_740_003)
+            .collect::<Vec<u64>>()
     );
-    assert_eq!(payload.as_ref(), want.as_bytes());
-    let frame: serde_json::Value = serde_json::from_str(want.split_once('\n').unwrap().1).unwrap();
-    assert_eq!(frame["user"], user);
 
-    let page = store.history("chat:general", None, 0).await.unwrap();
-    assert_eq!(page.messages.len(), 1);
-    assert_eq!(page.messages[0].user, user);
-    assert_eq!(page.messages[0].client_id, client_id);
-    assert_eq!(page.messages[0].data_json, data);
+    let payloads = wait_for(&seen, published.len()).await;
+    let inputs = cases.iter().chain(cases.iter().take(3));
+    for ((payload, p), (user, client_id, data)) in payloads.iter().zip(&published).zip(inputs) {
+        let want = room_message(room, p.offset, &p.epoch, user, client_id, data);
+        assert_eq!(payload, &want, "offset {}", p.offset);
+        let frame = message_frame(room, p.offset, &p.epoch, user, client_id, data);
+        assert_eq!(
+            payload,
+            &encode_message(p.offset, &p.epoch, client_id, &frame)
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(parsed["user"], user.as_str());
+        assert_eq!(parsed["clientId"], client_id.as_str());
+        assert_eq!(
+            parsed["data"],
+            serde_json::from_str::<serde_json::Value>(data).unwrap()
+        );
+    }
+
+    // What the gateway rebuilds from history (join recovery, `history`, gap repair) is the
+    // frame that was broadcast.
+    let page = store.history(room, Some(0), 0).await.unwrap();
+    assert_eq!(page.messages.len(), published.len());
+    for (message, payload) in page.messages.iter().zip(&payloads) {
+        let Envelope::Message { frame, .. } = decode(payload.clone()).unwrap() else {
+            panic!("not a message");
+        };
+        let rebuilt = message_frame(
+            room,
+            message.offset,
+            &page.epoch,
+            &message.user,
+            &message.client_id,
+            &message.data_json,
+        );
+        assert_eq!(
+            frame.as_ref(),
+            rebuilt.as_bytes(),
+            "offset {}",
+            message.offset
+        );
+    }
+}
+
+#[tokio::test]
+async fn member_events_are_published_as_built() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let room = "r";
+    let (_subscriber, seen) = listen(&server, "rc:room:r").await;
+    let (user, client_id) = ("al\"ice \\ ☃ 𝄞", "gw-1/c\u{e9}");
+    store
+        .join(room, joiner(client_id, user, "gw"), None)
+        .await
+        .unwrap();
+    assert!(store.leave(room, client_id, user).await.unwrap());
+    let payloads = wait_for(&seen, 2).await;
+    assert_eq!(
+        payloads,
+        vec![
+            member_event(MemberEvent::Joined, room, user, client_id),
+            member_event(MemberEvent::Left, room, user, client_id),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use roomcast_common::broker::MemoryBroker;
-use roomcast_common::envelope::{CONTROL_CHANNEL, encode_message, room_channel};
-use roomcast_common::message::message_frame;
+use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
+use roomcast_common::frame::MemberEvent;
 
 use super::{
-    GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner,
-    MEMBER_JOINED, MEMBER_LEFT, Member, Once, Position, Published, RoomStats, RoomSummary,
-    StoredMessage, member_event, new_epoch, recover,
+    GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner, Member,
+    Once, Position, Published, RoomStats, RoomSummary, StoredMessage, new_epoch, recover,
 };
 
 /// How often idle rooms and old gateway records are swept, at most.
@@ -220,11 +219,10 @@ impl MemoryStore {
         });
         stream.trim(now, &self.limits);
         let epoch = stream.epoch.clone();
-        let frame = message_frame(room, offset, &epoch, user, client_id, data_json);
         // Still under the lock: publish order is offset order.
         self.broker.publish(
             &room_channel(room),
-            encode_message(offset, &epoch, client_id, &frame),
+            room_message(room, offset, &epoch, user, client_id, data_json),
         );
         let published = Published { epoch, offset };
         if let Some((key, window)) = once_key {
@@ -264,7 +262,7 @@ impl MemoryStore {
         {
             self.broker.publish(
                 &room_channel(room),
-                member_event(MEMBER_JOINED, room, joiner.user, joiner.client_id),
+                member_event(MemberEvent::Joined, room, joiner.user, joiner.client_id),
             );
         }
         Joined {
@@ -285,7 +283,7 @@ impl MemoryStore {
         if removed {
             self.broker.publish(
                 &room_channel(room),
-                member_event(MEMBER_LEFT, room, user, client_id),
+                member_event(MemberEvent::Left, room, user, client_id),
             );
         }
         removed
@@ -311,7 +309,7 @@ impl MemoryStore {
             } else {
                 self.broker.publish(
                     &room_channel(room),
-                    member_event(MEMBER_LEFT, room, &record.user, client_id),
+                    member_event(MemberEvent::Left, room, &record.user, client_id),
                 );
                 false
             }
@@ -489,6 +487,7 @@ mod tests {
 
     use roomcast_common::broker::{BrokerEvent, Sink, Subscriber};
     use roomcast_common::envelope::{Envelope, decode};
+    use roomcast_common::frame::message_frame;
 
     use super::*;
 

@@ -458,33 +458,6 @@ pub(crate) fn recover(
     }
 }
 
-/// The `member_joined` / `member_left` frame.
-pub(crate) fn member_event_frame(kind: &str, room: &str, user: &str, client_id: &str) -> String {
-    use roomcast_common::message::push_json_string;
-    let mut out = String::with_capacity(64 + room.len() + user.len() + client_id.len());
-    out.push_str("{\"type\":");
-    push_json_string(&mut out, kind);
-    out.push_str(",\"room\":");
-    push_json_string(&mut out, room);
-    out.push_str(",\"user\":");
-    push_json_string(&mut out, user);
-    out.push_str(",\"clientId\":");
-    push_json_string(&mut out, client_id);
-    out.push('}');
-    out
-}
-
-/// The broker payload announcing a membership change; the member itself is excluded.
-pub(crate) fn member_event(kind: &str, room: &str, user: &str, client_id: &str) -> Bytes {
-    roomcast_common::envelope::encode_event(
-        client_id,
-        &member_event_frame(kind, room, user, client_id),
-    )
-}
-
-pub(crate) const MEMBER_JOINED: &str = "member_joined";
-pub(crate) const MEMBER_LEFT: &str = "member_left";
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,17 +492,6 @@ mod tests {
         assert_eq!(recover(&pos("e", 3), "e", 5, vec![msg(5)]), (false, vec![]));
         assert_eq!(recover(&pos("e", 3), "e", 5, vec![msg(4)]), (false, vec![]));
         assert_eq!(recover(&pos("e", 9), "e", 5, vec![]), (false, vec![]));
-    }
-
-    #[test]
-    fn member_event_is_json() {
-        let frame = member_event_frame(MEMBER_JOINED, "r", "a\"b", "c\n");
-        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(v["type"], "member_joined");
-        assert_eq!(v["user"], "a\"b");
-        assert_eq!(v["clientId"], "c\n");
-        let payload = member_event(MEMBER_LEFT, "r", "u", "c1");
-        assert!(payload.starts_with(b"Ec1\n{\"type\":\"member_left\""));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 -- KEYS: 1 epoch, 2 seq, 3 hist, 4 (optional) idempotency record.
 -- ARGV: 1 new epoch (used when the room has none), 2 ttl ms, 3 history size, 4 channel,
 --       5 room as a JSON string, 6 sender client id, 7 user, 8 data json,
---       9 frame tail (roomcast_common::message::message_frame_tail),
+--       9 frame tail (roomcast_common::frame::message_frame_tail),
 --       10 (with KEYS[4]) idempotency window ms.
 -- Returns {epoch, offset}: with KEYS[4] already recorded, the first publish's, and nothing is
 -- stored or broadcast again.
@@ -24,7 +24,8 @@ local now = now_ms()
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], off .. '-0',
   'u', ARGV[7], 'c', ARGV[6], 'd', ARGV[8], 't', string.format('%d', now))
 trim_aged(KEYS[3], now - tonumber(ttl))
--- Byte-identical to roomcast_common::message::message_frame; epochs are plain hex.
+-- Frame and payload are byte-identical to roomcast_common::frame::message_frame and
+-- roomcast_common::envelope::room_message (tests/redis_store.rs checks); epochs are plain hex.
 local frame = '{"type":"message","room":' .. ARGV[5] .. ',"offset":' .. off ..
   ',"epoch":"' .. epoch .. '"' .. ARGV[9]
 -- An empty channel: another broker (NATS) carries the broadcast; the caller publishes it.

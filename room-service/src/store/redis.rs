@@ -22,15 +22,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
-use roomcast_common::envelope::{CONTROL_CHANNEL, encode_message, room_channel};
-use roomcast_common::message::{message_frame, message_frame_tail};
+use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
+use roomcast_common::frame::{MemberEvent, message_frame_tail};
 use roomcast_common::nats::NatsPublisher;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner,
-    MEMBER_JOINED, MEMBER_LEFT, Member, Once, Position, PublishItem, Published, RoomStats,
-    RoomSummary, StoreError, StoredMessage, member_event, new_epoch, recover,
+    GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner, Member,
+    Once, Position, PublishItem, Published, RoomStats, RoomSummary, StoreError, StoredMessage,
+    new_epoch, recover,
 };
 
 /// Upper bound on one store operation, reconnection included: callers fail fast instead of
@@ -372,7 +372,7 @@ impl RedisStore {
         if self.nats.is_none() {
             return;
         }
-        let frame = message_frame(
+        let payload = room_message(
             item.room,
             published.offset,
             &published.epoch,
@@ -380,7 +380,6 @@ impl RedisStore {
             item.client_id,
             item.data_json,
         );
-        let payload = encode_message(published.offset, &published.epoch, item.client_id, &frame);
         self.broadcast(&room_channel(item.room), payload).await;
     }
 
@@ -396,7 +395,7 @@ impl RedisStore {
             gateway: joiner.gateway_id.to_owned(),
         })
         .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let event = member_event(MEMBER_JOINED, room, joiner.user, joiner.client_id);
+        let event = member_event(MemberEvent::Joined, room, joiner.user, joiner.client_id);
         // The first missed message's id; none when `since.offset + 1` overflows (such a
         // position cannot be recovered).
         let (since_epoch, first_missed) = match since {
@@ -467,7 +466,7 @@ impl RedisStore {
 
     pub async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
         let keys = RoomKeys::new(room);
-        let event = member_event(MEMBER_LEFT, room, user, client_id);
+        let event = member_event(MemberEvent::Left, room, user, client_id);
         let mut invocation = self.scripts.leave.prepare_invoke();
         invocation
             .key(&keys.members)
