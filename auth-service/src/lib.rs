@@ -27,13 +27,15 @@ pub use service::AuthHandler;
 pub use verifier::{ConfigError, KeyError, Verifier, VerifierConfig, VerifyError};
 
 use roomcast_common::credential::RequireBearer;
+use roomcast_common::propagation::ExtractTraceContextLayer;
 use roomcast_proto::auth_service_server::AuthServiceServer;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
 /// Serves `AuthService` on `listener` until `shutdown` resolves, then lets in-flight calls
 /// finish. Every call must carry `internal_token` (checked before any handler runs); the
-/// gRPC health service is open, for load balancers.
+/// gRPC health service is open, for load balancers. A call carrying W3C trace context runs
+/// under it ([`roomcast_common::propagation`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     verifier: Verifier,
@@ -65,6 +67,8 @@ pub async fn serve_tls(
         builder = builder.tls_config(tls)?;
     }
     builder
+        // Handler spans continue the caller's trace (while span export is on).
+        .layer(ExtractTraceContextLayer)
         .add_service(AuthServiceServer::with_interceptor(
             AuthHandler::new(verifier),
             credential,

@@ -141,7 +141,7 @@ fn mint(args: MintArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    roomcast_common::telemetry::init();
+    roomcast_common::telemetry::init_with_service("auth-service");
     let internal_token = roomcast_common::credential::validate(
         "INTERNAL_TOKEN",
         args.internal_token.as_deref(),

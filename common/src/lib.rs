@@ -17,6 +17,8 @@
 //!   `rediss://`), checked at start-up.
 //! - [`telemetry`] — logging (`RUST_LOG`, `LOG_FORMAT=json`) and OTLP span export
 //!   (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! - [`propagation`] — W3C trace context across gRPC calls (client interceptor, server layer),
+//!   on while span export is.
 
 pub mod broker;
 pub mod close_code;
@@ -26,6 +28,7 @@ pub mod error_code;
 pub mod frame;
 pub mod nats;
 pub mod ops;
+pub mod propagation;
 pub mod room;
 pub mod telemetry;
 pub mod tls;

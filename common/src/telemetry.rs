@@ -18,6 +18,13 @@
 //! exporter's timeout (10 s by default): requests never wait on it, one warning is logged when
 //! export starts failing and one info line when it works again.
 //!
+//! While export is on, W3C trace context crosses gRPC calls ([`crate::propagation`]), so a
+//! request that goes through several processes is one trace.
+//!
+//! Spans with the target [`TRACING_ONLY`] exist for export alone (the gateway's per-request
+//! spans): with export off they are switched off where they are written, so they cost a
+//! cached check, no allocation; with export on they are logged like any span too.
+//!
 //! Binaries call [`shutdown`] last thing before exiting so the spans of the final seconds are
 //! sent; it waits at most [`SHUTDOWN_TIMEOUT`] and does nothing when export is off.
 
@@ -29,11 +36,16 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing::Metadata;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::{FilterFn, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer as _, fmt};
+
+/// Target of spans that are only worth creating when they are exported (see the module).
+/// `RUST_LOG` applies to them as to any target, e.g. `info,roomcast::trace=off`.
+pub const TRACING_ONLY: &str = "roomcast::trace";
 
 /// Longest [`shutdown`] waits for the last spans to be sent.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,8 +95,12 @@ pub fn init_with_service(service_name: &str) {
             .with_filter(filter_fn(|metadata| exported_target(metadata.target())))
     });
 
+    // Without an exporter, spans that exist only for it are disabled at their call sites.
+    let tracing_only_off = otel_layer.is_none().then(tracing_only_off);
+
     let installed = tracing_subscriber::registry()
         .with(filter)
+        .with(tracing_only_off)
         .with(text_layer)
         .with(json_layer)
         .with(otel_layer)
@@ -95,6 +111,7 @@ pub fn init_with_service(service_name: &str) {
         (Some(provider), Some(endpoint)) if installed => {
             tracing::info!(%endpoint, service.name = %service_name, "exporting spans over OTLP/gRPC");
             *lock_provider() = Some(provider);
+            crate::propagation::enable();
         }
         // Another subscriber was installed first; this provider has no span to send.
         (Some(provider), _) => {
@@ -125,6 +142,11 @@ fn lock_provider() -> std::sync::MutexGuard<'static, Option<SdkTracerProvider>> 
     PROVIDER
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A global filter that turns off everything with the target [`TRACING_ONLY`].
+fn tracing_only_off() -> FilterFn<fn(&Metadata<'_>) -> bool> {
+    filter_fn(|metadata| metadata.target() != TRACING_ONLY)
 }
 
 /// The configured OTLP endpoint, if any (the trace-specific variable wins, as in the SDK).
@@ -294,6 +316,25 @@ mod tests {
         ] {
             assert!(exported_target(target), "{target}");
         }
+    }
+
+    #[test]
+    fn tracing_only_spans_are_off_without_an_exporter() {
+        use tracing::Subscriber as _;
+        use tracing::level_filters::LevelFilter;
+
+        // As `init` assembles it without an exporter.
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("info"))
+            .with(Some(tracing_only_off()))
+            .with(fmt::layer().with_writer(std::io::sink));
+        // The filter keeps the level's fast path: `debug!` stays a cached no.
+        assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::INFO));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(tracing::info_span!(target: TRACING_ONLY, "gateway.publish").is_disabled());
+            assert!(!tracing::info_span!("roomcast.v1.RoomService/Join").is_disabled());
+            assert!(tracing::enabled!(tracing::Level::INFO));
+        });
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use http::Uri;
 use roomcast_common::credential::{AttachBearer, CredentialError};
+use roomcast_common::propagation::InjectTraceContext;
 use roomcast_common::unix_millis;
 use roomcast_proto as pb;
 use roomcast_proto::auth_service_client::AuthServiceClient;
@@ -45,8 +46,18 @@ pub enum BackendConfigError {
     Credential(#[from] CredentialError),
 }
 
-/// A channel that carries the internal token on every call.
-pub type Internal = InterceptedService<Channel, AttachBearer>;
+/// A channel whose calls carry the caller's trace context (while span export is on).
+pub type Traced = InterceptedService<Channel, InjectTraceContext>;
+
+/// A channel that carries the internal token on every call, and the trace context.
+pub type Internal = InterceptedService<Traced, AttachBearer>;
+
+fn internal(channel: Channel, attach: &AttachBearer) -> Internal {
+    InterceptedService::new(
+        InterceptedService::new(channel, InjectTraceContext),
+        attach.clone(),
+    )
+}
 
 /// One resolved endpoint.
 struct Member<C> {
@@ -359,10 +370,10 @@ impl Backends {
         let room_attach = attach.clone();
         Ok(Self {
             room: Pool::new(room_urls, tls.clone(), move |channel| {
-                RoomServiceClient::with_interceptor(channel, room_attach.clone())
+                RoomServiceClient::new(internal(channel, &room_attach))
             })?,
             auth: Pool::new(auth_urls, tls, move |channel| {
-                AuthServiceClient::with_interceptor(channel, attach.clone())
+                AuthServiceClient::new(internal(channel, &attach))
             })?,
         })
     }

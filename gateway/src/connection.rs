@@ -11,6 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::error_code::ErrorCode;
+use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -18,6 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tracing::Instrument as _;
 
 use crate::hub::{ConnHandle, Local, Outbound, ServerCommand};
 use crate::limits::{TokenBucket, UserSlot};
@@ -439,7 +441,26 @@ impl Reader {
         self.join_as(id, room, since, Joining::Client).await
     }
 
+    /// A join, as one span when spans are exported: auth-service `Authorize` and room-service
+    /// `Join` (and any history pages) are its children.
     async fn join_as(
+        &mut self,
+        id: Option<u64>,
+        room: String,
+        since: Option<Position>,
+        by: Joining,
+    ) {
+        let span = tracing::info_span!(
+            target: TRACING_ONLY,
+            "gateway.join",
+            room = %room,
+            user = %self.conn.user,
+            by = ?by,
+        );
+        self.join_traced(id, room, since, by).instrument(span).await
+    }
+
+    async fn join_traced(
         &mut self,
         id: Option<u64>,
         room: String,

@@ -43,7 +43,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    roomcast_common::telemetry::init();
+    // Standalone too: the embedded services' spans then carry service.name "gateway".
+    roomcast_common::telemetry::init_with_service("gateway");
     let cli = Cli::parse();
     let drain_window = Duration::from_millis(cli.drain_window_ms);
     let result = match cli.command {

@@ -13,10 +13,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tonic::Status;
+use tracing::Instrument as _;
 
 use crate::hub::{ConnHandle, Outbound};
 use crate::protocol::ServerFrame;
@@ -197,11 +199,23 @@ impl Publishes {
             return;
         }
         metrics::histogram!("roomcast_gateway_publish_batch_size").record(publishes.len() as f64);
+        // One trace per batch (its own root, whatever the reader was doing), the room-service's
+        // `PublishBatch` its child. Disabled, as without an exporter, it costs nothing here.
+        let span = tracing::info_span!(
+            target: TRACING_ONLY,
+            parent: None,
+            "gateway.publish",
+            publishes = publishes.len(),
+            user = %publishes[0].user,
+        );
         let gateway = gateway.clone();
-        let call = tokio::spawn(async move {
-            let request = pb::PublishBatchRequest { publishes };
-            gateway.backends.publish_batch(request).await
-        });
+        let call = tokio::spawn(
+            async move {
+                let request = pb::PublishBatchRequest { publishes };
+                gateway.backends.publish_batch(request).await
+            }
+            .instrument(span),
+        );
         self.in_flight = Some((slots, call));
     }
 }

@@ -16,10 +16,12 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::ops::{self, Readiness};
+use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
 use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
 use tonic::Code;
+use tracing::Instrument as _;
 
 use crate::backend::Backends;
 use crate::config::ConnectionSettings;
@@ -115,11 +117,29 @@ fn refuse(status: StatusCode, reason: &str) -> Response {
     (status, format!("{reason}\n")).into_response()
 }
 
+/// The WebSocket handshake, as one span when spans are exported: its token check
+/// (auth-service `VerifyToken`) and per-user count (room-service `ConnectionOpened`) are its
+/// children; the connection that follows is not part of it.
 async fn websocket(
     State(gateway): State<Arc<Gateway>>,
     Query(query): Query<WsQuery>,
-    mut request: Request,
+    request: Request,
 ) -> Response {
+    let span = tracing::info_span!(
+        target: TRACING_ONLY,
+        "gateway.handshake",
+        otel.kind = "server",
+        user = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = handshake(gateway, query, request)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+async fn handshake(gateway: Arc<Gateway>, query: WsQuery, mut request: Request) -> Response {
     // Only a request over HTTP/1.1 can be upgraded.
     let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
         return refuse(StatusCode::BAD_REQUEST, "the connection cannot be upgraded");
@@ -156,7 +176,11 @@ async fn websocket(
     };
     let verified = gateway.backends.verify_token(verify).await;
     let claims = match verified {
-        Ok(verified) => verified.claims.unwrap_or_default(),
+        Ok(verified) => {
+            let claims = verified.claims.unwrap_or_default();
+            tracing::Span::current().record("user", claims.sub.as_str());
+            claims
+        }
         Err(status) if status.code() == Code::Unauthenticated => {
             return refuse(StatusCode::UNAUTHORIZED, status.message());
         }

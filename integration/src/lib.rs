@@ -10,6 +10,7 @@
 //! - [`token`]: test JWTs.
 //! - [`client`]: a WebSocket client for the JSON protocol.
 //! - [`http`]: a minimal GET for the ops endpoints.
+//! - [`otlp`]: an OTLP/gRPC collector the processes export their spans to.
 //! - [`scenarios`]: the client-visible checks, run against both flavors by `tests/`.
 //!
 //! The binaries must be built first (`cargo build --workspace`); they are looked up next to the
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod http;
 pub mod logs;
 pub mod nats;
+pub mod otlp;
 pub mod ports;
 pub mod process;
 pub mod redis;

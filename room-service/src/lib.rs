@@ -25,6 +25,7 @@ pub use service::{RoomServiceImpl, ServiceOptions};
 pub use store::{HistoryLimits, Store, StoreError};
 
 use roomcast_common::credential::RequireBearer;
+use roomcast_common::propagation::ExtractTraceContextLayer;
 use roomcast_proto::room_service_server::RoomServiceServer;
 use roomcast_proto::server_api_server::ServerApiServer;
 use tonic::transport::ServerTlsConfig;
@@ -35,6 +36,9 @@ use tonic::transport::server::TcpIncoming;
 /// - `roomcast.v1.ServerApi` behind the API key (switched off without one),
 /// - `grpc.health.v1.Health` and server reflection, open, so load balancers and `grpcurl`
 ///   work without credentials or the proto files.
+///
+/// A call carrying W3C trace context (`traceparent`) runs under it, so its handler span is the
+/// caller's child ([`roomcast_common::propagation`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: RoomServiceImpl,
@@ -92,6 +96,8 @@ pub async fn serve_with(
         builder = builder.tls_config(tls)?;
     }
     builder
+        // Handler spans continue the caller's trace (while span export is on).
+        .layer(ExtractTraceContextLayer)
         .add_service(RoomServiceServer::with_interceptor(service, internal))
         .add_service(ServerApiServer::with_interceptor(server_api, api_key))
         .add_service(health)

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 const READINESS_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    roomcast_common::telemetry::init();
+    roomcast_common::telemetry::init_with_service("room-service");
     let config = Config::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
