@@ -236,6 +236,12 @@ impl RedisStore {
         self.limits
     }
 
+    /// Runs one command, bounded like every store operation.
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        self.run(command.query_async(&mut connection)).await
+    }
+
     /// Runs one Redis operation within [`OP_TIMEOUT`].
     async fn run<T>(&self, op: impl Future<Output = RedisResult<T>>) -> Result<T, StoreError> {
         match tokio::time::timeout(OP_TIMEOUT, op).await {
@@ -433,15 +439,12 @@ impl RedisStore {
         }
         // Index for the sweeper: the rooms this gateway has members in. A separate command,
         // since the index key lives outside the room's hash slot.
-        let mut connection = self.connection.clone();
         let indexed: Result<(), StoreError> = self
-            .run(async move {
+            .query(
                 redis::cmd("SADD")
                     .arg(gateway_rooms_key(joiner.gateway_id))
-                    .arg(room)
-                    .query_async::<()>(&mut connection)
-                    .await
-            })
+                    .arg(room),
+            )
             .await;
         if let Err(error) = indexed {
             // Presence reads still find the member when its gateway dies; only the sweep
@@ -485,15 +488,8 @@ impl RedisStore {
 
     pub async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
         let keys = RoomKeys::new(room);
-        let mut connection = self.connection.clone();
-        let fields: HashMap<String, String> = self
-            .run(async move {
-                redis::cmd("HGETALL")
-                    .arg(&keys.members)
-                    .query_async(&mut connection)
-                    .await
-            })
-            .await?;
+        let fields: HashMap<String, String> =
+            self.query(redis::cmd("HGETALL").arg(&keys.members)).await?;
         let mut members: Vec<(String, MemberRecord)> = fields
             .into_iter()
             .filter_map(|(client_id, json)| match serde_json::from_str(&json) {
@@ -597,15 +593,12 @@ impl RedisStore {
 
     pub async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
         let keys = RoomKeys::new(room);
-        let mut connection = self.connection.clone();
-        self.run(async move {
+        self.query::<u64>(
             redis::cmd("DEL")
                 .arg(&keys.epoch)
                 .arg(&keys.seq)
-                .arg(&keys.hist)
-                .query_async::<u64>(&mut connection)
-                .await
-        })
+                .arg(&keys.hist),
+        )
         .await?;
         Ok(())
     }
@@ -752,16 +745,7 @@ impl RedisStore {
             .await?;
         if count <= 0 {
             // Refused: drop what dead gateways left behind, then try once more.
-            let mut connection = self.connection.clone();
-            let key2 = key.clone();
-            let held: HashMap<String, String> = self
-                .run(async move {
-                    redis::cmd("HGETALL")
-                        .arg(&key2)
-                        .query_async(&mut connection)
-                        .await
-                })
-                .await?;
+            let held: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
             let dead = self
                 .dead_among(held.values().map(String::as_str).collect())
                 .await?;
@@ -773,16 +757,8 @@ impl RedisStore {
             if stale.is_empty() {
                 return Ok(Err(count.unsigned_abs()));
             }
-            let mut connection = self.connection.clone();
-            let key2 = key.clone();
-            self.run(async move {
-                redis::cmd("HDEL")
-                    .arg(&key2)
-                    .arg(&stale)
-                    .query_async::<()>(&mut connection)
-                    .await
-            })
-            .await?;
+            self.query::<()>(redis::cmd("HDEL").arg(&key).arg(&stale))
+                .await?;
             count = self
                 .count_connection(&key, client_id, gateway, limit)
                 .await?;
@@ -825,16 +801,7 @@ impl RedisStore {
         gateway: &str,
     ) -> Result<(), StoreError> {
         let key = user_connections_key(user);
-        let mut connection = self.connection.clone();
-        let key2 = key.clone();
-        let held: HashMap<String, String> = self
-            .run(async move {
-                redis::cmd("HGETALL")
-                    .arg(&key2)
-                    .query_async(&mut connection)
-                    .await
-            })
-            .await?;
+        let held: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
         let stale: Vec<&String> = held
             .iter()
             .filter(|(_, g)| g.as_str() == gateway)
@@ -870,42 +837,23 @@ impl RedisStore {
 
     pub async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
         let now = roomcast_common::unix_millis();
-        let mut connection = self.connection.clone();
         let dead: Vec<String> = self
-            .run(async move {
+            .query(
                 redis::cmd("ZRANGEBYSCORE")
                     .arg(GATEWAY_LEASES_KEY)
                     .arg("(0")
-                    .arg(now)
-                    .query_async(&mut connection)
-                    .await
-            })
+                    .arg(now),
+            )
             .await?;
         for gateway in &dead {
             let key = gateway_rooms_key(gateway);
-            let mut connection = self.connection.clone();
-            let rooms: Vec<String> = self
-                .run(async move {
-                    redis::cmd("SMEMBERS")
-                        .arg(&key)
-                        .query_async(&mut connection)
-                        .await
-                })
-                .await?;
+            let rooms: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&key)).await?;
             for room in &rooms {
                 // Reading presence drops (and announces) members of dead gateways.
                 self.presence(room).await?;
             }
             let users_key = gateway_users_key(gateway);
-            let mut connection = self.connection.clone();
-            let users: Vec<String> = self
-                .run(async move {
-                    redis::cmd("SMEMBERS")
-                        .arg(&users_key)
-                        .query_async(&mut connection)
-                        .await
-                })
-                .await?;
+            let users: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&users_key)).await?;
             for user in &users {
                 self.forget_gateway_connections(user, gateway).await?;
             }
