@@ -16,6 +16,7 @@
 //! The binaries must be built first (`cargo build --workspace`); they are looked up next to the
 //! running executable or in `ROOMCAST_BIN_DIR`.
 
+pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod http;
