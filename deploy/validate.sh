@@ -129,7 +129,7 @@ if [ $healthy -eq 0 ] && ! deploy/docker/healthcheck.sh "$port" /readyz \
    && ! deploy/docker/healthcheck.sh "$port" /no-such-path; then
   ok "roomcast-healthcheck: 0 for a ready gateway, 1 for a closed port"
 else
-  fail "roomcast-healthcheck against a standalone gateway on port $port"
+  fail "roomcast-healthcheck against roomcast standalone on port $port"
 fi
 
 "$PY" deploy/check.py --kubectl "$KUBECTL" --bin-dir "$BIN_DIR" | tee "$TOOLS/check.log"
