@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# One image with the three binaries (gateway, room-service, auth-service); the container's
-# command picks the role. Build: docker build -t roomcast:dev .
+# One image with the Roomcast binaries (gateway, room-service, auth-service, and roomcast for
+# standalone mode); the container's command picks the role. Build: docker build -t roomcast:dev .
 #
 # Stages: `chef` has cargo-chef; `planner` reduces the workspace to a recipe of its
 # dependencies; `build` compiles the dependencies from the recipe alone (a layer that a change
@@ -20,11 +20,12 @@ FROM chef AS build
 COPY --from=planner /src/recipe.json recipe.json
 # Dependencies only: rebuilt when Cargo.toml or Cargo.lock change, not when a .rs file does.
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-        -p roomcast-gateway -p roomcast-room -p roomcast-auth
+        -p roomcast-gateway -p roomcast-room -p roomcast-auth -p roomcast
 COPY . .
-RUN cargo build --release --locked -p roomcast-gateway -p roomcast-room -p roomcast-auth \
+RUN cargo build --release --locked -p roomcast-gateway -p roomcast-room -p roomcast-auth -p roomcast \
     && mkdir -p /out \
-    && cp target/release/gateway target/release/room-service target/release/auth-service /out/
+    && cp target/release/gateway target/release/room-service target/release/auth-service \
+        target/release/roomcast /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # Root certificates for an https:// JWKS_URL; nothing else beyond the base (bash, for the
@@ -50,4 +51,4 @@ EXPOSE 8080 50051 50052 9101 9102
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["roomcast-healthcheck", "8080", "/readyz"]
 STOPSIGNAL SIGTERM
-CMD ["gateway", "standalone"]
+CMD ["roomcast", "standalone"]

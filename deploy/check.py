@@ -19,7 +19,7 @@ import sys
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARIES = ("gateway", "room-service", "auth-service")
+BINARIES = ("gateway", "room-service", "auth-service", "roomcast")
 # Read by every binary outside its command line parser (common/src/telemetry.rs, the tracing
 # filter); each must still appear in the sources, so this list cannot outlive a rename.
 NON_CLAP_ENV = {
@@ -109,7 +109,7 @@ def binary_command(container_or_service):
         command = command.split()
     if not command or command[0] not in BINARIES:
         return None
-    # Subcommands (`gateway standalone`) have their own settings; options are not subcommands.
+    # Subcommands (`roomcast standalone`) have their own settings; options are not subcommands.
     return [command[0]] + [c for c in command[1:2] if not c.startswith("-")]
 
 

@@ -86,8 +86,8 @@ if [ ! -x "$haproxy_bin" ] && command -v apt-get >/dev/null 2>&1; then
 fi
 
 # The binaries whose --help lists their settings (a no-op when scripts/test.sh built them).
-cargo build --locked -q -p roomcast-gateway -p roomcast-room -p roomcast-auth \
-  || die "cargo build of gateway, room-service, auth-service failed"
+cargo build --locked -q -p roomcast-gateway -p roomcast-room -p roomcast-auth -p roomcast \
+  || die "cargo build of gateway, room-service, auth-service, roomcast failed"
 BIN_DIR="$ROOT/target/debug"
 
 # --- checks ------------------------------------------------------------------------------------
@@ -113,11 +113,11 @@ else
   fail "haproxy could not be fetched from Debian's packages (apt-get download haproxy)"
 fi
 
-# The image's health check script against a real gateway (standalone, on a free port).
+# The image's health check script against a real gateway (`roomcast standalone`, on a free port).
 port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 api_port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 GATEWAY_ADDR=127.0.0.1:$port ROOM_SERVICE_ADDR=127.0.0.1:$api_port RUST_LOG=warn \
-  "$BIN_DIR/gateway" standalone >/dev/null 2>&1 &
+  "$BIN_DIR/roomcast" standalone >/dev/null 2>&1 &
 gw_pid=$!
 healthy=1
 for _ in $(seq 50); do
@@ -129,7 +129,7 @@ if [ $healthy -eq 0 ] && ! deploy/docker/healthcheck.sh "$port" /readyz \
    && ! deploy/docker/healthcheck.sh "$port" /no-such-path; then
   ok "roomcast-healthcheck: 0 for a ready gateway, 1 for a closed port"
 else
-  fail "roomcast-healthcheck against a standalone gateway on port $port"
+  fail "roomcast-healthcheck against roomcast standalone on port $port"
 fi
 
 "$PY" deploy/check.py --kubectl "$KUBECTL" --bin-dir "$BIN_DIR" | tee "$TOOLS/check.log"

@@ -13,7 +13,8 @@
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
 //! - [`config`] — settings from flags and environment;
-//! - [`standalone`] — the whole system in one process, in memory.
+//! - [`run`] — the wiring of the above into one running gateway, shared by the `gateway`
+//!   binary and standalone mode (the `roomcast` crate).
 
 pub mod backend;
 pub mod config;
@@ -24,7 +25,9 @@ pub mod memory;
 pub mod pipeline;
 pub mod protocol;
 pub mod repair;
+pub mod run;
 pub mod server;
 pub mod socket;
-pub mod standalone;
 pub mod subscriptions;
+
+pub use run::{Bound, RunConfig, bind, run};

@@ -1,23 +1,15 @@
-//! `gateway`: a cluster gateway (default) or, with `standalone`, the whole system in one
-//! process.
+//! `gateway`: a cluster gateway. (Standalone mode, the whole system in one process, is the
+//! `roomcast` binary.)
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use roomcast_common::broker::{RedisSubscriber, Sink, Subscriber, resp3_url};
-use roomcast_common::envelope::CONTROL_CHANNEL;
 use roomcast_common::nats::NatsSubscriber;
-use roomcast_common::ops::Readiness;
 use roomcast_common::tls;
+use roomcast_gateway::RunConfig;
 use roomcast_gateway::backend::Backends;
 use roomcast_gateway::config::{GatewayConfig, gateway_id};
-use roomcast_gateway::hub::Hub;
-use roomcast_gateway::repair;
-use roomcast_gateway::server::{self, Gateway};
-use roomcast_gateway::standalone::{self, StandaloneConfig};
-use roomcast_gateway::subscriptions::Subscriptions;
 
 #[derive(Parser)]
 #[command(
@@ -26,8 +18,6 @@ use roomcast_gateway::subscriptions::Subscriptions;
     about = "Roomcast gateway: holds WebSockets"
 )]
 struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
     #[command(flatten)]
     gateway: GatewayConfig,
     /// Time over which connections are closed (1001) when draining on SIGTERM.
@@ -35,22 +25,16 @@ struct Cli {
     drain_window_ms: u64,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Everything in one process with an in-memory store and broker: for trying Roomcast.
-    Standalone(StandaloneConfig),
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Standalone too: the embedded services' spans then carry service.name "gateway".
+    if std::env::args().nth(1).as_deref() == Some("standalone") {
+        eprintln!("error: `gateway standalone` is now `roomcast standalone` (the roomcast binary)");
+        std::process::exit(2);
+    }
     roomcast_common::telemetry::init_with_service("gateway");
     let cli = Cli::parse();
     let drain_window = Duration::from_millis(cli.drain_window_ms);
-    let result = match cli.command {
-        Some(Command::Standalone(config)) => standalone::run(config, shutdown_signal()).await,
-        None => run_cluster_gateway(cli.gateway, drain_window).await,
-    };
+    let result = run_cluster_gateway(cli.gateway, drain_window).await;
     // Sends the spans still queued; it blocks (bounded), so off the async workers.
     let _ = tokio::task::spawn_blocking(roomcast_common::telemetry::shutdown).await;
     result
@@ -92,49 +76,21 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         ("GATEWAY_TLS_CERT_FILE", config.tls_cert_file.as_deref()),
         ("GATEWAY_TLS_KEY_FILE", config.tls_key_file.as_deref()),
     )?;
-    let (hub, repairs) = Hub::new();
-    let hub = Arc::new(hub);
-    let sink: Sink = {
-        let hub = hub.clone();
-        Arc::new(move |event| hub.dispatch(event))
-    };
-    let readiness = Readiness::default();
-    let subscriber = connect_broker(broker_url, redis, sink).await;
-    subscriber
-        .subscribe(CONTROL_CHANNEL)
-        .await
-        .context("subscribing to the control channel")?;
     let backends = Backends::new(
         &config.room_service_url,
         &config.auth_service_url,
         &internal_token,
         grpc_tls,
     )?;
-    let subscriptions = Subscriptions::start(
-        subscriber,
-        readiness.clone(),
-        Duration::from_secs(1),
-        hub.clone(),
-    );
-    let gateway = Arc::new(Gateway::new(
+    let run = RunConfig {
         id,
-        hub,
-        subscriptions,
-        backends,
-        config.connection,
-        readiness.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("binding {}", config.addr))?;
-    let scheme = if listener_tls.is_some() { "wss" } else { "ws" };
-    tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, scheme, "listening");
-    tokio::spawn(server::heartbeat_loop(gateway.clone()));
-    let resolving = gateway.clone();
-    tokio::spawn(async move { resolving.backends.keep_resolved().await });
-    tokio::spawn(repair::run(gateway.clone(), repairs));
-    let acceptor = listener_tls.map(tokio_rustls::TlsAcceptor::from);
-    server::serve(listener, gateway, shutdown_signal(), drain_window, acceptor).await?;
+        addr: config.addr,
+        connection: config.connection,
+        drain_window,
+        tls: listener_tls,
+    };
+    let broker = async |sink| Ok(connect_broker(broker_url, redis, sink).await);
+    roomcast_gateway::run(run, broker, backends, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::process::{ChildProcess, Spawn, binary};
 use crate::redis::RedisServer;
 use crate::tls;
 
-/// Settings of a system. The standalone gateway uses the client-visible subset (heartbeats,
+/// Settings of a system. Standalone mode (`roomcast`) uses the client-visible subset (heartbeats,
 /// frame limit, secret, origins).
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -26,7 +26,7 @@ pub struct ClusterOptions {
     pub api_key: String,
     /// `INTERNAL_TOKEN` of every process; made up per cluster.
     pub internal_token: String,
-    /// HS256 secret shared by auth-service (or the standalone gateway) and the token helpers.
+    /// HS256 secret shared by auth-service (or standalone mode) and the token helpers.
     pub secret: String,
     pub history_size: u64,
     pub history_ttl_seconds: u64,

@@ -1,5 +1,5 @@
 //! End-to-end test harness for Roomcast: starts real processes (redis-server, auth-service,
-//! room-services, gateways, or `gateway standalone`) on free ports and talks to them as clients
+//! room-services, gateways, or `roomcast standalone`) on free ports and talks to them as clients
 //! do.
 //!
 //! - [`ports`]: free ports, never handed out twice in one run.

@@ -1,4 +1,4 @@
-//! `gateway standalone`: the whole system in one process, in-memory store and broker.
+//! `roomcast standalone`: the whole system in one process, in-memory store and broker.
 
 use anyhow::Result;
 
@@ -19,7 +19,7 @@ pub struct Standalone {
 }
 
 impl Standalone {
-    /// Starts `gateway standalone` and waits until it is ready; logs as for
+    /// Starts `roomcast standalone` and waits until it is ready; logs as for
     /// [`Cluster::start`](crate::Cluster::start).
     pub async fn start(opts: ClusterOptions) -> Result<Standalone> {
         Self::start_in(opts, LogDir::for_test("standalone")?).await
@@ -38,7 +38,7 @@ impl Standalone {
             Err(e) => {
                 log_dir.keep();
                 Err(e.context(format!(
-                    "starting gateway standalone (logs kept in {})",
+                    "starting roomcast standalone (logs kept in {})",
                     log_dir.path().display()
                 )))
             }
@@ -53,7 +53,7 @@ impl Standalone {
         // The embedded room-service serves the server API; its default port would collide
         // between standalones running side by side.
         let grpc_port = opts.ports.port(PortRole::RoomGrpc(0))?;
-        let spec = Spawn::new("standalone", binary("gateway")?, log_dir.path())
+        let spec = Spawn::new("standalone", binary("roomcast")?, log_dir.path())
             .arg("standalone")
             .env("JWT_SECRET", &opts.secret)
             .env("ROOM_SERVICE_ADDR", format!("127.0.0.1:{grpc_port}"))

@@ -1,4 +1,4 @@
-//! The client-visible contract against `gateway standalone` (one process, in-memory store and
+//! The client-visible contract against `roomcast standalone` (one process, in-memory store and
 //! broker).
 
 #[macro_use]

@@ -1,4 +1,4 @@
-//! Short real runs of every scenario against a `gateway standalone` started for the test
+//! Short real runs of every scenario against a `roomcast standalone` started for the test
 //! (build the workspace first: `cargo build --workspace`). Each system is killed when its test
 //! ends, pass or fail, and each run is bounded.
 
@@ -14,7 +14,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 async fn standalone() -> Standalone {
     Standalone::start(ClusterOptions::default())
         .await
-        .expect("starting gateway standalone")
+        .expect("starting roomcast standalone")
 }
 
 /// Runs loadgen with `args`; returns exit success, stdout and stderr.

@@ -11,9 +11,9 @@
 //! - [`serve`] / [`serve_with`]: run the gRPC server on a listener until shutdown, plain or
 //!   over TLS (`GRPC_TLS_*`).
 //!
-//! The service is stateless: run as many instances as needed against one Redis. The gateway's
-//! standalone mode builds a memory-backed service in-process with [`store::Store::memory`] and
-//! [`service::RoomServiceImpl::new`].
+//! The service is stateless: run as many instances as needed against one Redis. Standalone
+//! mode (the `roomcast` crate) builds a memory-backed service in-process with
+//! [`store::Store::memory`] and [`service::RoomServiceImpl::new`].
 
 pub mod config;
 pub mod server_api;

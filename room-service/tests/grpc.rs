@@ -1,4 +1,4 @@
-//! The service over a real gRPC connection, memory-backed: what the gateway's standalone mode
+//! The service over a real gRPC connection, memory-backed: what standalone mode (`roomcast`)
 //! runs in-process. Checks the trust boundary: each service opens only with its own credential.
 
 use std::time::Duration;

@@ -3,21 +3,14 @@
 //! on loopback ports, so every client-visible rule is the cluster's.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use roomcast_common::broker::{MemoryBroker, Sink, Subscriber};
-use roomcast_common::envelope::CONTROL_CHANNEL;
-use roomcast_common::ops::Readiness;
-
-use crate::backend::Backends;
-use crate::config::{ConnectionSettings, gateway_id};
-use crate::hub::Hub;
-use crate::repair;
-use crate::server::{self, Gateway};
-use crate::subscriptions::Subscriptions;
+use roomcast_common::broker::{MemoryBroker, Subscriber};
+use roomcast_gateway::RunConfig;
+use roomcast_gateway::backend::Backends;
+use roomcast_gateway::config::{ConnectionSettings, gateway_id};
 
 #[derive(Debug, Clone, Args)]
 pub struct StandaloneConfig {
@@ -101,39 +94,22 @@ pub async fn run(
     tokio::spawn(roomcast_room::serve(room_listener, service, stop_signal()));
 
     // The gateway, subscribed to the in-memory broker.
-    let (hub, repairs) = Hub::new();
-    let hub = Arc::new(hub);
-    let sink: Sink = {
-        let hub = hub.clone();
-        Arc::new(move |event| hub.dispatch(event))
-    };
-    let subscriber = Subscriber::Memory(broker.subscriber(sink));
-    subscriber.subscribe(CONTROL_CHANNEL).await?;
     let backends = Backends::new(
         &format!("http://{room_addr}"),
         &format!("http://{auth_addr}"),
         &internal_token,
         None,
     )?;
-    let readiness = Readiness::default();
-    let subscriptions = Subscriptions::start(
-        subscriber,
-        readiness.clone(),
-        Duration::from_secs(1),
-        hub.clone(),
-    );
-    let gateway = Arc::new(Gateway::new(
-        gateway_id(None)?,
-        hub,
-        subscriptions,
-        backends,
-        config.connection.clone(),
-        readiness.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;
-    let addr = listener.local_addr()?;
+    let run = RunConfig {
+        id: gateway_id(None)?,
+        addr: config.addr,
+        connection: config.connection.clone(),
+        drain_window: Duration::from_millis(500),
+        tls: None,
+    };
+    let subscriber = async |sink| Ok(Subscriber::Memory(broker.subscriber(sink)));
+    let gateway = roomcast_gateway::bind(run, subscriber, backends).await?;
+    let addr = gateway.local_addr()?;
     let token =
         roomcast_auth::mint_hs256(secret.as_bytes(), &config.dev_user, 24 * 3600, None, None)?;
     println!("Roomcast standalone is running.");
@@ -144,17 +120,7 @@ pub async fn run(
     if config.jwt_secret.is_none() {
         println!("  JWT_SECRET was not set; this run's secret: {secret}");
     }
-    tracing::info!(%addr, "listening");
-    tokio::spawn(server::heartbeat_loop(gateway.clone()));
-    tokio::spawn(repair::run(gateway.clone(), repairs));
-    server::serve(
-        listener,
-        gateway,
-        shutdown,
-        Duration::from_millis(500),
-        None,
-    )
-    .await?;
+    gateway.serve(shutdown).await?;
     let _ = stop.send(true);
     Ok(())
 }

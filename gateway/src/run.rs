@@ -1,0 +1,133 @@
+//! One gateway's wiring, the same for a cluster gateway and standalone mode: the hub, the
+//! broker subscriptions, the backends, the shared [`Gateway`] state, the background loops
+//! (lease heartbeat, name resolution, gap repair) and the HTTP server. A caller chooses only
+//! the broker (how to subscribe a sink) and the backends (where the services are).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use roomcast_common::broker::{Sink, Subscriber};
+use roomcast_common::envelope::CONTROL_CHANNEL;
+use roomcast_common::ops::Readiness;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::backend::Backends;
+use crate::config::ConnectionSettings;
+use crate::hub::{Hub, RepairRequest};
+use crate::repair;
+use crate::server::{self, Gateway};
+use crate::subscriptions::Subscriptions;
+
+/// What a running gateway is, besides its broker and backends.
+pub struct RunConfig {
+    /// `GATEWAY_ID`, checked.
+    pub id: String,
+    /// `GATEWAY_ADDR`: HTTP + WebSocket listen address.
+    pub addr: SocketAddr,
+    pub connection: ConnectionSettings,
+    /// Time over which connections are closed (1001) when draining.
+    pub drain_window: Duration,
+    /// The listener's TLS (`GATEWAY_TLS_*`); `None` serves plain HTTP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// A gateway subscribed to its broker and bound to its address, not serving yet.
+pub struct Bound {
+    gateway: Arc<Gateway>,
+    repairs: mpsc::UnboundedReceiver<RepairRequest>,
+    listener: TcpListener,
+    drain_window: Duration,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// Subscribes to the broker (`broker` turns the hub's sink into a subscriber), builds the
+/// shared state and binds the listen address.
+pub async fn bind<B, F>(config: RunConfig, broker: B, backends: Backends) -> anyhow::Result<Bound>
+where
+    B: FnOnce(Sink) -> F,
+    F: Future<Output = anyhow::Result<Subscriber>>,
+{
+    let (hub, repairs) = Hub::new();
+    let hub = Arc::new(hub);
+    let sink: Sink = {
+        let hub = hub.clone();
+        Arc::new(move |event| hub.dispatch(event))
+    };
+    let readiness = Readiness::default();
+    let subscriber = broker(sink).await?;
+    subscriber
+        .subscribe(CONTROL_CHANNEL)
+        .await
+        .context("subscribing to the control channel")?;
+    let subscriptions = Subscriptions::start(
+        subscriber,
+        readiness.clone(),
+        Duration::from_secs(1),
+        hub.clone(),
+    );
+    let gateway = Arc::new(Gateway::new(
+        config.id,
+        hub,
+        subscriptions,
+        backends,
+        config.connection,
+        readiness,
+    ));
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;
+    Ok(Bound {
+        gateway,
+        repairs,
+        listener,
+        drain_window: config.drain_window,
+        tls: config.tls,
+    })
+}
+
+impl Bound {
+    /// The address the listener got (GATEWAY_ADDR with port 0 picks one).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Bound {
+            gateway,
+            repairs,
+            listener,
+            drain_window,
+            tls,
+        } = self;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, scheme, "listening");
+        tokio::spawn(server::heartbeat_loop(gateway.clone()));
+        let resolving = gateway.clone();
+        tokio::spawn(async move { resolving.backends.keep_resolved().await });
+        tokio::spawn(repair::run(gateway.clone(), repairs));
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        server::serve(listener, gateway, shutdown, drain_window, acceptor).await?;
+        Ok(())
+    }
+}
+
+/// [`bind`], then [`Bound::serve`] until `shutdown`.
+pub async fn run<B, F>(
+    config: RunConfig,
+    broker: B,
+    backends: Backends,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    B: FnOnce(Sink) -> F,
+    F: Future<Output = anyhow::Result<Subscriber>>,
+{
+    bind(config, broker, backends).await?.serve(shutdown).await
+}

@@ -1,0 +1,56 @@
+//! `roomcast`: the composition root of standalone mode. It wires the in-memory store and
+//! broker, auth-service, room-service and a gateway into one process, for trying Roomcast on
+//! a laptop. `roomcast` and `roomcast standalone` are the same.
+
+mod standalone;
+
+use clap::{Parser, Subcommand};
+use standalone::StandaloneConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "roomcast",
+    version,
+    about = "Roomcast in one process: gateway, room-service and auth-service, in memory",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    standalone: StandaloneConfig,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process with an in-memory store and broker: for trying Roomcast.
+    Standalone(StandaloneConfig),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // The embedded services' spans carry service.name "gateway", as they always have.
+    roomcast_common::telemetry::init_with_service("gateway");
+    let cli = Cli::parse();
+    let config = match cli.command {
+        Some(Command::Standalone(config)) => config,
+        None => cli.standalone,
+    };
+    let result = standalone::run(config, shutdown_signal()).await;
+    // Sends the spans still queued; it blocks (bounded), so off the async workers.
+    let _ = tokio::task::spawn_blocking(roomcast_common::telemetry::shutdown).await;
+    result
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
