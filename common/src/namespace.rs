@@ -85,20 +85,20 @@ impl NamespaceOptions {
 /// Why a namespaces file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
-    #[error("NAMESPACES_FILE {path}: cannot read: {source}")]
+    // The cause is part of the one-line message (not a `source`), so `{:#}` does not repeat it.
+    #[error("NAMESPACES_FILE {}: cannot read: {error}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("NAMESPACES_FILE {path}: {source}")]
+    #[error("NAMESPACES_FILE {}: not a valid namespaces file: {error}", path.display())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(
-        "NAMESPACES_FILE {path}: bad namespace name {name:?} (1-127 of A-Z a-z 0-9 _ . -, no ':')"
+        "NAMESPACES_FILE {}: bad namespace name {name:?} (1-127 of A-Z a-z 0-9 _ . -, no ':')",
+        path.display()
     )]
     BadName { path: PathBuf, name: String },
 }
@@ -131,18 +131,18 @@ impl Namespaces {
 
     /// Reads and checks a namespaces file.
     pub fn from_file(path: &Path) -> Result<Self, NamespaceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| NamespaceError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| NamespaceError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }
 
     /// Parses the file's text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, NamespaceError> {
-        let file: File = serde_json::from_str(text).map_err(|source| NamespaceError::Parse {
+        let file: File = serde_json::from_str(text).map_err(|error| NamespaceError::Parse {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         for name in file.namespaces.keys() {
             let valid = !name.is_empty()
@@ -226,7 +226,10 @@ mod tests {
         assert_eq!(d.history_size, None);
         assert!(!d.presence);
         assert!(d.member_events);
-        assert!(!d.announces_members(), "presence off silences member events");
+        assert!(
+            !d.announces_members(),
+            "presence off silences member events"
+        );
         assert!(!ns.is_trivial());
         assert!(parse("{}").unwrap().is_trivial());
         assert!(Namespaces::default().is_trivial());
@@ -255,7 +258,10 @@ mod tests {
             parse(r#"{"namespaces": {"a": {"history_size": -1}}}"#),
             Err(NamespaceError::Parse { .. })
         ));
-        assert!(matches!(parse("not json"), Err(NamespaceError::Parse { .. })));
+        assert!(matches!(
+            parse("not json"),
+            Err(NamespaceError::Parse { .. })
+        ));
         assert!(matches!(
             Namespaces::from_file(Path::new("/nonexistent/ns.json")),
             Err(NamespaceError::Read { .. })
