@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> anyhow::Result<()> {
     config.connection.validate()?;
+    let namespaces = config.connection.namespaces()?;
     let internal_token = roomcast_common::credential::validate(
         "INTERNAL_TOKEN",
         config.internal_token.as_deref(),
@@ -116,14 +117,17 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         Duration::from_secs(1),
         hub.clone(),
     );
-    let gateway = Arc::new(Gateway::new(
-        id,
-        hub,
-        subscriptions,
-        backends,
-        config.connection,
-        readiness.clone(),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            id,
+            hub,
+            subscriptions,
+            backends,
+            config.connection,
+            readiness.clone(),
+        )
+        .with_namespaces(namespaces),
+    );
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;

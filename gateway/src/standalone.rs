@@ -51,6 +51,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.connection.validate()?;
+    let namespaces = config.connection.namespaces()?;
     let secret = config
         .jwt_secret
         .clone()
@@ -89,7 +90,8 @@ pub async fn run(
             size: config.history_size,
             ttl: Duration::from_secs(config.history_ttl_seconds),
         },
-    );
+    )
+    .with_namespaces(namespaces.clone());
     let service = roomcast_room::service::RoomServiceImpl::new(
         store,
         roomcast_room::service::ServiceOptions {
@@ -122,14 +124,17 @@ pub async fn run(
         Duration::from_secs(1),
         hub.clone(),
     );
-    let gateway = Arc::new(Gateway::new(
-        gateway_id(None)?,
-        hub,
-        subscriptions,
-        backends,
-        config.connection.clone(),
-        readiness.clone(),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            gateway_id(None)?,
+            hub,
+            subscriptions,
+            backends,
+            config.connection.clone(),
+            readiness.clone(),
+        )
+        .with_namespaces(namespaces),
+    );
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;
