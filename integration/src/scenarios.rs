@@ -1965,7 +1965,7 @@ async fn no_member_events(c: &mut TestClient, room: &str, why: &str) -> Result<(
     Ok(())
 }
 
-/// 26. Namespaces (§1.6): client publish off (`forbidden`, the server API still publishes),
+/// Namespaces (§1.6): client publish off (`forbidden`, the server API still publishes),
 /// presence off (`forbidden`, no member events), no history (no recovery, empty history),
 /// member events off (presence still answers); other rooms keep the global settings.
 pub async fn namespaces(sys: &mut System) -> Result<()> {
