@@ -5,6 +5,8 @@
 //! - [`credential`] — bearer credentials on gRPC calls (internal token, API key), checked in
 //!   an interceptor.
 //! - [`envelope`] — the bytes that travel on the broker, and the channel names.
+//! - [`namespace`] — namespaces (`NAMESPACES_FILE`): per-room-family options looked up by
+//!   room name.
 //! - [`nats`] — NATS as the pub/sub leg instead of Redis pub/sub.
 //! - [`frame`] — the client frames more than one crate builds (`message`, `member_joined`,
 //!   `member_left`), each in exactly one shape everywhere.
@@ -26,6 +28,7 @@ pub mod credential;
 pub mod envelope;
 pub mod error_code;
 pub mod frame;
+pub mod namespace;
 pub mod nats;
 pub mod ops;
 pub mod propagation;

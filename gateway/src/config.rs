@@ -21,6 +21,10 @@ pub struct ConnectionSettings {
     /// Comma-separated origins allowed for browser handshakes; empty allows any.
     #[arg(long, env = "ALLOWED_ORIGINS", default_value = "")]
     pub allowed_origins: String,
+    /// JSON file of per-namespace options; the gateway applies `client_publish` and `presence`
+    /// to client commands. Unset: every room gets the global settings.
+    #[arg(long, env = "NAMESPACES_FILE")]
+    pub namespaces_file: Option<std::path::PathBuf>,
     /// Largest client frame; larger ones close the connection with 1009.
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
@@ -78,6 +82,19 @@ pub enum ConfigError {
 }
 
 impl ConnectionSettings {
+    /// The namespaces of `NAMESPACES_FILE`, or the default namespace alone.
+    pub fn namespaces(
+        &self,
+    ) -> Result<
+        std::sync::Arc<roomcast_common::namespace::Namespaces>,
+        roomcast_common::namespace::NamespaceError,
+    > {
+        Ok(std::sync::Arc::new(match &self.namespaces_file {
+            Some(path) => roomcast_common::namespace::Namespaces::from_file(path)?,
+            None => roomcast_common::namespace::Namespaces::default(),
+        }))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval_ms == 0 {
             return Err(ConfigError::Zero("HEARTBEAT_INTERVAL_MS"));
@@ -239,6 +256,7 @@ mod tests {
             heartbeat_interval_ms: 10,
             heartbeat_timeout_ms: 30,
             allowed_origins: " https://a.example/, ,http://b ".into(),
+            namespaces_file: None,
             max_frame_bytes: 10,
             outbound_queue_len: 4,
             publish_rate: 1.0,

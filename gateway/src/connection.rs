@@ -628,6 +628,15 @@ impl Reader {
                 )
                 .await;
         }
+        if !self.gateway.namespaces.of(&room).client_publish {
+            return self
+                .refuse_publish(
+                    id,
+                    ErrorCode::Forbidden,
+                    "clients may not publish in this room's namespace",
+                )
+                .await;
+        }
         if !self.publish_bucket.try_take() {
             metrics::counter!("roomcast_gateway_rate_limited_total").increment(1);
             self.refused_in_a_row += 1;
@@ -695,6 +704,15 @@ impl Reader {
         if self.joined(&room).is_none() {
             return self
                 .send_error(id, ErrorCode::NotJoined, "not joined to this room")
+                .await;
+        }
+        if !self.gateway.namespaces.of(&room).presence {
+            return self
+                .send_error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "presence is off in this room's namespace",
+                )
                 .await;
         }
         let request = pb::PresenceRequest { room: room.clone() };

@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> anyhow::Result<()> {
     config.connection.validate()?;
+    let namespaces = config.connection.namespaces()?;
     let internal_token = roomcast_common::credential::validate(
         "INTERNAL_TOKEN",
         config.internal_token.as_deref(),
@@ -88,6 +89,7 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         connection: config.connection,
         drain_window,
         tls: listener_tls,
+        namespaces,
     };
     let broker = async |sink| Ok(connect_broker(broker_url, redis, sink).await);
     roomcast_gateway::run(run, broker, backends, shutdown_signal()).await?;

@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub drain_window: Duration,
     /// The listener's TLS (`GATEWAY_TLS_*`); `None` serves plain HTTP.
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Per-namespace rules (`NAMESPACES_FILE`): client publish and presence.
+    pub namespaces: Arc<roomcast_common::namespace::Namespaces>,
 }
 
 /// A gateway subscribed to its broker and bound to its address, not serving yet.
@@ -68,14 +70,17 @@ where
         Duration::from_secs(1),
         hub.clone(),
     );
-    let gateway = Arc::new(Gateway::new(
-        config.id,
-        hub,
-        subscriptions,
-        backends,
-        config.connection,
-        readiness,
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            config.id,
+            hub,
+            subscriptions,
+            backends,
+            config.connection,
+            readiness,
+        )
+        .with_namespaces(config.namespaces),
+    );
     let listener = TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;

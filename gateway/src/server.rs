@@ -15,6 +15,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use roomcast_common::close_code::CloseCode;
+use roomcast_common::namespace::Namespaces;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
@@ -45,6 +46,8 @@ pub struct Gateway {
     /// Open connections per user, for `MAX_CONNECTIONS_PER_USER`.
     users: UserConnections,
     next_client: AtomicU64,
+    /// `NAMESPACES_FILE`: which client commands each room's namespace allows.
+    pub namespaces: Arc<Namespaces>,
 }
 
 impl Gateway {
@@ -66,7 +69,14 @@ impl Gateway {
             readiness,
             users: UserConnections::default(),
             next_client: AtomicU64::new(1),
+            namespaces: Arc::default(),
         }
+    }
+
+    /// Applies `namespaces` to client commands (publish, presence).
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = namespaces;
+        self
     }
 
     /// Connections accepted so far (client ids issued).

@@ -118,6 +118,21 @@ impl ClusterOptions {
         self
     }
 
+    /// Writes `json` to a file of its own and names it in `NAMESPACES_FILE` for every gateway
+    /// (the standalone gateway included) and room-service.
+    pub fn namespaces(self, json: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "roomcast-namespaces-{}-{n}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, json).expect("writing the namespaces file");
+        let path = path.display().to_string();
+        self.gateway_env("NAMESPACES_FILE", &path)
+            .room_env("NAMESPACES_FILE", &path)
+    }
+
     /// See [`ClusterOptions::redis_tls`].
     pub fn redis_tls(mut self) -> Self {
         self.redis_tls = true;

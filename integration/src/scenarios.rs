@@ -1940,3 +1940,137 @@ pub async fn cluster_gateway_drain(sys: &mut System) -> Result<()> {
     ensure!(m["offset"] == offset, "expected offset {offset}: {m}");
     Ok(())
 }
+
+/// The namespaces [`namespaces`] runs with (`NAMESPACES_FILE`, see
+/// `ClusterOptions::namespaces`).
+pub const NAMESPACES: &str = r#"{
+  "namespaces": {
+    "feed": { "client_publish": false },
+    "quiet": { "presence": false },
+    "ephemeral": { "history_size": 0 },
+    "crowd": { "member_events": false }
+  }
+}"#;
+
+/// Fails if `c` got or gets (within [`SILENCE`]) a `member_joined` / `member_left` of
+/// `room`; takes every frame read so far.
+async fn no_member_events(c: &mut TestClient, room: &str, why: &str) -> Result<()> {
+    let frames = c.drain(SILENCE).await?;
+    if let Some(event) = frames
+        .iter()
+        .find(|f| f["room"] == room && (f["type"] == "member_joined" || f["type"] == "member_left"))
+    {
+        bail!("{}: {why}, yet {event} arrived", c.name());
+    }
+    Ok(())
+}
+
+/// Namespaces (§1.6): client publish off (`forbidden`, the server API still publishes),
+/// presence off (`forbidden`, no member events), no history (no recovery, empty history),
+/// member events off (presence still answers); other rooms keep the global settings.
+pub async fn namespaces(sys: &mut System) -> Result<()> {
+    let key = sys.options().api_key.clone();
+    let url = sys.server_api_url(0);
+    let mut api = ServerApiClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut a = sys.client(0, "alice").await?;
+    let mut b = sys.client(1, "bob").await?;
+
+    // Client publish off: refused for clients, delivered from the server API.
+    let room = "feed:news";
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let reply = a
+        .request(json!({"type": "publish", "room": room, "data": "hi"}))
+        .await?;
+    check_error(&reply, "forbidden", None, "client publish in feed:")?;
+    b.expect_none(Some("message"), SILENCE)
+        .await
+        .context("a refused client publish was delivered")?;
+    let published = api
+        .publish(with_key(
+            ServerPublishRequest {
+                room: room.into(),
+                data_json: r#"{"headline":1}"#.into(),
+                user: String::new(),
+                idempotency_key: String::new(),
+            },
+            &key,
+        )?)
+        .await
+        .context("ServerPublish into feed:")?
+        .into_inner();
+    for c in [&mut a, &mut b] {
+        let m = c.expect("message", T).await?;
+        ensure!(
+            m["offset"] == published.offset && m["data"] == json!({"headline": 1}),
+            "{}: the server publish arrived as {m}",
+            c.name()
+        );
+    }
+
+    // Presence off: `presence` is forbidden and members are not announced.
+    let room = "quiet:room";
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let reply = a.request(json!({"type": "presence", "room": room})).await?;
+    check_error(&reply, "forbidden", None, "presence in quiet:")?;
+    b.request_ok(json!({"type": "leave", "room": room}), "left")
+        .await?;
+    no_member_events(&mut a, room, "presence off").await?;
+
+    // No history: messages are delivered but not kept; `since` is never recovered.
+    let room = "ephemeral:room";
+    let (epoch, before) = join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let offset = a.publish(room, json!("gone")).await?;
+    ensure!(
+        offset == before + 1,
+        "offsets still count: {offset} after {before}"
+    );
+    b.expect("message", T).await?;
+    let h = b
+        .request_ok(json!({"type": "history", "room": room}), "history")
+        .await?;
+    ensure!(
+        h["messages"] == json!([]) && h["offset"] == offset,
+        "a room without history answered {h}"
+    );
+    let mut c = sys.client(1, "carol").await?;
+    for since in [before, offset] {
+        let since = json!({"epoch": epoch, "offset": since});
+        let joined = c
+            .request_ok(
+                json!({"type": "join", "room": room, "since": since}),
+                "joined",
+            )
+            .await?;
+        ensure!(
+            joined["recovered"] == false && joined["missed"].as_array().is_none_or(Vec::is_empty),
+            "join with since {since} in a room without history: {joined}"
+        );
+        c.request_ok(json!({"type": "leave", "room": room}), "left")
+            .await?;
+    }
+
+    // Member events off: joins and leaves are silent, presence still lists members.
+    let room = "crowd:room";
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    let now = presence(&mut a, room).await?;
+    let want: BTreeSet<_> = [member_of(&a), member_of(&b)].into();
+    ensure!(now == want, "presence in crowd: is {now:?}, want {want:?}");
+    b.request_ok(json!({"type": "leave", "room": room}), "left")
+        .await?;
+    no_member_events(&mut a, room, "member events off").await?;
+
+    // A room outside the namespaces keeps the global behaviour.
+    let room = "feed";
+    join(&mut a, room).await?;
+    join(&mut b, room).await?;
+    expect_presence_event(&mut a, "member_joined", room, (b.user(), b.client_id()), T).await?;
+    a.publish(room, json!("allowed")).await?;
+    b.expect("message", T).await?;
+    Ok(())
+}

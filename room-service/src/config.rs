@@ -9,6 +9,8 @@ use roomcast_common::credential::{self, CredentialError};
 use roomcast_common::tls::{self, TlsError};
 
 use crate::service::ServiceOptions;
+use roomcast_common::namespace::Namespaces;
+
 use crate::store::HistoryLimits;
 
 /// Largest accepted `MAX_DATA_BYTES`: a publish must fit in one gRPC message (4 MiB by
@@ -53,6 +55,10 @@ pub struct Config {
     /// Age after which messages leave history; an idle room forgets its history after it.
     #[arg(long, env = "HISTORY_TTL_SECONDS", default_value_t = 3600)]
     pub history_ttl_seconds: u64,
+    /// JSON file of per-namespace options (history bounds, presence, member events, client
+    /// publish); unset: every room gets the global settings. A bad file stops the start.
+    #[arg(long, env = "NAMESPACES_FILE")]
+    pub namespaces_file: Option<PathBuf>,
     /// Key of the server API; unset refuses the server API.
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -162,6 +168,14 @@ impl Config {
     /// The client of the store's Redis (`rediss://` with TLS).
     pub fn redis_client(&self) -> Result<redis::Client, TlsError> {
         tls::redis_client("REDIS_URL", &self.redis_url, self.redis_ca_file.as_deref())
+    }
+
+    /// The namespaces of `NAMESPACES_FILE`, or the default namespace alone.
+    pub fn namespaces(&self) -> anyhow::Result<std::sync::Arc<Namespaces>> {
+        Ok(std::sync::Arc::new(match &self.namespaces_file {
+            Some(path) => Namespaces::from_file(path)?,
+            None => Namespaces::default(),
+        }))
     }
 
     pub fn history_limits(&self) -> HistoryLimits {

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    let namespaces = config.namespaces()?;
     let grpc_tls = config.grpc_tls()?;
     let redis = config.redis_client()?;
 
@@ -49,7 +50,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let store = Store::redis_from_client(redis, config.history_limits(), nats)?;
+    let store =
+        Store::redis_from_client(redis, config.history_limits(), nats)?.with_namespaces(namespaces);
     let service = RoomServiceImpl::new(store.clone(), config.service_options());
     let readiness = Readiness::default();
 

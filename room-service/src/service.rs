@@ -143,6 +143,9 @@ impl RoomServiceImpl {
         request: pb::PresenceRequest,
     ) -> Result<pb::PresenceResponse, Status> {
         check_room(&request.room)?;
+        if !self.store.namespaces().of(&request.room).presence {
+            return Err(ErrorCode::Forbidden.status("presence is off in this room's namespace"));
+        }
         let members = self
             .store
             .presence(&request.room)
@@ -204,6 +207,11 @@ impl RoomServiceImpl {
         check_room(&request.room)?;
         check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, false)?;
         check_user(&request.user, false)?;
+        if !self.store.namespaces().of(&request.room).client_publish {
+            return Err(ErrorCode::Forbidden.status(
+                "clients may not publish in this room's namespace; only the server API does",
+            ));
+        }
         self.check_data(&request.data_json)
     }
 }

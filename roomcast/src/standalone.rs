@@ -44,6 +44,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.connection.validate()?;
+    let namespaces = config.connection.namespaces()?;
     let secret = config
         .jwt_secret
         .clone()
@@ -82,7 +83,8 @@ pub async fn run(
             size: config.history_size,
             ttl: Duration::from_secs(config.history_ttl_seconds),
         },
-    );
+    )
+    .with_namespaces(namespaces.clone());
     let service = roomcast_room::service::RoomServiceImpl::new(
         store,
         roomcast_room::service::ServiceOptions {
@@ -106,6 +108,7 @@ pub async fn run(
         connection: config.connection.clone(),
         drain_window: Duration::from_millis(500),
         tls: None,
+        namespaces,
     };
     let subscriber = async |sink| Ok(Subscriber::Memory(broker.subscriber(sink)));
     let gateway = roomcast_gateway::bind(run, subscriber, backends).await?;

@@ -39,6 +39,8 @@ macro_rules! client_visible_tests {
                 "WRITE_DELAY_MS",
                 roomcast_integration::scenarios::WRITE_DELAY.as_millis(),
             ),
+            namespaces => ClusterOptions::default()
+                .namespaces(roomcast_integration::scenarios::NAMESPACES),
             slow_consumer_closes_4008 => ClusterOptions::default()
                 .gateway_env("OUTBOUND_QUEUE_LEN", 8)
                 .gateway_env("PUBLISH_RATE", 100_000)

@@ -3,7 +3,8 @@
 -- KEYS: 1 epoch, 2 seq, 3 hist, 4 members.
 -- ARGV: 1 new epoch, 2 ttl ms, 3 client id, 4 member json, 5 channel, 6 member_joined payload,
 --       7 since epoch, 8 first missed id (<since+1>-0, '' for no recovery), 9 history size.
--- ARGV[5] is '' when another broker (NATS) announces the member instead.
+-- ARGV[5] is '' when another broker (NATS) announces the member instead, or when the room's
+-- namespace has member events off.
 -- Returns {epoch, latest offset, flat quadruples of the missed messages, 1 if the member is new}; the messages are
 -- returned only when the epoch matches and history still holds the first missed offset.
 local ttl = ARGV[2]

@@ -1,5 +1,6 @@
 -- Leave: remove the member and announce it, only if it was there.
--- KEYS: 1 members. ARGV: 1 client id, 2 channel ('' when another broker announces it),
+-- KEYS: 1 members. ARGV: 1 client id, 2 channel ('' when another broker announces it, or
+-- when the room's namespace has member events off),
 -- 3 member_left payload.
 -- Returns 1 when the member was removed.
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use roomcast_common::broker::MemoryBroker;
 use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
 use roomcast_common::frame::MemberEvent;
+use roomcast_common::namespace::Namespaces;
 
 use super::{
     GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner, Member,
@@ -26,6 +27,7 @@ pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     broker: MemoryBroker,
     limits: HistoryLimits,
+    pub(super) namespaces: Arc<Namespaces>,
     /// Added to the wall clock; lets tests age history without sleeping.
     clock_offset_ms: Arc<AtomicU64>,
 }
@@ -91,7 +93,7 @@ impl Stream {
 
     /// Drops entries beyond the count bound and entries older than the age bound.
     fn trim(&mut self, now: u64, limits: &HistoryLimits) {
-        while self.entries.len() > limits.size.max(1) {
+        while self.entries.len() > limits.size {
             self.entries.pop_front();
         }
         let ttl = limits.ttl_ms();
@@ -147,12 +149,29 @@ impl MemoryStore {
             state: Arc::default(),
             broker,
             limits,
+            namespaces: Arc::default(),
             clock_offset_ms: Arc::default(),
         }
     }
 
+    /// See `Store::with_namespaces`.
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = namespaces;
+        self
+    }
+
     pub fn limits(&self) -> HistoryLimits {
         self.limits
+    }
+
+    /// The history bounds of `room`'s namespace.
+    fn room_limits(&self, room: &str) -> HistoryLimits {
+        self.limits.for_namespace(self.namespaces.of(room))
+    }
+
+    /// Whether joins and leaves in `room` are announced.
+    fn announces(&self, room: &str) -> bool {
+        self.namespaces.of(room).announces_members()
     }
 
     /// Moves this store's clock forward (tests of history age and leases).
@@ -204,8 +223,9 @@ impl MemoryStore {
         {
             return published.clone();
         }
+        let limits = self.room_limits(room);
         let slot = &mut state.rooms.entry(room.to_owned()).or_default().stream;
-        let stream = live_stream(slot, now, &self.limits, true);
+        let stream = live_stream(slot, now, &limits, true);
         stream.seq += 1;
         let offset = stream.seq;
         stream.entries.push_back(Entry {
@@ -217,7 +237,7 @@ impl MemoryStore {
             },
             at_ms: now,
         });
-        stream.trim(now, &self.limits);
+        stream.trim(now, &limits);
         let epoch = stream.epoch.clone();
         // Still under the lock: publish order is offset order.
         self.broker.publish(
@@ -235,11 +255,14 @@ impl MemoryStore {
     pub fn join(&self, room: &str, joiner: Joiner<'_>, since: Option<&Position>) -> Joined {
         let now = self.now();
         let mut state = self.lock(now);
+        let limits = self.room_limits(room);
         let entry = state.rooms.entry(room.to_owned()).or_default();
-        let stream = live_stream(&mut entry.stream, now, &self.limits, true);
+        let stream = live_stream(&mut entry.stream, now, &limits, true);
         let epoch = stream.epoch.clone();
         let latest = stream.seq;
         let (recovered, missed) = match since {
+            // Without history nothing is recovered, even when nothing was missed.
+            Some(_) if limits.size == 0 => (Some(false), Vec::new()),
             Some(since) => {
                 let after = if since.epoch == epoch {
                     stream.after(since.offset).cloned().collect()
@@ -259,6 +282,7 @@ impl MemoryStore {
             .members
             .insert(joiner.client_id.to_owned(), record)
             .is_none()
+            && self.announces(room)
         {
             self.broker.publish(
                 &room_channel(room),
@@ -280,7 +304,7 @@ impl MemoryStore {
             return false;
         };
         let removed = entry.members.remove(client_id).is_some();
-        if removed {
+        if removed && self.announces(room) {
             self.broker.publish(
                 &room_channel(room),
                 member_event(MemberEvent::Left, room, user, client_id),
@@ -298,6 +322,7 @@ impl MemoryStore {
         let Some(entry) = rooms.get_mut(room) else {
             return Vec::new();
         };
+        let announces = self.announces(room);
         let mut members = Vec::with_capacity(entry.members.len());
         entry.members.retain(|client_id, record| {
             if gateway_alive(gateways, &record.gateway_id, now) {
@@ -307,10 +332,12 @@ impl MemoryStore {
                 });
                 true
             } else {
-                self.broker.publish(
-                    &room_channel(room),
-                    member_event(MemberEvent::Left, room, &record.user, client_id),
-                );
+                if announces {
+                    self.broker.publish(
+                        &room_channel(room),
+                        member_event(MemberEvent::Left, room, &record.user, client_id),
+                    );
+                }
                 false
             }
         });
@@ -320,10 +347,11 @@ impl MemoryStore {
 
     pub fn history(&self, room: &str, since: Option<u64>, limit: usize) -> HistoryPage {
         let now = self.now();
-        let limit = self.limits.clamp_limit(limit);
+        let limits = self.room_limits(room);
+        let limit = limits.clamp_limit(limit);
         let mut state = self.lock(now);
         let slot = &mut state.rooms.entry(room.to_owned()).or_default().stream;
-        let stream = live_stream(slot, now, &self.limits, false);
+        let stream = live_stream(slot, now, &limits, false);
         let messages = match since {
             Some(since) => stream.after(since).take(limit).cloned().collect(),
             None => stream
@@ -377,6 +405,7 @@ impl MemoryStore {
     pub fn room_stats(&self, room: &str) -> RoomStats {
         let members = u64::try_from(self.presence(room).len()).unwrap_or(u64::MAX);
         let now = self.now();
+        let limits = self.room_limits(room);
         let mut state = self.lock(now);
         let stream = state
             .rooms
@@ -385,7 +414,7 @@ impl MemoryStore {
             .filter(|s| now < s.expires_at_ms);
         match stream {
             Some(stream) => {
-                stream.trim(now, &self.limits);
+                stream.trim(now, &limits);
                 RoomStats {
                     members,
                     epoch: stream.epoch.clone(),

@@ -13,8 +13,11 @@ pub mod redis;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use roomcast_common::broker::MemoryBroker;
+use roomcast_common::namespace::{NamespaceOptions, Namespaces};
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
@@ -22,7 +25,8 @@ pub use self::redis::RedisStore;
 /// Per-room history bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
-    /// Most messages kept per room (at least 1).
+    /// Most messages kept per room; 0 (only from a namespace) keeps none, and a join with
+    /// `since` is then never recovered.
     pub size: usize,
     /// Messages older than this are neither returned nor kept; a room without publishes or
     /// joins for this long loses its history and gets a new epoch.
@@ -43,6 +47,24 @@ impl HistoryLimits {
     pub fn clamp_limit(&self, limit: usize) -> usize {
         let size = self.size.max(1);
         if limit == 0 { size } else { limit.min(size) }
+    }
+
+    /// The bounds of a namespace's rooms: its own where it sets them, these otherwise. A
+    /// namespace without history (size or age 0) gets size 0 and keeps this age as the
+    /// lifetime of the room's epoch and offset.
+    pub fn for_namespace(&self, options: &NamespaceOptions) -> HistoryLimits {
+        if !options.keeps_history() {
+            return HistoryLimits {
+                size: 0,
+                ttl: self.ttl,
+            };
+        }
+        HistoryLimits {
+            size: options.history_size.unwrap_or(self.size),
+            ttl: options
+                .history_ttl_seconds
+                .map_or(self.ttl, Duration::from_secs),
+        }
     }
 
     pub(crate) fn ttl_ms(&self) -> u64 {
@@ -223,11 +245,33 @@ impl Store {
         RedisStore::new(url, limits).map(|store| Store::Redis(store.with_nats(nats)))
     }
 
+    /// Applies `namespaces` (`NAMESPACES_FILE`) to this store's rooms: history bounds per
+    /// namespace, member events off where the namespace says so.
+    pub fn with_namespaces(self, namespaces: Arc<Namespaces>) -> Self {
+        match self {
+            Store::Memory(s) => Store::Memory(s.with_namespaces(namespaces)),
+            Store::Redis(s) => Store::Redis(s.with_namespaces(namespaces)),
+        }
+    }
+
+    /// The global history bounds (a namespace may override them: [`Store::limits_for`]).
     pub fn limits(&self) -> HistoryLimits {
         match self {
             Store::Memory(s) => s.limits(),
             Store::Redis(s) => s.limits(),
         }
+    }
+
+    pub fn namespaces(&self) -> &Namespaces {
+        match self {
+            Store::Memory(s) => &s.namespaces,
+            Store::Redis(s) => &s.namespaces,
+        }
+    }
+
+    /// The history bounds of `room`, from its namespace.
+    pub fn limits_for(&self, room: &str) -> HistoryLimits {
+        self.limits().for_namespace(self.namespaces().of(room))
     }
 
     /// Checks that the backend answers.
@@ -492,6 +536,45 @@ mod tests {
         assert_eq!(recover(&pos("e", 3), "e", 5, vec![msg(5)]), (false, vec![]));
         assert_eq!(recover(&pos("e", 3), "e", 5, vec![msg(4)]), (false, vec![]));
         assert_eq!(recover(&pos("e", 9), "e", 5, vec![]), (false, vec![]));
+    }
+
+    #[test]
+    fn namespace_limits() {
+        let global = HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(100),
+        };
+        assert_eq!(global.for_namespace(&NamespaceOptions::default()), global);
+        let own = NamespaceOptions {
+            history_size: Some(3),
+            history_ttl_seconds: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(
+            global.for_namespace(&own),
+            HistoryLimits {
+                size: 3,
+                ttl: Duration::from_secs(5)
+            }
+        );
+        for off in [
+            NamespaceOptions {
+                history_size: Some(0),
+                ..Default::default()
+            },
+            NamespaceOptions {
+                history_ttl_seconds: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(
+                global.for_namespace(&off),
+                HistoryLimits {
+                    size: 0,
+                    ttl: global.ttl
+                }
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 -- Publish one message: assign the offset, append it to history and broadcast it, atomically,
 -- so publish order on the room channel is offset order.
 -- KEYS: 1 epoch, 2 seq, 3 hist, 4 (optional) idempotency record.
--- ARGV: 1 new epoch (used when the room has none), 2 ttl ms, 3 history size, 4 channel,
+-- ARGV: 1 new epoch (used when the room has none), 2 ttl ms, 3 history size (0: keep none),
+--       4 channel,
 --       5 room as a JSON string, 6 sender client id, 7 user, 8 data json,
 --       9 frame tail (roomcast_common::frame::message_frame_tail),
 --       10 (with KEYS[4]) idempotency window ms.
@@ -21,9 +22,11 @@ local epoch = ensure_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ttl)
 local offset = redis.call('INCR', KEYS[2])
 local off = string.format('%d', offset)
 local now = now_ms()
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], off .. '-0',
-  'u', ARGV[7], 'c', ARGV[6], 'd', ARGV[8], 't', string.format('%d', now))
-trim_aged(KEYS[3], now - tonumber(ttl))
+if ARGV[3] ~= '0' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], off .. '-0',
+    'u', ARGV[7], 'c', ARGV[6], 'd', ARGV[8], 't', string.format('%d', now))
+  trim_aged(KEYS[3], now - tonumber(ttl))
+end
 -- Frame and payload are byte-identical to roomcast_common::frame::message_frame and
 -- roomcast_common::envelope::room_message (tests/redis_store.rs checks); epochs are plain hex.
 local frame = '{"type":"message","room":' .. ARGV[5] .. ',"offset":' .. off ..

@@ -24,6 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
 use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
 use roomcast_common::frame::{MemberEvent, message_frame_tail};
+use roomcast_common::namespace::Namespaces;
 use roomcast_common::nats::NatsPublisher;
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +126,7 @@ pub struct RedisStore {
     nats: Option<NatsPublisher>,
     scripts: Arc<Scripts>,
     limits: HistoryLimits,
+    pub(super) namespaces: Arc<Namespaces>,
 }
 
 impl StoreError {
@@ -204,7 +206,36 @@ impl RedisStore {
             nats: None,
             scripts: Arc::new(Scripts::new()),
             limits,
+            namespaces: Arc::default(),
         })
+    }
+
+    /// See `Store::with_namespaces`.
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = namespaces;
+        self
+    }
+
+    /// The history bounds of `room`'s namespace.
+    fn room_limits(&self, room: &str) -> HistoryLimits {
+        self.limits.for_namespace(self.namespaces.of(room))
+    }
+
+    /// The channel a join or leave script announces the member on: none when the room's
+    /// namespace has member events off, or when NATS carries the broadcasts.
+    fn member_channel(&self, room: &str) -> String {
+        if self.namespaces.of(room).announces_members() {
+            self.script_channel(room)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Broadcasts a member event on NATS (when it is the broker and the namespace announces).
+    async fn announce_on_nats(&self, room: &str, event: Bytes) {
+        if self.namespaces.of(room).announces_members() {
+            self.broadcast(&room_channel(room), event).await;
+        }
     }
 
     /// Broadcasts over NATS instead of Redis pub/sub.
@@ -251,10 +282,6 @@ impl RedisStore {
                 OP_TIMEOUT.as_millis()
             ))),
         }
-    }
-
-    fn ttl_ms(&self) -> u64 {
-        self.limits.ttl_ms()
     }
 
     /// Checks Redis and, when it is the broker, NATS.
@@ -341,6 +368,7 @@ impl RedisStore {
         item: &PublishItem<'_>,
     ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
         let keys = RoomKeys::new(item.room);
+        let limits = self.room_limits(item.room);
         let room_json =
             serde_json::to_string(item.room).map_err(|e| StoreError::Internal(e.to_string()))?;
         let tail = message_frame_tail(item.user, item.client_id, item.data_json);
@@ -350,8 +378,8 @@ impl RedisStore {
             .key(&keys.seq)
             .key(&keys.hist)
             .arg(new_epoch())
-            .arg(self.ttl_ms())
-            .arg(self.limits.size.max(1))
+            .arg(limits.ttl_ms())
+            .arg(limits.size)
             .arg(self.script_channel(item.room))
             .arg(room_json)
             .arg(item.client_id)
@@ -396,6 +424,7 @@ impl RedisStore {
         since: Option<&Position>,
     ) -> Result<Joined, StoreError> {
         let keys = RoomKeys::new(room);
+        let limits = self.room_limits(room);
         let record = serde_json::to_string(&MemberRecord {
             user: joiner.user.to_owned(),
             gateway: joiner.gateway_id.to_owned(),
@@ -422,20 +451,24 @@ impl RedisStore {
             .key(&keys.hist)
             .key(&keys.members)
             .arg(new_epoch())
-            .arg(self.ttl_ms())
+            .arg(limits.ttl_ms())
             .arg(joiner.client_id)
             .arg(record)
-            .arg(self.script_channel(room))
+            .arg(self.member_channel(room))
             .arg(event.as_ref())
             .arg(since_epoch)
-            .arg(first_missed)
-            .arg(self.limits.size.max(1));
+            .arg(if limits.size == 0 {
+                String::new()
+            } else {
+                first_missed
+            })
+            .arg(limits.size.max(1));
         let mut connection = self.connection.clone();
         let (epoch, latest, flat, new_member): (String, String, Vec<String>, i64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
         if new_member == 1 {
-            self.broadcast(&room_channel(room), event.clone()).await;
+            self.announce_on_nats(room, event.clone()).await;
         }
         // Index for the sweeper: the rooms this gateway has members in. A separate command,
         // since the index key lives outside the room's hash slot.
@@ -453,6 +486,8 @@ impl RedisStore {
         }
         let latest = parse_offset(&latest)?;
         let (recovered, missed) = match since {
+            // Without history nothing is recovered, even when nothing was missed.
+            Some(_) if limits.size == 0 => (Some(false), Vec::new()),
             Some(since) => {
                 let (recovered, missed) = recover(since, &epoch, latest, flat_messages(flat)?);
                 (Some(recovered), missed)
@@ -474,14 +509,14 @@ impl RedisStore {
         invocation
             .key(&keys.members)
             .arg(client_id)
-            .arg(self.script_channel(room))
+            .arg(self.member_channel(room))
             .arg(event.as_ref());
         let mut connection = self.connection.clone();
         let removed: i64 = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
         if removed == 1 {
-            self.broadcast(&room_channel(room), event).await;
+            self.announce_on_nats(room, event).await;
         }
         Ok(removed == 1)
     }
@@ -571,15 +606,16 @@ impl RedisStore {
                 .map(|first| format!("{first}-0"))
                 .unwrap_or_default(),
         };
+        let limits = self.room_limits(room);
         let mut invocation = self.scripts.history.prepare_invoke();
         invocation
             .key(&keys.epoch)
             .key(&keys.seq)
             .key(&keys.hist)
             .arg(new_epoch())
-            .arg(self.ttl_ms())
+            .arg(limits.ttl_ms())
             .arg(start)
-            .arg(self.limits.clamp_limit(limit));
+            .arg(limits.clamp_limit(limit));
         let mut connection = self.connection.clone();
         let (epoch, latest, flat): (String, String, Vec<String>) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
@@ -681,7 +717,7 @@ impl RedisStore {
             .key(&keys.epoch)
             .key(&keys.seq)
             .key(&keys.hist)
-            .arg(self.ttl_ms());
+            .arg(self.room_limits(room).ttl_ms());
         let mut connection = self.connection.clone();
         let (epoch, latest, history_len): (String, String, u64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
