@@ -11,6 +11,7 @@ import {
   type TransportFactory,
   type TransportHandlers,
 } from "../src/index.js";
+import { readFileSync } from "node:fs";
 import { mintToken } from "./server.js";
 
 describe("backoff", () => {
@@ -44,6 +45,18 @@ describe("close codes", () => {
     expect(reconnectPolicy(4001)).toBe("new_token");
     for (const c of [1000, 1002, 1003, 1007, 1008, 1009, 1010, 3000, 3999, 4500, 4999]) {
       expect(reconnectPolicy(c)).toBe("terminal");
+    }
+  });
+});
+
+describe("close codes agree with the server's table", () => {
+  it("matches every case of CloseCode::reconnect's test in common/src/close_code.rs", () => {
+    const rust = readFileSync(new URL("../../../common/src/close_code.rs", import.meta.url), "utf8");
+    const names = { Yes: "retry", AfterBackoff: "slow_down", WithNewToken: "new_token", No: "terminal" } as const;
+    const cases = [...rust.matchAll(/\((\d{4}), (Yes|AfterBackoff|WithNewToken|No)\)/g)];
+    expect(cases.length).toBeGreaterThan(15);
+    for (const [, code, want] of cases) {
+      expect([code, reconnectPolicy(Number(code))]).toEqual([code, names[want as keyof typeof names]]);
     }
   });
 });
