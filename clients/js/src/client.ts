@@ -202,6 +202,15 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     return { expiresAt };
   }
 
+  /**
+   * Uses `token` from now on: sent with `refresh` when connected (resolves once the server took
+   * it), and used for the next connection otherwise.
+   */
+  async setToken(token: string): Promise<void> {
+    this.token = token;
+    if (this._state === "connected") await this.refresh(token);
+  }
+
   // ---- commands ----
 
   /**

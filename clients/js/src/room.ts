@@ -295,6 +295,11 @@ export class Room extends Emitter<RoomEvents> {
       (reply) => {
         this.joining = false;
         if (reply.type === "joined") {
+          if (!this.wanted) {
+            // left (or the client closed) while the join was on its way: undo it on the server
+            this.host.sendCommand({ type: "leave", room: this.name }, () => {}, () => {});
+            return;
+          }
           this.onJoined(reply, since !== undefined);
           return;
         }

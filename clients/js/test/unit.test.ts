@@ -204,6 +204,32 @@ describe("client with a scripted transport", () => {
     client.close();
   });
 
+  it("undoes a join answered after leave() and joins once when join() follows at once", async () => {
+    const { transports, factory } = fake();
+    const client = connect({ url: "ws://x/ws", token, transport: factory });
+    await tick();
+    const t = transports[0]!;
+    t.connected();
+    const room = client.room("r");
+    room.join().catch(() => {});
+    await room.leave();
+    const join = t.last("join")!;
+    t.frame({ type: "joined", id: join.id, room: "r", epoch: "e", offset: 0 });
+    expect(room.joined).toBe(false);
+    expect(t.last("leave")).toMatchObject({ room: "r" });
+    // leave + join before the reply (StrictMode's effects): one join frame, joined at the end
+    const again = room.join();
+    void room.leave();
+    const third = room.join();
+    const joins = t.sent.filter((f) => f.type === "join");
+    expect(joins).toHaveLength(2);
+    t.frame({ type: "joined", id: t.last("join")!.id, room: "r", epoch: "e", offset: 0 });
+    await expect(third).resolves.toMatchObject({ room: "r" });
+    await expect(again).rejects.toMatchObject({ code: "not_joined" });
+    expect(room.joined).toBe(true);
+    client.close();
+  });
+
   it("matches replies by id and times out", async () => {
     const { transports, factory } = fake();
     const client = connect({ url: "ws://x/ws", token, transport: factory, commandTimeoutMs: 50 });
