@@ -205,6 +205,29 @@ describe("against gateway standalone", () => {
     expect(c.closed).toBe(true);
   });
 
+  it("stops on a refused handshake (401) without getToken; gets a new token with it", async () => {
+    const bad = connect({ url: server.url, token: server.token({ sub: "judy" }) + "x" });
+    clients.push(bad);
+    const d = await new Promise<{ code: number; httpStatus?: number; willReconnect: boolean }>((r) =>
+      bad.on("disconnected", r),
+    );
+    expect(d).toMatchObject({ code: 1006, httpStatus: 401, willReconnect: false });
+
+    let calls = 0;
+    const good = connect({
+      url: server.url,
+      token: server.token({ sub: "judy" }) + "x",
+      getToken: () => {
+        calls++;
+        return server.token({ sub: "judy" });
+      },
+      backoff: { initialMs: 20, maxMs: 50 },
+    });
+    clients.push(good);
+    await waitFor(() => good.state === "connected", 5000, "connected with a new token");
+    expect(calls).toBe(1);
+  });
+
   it("refreshes a short-lived token with getToken and stays connected past exp", async () => {
     const c = client("ivan", {
       getToken: () => server.token({ sub: "ivan", exp: Math.floor(Date.now() / 1000) + 3 }),
