@@ -144,7 +144,24 @@ export class Room extends Emitter<RoomEvents> {
     if (this.wanted && this.active && this.lastJoin) return Promise.resolve(this.lastJoin);
     this.wanted = true;
     const p = new Promise<JoinInfo>((resolve, reject) => {
-      this.joinWaiters.push({ resolve, reject });
+      // The promise times out; the room stays wanted and is joined when the server answers
+      // (a `joined` event follows), until `leave()`.
+      const waiter = {
+        resolve: (info: JoinInfo) => {
+          clearTimeout(timer);
+          resolve(info);
+        },
+        reject: (err: RoomcastError) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      };
+      const timer = setTimeout(() => {
+        const i = this.joinWaiters.indexOf(waiter);
+        if (i >= 0) this.joinWaiters.splice(i, 1);
+        reject(new RoomcastError("timeout", `join ${this.name} timed out (still trying)`));
+      }, this.host.commandTimeoutMs);
+      this.joinWaiters.push(waiter);
     });
     this.sendJoin();
     return p;

@@ -244,6 +244,13 @@ describe("client with a scripted transport", () => {
     const err = await a.catch((e: unknown) => e);
     expect(err).toBeInstanceOf(RoomcastError);
     expect((err as RoomcastError).code).toBe("timeout");
+    // a join times out too, but the room stays wanted and joins when the answer comes
+    const room = client.room("slow");
+    await expect(room.join()).rejects.toMatchObject({ code: "timeout" });
+    const joined = new Promise((r) => room.on("joined", r));
+    transports[0]!.frame({ type: "joined", id: transports[0]!.last("join")!.id, room: "slow", epoch: "e", offset: 0 });
+    await joined;
+    expect(room.joined).toBe(true);
     client.close();
   });
 
