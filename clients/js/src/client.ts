@@ -1,0 +1,560 @@
+import { backoffCeiling, backoffDelay, DEFAULT_BACKOFF, type BackoffOptions } from "./backoff.js";
+import { reconnectPolicy } from "./closeCodes.js";
+import { Emitter } from "./emitter.js";
+import { RoomcastError } from "./errors.js";
+import { tokenExpiry } from "./jwt.js";
+import type { ClientFrame, ConnectedFrame, ServerFrame } from "./protocol.js";
+import { Room, type RoomHost } from "./room.js";
+import {
+  webSocketTransport,
+  type Transport,
+  type TransportClose,
+  type TransportFactory,
+  type WebSocketConstructor,
+} from "./transport.js";
+
+export type ConnectionState = "connecting" | "connected" | "disconnected";
+
+export interface ConnectOptions {
+  /** The gateway's WebSocket endpoint, e.g. `wss://rt.example.com/ws`. */
+  url: string;
+  /** A JWT. Without `getToken` the client stops when it expires (close code 4001). */
+  token?: string;
+  /**
+   * Returns a fresh JWT. Called to connect when there is no usable token, before the current
+   * one expires (then sent with `refresh`), and after a 4001 close or a 401 handshake.
+   */
+  getToken?: () => string | Promise<string>;
+  /** How long a command waits for its reply, in ms (default 10000). */
+  commandTimeoutMs?: number;
+  /** How long a connection attempt may take until `connected`, in ms (default 10000). */
+  connectTimeoutMs?: number;
+  /** Reconnect delays: full jitter below `min(maxMs, initialMs * 2^attempt)`. */
+  backoff?: BackoffOptions;
+  /** Refresh the token this long before `exp` (default 30000; at most half its remaining life). */
+  refreshMarginMs?: number;
+  /** The WebSocket class (default: the global one, else the `ws` package). */
+  WebSocket?: WebSocketConstructor;
+  /** Another transport (see `Transport`); default WebSocket. */
+  transport?: TransportFactory;
+  /** Connect at once (default true); otherwise call `client.open()`. */
+  autoConnect?: boolean;
+  /** Random source of the jitter (tests). */
+  random?: () => number;
+}
+
+export interface ConnectedInfo {
+  clientId: string;
+  user: string;
+  gateway: string;
+  transport: string;
+}
+
+export interface DisconnectedInfo {
+  /** The close code (1006: the connection dropped, or could not be opened). */
+  code: number;
+  reason: string;
+  /** HTTP status of a refused handshake, where the transport can see it. */
+  httpStatus?: number;
+  /** Whether the client will try again on its own. */
+  willReconnect: boolean;
+  /** In how many ms (absent when waiting for the browser to come back online). */
+  retryInMs?: number;
+}
+
+export interface ClientEvents {
+  state: ConnectionState;
+  connecting: { attempt: number };
+  connected: ConnectedInfo;
+  disconnected: DisconnectedInfo;
+  /** The token was replaced on the open connection (`refresh`). */
+  refreshed: { expiresAt: number };
+  /** An error frame without an id, or a failed background refresh. */
+  error: RoomcastError;
+  /** A backend subscribed this connection to a room (server API); the room object is here. */
+  subscribed: Room;
+}
+
+interface Pending {
+  onReply: (frame: ServerFrame) => void;
+  onLost: () => void;
+}
+
+/** The code the client closes with when it drops a connection that stopped answering. */
+const CLIENT_DROP = 4000;
+
+const hasWindow = (): boolean =>
+  typeof window !== "undefined" && typeof window.addEventListener === "function";
+
+/**
+ * A Roomcast connection that reconnects by itself. Create it with `connect()`.
+ */
+export class RoomcastClient extends Emitter<ClientEvents> {
+  private readonly opts: ConnectOptions;
+  private readonly factory: TransportFactory;
+  private readonly rooms = new Map<string, Room>();
+  private readonly pending = new Map<number, Pending>();
+  private readonly waitingForConnection: Array<() => void> = [];
+  private token: string | undefined;
+  private forceNewToken = false;
+  private nextId = 1;
+  private attempt = 0;
+  private stopped = false;
+  private _state: ConnectionState = "disconnected";
+  private connectTimer: ReturnType<typeof setTimeout> | undefined;
+  private retryTimer: ReturnType<typeof setTimeout> | undefined;
+  private refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  private info: ConnectedInfo | undefined;
+  private readonly host: RoomHost;
+  private readonly browserCleanup: Array<() => void> = [];
+  /** The current transport. Exposed for tests and diagnostics; not part of the API. */
+  _transport: Transport | undefined;
+  commandTimeoutMs: number;
+
+  constructor(opts: ConnectOptions) {
+    super();
+    if (!opts.token && !opts.getToken) throw new Error("connect: give `token` or `getToken`");
+    this.opts = opts;
+    this.token = opts.token;
+    this.commandTimeoutMs = opts.commandTimeoutMs ?? 10_000;
+    this.factory = opts.transport ?? webSocketTransport(opts.WebSocket);
+    const self = this;
+    this.host = {
+      get connected() {
+        return self._state === "connected";
+      },
+      get isClosed() {
+        return self.stopped;
+      },
+      get commandTimeoutMs() {
+        return self.commandTimeoutMs;
+      },
+      sendCommand: (frame, onReply, onLost) => this.sendCommand(frame, onReply, onLost),
+      forget: (id) => {
+        this.pending.delete(id);
+      },
+      retryDelay: (attempt) => backoffDelay(attempt, opts.backoff, opts.random),
+    };
+    this.watchBrowser();
+    if (opts.autoConnect !== false) this.open();
+  }
+
+  get state(): ConnectionState {
+    return this._state;
+  }
+
+  /** The `connected` frame's details while connected. */
+  get connection(): ConnectedInfo | undefined {
+    return this._state === "connected" ? this.info : undefined;
+  }
+
+  /** True once `close()` was called or a terminal close code stopped the client. */
+  get closed(): boolean {
+    return this.stopped;
+  }
+
+  /** The room object for `name` (one per name; nothing is sent until `join`). */
+  room(name: string): Room {
+    let room = this.rooms.get(name);
+    if (!room) {
+      room = new Room(name, this.host);
+      this.rooms.set(name, room);
+    }
+    return room;
+  }
+
+  /** Starts connecting (again, after a terminal close). */
+  open(): void {
+    if (this._transport || this.retryTimer) return;
+    this.stopped = false;
+    void this.attemptConnection();
+  }
+
+  /** Closes the connection for good; pending commands are rejected with `closed`. */
+  close(): void {
+    if (this.stopped && !this._transport) return;
+    this.stopped = true;
+    this.clearTimers();
+    const t = this._transport;
+    if (t) t.close(1000, "client closed");
+    else this.finishStopped({ code: 1000, reason: "client closed" });
+    for (const c of this.browserCleanup.splice(0)) c();
+  }
+
+  /** Application-level ping: resolves with the round trip in ms. */
+  async ping(timeoutMs = this.commandTimeoutMs): Promise<number> {
+    const start = performanceNow();
+    await this.request({ type: "ping" }, timeoutMs);
+    return performanceNow() - start;
+  }
+
+  /**
+   * Replaces the connection's token with a new one from `getToken` (or the one given).
+   * Done automatically before `exp` when `getToken` is set.
+   */
+  async refresh(token?: string): Promise<{ expiresAt: number }> {
+    const t = token ?? (await this.fetchToken());
+    const reply = await this.request({ type: "refresh", token: t }, this.commandTimeoutMs);
+    const expiresAt = (reply as { expiresAt: number }).expiresAt;
+    this.token = t;
+    this.scheduleRefresh();
+    this.emit("refreshed", { expiresAt });
+    return { expiresAt };
+  }
+
+  /**
+   * Uses `token` from now on: sent with `refresh` when connected (resolves once the server took
+   * it), and used for the next connection otherwise.
+   */
+  async setToken(token: string): Promise<void> {
+    this.token = token;
+    if (this._state === "connected") await this.refresh(token);
+  }
+
+  // ---- commands ----
+
+  /**
+   * Sends a client-level command once connected (waiting for the connection if needed) and
+   * resolves with its reply; rejects with the reply's error code, `timeout`, `disconnected`
+   * (the connection ended before the reply) or `closed`.
+   */
+  private request(frame: ClientFrame, timeoutMs: number): Promise<ServerFrame> {
+    if (this.stopped) return Promise.reject(new RoomcastError("closed", "client closed"));
+    return new Promise<ServerFrame>((resolve, reject) => {
+      let id: number | undefined;
+      let done = false;
+      const timer = setTimeout(() => {
+        done = true;
+        if (id !== undefined) this.pending.delete(id);
+        reject(new RoomcastError("timeout", `${frame.type} timed out after ${timeoutMs} ms`, id));
+      }, timeoutMs);
+      const send = () => {
+        if (done) return;
+        if (this.stopped) {
+          clearTimeout(timer);
+          done = true;
+          reject(new RoomcastError("closed", "client closed"));
+          return;
+        }
+        id = this.sendCommand(
+          frame,
+          (reply) => {
+            clearTimeout(timer);
+            done = true;
+            if (reply.type === "error") reject(new RoomcastError(reply.code, reply.message, reply.id));
+            else resolve(reply);
+          },
+          () => {
+            clearTimeout(timer);
+            done = true;
+            reject(
+              new RoomcastError(
+                this.stopped ? "closed" : "disconnected",
+                `connection ended before the reply to ${frame.type}`,
+                id,
+              ),
+            );
+          },
+        );
+        if (id === undefined) this.waitingForConnection.push(send);
+      };
+      send();
+    });
+  }
+
+  private sendCommand(
+    frame: ClientFrame,
+    onReply: (frame: ServerFrame) => void,
+    onLost: () => void,
+  ): number | undefined {
+    const t = this._transport;
+    if (!t || this._state !== "connected") return undefined;
+    const id = this.nextId++;
+    try {
+      t.send({ ...frame, id });
+    } catch {
+      return undefined;
+    }
+    this.pending.set(id, { onReply, onLost });
+    return id;
+  }
+
+  // ---- connection lifecycle ----
+
+  private async attemptConnection(): Promise<void> {
+    this.retryTimer = undefined;
+    if (this.stopped) return;
+    this.setState("connecting");
+    this.emit("connecting", { attempt: this.attempt });
+    let token: string;
+    try {
+      token = await this.connectToken();
+    } catch (err) {
+      this.afterClose({ code: 1006, reason: `getToken failed: ${String(err)}` }, false);
+      return;
+    }
+    if (this.stopped) return;
+    const handlers = {
+      onOpen: () => {},
+      onFrame: (frame: ServerFrame) => {
+        if (this._transport === transport) this.onFrame(frame);
+      },
+      onClose: (close: TransportClose) => {
+        if (this._transport === transport) this.onTransportClose(close);
+      },
+    };
+    const transport: Transport = this.factory({ url: this.opts.url, token }, handlers);
+    this._transport = transport;
+    this.connectTimer = setTimeout(() => {
+      if (this._transport === transport && this._state !== "connected") {
+        transport.close(CLIENT_DROP, "connect timeout");
+      }
+    }, this.opts.connectTimeoutMs ?? 10_000);
+  }
+
+  /** The token to connect with: the current one unless it is (nearly) expired or refused. */
+  private async connectToken(): Promise<string> {
+    if (this.opts.getToken) {
+      const exp = this.token ? tokenExpiry(this.token) : undefined;
+      const stale = exp !== undefined && exp * 1000 <= Date.now() + 1000;
+      if (!this.token || this.forceNewToken || stale) {
+        this.token = await this.fetchToken();
+        this.forceNewToken = false;
+      }
+    }
+    return this.token!;
+  }
+
+  private async fetchToken(): Promise<string> {
+    if (!this.opts.getToken) throw new RoomcastError("unauthorized", "no getToken to fetch a new token");
+    const t = await this.opts.getToken();
+    if (typeof t !== "string" || t === "") throw new Error("getToken returned no token");
+    return t;
+  }
+
+  private onFrame(frame: ServerFrame): void {
+    const id = (frame as { id?: number }).id;
+    if (id !== undefined) {
+      const p = this.pending.get(id);
+      if (p) {
+        this.pending.delete(id);
+        p.onReply(frame);
+        return;
+      }
+    }
+    switch (frame.type) {
+      case "connected":
+        this.onConnected(frame);
+        return;
+      case "message":
+      case "member_joined":
+      case "member_left":
+        this.rooms.get(frame.room)?._frame(frame);
+        return;
+      case "joined": {
+        if (id !== undefined) return; // a reply that timed out
+        const room = this.room(frame.room);
+        room._frame(frame);
+        this.emit("subscribed", room);
+        return;
+      }
+      case "left":
+        if (id === undefined) this.rooms.get(frame.room)?._frame(frame);
+        return;
+      case "error":
+        if (id === undefined) this.emit("error", new RoomcastError(frame.code, frame.message));
+        return;
+      case "disconnect":
+        // The SSE fallback's last event; its transport reports it as a close.
+        return;
+    }
+  }
+
+  private onConnected(frame: ConnectedFrame): void {
+    if (this.connectTimer) clearTimeout(this.connectTimer);
+    this.connectTimer = undefined;
+    this.attempt = 0;
+    this.info = {
+      clientId: frame.clientId,
+      user: frame.user,
+      gateway: frame.gateway,
+      transport: this._transport?.name ?? "unknown",
+    };
+    this.setState("connected");
+    this.emit("connected", this.info);
+    this.scheduleRefresh();
+    for (const room of this.rooms.values()) room._connected();
+    for (const send of this.waitingForConnection.splice(0)) send();
+  }
+
+  private onTransportClose(close: TransportClose): void {
+    const wasConnected = this._state === "connected";
+    this._transport = undefined;
+    this.clearTimers();
+    const lost = [...this.pending.values()];
+    this.pending.clear();
+    for (const room of this.rooms.values()) room._disconnected();
+    for (const p of lost) p.onLost();
+    this.afterClose(close, wasConnected);
+  }
+
+  private afterClose(close: TransportClose, _wasConnected: boolean): void {
+    if (this.stopped) {
+      this.finishStopped(close);
+      return;
+    }
+    const decision = this.decide(close);
+    if (decision === "stop") {
+      this.stopped = true;
+      this.finishStopped(close);
+      return;
+    }
+    const base: DisconnectedInfo = { code: close.code, reason: close.reason, willReconnect: true };
+    if (close.httpStatus !== undefined) base.httpStatus = close.httpStatus;
+    if (hasWindow() && typeof navigator !== "undefined" && navigator.onLine === false) {
+      // Offline: wait for the browser's `online` event.
+      this.setState("disconnected");
+      this.emit("disconnected", base);
+      return;
+    }
+    let delay = backoffDelay(this.attempt, this.opts.backoff, this.opts.random);
+    if (decision === "slow_down") {
+      // Not before a backoff: at least the first step, at most the cap.
+      const initial = this.opts.backoff?.initialMs ?? DEFAULT_BACKOFF.initialMs;
+      delay = Math.min(backoffCeiling(Infinity, this.opts.backoff), initial + delay);
+    }
+    this.attempt++;
+    this.setState("disconnected");
+    this.emit("disconnected", { ...base, retryInMs: delay });
+    this.retryTimer = setTimeout(() => void this.attemptConnection(), delay);
+  }
+
+  /** What to do after a close: retry, retry after a backoff, or stop. */
+  private decide(close: TransportClose): "retry" | "slow_down" | "stop" {
+    const canRenew = this.opts.getToken !== undefined;
+    if (close.httpStatus !== undefined) {
+      if (close.httpStatus === 401) {
+        if (!canRenew) return "stop";
+        this.forceNewToken = true;
+        return "slow_down";
+      }
+      if (close.httpStatus === 429 || close.httpStatus >= 500) return "slow_down";
+      return "stop"; // 400, 403 (origin), 426: retrying does not help
+    }
+    if (close.code === 1006 && !canRenew && this.token) {
+      // Browsers hide a 401: an expired token cannot connect again.
+      const exp = tokenExpiry(this.token);
+      if (exp !== undefined && exp * 1000 <= Date.now()) return "stop";
+    }
+    if (close.code === CLIENT_DROP) return "retry";
+    switch (reconnectPolicy(close.code)) {
+      case "retry":
+        return "retry";
+      case "slow_down":
+        return "slow_down";
+      case "new_token":
+        if (!canRenew) return "stop";
+        this.forceNewToken = true;
+        return "retry";
+      case "terminal":
+        return "stop";
+    }
+  }
+
+  private finishStopped(close: TransportClose): void {
+    this.clearTimers();
+    for (const p of [...this.pending.values()]) p.onLost();
+    this.pending.clear();
+    for (const room of this.rooms.values()) room._closed();
+    for (const send of this.waitingForConnection.splice(0)) send();
+    const info: DisconnectedInfo = { code: close.code, reason: close.reason, willReconnect: false };
+    if (close.httpStatus !== undefined) info.httpStatus = close.httpStatus;
+    this.setState("disconnected");
+    this.emit("disconnected", info);
+  }
+
+  private scheduleRefresh(): void {
+    if (this.refreshTimer) clearTimeout(this.refreshTimer);
+    this.refreshTimer = undefined;
+    if (!this.opts.getToken || !this.token || this._state !== "connected") return;
+    const exp = tokenExpiry(this.token);
+    if (exp === undefined) return;
+    const remaining = exp * 1000 - Date.now();
+    const margin = Math.min(this.opts.refreshMarginMs ?? 30_000, remaining / 2);
+    const delay = Math.max(0, remaining - margin);
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = undefined;
+      this.refresh().catch((err: unknown) => {
+        const e =
+          err instanceof RoomcastError ? err : new RoomcastError("unauthorized", `refresh failed: ${String(err)}`);
+        if (e.code !== "disconnected" && e.code !== "closed") this.emit("error", e);
+        // Try again later while the token is still valid; past `exp` the server closes
+        // with 4001 and the client reconnects with a new token.
+        const left = exp * 1000 - Date.now();
+        if (left > 2000 && this._state === "connected" && !this.refreshTimer) {
+          this.refreshTimer = setTimeout(() => this.scheduleRefresh(), Math.min(5000, left / 2));
+        }
+      });
+    }, delay);
+  }
+
+  private clearTimers(): void {
+    for (const t of [this.connectTimer, this.retryTimer, this.refreshTimer]) if (t) clearTimeout(t);
+    this.connectTimer = this.retryTimer = this.refreshTimer = undefined;
+  }
+
+  private setState(state: ConnectionState): void {
+    if (this._state === state) return;
+    this._state = state;
+    this.emit("state", state);
+  }
+
+  /** Browsers: reconnect at once when back online; check the connection when the page is shown again. */
+  private watchBrowser(): void {
+    if (!hasWindow()) return;
+    const online = () => {
+      if (this.stopped || this._transport) return;
+      if (this.retryTimer) clearTimeout(this.retryTimer);
+      this.retryTimer = undefined;
+      this.attempt = 0;
+      void this.attemptConnection();
+    };
+    const offline = () => {
+      // The socket may not notice for a while: check it now, and at `online` again.
+      if (this._state === "connected") this.checkAlive(3000);
+    };
+    const visible = () => {
+      if (typeof document !== "undefined" && document.visibilityState === "visible") {
+        if (this._state === "connected") this.checkAlive(5000);
+        else if (!this._transport && !this.stopped) online();
+      }
+    };
+    window.addEventListener("online", online);
+    window.addEventListener("offline", offline);
+    this.browserCleanup.push(() => window.removeEventListener("online", online));
+    this.browserCleanup.push(() => window.removeEventListener("offline", offline));
+    if (typeof document !== "undefined" && typeof document.addEventListener === "function") {
+      document.addEventListener("visibilitychange", visible);
+      this.browserCleanup.push(() => document.removeEventListener("visibilitychange", visible));
+    }
+  }
+
+  /** Pings; a connection that does not answer in time is dropped (and reconnected). */
+  private checkAlive(timeoutMs: number): void {
+    const t = this._transport;
+    this.ping(timeoutMs).catch((err: unknown) => {
+      if (err instanceof RoomcastError && err.code === "timeout" && this._transport === t && t) {
+        t.close(CLIENT_DROP, "ping timeout");
+      }
+    });
+  }
+}
+
+function performanceNow(): number {
+  return typeof performance !== "undefined" ? performance.now() : Date.now();
+}
+
+/** Creates a client and starts connecting. */
+export function connect(opts: ConnectOptions): RoomcastClient {
+  return new RoomcastClient(opts);
+}
