@@ -3,7 +3,7 @@
 # Node.js (with npm) from Debian's packages when they are missing (the integration tests start
 # their own servers on free ports; they never use ones already running on the default ports),
 # and the dependencies of examples/node-backend, which an integration test runs. After the build,
-# the TypeScript client (clients/js) is built and tested against the `gateway standalone` just
+# the TypeScript client (clients/js) is built and tested against the `roomcast standalone` just
 # built. Then validates the deployment files (deploy/validate.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ npm ci --prefix examples/node-backend --no-audit --no-fund --loglevel=error >/de
 cargo build --workspace --all-targets --locked
 
 # The TypeScript client: type declarations build, unit tests, and tests against a real
-# target/debug/gateway standalone on free ports.
+# target/debug/roomcast standalone on free ports.
 npm ci --prefix clients/js --no-audit --no-fund --loglevel=error >/dev/null
 if npm --prefix clients/js run --silent build && npm --prefix clients/js test --silent; then
   echo "clients/js: PASS"

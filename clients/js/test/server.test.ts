@@ -1,4 +1,4 @@
-// The client against a real `gateway standalone` (target/debug/gateway, built by the caller).
+// The client against a real `roomcast standalone` (target/debug/roomcast, built by the caller).
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import {
@@ -44,7 +44,7 @@ function dropSocket(c: RoomcastClient): void {
 let roomSeq = 0;
 const roomName = () => `sdk-${process.pid}-${++roomSeq}`;
 
-describe("against gateway standalone", () => {
+describe("against roomcast standalone", () => {
   it("two clients join, publish and receive; presence and history", async () => {
     const alice = client("alice");
     const bob = client("bob");

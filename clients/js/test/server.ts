@@ -1,4 +1,4 @@
-// Starts a real `gateway standalone` for the tests and mints HS256 tokens for it.
+// Starts a real `roomcast standalone` for the tests and mints HS256 tokens for it.
 import { spawn, type ChildProcess } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -8,8 +8,8 @@ import { fileURLToPath } from "node:url";
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 
-/** The gateway binary: ROOMCAST_GATEWAY_BIN, else the workspace's debug build. */
-export const gatewayBin = process.env.ROOMCAST_GATEWAY_BIN ?? resolve(repoRoot, "target/debug/gateway");
+/** The gateway binary: ROOMCAST_BIN, else the workspace's debug build. */
+export const gatewayBin = process.env.ROOMCAST_BIN ?? resolve(repoRoot, "target/debug/roomcast");
 
 export function freePort(): Promise<number> {
   return new Promise((res, rej) => {
@@ -45,7 +45,7 @@ export interface TestServer {
 export async function startServer(env: Record<string, string> = {}): Promise<TestServer> {
   if (!existsSync(gatewayBin)) {
     throw new Error(
-      `${gatewayBin} not found: build it first (cargo build -p roomcast-gateway) or set ROOMCAST_GATEWAY_BIN`,
+      `${gatewayBin} not found: build it first (cargo build -p roomcast) or set ROOMCAST_BIN`,
     );
   }
   const secret = randomBytes(24).toString("hex");
@@ -72,7 +72,7 @@ export async function startServer(env: Record<string, string> = {}): Promise<Tes
   });
   const deadline = Date.now() + 15_000;
   for (;;) {
-    if (exited) throw new Error(`gateway standalone exited early:\n${stderr}`);
+    if (exited) throw new Error(`roomcast standalone exited early:\n${stderr}`);
     try {
       const r = await fetch(`http://127.0.0.1:${port}/readyz`);
       if (r.ok) break;
@@ -81,7 +81,7 @@ export async function startServer(env: Record<string, string> = {}): Promise<Tes
     }
     if (Date.now() > deadline) {
       child.kill("SIGKILL");
-      throw new Error(`gateway standalone not ready after 15 s:\n${stderr}`);
+      throw new Error(`roomcast standalone not ready after 15 s:\n${stderr}`);
     }
     await new Promise((r) => setTimeout(r, 50));
   }
