@@ -25,8 +25,8 @@ use crate::hub::{ConnHandle, Local, Outbound, ServerCommand};
 use crate::limits::{TokenBucket, UserSlot};
 use crate::pipeline::Publishes;
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
-use crate::server::Gateway;
 use crate::socket::{self, ReadSide};
+use crate::state::Gateway;
 
 /// Frames written to the socket per flush at most, so one busy connection cannot hog its task.
 const MAX_BATCH: usize = 64;

@@ -6,6 +6,8 @@
 //! - [`socket`] — the WebSocket upgrade, frame encoding, the read side tungstenite parses;
 //! - [`pipeline`] — a connection's publishes, pipelined in ordered batches;
 //! - [`protocol`] — client frames in, server frames out;
+//! - [`state`] — what the connections of one gateway share (`Gateway`);
+//! - [`lease`] — the gateway's lease heartbeat with the room-service;
 //! - [`hub`] — local connections and rooms, fan-out of broker payloads;
 //! - [`limits`] — publish token bucket, connections per user;
 //! - [`memory`] — gives freed heap back to the OS after connection churn;
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod config;
 pub mod connection;
 pub mod hub;
+pub mod lease;
 pub mod limits;
 pub mod memory;
 pub mod pipeline;
@@ -28,6 +31,7 @@ pub mod repair;
 pub mod run;
 pub mod server;
 pub mod socket;
+pub mod state;
 pub mod subscriptions;
 
 pub use run::{Bound, RunConfig, bind, run};

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::server::Gateway;
+use crate::state::Gateway;
 
 /// How often the connection counts are looked at.
 const CHECK_EVERY: Duration = Duration::from_secs(2);

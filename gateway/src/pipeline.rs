@@ -22,7 +22,7 @@ use tracing::Instrument as _;
 
 use crate::hub::{ConnHandle, Outbound};
 use crate::protocol::ServerFrame;
-use crate::server::Gateway;
+use crate::state::Gateway;
 
 /// Most publishes in one batch (the room-service accepts up to 1024).
 const MAX_BATCH: usize = 256;

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::hub::{Filled, RepairRequest};
 use crate::protocol;
-use crate::server::Gateway;
+use crate::state::Gateway;
 
 /// Serves gap reports until the hub is gone. One at a time: gaps are rare (a broker hiccup),
 /// and a burst of them after a lost link is best served without stampeding the room-service.

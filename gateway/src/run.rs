@@ -18,7 +18,8 @@ use crate::backend::Backends;
 use crate::config::ConnectionSettings;
 use crate::hub::{Hub, RepairRequest};
 use crate::repair;
-use crate::server::{self, Gateway};
+use crate::server;
+use crate::state::Gateway;
 use crate::subscriptions::Subscriptions;
 
 /// What a running gateway is, besides its broker and backends.
@@ -113,7 +114,7 @@ impl Bound {
         } = self;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         tracing::info!(addr = %listener.local_addr()?, gateway = %gateway.id, scheme, "listening");
-        tokio::spawn(server::heartbeat_loop(gateway.clone()));
+        tokio::spawn(crate::lease::heartbeat_loop(gateway.clone()));
         let resolving = gateway.clone();
         tokio::spawn(async move { resolving.backends.keep_resolved().await });
         tokio::spawn(repair::run(gateway.clone(), repairs));

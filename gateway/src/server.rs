@@ -2,21 +2,20 @@
 //! before the upgrade), the demo page at `/`, the ops endpoints, and draining on shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use roomcast_common::close_code::CloseCode;
-use roomcast_common::namespace::Namespaces;
-use roomcast_common::ops::{self, Readiness};
+use roomcast_common::ops;
 use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
 use serde::Deserialize;
@@ -24,87 +23,9 @@ use tokio_rustls::TlsAcceptor;
 use tonic::Code;
 use tracing::Instrument as _;
 
-use crate::backend::Backends;
-use crate::config::ConnectionSettings;
 use crate::connection::{self, Authenticated};
-use crate::hub::Hub;
-use crate::limits::UserConnections;
 use crate::socket;
-use crate::subscriptions::Subscriptions;
-
-/// Everything the connections of this gateway share.
-pub struct Gateway {
-    /// Unique id; prefix of every client id issued here.
-    pub id: String,
-    pub hub: Arc<Hub>,
-    pub subscriptions: Subscriptions,
-    pub backends: Backends,
-    pub settings: ConnectionSettings,
-    /// Parsed `ALLOWED_ORIGINS`; empty allows any.
-    origins: Vec<String>,
-    pub readiness: Readiness,
-    /// Open connections per user, for `MAX_CONNECTIONS_PER_USER`.
-    users: UserConnections,
-    next_client: AtomicU64,
-    /// `NAMESPACES_FILE`: which client commands each room's namespace allows.
-    pub namespaces: Arc<Namespaces>,
-}
-
-impl Gateway {
-    pub fn new(
-        id: String,
-        hub: Arc<Hub>,
-        subscriptions: Subscriptions,
-        backends: Backends,
-        settings: ConnectionSettings,
-        readiness: Readiness,
-    ) -> Self {
-        Self {
-            id,
-            hub,
-            subscriptions,
-            backends,
-            origins: settings.origins(),
-            settings,
-            readiness,
-            users: UserConnections::default(),
-            next_client: AtomicU64::new(1),
-            namespaces: Arc::default(),
-        }
-    }
-
-    /// Applies `namespaces` to client commands (publish, presence).
-    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
-        self.namespaces = namespaces;
-        self
-    }
-
-    /// Connections accepted so far (client ids issued).
-    pub fn connections_opened(&self) -> u64 {
-        self.next_client.load(Ordering::Relaxed) - 1
-    }
-
-    /// A client id unique in the cluster: this gateway's id and a sequence number.
-    pub fn next_client_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.id,
-            self.next_client.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    fn origin_allowed(&self, headers: &HeaderMap) -> bool {
-        if self.origins.is_empty() {
-            return true;
-        }
-        // Non-browser clients send no Origin; the check exists against cross-site browser use.
-        let Some(origin) = headers.get(header::ORIGIN) else {
-            return true;
-        };
-        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
-        self.origins.iter().any(|o| o == origin)
-    }
-}
+use crate::state::Gateway;
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -407,26 +328,5 @@ async fn drain(gateway: &Gateway, window: Duration) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while gateway.hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Renews this gateway's lease with the room-service and reports its connection count. The
-/// lease lasts one heartbeat timeout, renewed three times per lease: when a gateway dies, its
-/// connections leave presence within the same bound as a dead connection (plus the
-/// room-service's sweep interval).
-pub async fn heartbeat_loop(gateway: Arc<Gateway>) {
-    let lease = gateway.settings.heartbeat_timeout();
-    let mut tick = tokio::time::interval(lease / 3);
-    loop {
-        tick.tick().await;
-        let request = pb::GatewayHeartbeatRequest {
-            gateway_id: gateway.id.clone(),
-            connections: gateway.hub.connection_count() as u64,
-            lease_ms: lease.as_millis() as u64,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-        };
-        if let Err(status) = gateway.backends.gateway_heartbeat(request).await {
-            tracing::debug!(%status, "gateway heartbeat not recorded");
-        }
     }
 }
