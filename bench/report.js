@@ -306,18 +306,37 @@ p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|--
 const fanOrder = Object.values(runs)
   .filter((r) => r.name.startsWith('fanout-'))
   .sort((a, b) => Number(a.meta.start) - Number(b.meta.start));
-for (const run of fanOrder) {
+const fanRow = (run) => {
   const r = run.r;
   if (!r) {
     p(`| ${run.name} | load generator exit ${run.exit}, no JSON | | | | | | | | | | | | | | | |`);
-    continue;
+    return;
   }
   const l = r.latency_ms;
   p(`| ${run.name} | ${int(r.deliveries_per_sec)} | ${int(r.expected)} | ${int(r.received)} | ${int(r.loss)} | ${int(r.out_of_order)} | ` +
     `${f(l.p50, 2)} | ${f(l.p90, 2)} | ${f(l.p99, 2)} | ${f(l.p999, 2)} | ${f(l.max, 2)} | ${f(run.serverCpu, 2)} | ${f(cpuPer(run), 2)} | ` +
     `${f(winPer(run), 2)} | ${f(run.redisCpu, 2)} | ${f(redisPer(run), 3)} | ${f(run.loadgenCpu, 2)} |`);
-}
+};
+const fanHeader = () => {
+  p('| run | deliveries/s | expected | received | loss | out of order | p50 | p90 | p99 | p99.9 | max (ms) | server CPU (s) | µs/delivery | window µs/delivery | Redis CPU (s) | Redis µs/delivery | load generator CPU (s) |');
+  p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+};
+fanOrder.forEach(fanRow);
 p();
+const onePub = Object.values(runs)
+  .filter((r) => r.name.startsWith('onepub-'))
+  .sort((a, b) => Number(a.meta.start) - Number(b.meta.start));
+if (onePub.length > 0) {
+  p('### The same load from one publishing connection');
+  p();
+  p('200 msg/s to the 1000 subscribers from a single publisher connection instead of one per ' +
+    '50 msg/s (a game host, a feed bridge): a connection\'s publishes are pipelined, so this should ' +
+    'not be worse than the rows above.');
+  p();
+  fanHeader();
+  onePub.forEach(fanRow);
+  p();
+}
 {
   const perPublish = (runsOf) => median(runsOf.map((run) => (run.r && run.r.published && run.window ? us(run.window.redis, run.r.published) : null)));
   const setupPerMember = (runsOf) =>

@@ -132,10 +132,11 @@ children_cpu() {
     for (i = 1; i <= NF; i++) { split($i, b, /[ms]/); s += b[1] * 60 + b[2] } print s }' "$WORK/.times")"
 }
 
-start_cluster() { # name gateways room-services
+start_cluster() { # name gateways room-services [more roomcast-cluster options]
   local name=$1 gws=$2 rss=$3 out="$WORK/$1.cluster.out" i
+  shift 3
   "$BIN/roomcast-cluster" --gateways "$gws" --room-services "$rss" --secret "$SECRET" \
-    --log-dir "$WORK/$name-logs" >"$out" 2>&1 &
+    --log-dir "$WORK/$name-logs" "$@" >"$out" 2>&1 &
   CLUSTER_PID=$!
   for i in $(seq 600); do
     grep -q 'Ctrl-C or SIGTERM stops everything' "$out" 2>/dev/null && break
@@ -352,7 +353,9 @@ fi
 # each at <= 50/s, and the Socket.IO runs use the same publishers.
 pubs_for() { echo $(( ($1 + 49) / 50 )); }
 
-start_cluster fanout 2 2
+# The one-publisher round sends 200 msg/s from one connection, above the default per-connection
+# publish rate (100/s); the other rounds publish 50/s per connection.
+start_cluster fanout 2 2 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000
 start_socketio
 SIO_PIDS_S="${SIO_PIDS[*]}"
 RC_PIDS_S="${ROOMCAST_PIDS[*]}"
@@ -380,6 +383,12 @@ for round in $(seq "$PAIRS"); do
   fanout_socketio "fanout-socketio-$round" 200 "$P200" "$DURATION" "$BOUND"
   log "fanout-socketio-$round: $(summary "fanout-socketio-$round")"
 done
+# The same load from ONE publishing connection (a game host, a feed bridge): a connection's
+# publishes must not be serialized on their round trips.
+fanout_roomcast onepub-roomcast 200 1 "$DURATION" "$BOUND"
+log "onepub-roomcast: $(summary onepub-roomcast)"
+fanout_socketio onepub-socketio 200 1 "$DURATION" "$BOUND"
+log "onepub-socketio: $(summary onepub-socketio)"
 
 # One more Roomcast round with the gateways profiled over its publishing window (set-up of the
 # 1000 members takes about 3 s): where a delivery's CPU goes. Skipped without a working perf.
