@@ -1171,6 +1171,17 @@ pub async fn refresh_token(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// A server API client for room-service `i` (without credentials: see `with_key`).
+async fn server_api_client(
+    sys: &System,
+    i: usize,
+) -> Result<ServerApiClient<tonic::transport::Channel>> {
+    let url = sys.server_api_url(i);
+    ServerApiClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to the server API at {url}"))
+}
+
 fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     let value = format!("Bearer {key}")
@@ -1185,10 +1196,7 @@ fn with_key<T>(message: T, key: &str) -> Result<tonic::Request<T>> {
 pub async fn server_api(sys: &mut System) -> Result<()> {
     let room = "srv";
     let key = sys.options().api_key.clone();
-    let url = sys.server_api_url(0);
-    let mut api = ServerApiClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut api = server_api_client(sys, 0).await?;
     let mut a = sys.client(1, "alice").await?;
     join(&mut a, room).await?;
 
@@ -1279,10 +1287,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
 /// `Disconnect` of a user closes its connections on every gateway (code 0 → 1008).
 pub async fn server_api_disconnect(sys: &mut System) -> Result<()> {
     let key = sys.options().api_key.clone();
-    let url = sys.server_api_url(1);
-    let mut api = ServerApiClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut api = server_api_client(sys, 1).await?;
     let mut b0 = sys.client(0, "bob").await?;
     let mut b1 = sys.client(1, "bob").await?;
     let mut a = sys.client(0, "alice").await?;
@@ -1315,10 +1320,7 @@ pub async fn server_api_disconnect(sys: &mut System) -> Result<()> {
 pub async fn server_api_subscribe(sys: &mut System) -> Result<()> {
     let room = "news";
     let key = sys.options().api_key.clone();
-    let url = sys.server_api_url(0);
-    let mut api = ServerApiClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut api = server_api_client(sys, 0).await?;
     let only_chat = Claims::new("carol").rooms(["chat:*"]);
     let mut c0 = sys.client_with(0, &only_chat).await?;
     let mut c1 = sys.client_with(1, &only_chat).await?;
@@ -1970,10 +1972,7 @@ async fn no_member_events(c: &mut TestClient, room: &str, why: &str) -> Result<(
 /// member events off (presence still answers); other rooms keep the global settings.
 pub async fn namespaces(sys: &mut System) -> Result<()> {
     let key = sys.options().api_key.clone();
-    let url = sys.server_api_url(0);
-    let mut api = ServerApiClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to the server API at {url}"))?;
+    let mut api = server_api_client(sys, 0).await?;
     let mut a = sys.client(0, "alice").await?;
     let mut b = sys.client(1, "bob").await?;
 
