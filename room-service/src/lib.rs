@@ -2,18 +2,18 @@
 //!
 //! Layout:
 //! - [`config`]: settings from flags and environment, validated at start-up.
-//! - [`store`]: the room state (offsets, epochs, history, members, gateway leases) in memory
-//!   or in Redis; publishing is atomic with offset assignment, so broadcast order is offset
-//!   order.
+//! - [`store`]: the room state (offsets, epochs, history, members, gateway leases) behind the
+//!   [`store::Store`] trait, in memory or in Redis; publishing is atomic with offset
+//!   assignment, so broadcast order is offset order.
 //! - [`service`]: the internal gRPC `RoomService` (called by gateways, behind the internal
-//!   token) on top of a [`store::Store`].
+//!   token) on top of a [`store::SharedStore`].
 //! - [`server_api`]: the gRPC `ServerApi` for other backends, behind the API key.
 //! - [`serve`] / [`serve_with`]: run the gRPC server on a listener until shutdown, plain or
 //!   over TLS (`GRPC_TLS_*`).
 //!
 //! The service is stateless: run as many instances as needed against one Redis. Standalone
 //! mode (the `roomcast` crate) builds a memory-backed service in-process with
-//! [`store::Store::memory`] and [`service::RoomServiceImpl::new`].
+//! [`store::MemoryStore`] and [`service::RoomServiceImpl::new`].
 
 pub mod config;
 pub mod server_api;
@@ -22,7 +22,7 @@ pub mod store;
 
 pub use server_api::ServerApiImpl;
 pub use service::{RoomServiceImpl, ServiceOptions};
-pub use store::{HistoryLimits, Store, StoreError};
+pub use store::{HistoryLimits, SharedStore, Store, StoreError};
 
 use roomcast_common::credential::RequireBearer;
 use roomcast_common::propagation::ExtractTraceContextLayer;

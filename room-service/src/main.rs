@@ -1,13 +1,15 @@
 //! `room-service`: the gRPC room service backed by Redis.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_room::config::Config;
-use roomcast_room::{RoomServiceImpl, Store};
+use roomcast_room::store::RedisStore;
+use roomcast_room::{RoomServiceImpl, SharedStore};
 use tokio::sync::watch;
 
 /// How often readiness re-checks that Redis answers.
@@ -50,8 +52,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let store =
-        Store::redis_from_client(redis, config.history_limits(), nats)?.with_namespaces(namespaces);
+    let mut store = RedisStore::from_client(redis, config.history_limits())?;
+    if let Some(nats) = nats {
+        store = store.with_nats(nats);
+    }
+    let store: SharedStore = Arc::new(store.with_namespaces(namespaces));
     let service = RoomServiceImpl::new(store.clone(), config.service_options());
     let readiness = Readiness::default();
 
@@ -104,7 +109,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Removes the members of dead gateways, so presence and `member_left` follow a gateway
 /// crash within its lease plus one sweep interval.
-async fn sweep_dead_gateways(store: Store, every: Duration, stopped: impl Future<Output = ()>) {
+async fn sweep_dead_gateways(
+    store: SharedStore,
+    every: Duration,
+    stopped: impl Future<Output = ()>,
+) {
     tokio::pin!(stopped);
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,7 +129,7 @@ async fn sweep_dead_gateways(store: Store, every: Duration, stopped: impl Future
 }
 
 /// Keeps readiness in line with whether Redis answers a PING.
-async fn watch_store(store: Store, readiness: Readiness, stopped: impl Future<Output = ()>) {
+async fn watch_store(store: SharedStore, readiness: Readiness, stopped: impl Future<Output = ()>) {
     tokio::pin!(stopped);
     let mut ticker = tokio::time::interval(READINESS_CHECK_EVERY);
     // A slow PING (Redis down) must not be followed by a burst of catch-up checks.

@@ -12,7 +12,9 @@ use roomcast_proto::room_service_server::RoomService;
 use serde_json::value::RawValue;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Joiner, Once, Position, PublishItem, Store, StoreError, StoredMessage};
+use crate::store::{
+    Joiner, Once, Position, PublishItem, SharedStore, Store, StoreError, StoredMessage,
+};
 
 /// Longest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
@@ -62,20 +64,20 @@ impl Default for ServiceOptions {
 /// ([`crate::server_api::ServerApiImpl`]) is built on the same parts.
 #[derive(Clone)]
 pub struct RoomServiceImpl {
-    store: Store,
+    store: SharedStore,
     options: Arc<ServiceOptions>,
 }
 
 impl RoomServiceImpl {
-    pub fn new(store: Store, options: ServiceOptions) -> Self {
+    pub fn new(store: SharedStore, options: ServiceOptions) -> Self {
         RoomServiceImpl {
             store,
             options: Arc::new(options),
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     pub fn options(&self) -> &ServiceOptions {
@@ -271,20 +273,14 @@ pub(crate) fn check_user(user: &str, required: bool) -> Result<(), Status> {
 }
 
 pub(crate) fn store_status(error: StoreError) -> Status {
-    let kind = match &error {
-        StoreError::Unavailable(_) => "unavailable",
-        StoreError::Config(_) | StoreError::Internal(_) => "internal",
-    };
-    metrics::counter!("roomcast_room_store_errors_total", "kind" => kind).increment(1);
-    match &error {
-        StoreError::Unavailable(_) => {
-            tracing::warn!(%error, "store unavailable");
-            Status::unavailable(error.to_string())
-        }
-        StoreError::Config(_) | StoreError::Internal(_) => {
-            tracing::error!(%error, "store error");
-            Status::internal(error.to_string())
-        }
+    if error.is_transient() {
+        metrics::counter!("roomcast_room_store_errors_total", "kind" => "unavailable").increment(1);
+        tracing::warn!(%error, "store unavailable");
+        Status::unavailable(error.to_string())
+    } else {
+        metrics::counter!("roomcast_room_store_errors_total", "kind" => "internal").increment(1);
+        tracing::error!(%error, "store error");
+        Status::internal(error.to_string())
     }
 }
 
@@ -579,11 +575,11 @@ pub(crate) mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::store::HistoryLimits;
+    use crate::store::{HistoryLimits, MemoryStore, RedisStore};
 
     pub(crate) fn service(api_key: Option<&str>) -> (RoomServiceImpl, MemoryBroker) {
         let broker = MemoryBroker::new();
-        let store = Store::memory(broker.clone(), HistoryLimits::default());
+        let store = Arc::new(MemoryStore::new(broker.clone(), HistoryLimits::default()));
         let options = ServiceOptions {
             api_key: api_key.map(str::to_owned),
             max_data_bytes: 32,
@@ -804,11 +800,13 @@ pub(crate) mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let store = Store::redis(
-            &format!("redis://127.0.0.1:{port}"),
-            HistoryLimits::default(),
-        )
-        .unwrap();
+        let store = Arc::new(
+            RedisStore::new(
+                &format!("redis://127.0.0.1:{port}"),
+                HistoryLimits::default(),
+            )
+            .unwrap(),
+        );
         let service = RoomServiceImpl::new(store, ServiceOptions::default());
         let status = service
             .publish(publish_request("r", "1"))
@@ -858,7 +856,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn large_recovery_and_history_come_in_pages() {
         let broker = MemoryBroker::new();
-        let store = Store::memory(broker, HistoryLimits::default());
+        let store = Arc::new(MemoryStore::new(broker, HistoryLimits::default()));
         let options = ServiceOptions {
             max_data_bytes: 20 * 1024,
             ..Default::default()

@@ -1,13 +1,15 @@
 //! The service over a real gRPC connection, memory-backed: what standalone mode (`roomcast`)
 //! runs in-process. Checks the trust boundary: each service opens only with its own credential.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use roomcast_common::broker::MemoryBroker;
 use roomcast_proto as pb;
 use roomcast_proto::room_service_client::RoomServiceClient;
 use roomcast_proto::server_api_client::ServerApiClient;
-use roomcast_room::{HistoryLimits, RoomServiceImpl, ServiceOptions, Store};
+use roomcast_room::store::MemoryStore;
+use roomcast_room::{HistoryLimits, RoomServiceImpl, ServiceOptions};
 use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -46,7 +48,10 @@ fn history() -> pb::HistoryRequest {
 
 #[tokio::test]
 async fn each_service_opens_with_its_own_credential_only() {
-    let store = Store::memory(MemoryBroker::new(), HistoryLimits::default());
+    let store = Arc::new(MemoryStore::new(
+        MemoryBroker::new(),
+        HistoryLimits::default(),
+    ));
     let service = RoomServiceImpl::new(
         store,
         ServiceOptions {
@@ -130,7 +135,10 @@ async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-    let store = Store::memory(MemoryBroker::new(), HistoryLimits::default());
+    let store = Arc::new(MemoryStore::new(
+        MemoryBroker::new(),
+        HistoryLimits::default(),
+    ));
     let service = RoomServiceImpl::new(store, ServiceOptions::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -166,7 +174,10 @@ async fn reflection_lists_the_services() {
 
 #[tokio::test]
 async fn health_follows_readiness() {
-    let store = Store::memory(MemoryBroker::new(), HistoryLimits::default());
+    let store = Arc::new(MemoryStore::new(
+        MemoryBroker::new(),
+        HistoryLimits::default(),
+    ));
     let service = RoomServiceImpl::new(store, ServiceOptions::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

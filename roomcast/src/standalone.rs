@@ -77,7 +77,7 @@ pub async fn run(
         .await
         .with_context(|| format!("binding ROOM_SERVICE_ADDR {}", config.room_service_addr))?;
     let room_addr = room_listener.local_addr()?;
-    let store = roomcast_room::store::Store::memory(
+    let store = roomcast_room::store::MemoryStore::new(
         broker.clone(),
         roomcast_room::store::HistoryLimits {
             size: config.history_size,
@@ -86,7 +86,7 @@ pub async fn run(
     )
     .with_namespaces(namespaces.clone());
     let service = roomcast_room::service::RoomServiceImpl::new(
-        store,
+        std::sync::Arc::new(store),
         roomcast_room::service::ServiceOptions {
             api_key: config.api_key.clone(),
             internal_token: Some(internal_token.clone()),

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use roomcast_common::broker::MemoryBroker;
 use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
@@ -16,7 +17,8 @@ use roomcast_common::namespace::Namespaces;
 
 use super::{
     GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner, Member,
-    Once, Position, Published, RoomStats, RoomSummary, StoredMessage, new_epoch, recover,
+    Once, Position, PublishItem, Published, RoomStats, RoomSummary, Store, StoreError,
+    StoredMessage, new_epoch, recover,
 };
 
 /// How often idle rooms and old gateway records are swept, at most.
@@ -154,19 +156,11 @@ impl MemoryStore {
         }
     }
 
-    /// See `Store::with_namespaces`.
+    /// Applies `namespaces` (`NAMESPACES_FILE`) to this store's rooms: history bounds per
+    /// namespace, member events off where the namespace says so.
     pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
         self.namespaces = namespaces;
         self
-    }
-
-    pub fn limits(&self) -> HistoryLimits {
-        self.limits
-    }
-
-    /// The history bounds of `room`'s namespace.
-    fn room_limits(&self, room: &str) -> HistoryLimits {
-        self.limits.for_namespace(self.namespaces.of(room))
     }
 
     /// Whether joins and leaves in `room` are announced.
@@ -206,14 +200,15 @@ impl MemoryStore {
         state
     }
 
-    pub fn publish(
-        &self,
-        room: &str,
-        user: &str,
-        client_id: &str,
-        data_json: &str,
-        once: Option<Once<'_>>,
-    ) -> Published {
+    /// Publishes under the lock: offset, history and broadcast in one step.
+    fn publish_now(&self, item: &PublishItem<'_>) -> Published {
+        let PublishItem {
+            room,
+            user,
+            client_id,
+            data_json,
+            once,
+        } = *item;
         let now = self.now();
         let mut state = self.lock(now);
         let once_key = once.map(|o| ((room.to_owned(), o.key.to_owned()), o.window));
@@ -223,7 +218,7 @@ impl MemoryStore {
         {
             return published.clone();
         }
-        let limits = self.room_limits(room);
+        let limits = self.limits_for(room);
         let slot = &mut state.rooms.entry(room.to_owned()).or_default().stream;
         let stream = live_stream(slot, now, &limits, true);
         stream.seq += 1;
@@ -252,10 +247,84 @@ impl MemoryStore {
         published
     }
 
-    pub fn join(&self, room: &str, joiner: Joiner<'_>, since: Option<&Position>) -> Joined {
+    /// The room's members; members of gateways whose lease ran out are removed and announced.
+    fn live_members(&self, room: &str) -> Vec<Member> {
         let now = self.now();
         let mut state = self.lock(now);
-        let limits = self.room_limits(room);
+        let State {
+            rooms, gateways, ..
+        } = &mut *state;
+        let Some(entry) = rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        let announces = self.announces(room);
+        let mut members = Vec::with_capacity(entry.members.len());
+        entry.members.retain(|client_id, record| {
+            if gateway_alive(gateways, &record.gateway_id, now) {
+                members.push(Member {
+                    user: record.user.clone(),
+                    client_id: client_id.clone(),
+                });
+                true
+            } else {
+                if announces {
+                    self.broker.publish(
+                        &room_channel(room),
+                        member_event(MemberEvent::Left, room, &record.user, client_id),
+                    );
+                }
+                false
+            }
+        });
+        members.sort();
+        members
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn limits(&self) -> HistoryLimits {
+        self.limits
+    }
+
+    fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn publish_once(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+        once: Option<Once<'_>>,
+    ) -> Result<Published, StoreError> {
+        Ok(self.publish_now(&PublishItem {
+            room,
+            user,
+            client_id,
+            data_json,
+            once,
+        }))
+    }
+
+    async fn publish_many(&self, items: &[PublishItem<'_>]) -> Result<Vec<Published>, StoreError> {
+        Ok(items.iter().map(|item| self.publish_now(item)).collect())
+    }
+
+    async fn join(
+        &self,
+        room: &str,
+        joiner: Joiner<'_>,
+        since: Option<&Position>,
+    ) -> Result<Joined, StoreError> {
+        let now = self.now();
+        let mut state = self.lock(now);
+        let limits = self.limits_for(room);
         let entry = state.rooms.entry(room.to_owned()).or_default();
         let stream = live_stream(&mut entry.stream, now, &limits, true);
         let epoch = stream.epoch.clone();
@@ -289,19 +358,19 @@ impl MemoryStore {
                 member_event(MemberEvent::Joined, room, joiner.user, joiner.client_id),
             );
         }
-        Joined {
+        Ok(Joined {
             epoch,
             offset: latest,
             recovered,
             missed,
-        }
+        })
     }
 
-    pub fn leave(&self, room: &str, client_id: &str, user: &str) -> bool {
+    async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
         let now = self.now();
         let mut state = self.lock(now);
         let Some(entry) = state.rooms.get_mut(room) else {
-            return false;
+            return Ok(false);
         };
         let removed = entry.members.remove(client_id).is_some();
         if removed && self.announces(room) {
@@ -310,44 +379,21 @@ impl MemoryStore {
                 member_event(MemberEvent::Left, room, user, client_id),
             );
         }
-        removed
+        Ok(removed)
     }
 
-    pub fn presence(&self, room: &str) -> Vec<Member> {
-        let now = self.now();
-        let mut state = self.lock(now);
-        let State {
-            rooms, gateways, ..
-        } = &mut *state;
-        let Some(entry) = rooms.get_mut(room) else {
-            return Vec::new();
-        };
-        let announces = self.announces(room);
-        let mut members = Vec::with_capacity(entry.members.len());
-        entry.members.retain(|client_id, record| {
-            if gateway_alive(gateways, &record.gateway_id, now) {
-                members.push(Member {
-                    user: record.user.clone(),
-                    client_id: client_id.clone(),
-                });
-                true
-            } else {
-                if announces {
-                    self.broker.publish(
-                        &room_channel(room),
-                        member_event(MemberEvent::Left, room, &record.user, client_id),
-                    );
-                }
-                false
-            }
-        });
-        members.sort();
-        members
+    async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
+        Ok(self.live_members(room))
     }
 
-    pub fn history(&self, room: &str, since: Option<u64>, limit: usize) -> HistoryPage {
+    async fn history(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
         let now = self.now();
-        let limits = self.room_limits(room);
+        let limits = self.limits_for(room);
         let limit = limits.clamp_limit(limit);
         let mut state = self.lock(now);
         let slot = &mut state.rooms.entry(room.to_owned()).or_default().stream;
@@ -361,22 +407,23 @@ impl MemoryStore {
                 .map(|e| e.message.clone())
                 .collect(),
         };
-        HistoryPage {
+        Ok(HistoryPage {
             epoch: stream.epoch.clone(),
             offset: stream.seq,
             messages,
-        }
+        })
     }
 
-    pub fn remove_history(&self, room: &str) {
+    async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
         let now = self.now();
         let mut state = self.lock(now);
         if let Some(entry) = state.rooms.get_mut(room) {
             entry.stream = None;
         }
+        Ok(())
     }
 
-    pub fn rooms(&self, prefix: &str, limit: usize) -> Vec<RoomSummary> {
+    async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
         let now = self.now();
         let state = self.lock(now);
         let mut rooms: Vec<RoomSummary> = state
@@ -399,20 +446,20 @@ impl MemoryStore {
             .collect();
         rooms.sort();
         rooms.truncate(limit);
-        rooms
+        Ok(rooms)
     }
 
-    pub fn room_stats(&self, room: &str) -> RoomStats {
-        let members = u64::try_from(self.presence(room).len()).unwrap_or(u64::MAX);
+    async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
+        let members = u64::try_from(self.live_members(room).len()).unwrap_or(u64::MAX);
         let now = self.now();
-        let limits = self.room_limits(room);
+        let limits = self.limits_for(room);
         let mut state = self.lock(now);
         let stream = state
             .rooms
             .get_mut(room)
             .and_then(|r| r.stream.as_mut())
             .filter(|s| now < s.expires_at_ms);
-        match stream {
+        Ok(match stream {
             Some(stream) => {
                 stream.trim(now, &limits);
                 RoomStats {
@@ -428,17 +475,16 @@ impl MemoryStore {
                 offset: 0,
                 history_len: 0,
             },
-        }
+        })
     }
 
-    /// See `RedisStore::connection_opened`.
-    pub fn connection_opened(
+    async fn connection_opened(
         &self,
         user: &str,
         client_id: &str,
         gateway: &str,
         limit: u32,
-    ) -> Result<u64, u64> {
+    ) -> Result<Result<u64, u64>, StoreError> {
         let now = self.now();
         let mut state = self.lock(now);
         let State {
@@ -448,14 +494,14 @@ impl MemoryStore {
         if !held.contains_key(client_id) {
             held.retain(|_, g| gateway_alive(gateways, g, now));
             if limit > 0 && held.len() >= limit as usize {
-                return Err(held.len() as u64);
+                return Ok(Err(held.len() as u64));
             }
             held.insert(client_id.to_owned(), gateway.to_owned());
         }
-        Ok(held.len() as u64)
+        Ok(Ok(held.len() as u64))
     }
 
-    pub fn connection_closed(&self, user: &str, client_id: &str) {
+    async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError> {
         let now = self.now();
         let mut state = self.lock(now);
         if let Some(held) = state.users.get_mut(user) {
@@ -464,15 +510,16 @@ impl MemoryStore {
                 state.users.remove(user);
             }
         }
+        Ok(())
     }
 
-    pub fn gateway_heartbeat(
+    async fn gateway_heartbeat(
         &self,
         gateway_id: &str,
         connections: u64,
         lease: Duration,
         version: &str,
-    ) {
+    ) -> Result<(), StoreError> {
         let now = self.now();
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         let mut state = self.lock(now);
@@ -485,9 +532,15 @@ impl MemoryStore {
                 lease_until_ms: now.saturating_add(lease_ms),
             },
         );
+        Ok(())
     }
 
-    pub fn gateways(&self) -> Vec<GatewayInfo> {
+    /// One in-process gateway, which cannot outlive its own process: nothing to sweep.
+    async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
         let now = self.now();
         let state = self.lock(now);
         let mut gateways: Vec<_> = state
@@ -502,11 +555,12 @@ impl MemoryStore {
             })
             .collect();
         gateways.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
-        gateways
+        Ok(gateways)
     }
 
-    pub fn publish_control(&self, payload: Bytes) {
+    async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
         self.broker.publish(CONTROL_CHANNEL, payload);
+        Ok(())
     }
 }
 
@@ -519,6 +573,7 @@ mod tests {
     use roomcast_common::frame::message_frame;
 
     use super::*;
+    use crate::store::Store;
 
     fn store(size: usize, ttl_secs: u64) -> (MemoryStore, MemoryBroker) {
         let broker = MemoryBroker::new();
@@ -558,14 +613,23 @@ mod tests {
     async fn offsets_are_contiguous_and_broadcast_in_order() {
         let (store, broker) = store(1000, 3600);
         let (_sub, seen) = listen(&broker, "rc:room:r").await;
-        let first = store.publish("r", "alice", "c1", r#"{"n":1}"#, None);
+        let first = store
+            .publish("r", "alice", "c1", r#"{"n":1}"#)
+            .await
+            .unwrap();
         assert_eq!(first.offset, 1);
         for n in 2..=5 {
-            let p = store.publish("r", "alice", "c1", &n.to_string(), None);
+            let p = store
+                .publish("r", "alice", "c1", &n.to_string())
+                .await
+                .unwrap();
             assert_eq!(p.offset, n);
             assert_eq!(p.epoch, first.epoch);
         }
-        assert_eq!(store.publish("other", "a", "c", "1", None).offset, 1);
+        assert_eq!(
+            store.publish("other", "a", "c", "1").await.unwrap().offset,
+            1
+        );
         let seen = seen.lock().unwrap();
         let offsets: Vec<u64> = seen
             .iter()
@@ -585,39 +649,46 @@ mod tests {
         );
     }
 
-    #[test]
-    fn history_is_bounded_by_count() {
+    #[tokio::test]
+    async fn history_is_bounded_by_count() {
         let (store, _) = store(3, 3600);
         for n in 1..=5 {
-            store.publish("r", "u", "c", &n.to_string(), None);
+            store.publish("r", "u", "c", &n.to_string()).await.unwrap();
         }
-        let page = store.history("r", None, 0);
+        let page = store.history("r", None, 0).await.unwrap();
         assert_eq!(page.offset, 5);
         let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
         assert_eq!(offsets, vec![3, 4, 5]);
-        let page = store.history("r", Some(3), 0);
+        let page = store.history("r", Some(3), 0).await.unwrap();
         assert_eq!(
             page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
             vec![4, 5]
         );
-        let page = store.history("r", Some(0), 1);
+        let page = store.history("r", Some(0), 1).await.unwrap();
         assert_eq!(
             page.messages.iter().map(|m| m.offset).collect::<Vec<_>>(),
             vec![3]
         );
-        assert!(store.history("r", Some(u64::MAX), 0).messages.is_empty());
+        assert!(
+            store
+                .history("r", Some(u64::MAX), 0)
+                .await
+                .unwrap()
+                .messages
+                .is_empty()
+        );
         assert_eq!(page.messages[0].data_json, "3");
     }
 
-    #[test]
-    fn history_is_bounded_by_age_and_expires_with_a_new_epoch() {
+    #[tokio::test]
+    async fn history_is_bounded_by_age_and_expires_with_a_new_epoch() {
         let (store, _) = store(100, 10);
-        let first = store.publish("r", "u", "c", "1", None);
+        let first = store.publish("r", "u", "c", "1").await.unwrap();
         store.advance_clock(Duration::from_secs(6));
-        store.publish("r", "u", "c", "2", None);
+        store.publish("r", "u", "c", "2").await.unwrap();
         store.advance_clock(Duration::from_secs(6));
         // Message 1 is 12 s old, message 2 is 6 s old.
-        let page = store.history("r", None, 0);
+        let page = store.history("r", None, 0).await.unwrap();
         assert_eq!(page.epoch, first.epoch);
         assert_eq!(page.offset, 2);
         assert_eq!(
@@ -626,23 +697,26 @@ mod tests {
         );
         // Idle for longer than the TTL: the history is gone and offsets restart.
         store.advance_clock(Duration::from_secs(11));
-        let page = store.history("r", None, 0);
+        let page = store.history("r", None, 0).await.unwrap();
         assert_ne!(page.epoch, first.epoch);
         assert_eq!(page.offset, 0);
         assert!(page.messages.is_empty());
-        let next = store.publish("r", "u", "c", "3", None);
+        let next = store.publish("r", "u", "c", "3").await.unwrap();
         assert_eq!(next.offset, 1);
         assert_eq!(next.epoch, page.epoch);
     }
 
-    #[test]
-    fn join_recovers_only_what_history_still_holds() {
+    #[tokio::test]
+    async fn join_recovers_only_what_history_still_holds() {
         let (store, _) = store(3, 3600);
         let j = joiner("c1", "alice", "gw1");
-        let joined = store.join("r", j, None);
+        let joined = store.join("r", j, None).await.unwrap();
         assert_eq!((joined.offset, joined.recovered), (0, None));
         for n in 1..=2 {
-            store.publish("r", "bob", "c2", &n.to_string(), None);
+            store
+                .publish("r", "bob", "c2", &n.to_string())
+                .await
+                .unwrap();
         }
         let epoch = joined.epoch.clone();
         // Nothing missed.
@@ -650,10 +724,10 @@ mod tests {
             epoch: epoch.clone(),
             offset,
         };
-        let r = store.join("r", j, Some(&at(2)));
+        let r = store.join("r", j, Some(&at(2))).await.unwrap();
         assert_eq!((r.recovered, r.missed.len(), r.offset), (Some(true), 0, 2));
         // Missed 1 and 2.
-        let r = store.join("r", j, Some(&at(0)));
+        let r = store.join("r", j, Some(&at(0))).await.unwrap();
         assert_eq!(r.recovered, Some(true));
         assert_eq!(
             r.missed.iter().map(|m| m.offset).collect::<Vec<_>>(),
@@ -661,43 +735,52 @@ mod tests {
         );
         // History holds 3..=5 only: offset 2 is gone.
         for n in 3..=5 {
-            store.publish("r", "bob", "c2", &n.to_string(), None);
+            store
+                .publish("r", "bob", "c2", &n.to_string())
+                .await
+                .unwrap();
         }
-        let r = store.join("r", j, Some(&at(1)));
+        let r = store.join("r", j, Some(&at(1))).await.unwrap();
         assert_eq!((r.recovered, r.missed.len()), (Some(false), 0));
-        let r = store.join("r", j, Some(&at(2)));
+        let r = store.join("r", j, Some(&at(2))).await.unwrap();
         assert_eq!(r.recovered, Some(true));
         assert_eq!(
             r.missed.iter().map(|m| m.offset).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
         // Another epoch, or an offset from the future.
-        let r = store.join(
-            "r",
-            j,
-            Some(&Position {
-                epoch: "nope".into(),
-                offset: 5,
-            }),
-        );
+        let r = store
+            .join(
+                "r",
+                j,
+                Some(&Position {
+                    epoch: "nope".into(),
+                    offset: 5,
+                }),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.recovered, Some(false));
-        let r = store.join("r", j, Some(&at(9)));
+        let r = store.join("r", j, Some(&at(9))).await.unwrap();
         assert_eq!(r.recovered, Some(false));
     }
 
-    #[test]
-    fn recovery_fails_after_the_history_expired() {
+    #[tokio::test]
+    async fn recovery_fails_after_the_history_expired() {
         let (store, _) = store(100, 10);
-        let p = store.publish("r", "u", "c", "1", None);
+        let p = store.publish("r", "u", "c", "1").await.unwrap();
         store.advance_clock(Duration::from_secs(11));
-        let r = store.join(
-            "r",
-            joiner("c1", "u", "g"),
-            Some(&Position {
-                epoch: p.epoch.clone(),
-                offset: 0,
-            }),
-        );
+        let r = store
+            .join(
+                "r",
+                joiner("c1", "u", "g"),
+                Some(&Position {
+                    epoch: p.epoch.clone(),
+                    offset: 0,
+                }),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.recovered, Some(false));
         assert_ne!(r.epoch, p.epoch);
         assert_eq!(r.offset, 0);
@@ -707,12 +790,21 @@ mod tests {
     async fn presence_follows_joins_leaves_and_announces_them() {
         let (store, broker) = store(10, 3600);
         let (_sub, seen) = listen(&broker, "rc:room:r").await;
-        store.join("r", joiner("c1", "alice", "gw1"), None);
-        store.join("r", joiner("c2", "bob", "gw1"), None);
+        store
+            .join("r", joiner("c1", "alice", "gw1"), None)
+            .await
+            .unwrap();
+        store
+            .join("r", joiner("c2", "bob", "gw1"), None)
+            .await
+            .unwrap();
         // A second join of the same connection is not announced again.
-        store.join("r", joiner("c2", "bob", "gw1"), None);
+        store
+            .join("r", joiner("c2", "bob", "gw1"), None)
+            .await
+            .unwrap();
         assert_eq!(
-            store.presence("r"),
+            store.presence("r").await.unwrap(),
             vec![
                 Member {
                     user: "alice".into(),
@@ -724,11 +816,11 @@ mod tests {
                 },
             ]
         );
-        assert!(store.leave("r", "c1", "alice"));
-        assert!(!store.leave("r", "c1", "alice"));
-        assert!(!store.leave("nowhere", "c1", "alice"));
-        assert_eq!(store.presence("r").len(), 1);
-        assert_eq!(store.room_stats("r").members, 1);
+        assert!(store.leave("r", "c1", "alice").await.unwrap());
+        assert!(!store.leave("r", "c1", "alice").await.unwrap());
+        assert!(!store.leave("nowhere", "c1", "alice").await.unwrap());
+        assert_eq!(store.presence("r").await.unwrap().len(), 1);
+        assert_eq!(store.room_stats("r").await.unwrap().members, 1);
         let events: Vec<(String, serde_json::Value)> = seen
             .lock()
             .unwrap()
@@ -750,20 +842,41 @@ mod tests {
         assert_eq!(events[2].1["type"], "member_left");
     }
 
-    #[test]
-    fn members_of_a_dead_gateway_drop_out() {
+    #[tokio::test]
+    async fn members_of_a_dead_gateway_drop_out() {
         let (store, _) = store(10, 3600);
-        store.gateway_heartbeat("gw1", 1, Duration::from_secs(5), "");
-        store.gateway_heartbeat("gw2", 2, Duration::from_secs(60), "");
-        store.join("r", joiner("c1", "alice", "gw1"), None);
-        store.join("r", joiner("c2", "bob", "gw2"), None);
-        store.join("r", joiner("c3", "carol", "unknown-gw"), None);
-        assert_eq!(store.presence("r").len(), 3);
-        assert_eq!(store.gateways().len(), 2);
+        store
+            .gateway_heartbeat("gw1", 1, Duration::from_secs(5), "")
+            .await
+            .unwrap();
+        store
+            .gateway_heartbeat("gw2", 2, Duration::from_secs(60), "")
+            .await
+            .unwrap();
+        store
+            .join("r", joiner("c1", "alice", "gw1"), None)
+            .await
+            .unwrap();
+        store
+            .join("r", joiner("c2", "bob", "gw2"), None)
+            .await
+            .unwrap();
+        store
+            .join("r", joiner("c3", "carol", "unknown-gw"), None)
+            .await
+            .unwrap();
+        assert_eq!(store.presence("r").await.unwrap().len(), 3);
+        assert_eq!(store.gateways().await.unwrap().len(), 2);
         store.advance_clock(Duration::from_secs(10));
-        let users: Vec<String> = store.presence("r").into_iter().map(|m| m.user).collect();
+        let users: Vec<String> = store
+            .presence("r")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.user)
+            .collect();
         assert_eq!(users, vec!["bob", "carol"]);
-        let gateways = store.gateways();
+        let gateways = store.gateways().await.unwrap();
         assert_eq!(gateways.len(), 1);
         assert_eq!(
             (gateways[0].gateway_id.as_str(), gateways[0].connections),
@@ -775,7 +888,7 @@ mod tests {
     async fn room_stats_and_control() {
         let (store, broker) = store(2, 3600);
         assert_eq!(
-            store.room_stats("r"),
+            store.room_stats("r").await.unwrap(),
             RoomStats {
                 members: 0,
                 epoch: String::new(),
@@ -783,18 +896,21 @@ mod tests {
                 history_len: 0
             }
         );
-        let p = store.publish("r", "u", "c", "1", None);
-        store.publish("r", "u", "c", "2", None);
-        store.publish("r", "u", "c", "3", None);
-        let stats = store.room_stats("r");
+        let p = store.publish("r", "u", "c", "1").await.unwrap();
+        store.publish("r", "u", "c", "2").await.unwrap();
+        store.publish("r", "u", "c", "3").await.unwrap();
+        let stats = store.room_stats("r").await.unwrap();
         assert_eq!(
             (stats.epoch, stats.offset, stats.history_len),
             (p.epoch, 3, 2)
         );
         let (_sub, seen) = listen(&broker, CONTROL_CHANNEL).await;
-        store.publish_control(Bytes::from_static(
-            b"C{\"op\":\"disconnect\",\"user\":\"u\",\"code\":1008,\"reason\":\"\"}",
-        ));
+        store
+            .publish_control(Bytes::from_static(
+                b"C{\"op\":\"disconnect\",\"user\":\"u\",\"code\":1008,\"reason\":\"\"}",
+            ))
+            .await
+            .unwrap();
         assert!(matches!(seen.lock().unwrap()[0], Envelope::Control(_)));
     }
 }

@@ -1,9 +1,9 @@
 //! The room state store: offsets, epochs, history, membership and gateway leases.
 //!
-//! Two implementations behind one enum: [`MemoryStore`] (standalone mode, one process, paired
-//! with a [`MemoryBroker`]) and [`RedisStore`] (a cluster of stateless room-service instances).
-//! Both publish a room message in the same atomic step that assigns its offset and appends it
-//! to history, so publish order on the broker is offset order.
+//! One trait, [`Store`], with two implementations: [`MemoryStore`] (standalone mode, one
+//! process, paired with a `MemoryBroker`) and [`RedisStore`] (a cluster of stateless
+//! room-service instances). Both publish a room message in the same atomic step that assigns
+//! its offset and appends it to history, so publish order on the broker is offset order.
 //!
 //! Callers validate room names (`roomcast_common::room::validate_room_name`) and client ids
 //! before calling; the store trusts them.
@@ -11,12 +11,12 @@
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Arc;
-
+use async_trait::async_trait;
 use bytes::Bytes;
-use roomcast_common::broker::MemoryBroker;
+use roomcast_common::broker::BrokerError;
 use roomcast_common::namespace::{NamespaceOptions, Namespaces};
 
 pub use self::memory::MemoryStore;
@@ -74,17 +74,41 @@ impl HistoryLimits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend is down, slow or refusing work for now; the caller may retry.
+    /// The backend did not answer within the operation's bound; the caller may retry.
+    #[error("store did not answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The backend is down or refusing work for now (connection lost, loading, failing
+    /// over); the caller may retry.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] ::redis::RedisError),
+    /// The broker that carries the broadcasts (NATS) is unreachable.
+    #[error("broker unavailable: {0}")]
+    Broker(#[from] BrokerError),
     /// The store configuration is unusable (bad URL).
     #[error("invalid store configuration: {0}")]
-    Config(String),
-    /// The backend answered something unexpected; retrying will not help.
-    #[error("store error: {0}")]
-    Internal(String),
+    Config(#[source] ::redis::RedisError),
+    /// The backend refused the operation; retrying will not help.
+    #[error("store refused the operation: {0}")]
+    Refused(#[source] ::redis::RedisError),
+    /// The backend answered something this store does not understand.
+    #[error("malformed store reply: {0}")]
+    Malformed(String),
+    /// A record could not be encoded for the backend.
+    #[error("cannot encode a store record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later (the backend is down or slow, not wrong).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout(_) | StoreError::Unavailable(_) | StoreError::Broker(_)
+        )
+    }
 }
 
 /// Where a client stands in a room's stream.
@@ -203,88 +227,34 @@ pub struct GatewayInfo {
 /// ran out are dropped from presence; the record must outlive them.
 pub(crate) const GATEWAY_RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// The room state store.
-#[derive(Clone)]
-pub enum Store {
-    Memory(MemoryStore),
-    Redis(RedisStore),
-}
-
-impl Store {
-    /// An in-process store that publishes on `broker`.
-    pub fn memory(broker: MemoryBroker, limits: HistoryLimits) -> Self {
-        Store::Memory(MemoryStore::new(broker, limits))
-    }
-
-    /// A Redis store. Connects lazily: a Redis that is down now makes calls fail with
-    /// [`StoreError::Unavailable`] until it is back.
-    pub fn redis(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
-        RedisStore::new(url, limits).map(Store::Redis)
-    }
-
-    /// A Redis store on a client made beforehand (e.g. with TLS settings), broadcasting over
-    /// NATS when `nats` is given.
-    pub fn redis_from_client(
-        client: ::redis::Client,
-        limits: HistoryLimits,
-        nats: Option<roomcast_common::nats::NatsPublisher>,
-    ) -> Result<Self, StoreError> {
-        let store = RedisStore::from_client(client, limits)?;
-        Ok(Store::Redis(match nats {
-            Some(nats) => store.with_nats(nats),
-            None => store,
-        }))
-    }
-
-    /// State in Redis, broadcasts over NATS.
-    pub fn redis_with_nats(
-        url: &str,
-        limits: HistoryLimits,
-        nats: roomcast_common::nats::NatsPublisher,
-    ) -> Result<Self, StoreError> {
-        RedisStore::new(url, limits).map(|store| Store::Redis(store.with_nats(nats)))
-    }
-
-    /// Applies `namespaces` (`NAMESPACES_FILE`) to this store's rooms: history bounds per
-    /// namespace, member events off where the namespace says so.
-    pub fn with_namespaces(self, namespaces: Arc<Namespaces>) -> Self {
-        match self {
-            Store::Memory(s) => Store::Memory(s.with_namespaces(namespaces)),
-            Store::Redis(s) => Store::Redis(s.with_namespaces(namespaces)),
-        }
-    }
-
+/// The room state store, shared by every handler of a service as a [`SharedStore`].
+///
+/// Guarantees every implementation keeps:
+/// - a publish assigns the room's next offset, appends the message to history and hands it to
+///   the broker in one atomic step, so broadcast order is offset order;
+/// - history is bounded by the room's [`HistoryLimits`] as seen by callers: never more than
+///   `size` messages, none older than `ttl`;
+/// - a room idle for `ttl` loses its epoch, offset and history together, and the next publish
+///   or join starts a new epoch at offset 1.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
     /// The global history bounds (a namespace may override them: [`Store::limits_for`]).
-    pub fn limits(&self) -> HistoryLimits {
-        match self {
-            Store::Memory(s) => s.limits(),
-            Store::Redis(s) => s.limits(),
-        }
-    }
+    fn limits(&self) -> HistoryLimits;
 
-    pub fn namespaces(&self) -> &Namespaces {
-        match self {
-            Store::Memory(s) => &s.namespaces,
-            Store::Redis(s) => &s.namespaces,
-        }
-    }
+    /// The namespaces (`NAMESPACES_FILE`) this store applies to its rooms.
+    fn namespaces(&self) -> &Namespaces;
 
     /// The history bounds of `room`, from its namespace.
-    pub fn limits_for(&self, room: &str) -> HistoryLimits {
+    fn limits_for(&self, room: &str) -> HistoryLimits {
         self.limits().for_namespace(self.namespaces().of(room))
     }
 
     /// Checks that the backend answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(_) => Ok(()),
-            Store::Redis(s) => s.ping().await,
-        }
-    }
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Assigns the next offset, appends to history and broadcasts, atomically.
     /// `data_json` must be valid JSON.
-    pub async fn publish(
+    async fn publish(
         &self,
         room: &str,
         user: &str,
@@ -296,181 +266,90 @@ impl Store {
     }
 
     /// [`Store::publish`], at most once per [`Once`] key when one is given.
-    pub async fn publish_once(
+    async fn publish_once(
         &self,
         room: &str,
         user: &str,
         client_id: &str,
         data_json: &str,
         once: Option<Once<'_>>,
-    ) -> Result<Published, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.publish(room, user, client_id, data_json, once)),
-            Store::Redis(s) => s.publish_once(room, user, client_id, data_json, once).await,
-        }
-    }
+    ) -> Result<Published, StoreError>;
 
-    /// Publishes `items` in the order given, each as [`Store::publish_once`] would; all or
-    /// nothing is known: an error means none of the results came back (some may be stored,
-    /// which their idempotency keys make safe to retry).
-    pub async fn publish_many(
-        &self,
-        items: &[PublishItem<'_>],
-    ) -> Result<Vec<Published>, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(items
-                .iter()
-                .map(|i| s.publish(i.room, i.user, i.client_id, i.data_json, i.once))
-                .collect()),
-            Store::Redis(s) => s.publish_many(items).await,
-        }
-    }
+    /// Publishes `items`, each as [`Store::publish_once`] would, keeping their order within
+    /// each room; all or nothing is known: an error means none of the results came back (some
+    /// may be stored, which their idempotency keys make safe to retry).
+    async fn publish_many(&self, items: &[PublishItem<'_>]) -> Result<Vec<Published>, StoreError>;
 
     /// Adds the member (announcing it when new) and, with `since`, recovers what was missed.
-    pub async fn join(
+    async fn join(
         &self,
         room: &str,
         joiner: Joiner<'_>,
         since: Option<&Position>,
-    ) -> Result<Joined, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.join(room, joiner, since)),
-            Store::Redis(s) => s.join(room, joiner, since).await,
-        }
-    }
+    ) -> Result<Joined, StoreError>;
 
     /// Removes the member, announcing it when it was there; returns whether it was.
-    pub async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.leave(room, client_id, user)),
-            Store::Redis(s) => s.leave(room, client_id, user).await,
-        }
-    }
+    async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError>;
 
     /// The room's members, sorted by user then client id. Members whose gateway's lease ran
     /// out are removed (and announced as left) on the way.
-    pub async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.presence(room)),
-            Store::Redis(s) => s.presence(room).await,
-        }
-    }
+    async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError>;
 
     /// Messages with an offset above `since` (all held ones when `None`), oldest first, at most
     /// `limit` (clamped by [`HistoryLimits::clamp_limit`]).
-    pub async fn history(
+    async fn history(
         &self,
         room: &str,
         since: Option<u64>,
         limit: usize,
-    ) -> Result<HistoryPage, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.history(room, since, limit)),
-            Store::Redis(s) => s.history(room, since, limit).await,
-        }
-    }
+    ) -> Result<HistoryPage, StoreError>;
 
-    pub async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.room_stats(room)),
-            Store::Redis(s) => s.room_stats(room).await,
-        }
-    }
+    async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError>;
 
     /// Forgets the room's history: the next publish or join starts a new epoch, so a client
     /// recovering from the old one is told `recovered: false`. Members stay.
-    pub async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(s) => {
-                s.remove_history(room);
-                Ok(())
-            }
-            Store::Redis(s) => s.remove_history(room).await,
-        }
-    }
+    async fn remove_history(&self, room: &str) -> Result<(), StoreError>;
 
     /// Rooms with members or history whose name starts with `prefix`, sorted, at most
     /// `limit`. An administrative call: the Redis store scans the keyspace.
-    pub async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.rooms(prefix, limit)),
-            Store::Redis(s) => s.rooms(prefix, limit).await,
-        }
-    }
+    async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError>;
 
     /// Counts a connection against `user`'s limit across the cluster: `Ok(count)` with it,
-    /// `Err(count)` when `limit` (0: none) live connections already exist.
-    pub async fn connection_opened(
+    /// `Err(count)` when `limit` (0: none) live connections already exist. Connections of
+    /// gateways whose lease ran out do not count.
+    async fn connection_opened(
         &self,
         user: &str,
         client_id: &str,
         gateway: &str,
         limit: u32,
-    ) -> Result<Result<u64, u64>, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.connection_opened(user, client_id, gateway, limit)),
-            Store::Redis(s) => s.connection_opened(user, client_id, gateway, limit).await,
-        }
-    }
+    ) -> Result<Result<u64, u64>, StoreError>;
 
-    pub async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(s) => {
-                s.connection_closed(user, client_id);
-                Ok(())
-            }
-            Store::Redis(s) => s.connection_closed(user, client_id).await,
-        }
-    }
+    /// Stops counting `client_id` for `user`.
+    async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError>;
 
     /// Records that `gateway_id` is alive with `connections` connections until `lease` passes.
-    pub async fn gateway_heartbeat(
+    async fn gateway_heartbeat(
         &self,
         gateway_id: &str,
         connections: u64,
         lease: Duration,
         version: &str,
-    ) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(s) => {
-                s.gateway_heartbeat(gateway_id, connections, lease, version);
-                Ok(())
-            }
-            Store::Redis(s) => {
-                s.gateway_heartbeat(gateway_id, connections, lease, version)
-                    .await
-            }
-        }
-    }
+    ) -> Result<(), StoreError>;
+
+    /// Removes the members of gateways whose lease ran out; returns how many gateways were
+    /// swept.
+    async fn sweep_dead_gateways(&self) -> Result<usize, StoreError>;
 
     /// Gateways whose lease has not run out, sorted by id.
-    /// Removes the members of gateways whose lease ran out; returns how many gateways were
-    /// swept. The memory store serves one in-process gateway and has nothing to sweep.
-    pub async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
-        match self {
-            Store::Memory(_) => Ok(0),
-            Store::Redis(s) => s.sweep_dead_gateways().await,
-        }
-    }
-
-    pub async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
-        match self {
-            Store::Memory(s) => Ok(s.gateways()),
-            Store::Redis(s) => s.gateways().await,
-        }
-    }
+    async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError>;
 
     /// Publishes an encoded control envelope on the control channel.
-    pub async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(s) => {
-                s.publish_control(payload);
-                Ok(())
-            }
-            Store::Redis(s) => s.publish_control(payload).await,
-        }
-    }
+    async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError>;
 }
+
+/// A store shared by the services and background tasks of one process.
+pub type SharedStore = Arc<dyn Store>;
 
 /// A fresh random epoch: 16 hex digits, so two epochs of one room practically never collide.
 pub(crate) fn new_epoch() -> String {

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
@@ -30,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner, Member,
-    Once, Position, PublishItem, Published, RoomStats, RoomSummary, StoreError, StoredMessage,
-    new_epoch, recover,
+    Once, Position, PublishItem, Published, RoomStats, RoomSummary, Store, StoreError,
+    StoredMessage, new_epoch, recover,
 };
 
 /// Upper bound on one store operation, reconnection included: callers fail fast instead of
@@ -126,10 +127,12 @@ pub struct RedisStore {
     nats: Option<NatsPublisher>,
     scripts: Arc<Scripts>,
     limits: HistoryLimits,
-    pub(super) namespaces: Arc<Namespaces>,
+    namespaces: Arc<Namespaces>,
 }
 
 impl StoreError {
+    /// Sorts a Redis error: transient (the connection, a failover, a busy or loading server)
+    /// or not.
     fn from_redis(error: RedisError) -> Self {
         let transient = error.is_io_error()
             || error.is_timeout()
@@ -149,16 +152,16 @@ impl StoreError {
                     )
             );
         if transient {
-            StoreError::Unavailable(error.to_string())
+            StoreError::Unavailable(error)
         } else {
-            StoreError::Internal(error.to_string())
+            StoreError::Refused(error)
         }
     }
 }
 
 fn flat_messages(flat: Vec<String>) -> Result<Vec<StoredMessage>, StoreError> {
     if !flat.len().is_multiple_of(4) {
-        return Err(StoreError::Internal("malformed history reply".into()));
+        return Err(StoreError::Malformed("history reply".into()));
     }
     let mut messages = Vec::with_capacity(flat.len() / 4);
     let mut fields = flat.into_iter();
@@ -167,7 +170,7 @@ fn flat_messages(flat: Vec<String>) -> Result<Vec<StoredMessage>, StoreError> {
     {
         let offset = offset
             .parse()
-            .map_err(|_| StoreError::Internal(format!("bad offset {offset:?} in history")))?;
+            .map_err(|_| StoreError::Malformed(format!("offset {offset:?} in history")))?;
         messages.push(StoredMessage {
             offset,
             user,
@@ -181,14 +184,14 @@ fn flat_messages(flat: Vec<String>) -> Result<Vec<StoredMessage>, StoreError> {
 fn parse_offset(latest: &str) -> Result<u64, StoreError> {
     latest
         .parse()
-        .map_err(|_| StoreError::Internal(format!("bad offset {latest:?} in store")))
+        .map_err(|_| StoreError::Malformed(format!("offset {latest:?}")))
 }
 
 impl RedisStore {
     /// Creates the store without connecting: the connection is made on first use and remade
     /// after failures, so the service can start before Redis and survive its restarts.
     pub fn new(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?;
+        let client = redis::Client::open(url).map_err(StoreError::Config)?;
         Self::from_client(client, limits)
     }
 
@@ -199,8 +202,8 @@ impl RedisStore {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let connection =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(StoreError::Config)?;
         Ok(RedisStore {
             connection,
             nats: None,
@@ -210,15 +213,11 @@ impl RedisStore {
         })
     }
 
-    /// See `Store::with_namespaces`.
+    /// Applies `namespaces` (`NAMESPACES_FILE`) to this store's rooms: history bounds per
+    /// namespace, member events off where the namespace says so.
     pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
         self.namespaces = namespaces;
         self
-    }
-
-    /// The history bounds of `room`'s namespace.
-    fn room_limits(&self, room: &str) -> HistoryLimits {
-        self.limits.for_namespace(self.namespaces.of(room))
     }
 
     /// The channel a join or leave script announces the member on: none when the room's
@@ -263,10 +262,6 @@ impl RedisStore {
         }
     }
 
-    pub fn limits(&self) -> HistoryLimits {
-        self.limits
-    }
-
     /// Runs one command, bounded like every store operation.
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
         let mut connection = self.connection.clone();
@@ -277,90 +272,8 @@ impl RedisStore {
     async fn run<T>(&self, op: impl Future<Output = RedisResult<T>>) -> Result<T, StoreError> {
         match tokio::time::timeout(OP_TIMEOUT, op).await {
             Ok(result) => result.map_err(StoreError::from_redis),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "redis did not answer within {} ms",
-                OP_TIMEOUT.as_millis()
-            ))),
+            Err(_) => Err(StoreError::Timeout(OP_TIMEOUT)),
         }
-    }
-
-    /// Checks Redis and, when it is the broker, NATS.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        self.run(async move {
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await
-        })
-        .await?;
-        if let Some(nats) = &self.nats {
-            nats.ping()
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        }
-        Ok(())
-    }
-
-    pub async fn publish(
-        &self,
-        room: &str,
-        user: &str,
-        client_id: &str,
-        data_json: &str,
-    ) -> Result<Published, StoreError> {
-        self.publish_once(room, user, client_id, data_json, None)
-            .await
-    }
-
-    pub async fn publish_once(
-        &self,
-        room: &str,
-        user: &str,
-        client_id: &str,
-        data_json: &str,
-        once: Option<Once<'_>>,
-    ) -> Result<Published, StoreError> {
-        let item = PublishItem {
-            room,
-            user,
-            client_id,
-            data_json,
-            once,
-        };
-        let invocation = self.publish_invocation(&item)?;
-        let mut connection = self.connection.clone();
-        let (epoch, offset): (String, u64) = self
-            .run(async move { invocation.invoke_async(&mut connection).await })
-            .await?;
-        let published = Published { epoch, offset };
-        self.broadcast_on_nats(&item, &published).await;
-        Ok(published)
-    }
-
-    /// Publishes `items` in order in one round trip (a pipeline: Redis runs the scripts one
-    /// after the other, in the order sent).
-    pub async fn publish_many(
-        &self,
-        items: &[PublishItem<'_>],
-    ) -> Result<Vec<Published>, StoreError> {
-        let mut pipe = redis::pipe();
-        // EVALSHA fails on a Redis that lost its scripts (restart, flush); loading it first in
-        // the same pipeline keeps the order, where a retry after NOSCRIPT would not.
-        pipe.load_script(&self.scripts.publish).ignore();
-        for item in items {
-            pipe.invoke_script(&self.publish_invocation(item)?);
-        }
-        let mut connection = self.connection.clone();
-        let results: Vec<(String, u64)> = self
-            .run(async move { pipe.query_async(&mut connection).await })
-            .await?;
-        let mut published = Vec::with_capacity(results.len());
-        for (item, (epoch, offset)) in items.iter().zip(results) {
-            let p = Published { epoch, offset };
-            self.broadcast_on_nats(item, &p).await;
-            published.push(p);
-        }
-        Ok(published)
     }
 
     fn publish_invocation<'s>(
@@ -368,9 +281,8 @@ impl RedisStore {
         item: &PublishItem<'_>,
     ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
         let keys = RoomKeys::new(item.room);
-        let limits = self.room_limits(item.room);
-        let room_json =
-            serde_json::to_string(item.room).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let limits = self.limits_for(item.room);
+        let room_json = serde_json::to_string(item.room)?;
         let tail = message_frame_tail(item.user, item.client_id, item.data_json);
         let mut invocation = self.scripts.publish.prepare_invoke();
         invocation
@@ -417,19 +329,170 @@ impl RedisStore {
         self.broadcast(&room_channel(item.room), payload).await;
     }
 
-    pub async fn join(
+    /// The gateways among `members`' whose lease ran out. A gateway without a lease record
+    /// never sent a heartbeat and cannot be judged.
+    async fn dead_gateways(
+        &self,
+        members: &[(String, MemberRecord)],
+    ) -> Result<Vec<String>, StoreError> {
+        self.dead_among(members.iter().map(|(_, r)| r.gateway.as_str()).collect())
+            .await
+    }
+
+    /// The gateways among `gateways` whose lease ran out.
+    async fn dead_among(&self, mut gateways: Vec<&str>) -> Result<Vec<String>, StoreError> {
+        gateways.sort_unstable();
+        gateways.dedup();
+        if gateways.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        let leases: Vec<Option<f64>> = self
+            .run(async {
+                redis::cmd("ZMSCORE")
+                    .arg(GATEWAY_LEASES_KEY)
+                    .arg(&gateways)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        let now = roomcast_common::unix_millis() as f64;
+        Ok(gateways
+            .into_iter()
+            .zip(leases)
+            .filter(|(_, lease)| lease.is_some_and(|until| until <= now))
+            .map(|(gateway, _)| gateway.to_owned())
+            .collect())
+    }
+
+    /// Runs `connect.lua`: the count with the connection, negative when refused.
+    async fn count_connection(
+        &self,
+        key: &str,
+        client_id: &str,
+        gateway: &str,
+        limit: u32,
+    ) -> Result<i64, StoreError> {
+        let mut invocation = self.scripts.connect.prepare_invoke();
+        invocation.key(key).arg(client_id).arg(gateway).arg(limit);
+        let mut connection = self.connection.clone();
+        self.run(async move { invocation.invoke_async(&mut connection).await })
+            .await
+    }
+
+    /// Stops counting `user`'s connections on `gateway` (a dead one).
+    async fn forget_gateway_connections(
+        &self,
+        user: &str,
+        gateway: &str,
+    ) -> Result<(), StoreError> {
+        let key = user_connections_key(user);
+        let held: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
+        let stale: Vec<&String> = held
+            .iter()
+            .filter(|(_, g)| g.as_str() == gateway)
+            .map(|(client, _)| client)
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(&stale)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn limits(&self) -> HistoryLimits {
+        self.limits
+    }
+
+    fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
+    }
+
+    /// Checks Redis and, when it is the broker, NATS.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        })
+        .await?;
+        if let Some(nats) = &self.nats {
+            nats.ping().await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_once(
+        &self,
+        room: &str,
+        user: &str,
+        client_id: &str,
+        data_json: &str,
+        once: Option<Once<'_>>,
+    ) -> Result<Published, StoreError> {
+        let item = PublishItem {
+            room,
+            user,
+            client_id,
+            data_json,
+            once,
+        };
+        let invocation = self.publish_invocation(&item)?;
+        let mut connection = self.connection.clone();
+        let (epoch, offset): (String, u64) = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        let published = Published { epoch, offset };
+        self.broadcast_on_nats(&item, &published).await;
+        Ok(published)
+    }
+
+    /// Publishes `items` in order in one round trip (a pipeline: Redis runs the scripts one
+    /// after the other, in the order sent).
+    async fn publish_many(&self, items: &[PublishItem<'_>]) -> Result<Vec<Published>, StoreError> {
+        let mut pipe = redis::pipe();
+        // EVALSHA fails on a Redis that lost its scripts (restart, flush); loading it first in
+        // the same pipeline keeps the order, where a retry after NOSCRIPT would not.
+        pipe.load_script(&self.scripts.publish).ignore();
+        for item in items {
+            pipe.invoke_script(&self.publish_invocation(item)?);
+        }
+        let mut connection = self.connection.clone();
+        let results: Vec<(String, u64)> = self
+            .run(async move { pipe.query_async(&mut connection).await })
+            .await?;
+        let mut published = Vec::with_capacity(results.len());
+        for (item, (epoch, offset)) in items.iter().zip(results) {
+            let p = Published { epoch, offset };
+            self.broadcast_on_nats(item, &p).await;
+            published.push(p);
+        }
+        Ok(published)
+    }
+
+    async fn join(
         &self,
         room: &str,
         joiner: Joiner<'_>,
         since: Option<&Position>,
     ) -> Result<Joined, StoreError> {
         let keys = RoomKeys::new(room);
-        let limits = self.room_limits(room);
+        let limits = self.limits_for(room);
         let record = serde_json::to_string(&MemberRecord {
             user: joiner.user.to_owned(),
             gateway: joiner.gateway_id.to_owned(),
-        })
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        })?;
         let event = member_event(MemberEvent::Joined, room, joiner.user, joiner.client_id);
         // The first missed message's id; none when `since.offset + 1` overflows (such a
         // position cannot be recovered).
@@ -502,7 +565,7 @@ impl RedisStore {
         })
     }
 
-    pub async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
+    async fn leave(&self, room: &str, client_id: &str, user: &str) -> Result<bool, StoreError> {
         let keys = RoomKeys::new(room);
         let event = member_event(MemberEvent::Left, room, user, client_id);
         let mut invocation = self.scripts.leave.prepare_invoke();
@@ -521,7 +584,7 @@ impl RedisStore {
         Ok(removed == 1)
     }
 
-    pub async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
+    async fn presence(&self, room: &str) -> Result<Vec<Member>, StoreError> {
         let keys = RoomKeys::new(room);
         let fields: HashMap<String, String> =
             self.query(redis::cmd("HGETALL").arg(&keys.members)).await?;
@@ -556,43 +619,7 @@ impl RedisStore {
         Ok(members)
     }
 
-    /// The gateways among `members`' whose lease ran out. A gateway without a lease record
-    /// never sent a heartbeat and cannot be judged.
-    async fn dead_gateways(
-        &self,
-        members: &[(String, MemberRecord)],
-    ) -> Result<Vec<String>, StoreError> {
-        self.dead_among(members.iter().map(|(_, r)| r.gateway.as_str()).collect())
-            .await
-    }
-
-    /// The gateways among `gateways` whose lease ran out.
-    async fn dead_among(&self, mut gateways: Vec<&str>) -> Result<Vec<String>, StoreError> {
-        gateways.sort_unstable();
-        gateways.dedup();
-        if gateways.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut connection = self.connection.clone();
-        let leases: Vec<Option<f64>> = self
-            .run(async {
-                redis::cmd("ZMSCORE")
-                    .arg(GATEWAY_LEASES_KEY)
-                    .arg(&gateways)
-                    .query_async(&mut connection)
-                    .await
-            })
-            .await?;
-        let now = roomcast_common::unix_millis() as f64;
-        Ok(gateways
-            .into_iter()
-            .zip(leases)
-            .filter(|(_, lease)| lease.is_some_and(|until| until <= now))
-            .map(|(gateway, _)| gateway.to_owned())
-            .collect())
-    }
-
-    pub async fn history(
+    async fn history(
         &self,
         room: &str,
         since: Option<u64>,
@@ -606,7 +633,7 @@ impl RedisStore {
                 .map(|first| format!("{first}-0"))
                 .unwrap_or_default(),
         };
-        let limits = self.room_limits(room);
+        let limits = self.limits_for(room);
         let mut invocation = self.scripts.history.prepare_invoke();
         invocation
             .key(&keys.epoch)
@@ -627,7 +654,7 @@ impl RedisStore {
         })
     }
 
-    pub async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
+    async fn remove_history(&self, room: &str) -> Result<(), StoreError> {
         let keys = RoomKeys::new(room);
         self.query::<u64>(
             redis::cmd("DEL")
@@ -639,7 +666,7 @@ impl RedisStore {
         Ok(())
     }
 
-    pub async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
+    async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
         // Room names cannot hold glob characters (room name rules), so the prefix is literal.
         let mut names = std::collections::BTreeSet::new();
         for suffix in ["seq", "members"] {
@@ -709,7 +736,7 @@ impl RedisStore {
             .collect())
     }
 
-    pub async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
+    async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
         let members = u64::try_from(self.presence(room).await?.len()).unwrap_or(u64::MAX);
         let keys = RoomKeys::new(room);
         let mut invocation = self.scripts.stats.prepare_invoke();
@@ -717,7 +744,7 @@ impl RedisStore {
             .key(&keys.epoch)
             .key(&keys.seq)
             .key(&keys.hist)
-            .arg(self.room_limits(room).ttl_ms());
+            .arg(self.limits_for(room).ttl_ms());
         let mut connection = self.connection.clone();
         let (epoch, latest, history_len): (String, String, u64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
@@ -730,7 +757,7 @@ impl RedisStore {
         })
     }
 
-    pub async fn gateway_heartbeat(
+    async fn gateway_heartbeat(
         &self,
         gateway_id: &str,
         connections: u64,
@@ -743,8 +770,7 @@ impl RedisStore {
             connections,
             last_seen_ms: now,
             version: version.to_owned(),
-        })
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        })?;
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HSET")
@@ -768,7 +794,7 @@ impl RedisStore {
     /// Counts `client_id` against `user`'s limit across the cluster: `Ok(count)` with it, or
     /// `Err(count)` inside when the user already holds `limit` live connections. Connections
     /// of gateways whose lease ran out are dropped before refusing.
-    pub async fn connection_opened(
+    async fn connection_opened(
         &self,
         user: &str,
         client_id: &str,
@@ -815,50 +841,8 @@ impl RedisStore {
         Ok(Ok(count.unsigned_abs()))
     }
 
-    /// Runs `connect.lua`: the count with the connection, negative when refused.
-    async fn count_connection(
-        &self,
-        key: &str,
-        client_id: &str,
-        gateway: &str,
-        limit: u32,
-    ) -> Result<i64, StoreError> {
-        let mut invocation = self.scripts.connect.prepare_invoke();
-        invocation.key(key).arg(client_id).arg(gateway).arg(limit);
-        let mut connection = self.connection.clone();
-        self.run(async move { invocation.invoke_async(&mut connection).await })
-            .await
-    }
-
-    /// Stops counting `user`'s connections on `gateway` (a dead one).
-    async fn forget_gateway_connections(
-        &self,
-        user: &str,
-        gateway: &str,
-    ) -> Result<(), StoreError> {
-        let key = user_connections_key(user);
-        let held: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
-        let stale: Vec<&String> = held
-            .iter()
-            .filter(|(_, g)| g.as_str() == gateway)
-            .map(|(client, _)| client)
-            .collect();
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let mut connection = self.connection.clone();
-        self.run(async move {
-            redis::cmd("HDEL")
-                .arg(&key)
-                .arg(&stale)
-                .query_async::<()>(&mut connection)
-                .await
-        })
-        .await
-    }
-
     /// Stops counting `client_id` for `user`.
-    pub async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError> {
+    async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError> {
         let key = user_connections_key(user);
         let mut connection = self.connection.clone();
         self.run(async move {
@@ -871,7 +855,7 @@ impl RedisStore {
         .await
     }
 
-    pub async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
+    async fn sweep_dead_gateways(&self) -> Result<usize, StoreError> {
         let now = roomcast_common::unix_millis();
         let dead: Vec<String> = self
             .query(
@@ -919,7 +903,7 @@ impl RedisStore {
         Ok(dead.len())
     }
 
-    pub async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
+    async fn gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
         let now = roomcast_common::unix_millis();
         let retention = u64::try_from(GATEWAY_RECORD_RETENTION.as_millis()).unwrap_or(u64::MAX);
         let mut connection = self.connection.clone();
@@ -987,12 +971,12 @@ impl RedisStore {
         Ok(gateways)
     }
 
-    pub async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
+    async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
         if let Some(nats) = &self.nats {
             return nats
                 .publish(CONTROL_CHANNEL, payload)
                 .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()));
+                .map_err(StoreError::Broker);
         }
         let mut connection = self.connection.clone();
         self.run(async move {
