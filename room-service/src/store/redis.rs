@@ -23,10 +23,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use roomcast_common::broker::Publisher;
+use roomcast_common::broker::nats::NatsPublisher;
 use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
 use roomcast_common::frame::{MemberEvent, message_frame_tail};
 use roomcast_common::namespace::Namespaces;
-use roomcast_common::nats::NatsPublisher;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -976,6 +977,7 @@ impl Store for RedisStore {
             return nats
                 .publish(CONTROL_CHANNEL, payload)
                 .await
+                .map(drop)
                 .map_err(StoreError::Broker);
         }
         let mut connection = self.connection.clone();
