@@ -4,7 +4,8 @@
 //!   after the Redis script), and the gateway rebuilds it from history (join recovery,
 //!   `history`, gap repair). A live broadcast and its replay are byte-identical. The Redis
 //!   publish script must assemble the frame itself, in the same atomic step as the offset: it
-//!   gets [`message_frame_tail`] from Rust and prepends room, offset and epoch;
+//!   gets [`message_frame_sender`] from Rust, prepends room, offset and epoch and appends the
+//!   data (which it stores too, so it is sent once) and the closing brace;
 //!   `room-service/tests/redis_store.rs` checks what it publishes against [`message_frame`] and
 //!   [`crate::envelope::room_message`].
 //! - `member_joined` / `member_left`: room-service builds them ([`member_event_frame`]); the
@@ -66,20 +67,25 @@ pub(crate) fn push_message_frame(
     push_message_frame_tail(out, user, client_id, data_json);
 }
 
-/// The part of a message frame after the epoch: `,"user":…,"clientId":…,"data":…}`. The Redis
-/// store sends this to its Lua script, which prepends room, offset and epoch.
-pub fn message_frame_tail(user: &str, client_id: &str, data_json: &str) -> String {
-    let mut out = String::with_capacity(40 + user.len() + client_id.len() + data_json.len());
-    push_message_frame_tail(&mut out, user, client_id, data_json);
+/// The part of a message frame between the epoch and the data: `,"user":…,"clientId":…,"data":`.
+/// The Redis store sends this to its Lua script, which writes
+/// `{"type":"message","room":…,"offset":…,"epoch":…` before it and the data and `}` after it.
+pub fn message_frame_sender(user: &str, client_id: &str) -> String {
+    let mut out = String::with_capacity(32 + user.len() + client_id.len());
+    push_message_frame_sender(&mut out, user, client_id);
     out
 }
 
-fn push_message_frame_tail(out: &mut String, user: &str, client_id: &str, data_json: &str) {
+fn push_message_frame_sender(out: &mut String, user: &str, client_id: &str) {
     out.push_str(",\"user\":");
     push_json_string(out, user);
     out.push_str(",\"clientId\":");
     push_json_string(out, client_id);
     out.push_str(",\"data\":");
+}
+
+fn push_message_frame_tail(out: &mut String, user: &str, client_id: &str, data_json: &str) {
+    push_message_frame_sender(out, user, client_id);
     out.push_str(data_json);
     out.push('}');
 }
@@ -140,7 +146,8 @@ mod tests {
             r#"{"type":"message","room":"r","offset":18446744073709551615,"epoch":"ab","user":"u\\","clientId":"c\u0001","data":""}"#
         );
         assert!(
-            message_frame("r", 3, "e", "u", "c", "1").ends_with(&message_frame_tail("u", "c", "1"))
+            message_frame("r", 3, "e", "u", "c", "1")
+                .ends_with(&format!("{}1}}", message_frame_sender("u", "c")))
         );
     }
 

@@ -75,6 +75,11 @@ pub struct Config {
     /// How often members of gateways whose lease ran out are removed (and announced as left).
     #[arg(long, env = "PRESENCE_SWEEP_MS", default_value_t = 1000)]
     pub presence_sweep_ms: u64,
+    /// Least time between two publish calls to Redis: publishes arriving meanwhile go together
+    /// in the next call, which costs Redis much less per publish, and wait at most this long
+    /// for it. 0: a call goes as soon as the previous one returned.
+    #[arg(long, env = "PUBLISH_BATCH_MS", default_value_t = 2)]
+    pub publish_batch_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,6 +181,11 @@ impl Config {
             Some(path) => Namespaces::from_file(path)?,
             None => Namespaces::default(),
         }))
+    }
+
+    /// See `publish_batch_ms`.
+    pub fn publish_batch_interval(&self) -> Duration {
+        Duration::from_millis(self.publish_batch_ms)
     }
 
     pub fn history_limits(&self) -> HistoryLimits {

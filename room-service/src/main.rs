@@ -52,9 +52,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut store = RedisStore::from_client(redis, config.history_limits())?;
+    let mut store = RedisStore::from_client(redis, config.history_limits())?
+        .with_batch_interval(config.publish_batch_interval());
     if let Some(nats) = nats {
-        store = store.with_nats(nats);
+        store = store.with_broker(Arc::new(nats));
     }
     let store: SharedStore = Arc::new(store.with_namespaces(namespaces));
     let service = RoomServiceImpl::new(store.clone(), config.service_options());

@@ -249,8 +249,11 @@ async fn lua_publishes_exactly_what_the_rust_frame_builders_build() {
     for (user, client_id, data) in &cases {
         published.push(store.publish(room, user, client_id, data).await.unwrap());
     }
-    // The batched path (one pipeline of script calls) and an offset far from 1, formatted by
-    // the script's own number conversion (Lua numbers are doubles: exact up to 2^53).
+    // What history holds now, before the offsets jump (below).
+    let mut held = store.history(room, Some(0), 0).await.unwrap().messages;
+    // The batched path (several messages in one script call) and an offset far from 1,
+    // formatted by the script's own number conversion (Lua numbers are doubles: exact up to
+    // 2^53).
     server.command(&["SET", &format!("rc:{{{room}}}:seq"), "9007199254740000"]);
     let items: Vec<PublishItem<'_>> = cases
         .iter()
@@ -291,10 +294,16 @@ async fn lua_publishes_exactly_what_the_rust_frame_builders_build() {
     }
 
     // What the gateway rebuilds from history (join recovery, `history`, gap repair) is the
-    // frame that was broadcast.
+    // frame that was broadcast. After the jump the window (the last 100 offsets) holds only
+    // the last three.
     let page = store.history(room, Some(0), 0).await.unwrap();
-    assert_eq!(page.messages.len(), published.len());
-    for (message, payload) in page.messages.iter().zip(&payloads) {
+    assert_eq!(
+        offsets(&page.messages),
+        (9_007_199_254_740_001..=9_007_199_254_740_003).collect::<Vec<u64>>()
+    );
+    held.extend(page.messages);
+    assert_eq!(held.len(), published.len());
+    for (message, payload) in held.iter().zip(&payloads) {
         let Envelope::Message { frame, .. } = decode(payload.clone()).unwrap() else {
             panic!("not a message");
         };
@@ -375,10 +384,91 @@ async fn history_is_bounded_by_count() {
         (stats.offset, stats.history_len, stats.epoch),
         (8, 5, page.epoch)
     );
+    // The stream itself is trimmed approximately: it may hold a few more.
+    let held = xlen(&server, "rc:{r}:hist");
+    assert!((5..=8).contains(&held), "{held} entries");
+}
+
+fn xlen(server: &RedisServer, key: &str) -> i64 {
+    match server.command(&["XLEN", key]) {
+        redis::Value::Int(n) => n,
+        other => panic!("XLEN answered {other:?}"),
+    }
+}
+
+/// Trimming by count is approximate in storage (`XADD MAXLEN ~`: whole stream nodes only) and
+/// exact as clients see it: history, recovery and stats never reach past the last `size`
+/// offsets, however many entries the stream still holds.
+#[tokio::test]
+async fn history_never_serves_more_than_its_size_though_the_stream_holds_more() {
+    let server = RedisServer::start();
+    let store = store(&server, 5);
+    let j = joiner("c1", "alice", "gw1");
+    let joined = store.join("r", j, None).await.unwrap();
+    for n in 1..=250 {
+        store.publish("r", "u", "c", &n.to_string()).await.unwrap();
+    }
+    let held = xlen(&server, "rc:{r}:hist");
+    // More than the size (the approximation), at most a stream node (100 entries) more.
+    assert!((6..=105).contains(&held), "the stream holds {held} entries");
     assert_eq!(
-        server.command(&["XLEN", "rc:{r}:hist"]),
-        redis::Value::Int(5)
+        offsets(&store.history("r", None, 0).await.unwrap().messages),
+        vec![246, 247, 248, 249, 250]
     );
+    assert_eq!(
+        offsets(&store.history("r", Some(200), 0).await.unwrap().messages),
+        vec![246, 247, 248, 249, 250]
+    );
+    assert_eq!(
+        offsets(&store.history("r", Some(240), 2).await.unwrap().messages),
+        vec![246, 247]
+    );
+    let at = |offset| Position {
+        epoch: joined.epoch.clone(),
+        offset,
+    };
+    // Offset 245 may still be in the stream but is outside the window: no recovery.
+    let r = store.join("r", j, Some(&at(244))).await.unwrap();
+    assert_eq!((r.recovered, r.missed.len()), (Some(false), 0));
+    let r = store.join("r", j, Some(&at(245))).await.unwrap();
+    assert_eq!(r.recovered, Some(true));
+    assert_eq!(offsets(&r.missed), vec![246, 247, 248, 249, 250]);
+    assert_eq!(store.room_stats("r").await.unwrap().history_len, 5);
+}
+
+/// A publish keeps the room alive without refreshing three TTLs: the epoch's life is extended
+/// with the read that fetches it (`GETEX`), offset and stream only when less than a TTL is left
+/// of their 1.5 TTL. The epoch still expires exactly a TTL after the last publish.
+#[tokio::test]
+async fn publishes_refresh_offset_and_stream_expiry_only_every_half_ttl() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_secs(100);
+    let store = RedisStore::new(&server.url(), limits(10, ttl)).unwrap();
+    server.command(&["CONFIG", "RESETSTAT"]);
+    for n in 1..=50 {
+        store.publish("r", "u", "c", &n.to_string()).await.unwrap();
+    }
+    let stats = match server.command(&["INFO", "commandstats"]) {
+        redis::Value::VerbatimString { text, .. } => text,
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+        other => panic!("INFO answered {other:?}"),
+    };
+    let calls = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    assert_eq!(calls("getex"), 50, "{stats}");
+    // Once, for the first publish: offset and stream each.
+    assert_eq!(calls("pexpire"), 2, "{stats}");
+    let pttl = |key: &str| match server.command(&["PTTL", key]) {
+        redis::Value::Int(ms) => ms,
+        other => panic!("PTTL answered {other:?}"),
+    };
+    assert!(pttl("rc:{r}:epoch") <= 100_000);
+    assert!(pttl("rc:{r}:seq") > 100_000 && pttl("rc:{r}:seq") <= 150_000);
+    assert!(pttl("rc:{r}:hist") > 100_000 && pttl("rc:{r}:hist") <= 150_000);
 }
 
 #[tokio::test]

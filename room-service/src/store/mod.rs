@@ -74,8 +74,9 @@ impl HistoryLimits {
     }
 }
 
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a store operation failed. Cheap to clone: a batch of publishes hands its one failure to
+/// every caller in it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend did not answer within the operation's bound; the caller may retry.
     #[error("store did not answer within {} ms", .0.as_millis())]
@@ -86,7 +87,7 @@ pub enum StoreError {
     Unavailable(#[source] ::redis::RedisError),
     /// The broker that carries the broadcasts (NATS) is unreachable.
     #[error("broker unavailable: {0}")]
-    Broker(#[from] BrokerError),
+    Broker(#[source] Arc<BrokerError>),
     /// The store configuration is unusable (bad URL).
     #[error("invalid store configuration: {0}")]
     Config(#[source] ::redis::RedisError),
@@ -98,7 +99,19 @@ pub enum StoreError {
     Malformed(String),
     /// A record could not be encoded for the backend.
     #[error("cannot encode a store record: {0}")]
-    Encode(#[from] serde_json::Error),
+    Encode(#[source] Arc<serde_json::Error>),
+}
+
+impl From<BrokerError> for StoreError {
+    fn from(error: BrokerError) -> Self {
+        StoreError::Broker(Arc::new(error))
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(error: serde_json::Error) -> Self {
+        StoreError::Encode(Arc::new(error))
+    }
 }
 
 impl StoreError {

@@ -1,22 +1,25 @@
-//! Redis store. Every operation that must be atomic is one Lua script (see `prelude.lua` for
-//! the key layout); Redis runs scripts one at a time and pub/sub keeps publish order, so every
-//! subscriber sees a room's messages in offset order even with many room-service instances
-//! publishing concurrently.
+//! Redis store. Every operation that must be atomic is one Lua script (see `prelude.lua`);
+//! Redis runs scripts one at a time and pub/sub keeps publish order, so every subscriber sees a
+//! room's messages in offset order even with many room-service instances publishing
+//! concurrently. Publishes go in batches, one script call each (`batch.rs`).
 //!
 //! Key layout (a room's keys share the `{<room>}` hash tag, so they live in one slot):
-//! - `rc:{<room>}:epoch` string, `rc:{<room>}:seq` latest offset, `rc:{<room>}:hist` stream
-//!   with ids `<offset>-0`: all three expire together `HISTORY_TTL_SECONDS` after the last
-//!   publish or join; a missing epoch means the history is lost and a new epoch starts.
+//! - `rc:{<room>}:epoch` string: expires `HISTORY_TTL_SECONDS` after the room's last publish or
+//!   join; a missing epoch means the history is lost and a new epoch starts.
+//! - `rc:{<room>}:seq` latest offset, `rc:{<room>}:hist` stream with ids `<offset>-0`, trimmed
+//!   approximately by count (every read enforces the exact bounds): they outlive the epoch by
+//!   at most half a TTL, so their expiry is refreshed only every half TTL, not per publish.
+//! - `rc:{<room>}:idem:<key>` the first result of an idempotent publish, for its window.
 //! - `rc:{<room>}:members` hash client id -> `{"user":…,"gateway":…}`; no expiry: members
 //!   leave explicitly or drop out when their gateway's lease runs out.
 //! - `rc:gw:{<gateway>}:rooms` set of the rooms a gateway had members in, for the sweeper.
 //! - `rc:{gateways}:info` hash gateway id -> `{"connections":…,"last_seen_ms":…}` and
 //!   `rc:{gateways}:leases` sorted set gateway id -> lease expiry (unix ms).
 //!
-//! Requires Redis >= 6.2 (`XTRIM MINID`-era stream commands, `ZMSCORE`).
+//! Requires Redis >= 6.2 (`GETEX`, `ZMSCORE`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,9 +27,8 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
 use roomcast_common::broker::Publisher;
-use roomcast_common::broker::nats::NatsPublisher;
-use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
-use roomcast_common::frame::{MemberEvent, message_frame_tail};
+use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel};
+use roomcast_common::frame::{MemberEvent, message_frame_sender};
 use roomcast_common::namespace::Namespaces;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +48,10 @@ const GATEWAY_INFO_KEY: &str = "rc:{gateways}:info";
 const GATEWAY_LEASES_KEY: &str = "rc:{gateways}:leases";
 
 const PRELUDE: &str = include_str!("prelude.lua");
+
+mod batch;
+
+use batch::{Batcher, Message};
 
 /// Rooms in which `gateway` has (or had) members; read by the sweeper when its lease expires.
 fn gateway_rooms_key(gateway: &str) -> String {
@@ -124,8 +130,13 @@ struct GatewayRecord {
 #[derive(Clone)]
 pub struct RedisStore {
     connection: ConnectionManager,
-    /// Set when NATS carries the broadcasts; otherwise the scripts publish on Redis itself.
-    nats: Option<NatsPublisher>,
+    /// Set when another broker (NATS) carries the broadcasts; otherwise the scripts publish
+    /// on Redis itself.
+    external: Option<Arc<dyn Publisher>>,
+    /// The publish queue, started on first use (it needs the runtime).
+    batcher: Arc<OnceLock<Batcher>>,
+    /// Least time between two publish calls (`PUBLISH_BATCH_MS`).
+    batch_interval: Duration,
     scripts: Arc<Scripts>,
     limits: HistoryLimits,
     namespaces: Arc<Namespaces>,
@@ -182,6 +193,14 @@ fn flat_messages(flat: Vec<String>) -> Result<Vec<StoredMessage>, StoreError> {
     Ok(messages)
 }
 
+/// The offset after `since`, as the scripts take it; empty when there is none.
+fn first_offset(since: u64) -> String {
+    since
+        .checked_add(1)
+        .map(|first| first.to_string())
+        .unwrap_or_default()
+}
+
 fn parse_offset(latest: &str) -> Result<u64, StoreError> {
     latest
         .parse()
@@ -207,7 +226,9 @@ impl RedisStore {
             ConnectionManager::new_lazy_with_config(client, config).map_err(StoreError::Config)?;
         Ok(RedisStore {
             connection,
-            nats: None,
+            external: None,
+            batcher: Arc::default(),
+            batch_interval: batch::DEFAULT_INTERVAL,
             scripts: Arc::new(Scripts::new()),
             limits,
             namespaces: Arc::default(),
@@ -222,7 +243,7 @@ impl RedisStore {
     }
 
     /// The channel a join or leave script announces the member on: none when the room's
-    /// namespace has member events off, or when NATS carries the broadcasts.
+    /// namespace has member events off, or when another broker carries the broadcasts.
     fn member_channel(&self, room: &str) -> String {
         if self.namespaces.of(room).announces_members() {
             self.script_channel(room)
@@ -231,36 +252,57 @@ impl RedisStore {
         }
     }
 
-    /// Broadcasts a member event on NATS (when it is the broker and the namespace announces).
-    async fn announce_on_nats(&self, room: &str, event: Bytes) {
-        if self.namespaces.of(room).announces_members() {
-            self.broadcast(&room_channel(room), event).await;
+    /// Broadcasts a member event on the other broker (when there is one and the namespace
+    /// announces). A failure loses only the live event.
+    async fn announce_elsewhere(&self, room: &str, event: Bytes) {
+        if let Some(external) = &self.external
+            && self.namespaces.of(room).announces_members()
+        {
+            let channel = room_channel(room);
+            if let Err(error) = external.publish(&channel, event).await {
+                tracing::warn!(channel, %error, "member event not published on the broker");
+            }
         }
     }
 
-    /// Broadcasts over NATS instead of Redis pub/sub.
-    pub fn with_nats(mut self, nats: NatsPublisher) -> Self {
-        self.nats = Some(nats);
+    /// Sets the least time between two publish calls (`PUBLISH_BATCH_MS`): publishes arriving
+    /// meanwhile go together in the next call.
+    pub fn with_batch_interval(mut self, interval: Duration) -> Self {
+        self.batch_interval = interval;
         self
     }
 
-    /// The channel a script publishes on: none when NATS carries the broadcasts.
+    /// Broadcasts over another broker (NATS) instead of Redis pub/sub.
+    pub fn with_broker(mut self, publisher: Arc<dyn Publisher>) -> Self {
+        self.external = Some(publisher);
+        self
+    }
+
+    /// The channel a script publishes on: none when another broker carries the broadcasts.
     fn script_channel(&self, room: &str) -> String {
-        if self.nats.is_some() {
+        if self.external.is_some() {
             String::new()
         } else {
             room_channel(room)
         }
     }
 
-    /// Publishes on NATS, when it is the broker. A failure loses only the live broadcast:
-    /// the message is in history, and gateways fill the gap when the next one arrives.
-    async fn broadcast(&self, channel: &str, payload: Bytes) {
-        if let Some(nats) = &self.nats
-            && let Err(error) = nats.publish(channel, payload).await
-        {
-            tracing::warn!(channel, %error, "broadcast not published on nats");
-        }
+    /// The command the scripts broadcast with.
+    fn broadcast_command(&self) -> &'static str {
+        "PUBLISH"
+    }
+
+    /// The publish queue, started on first use.
+    fn batcher(&self) -> &Batcher {
+        self.batcher.get_or_init(|| {
+            Batcher::start(batch::Sender {
+                connection: self.connection.clone(),
+                scripts: self.scripts.clone(),
+                broadcast_command: self.broadcast_command(),
+                external: self.external.clone(),
+                interval: self.batch_interval,
+            })
+        })
     }
 
     /// Runs one command, bounded like every store operation.
@@ -277,57 +319,35 @@ impl RedisStore {
         }
     }
 
-    fn publish_invocation<'s>(
-        &'s self,
-        item: &PublishItem<'_>,
-    ) -> Result<redis::ScriptInvocation<'s>, StoreError> {
+    /// `item` as the publish script takes it.
+    fn encode(&self, item: &PublishItem<'_>) -> Result<Message, StoreError> {
         let keys = RoomKeys::new(item.room);
         let limits = self.limits_for(item.room);
-        let room_json = serde_json::to_string(item.room)?;
-        let tail = message_frame_tail(item.user, item.client_id, item.data_json);
-        let mut invocation = self.scripts.publish.prepare_invoke();
-        invocation
-            .key(&keys.epoch)
-            .key(&keys.seq)
-            .key(&keys.hist)
-            .arg(new_epoch())
-            .arg(limits.ttl_ms())
-            .arg(limits.size)
-            .arg(self.script_channel(item.room))
-            .arg(room_json)
-            .arg(item.client_id)
-            .arg(item.user)
-            .arg(item.data_json)
-            .arg(tail);
+        let mut message = Message {
+            keys: vec![keys.epoch, keys.seq, keys.hist],
+            ttl_ms: limits.ttl_ms(),
+            size: limits.size,
+            channel: self.script_channel(item.room),
+            room_json: serde_json::to_string(item.room)?,
+            client_id: item.client_id.to_owned(),
+            user: item.user.to_owned(),
+            data_json: item.data_json.to_owned(),
+            sender: message_frame_sender(item.user, item.client_id),
+            window_ms: None,
+            room: item.room.to_owned(),
+        };
         if let Some(once) = item.once {
             // The room's hash tag comes first, so the record lives in the room's slot.
-            invocation
-                .key(format!("rc:{{{}}}:idem:{}", item.room, once.key))
-                .arg(
-                    u64::try_from(once.window.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                );
+            message
+                .keys
+                .push(format!("rc:{{{}}}:idem:{}", item.room, once.key));
+            message.window_ms = Some(
+                u64::try_from(once.window.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
         }
-        Ok(invocation)
-    }
-
-    /// With NATS as the broker, room-service publishes after the script. A repeated
-    /// idempotent publish goes out again (the script cannot say it was a repeat without
-    /// another round trip); gateways drop the known offset as a duplicate.
-    async fn broadcast_on_nats(&self, item: &PublishItem<'_>, published: &Published) {
-        if self.nats.is_none() {
-            return;
-        }
-        let payload = room_message(
-            item.room,
-            published.offset,
-            &published.epoch,
-            item.user,
-            item.client_id,
-            item.data_json,
-        );
-        self.broadcast(&room_channel(item.room), payload).await;
+        Ok(message)
     }
 
     /// The gateways among `members`' whose lease ran out. A gateway without a lease record
@@ -428,8 +448,8 @@ impl Store for RedisStore {
                 .await
         })
         .await?;
-        if let Some(nats) = &self.nats {
-            nats.ping().await?;
+        if let Some(external) = &self.external {
+            external.ping().await?;
         }
         Ok(())
     }
@@ -442,44 +462,27 @@ impl Store for RedisStore {
         data_json: &str,
         once: Option<Once<'_>>,
     ) -> Result<Published, StoreError> {
-        let item = PublishItem {
+        let message = self.encode(&PublishItem {
             room,
             user,
             client_id,
             data_json,
             once,
-        };
-        let invocation = self.publish_invocation(&item)?;
-        let mut connection = self.connection.clone();
-        let (epoch, offset): (String, u64) = self
-            .run(async move { invocation.invoke_async(&mut connection).await })
-            .await?;
-        let published = Published { epoch, offset };
-        self.broadcast_on_nats(&item, &published).await;
-        Ok(published)
+        })?;
+        let mut published = self.batcher().publish(vec![message]).await?;
+        published
+            .pop()
+            .ok_or_else(|| StoreError::Malformed("publish reply: no result".into()))
     }
 
-    /// Publishes `items` in order in one round trip (a pipeline: Redis runs the scripts one
-    /// after the other, in the order sent).
+    /// Queues `items` together: they go out in order, in one script call or consecutive ones
+    /// (a batch of other callers' publishes may carry them).
     async fn publish_many(&self, items: &[PublishItem<'_>]) -> Result<Vec<Published>, StoreError> {
-        let mut pipe = redis::pipe();
-        // EVALSHA fails on a Redis that lost its scripts (restart, flush); loading it first in
-        // the same pipeline keeps the order, where a retry after NOSCRIPT would not.
-        pipe.load_script(&self.scripts.publish).ignore();
-        for item in items {
-            pipe.invoke_script(&self.publish_invocation(item)?);
-        }
-        let mut connection = self.connection.clone();
-        let results: Vec<(String, u64)> = self
-            .run(async move { pipe.query_async(&mut connection).await })
-            .await?;
-        let mut published = Vec::with_capacity(results.len());
-        for (item, (epoch, offset)) in items.iter().zip(results) {
-            let p = Published { epoch, offset };
-            self.broadcast_on_nats(item, &p).await;
-            published.push(p);
-        }
-        Ok(published)
+        let messages = items
+            .iter()
+            .map(|item| self.encode(item))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.batcher().publish(messages).await
     }
 
     async fn join(
@@ -495,17 +498,10 @@ impl Store for RedisStore {
             gateway: joiner.gateway_id.to_owned(),
         })?;
         let event = member_event(MemberEvent::Joined, room, joiner.user, joiner.client_id);
-        // The first missed message's id; none when `since.offset + 1` overflows (such a
-        // position cannot be recovered).
+        // The first missed offset; none when `since.offset + 1` overflows (such a position
+        // cannot be recovered).
         let (since_epoch, first_missed) = match since {
-            Some(since) => (
-                since.epoch.as_str(),
-                since
-                    .offset
-                    .checked_add(1)
-                    .map(|first| format!("{first}-0"))
-                    .unwrap_or_default(),
-            ),
+            Some(since) => (since.epoch.as_str(), first_offset(since.offset)),
             None => ("", String::new()),
         };
         let mut invocation = self.scripts.join.prepare_invoke();
@@ -521,18 +517,15 @@ impl Store for RedisStore {
             .arg(self.member_channel(room))
             .arg(event.as_ref())
             .arg(since_epoch)
-            .arg(if limits.size == 0 {
-                String::new()
-            } else {
-                first_missed
-            })
-            .arg(limits.size.max(1));
+            .arg(first_missed)
+            .arg(limits.size)
+            .arg(self.broadcast_command());
         let mut connection = self.connection.clone();
         let (epoch, latest, flat, new_member): (String, String, Vec<String>, i64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
         if new_member == 1 {
-            self.announce_on_nats(room, event.clone()).await;
+            self.announce_elsewhere(room, event.clone()).await;
         }
         // Index for the sweeper: the rooms this gateway has members in. A separate command,
         // since the index key lives outside the room's hash slot.
@@ -574,13 +567,14 @@ impl Store for RedisStore {
             .key(&keys.members)
             .arg(client_id)
             .arg(self.member_channel(room))
-            .arg(event.as_ref());
+            .arg(event.as_ref())
+            .arg(self.broadcast_command());
         let mut connection = self.connection.clone();
         let removed: i64 = self
             .run(async move { invocation.invoke_async(&mut connection).await })
             .await?;
         if removed == 1 {
-            self.announce_on_nats(room, event).await;
+            self.announce_elsewhere(room, event).await;
         }
         Ok(removed == 1)
     }
@@ -627,12 +621,9 @@ impl Store for RedisStore {
         limit: usize,
     ) -> Result<HistoryPage, StoreError> {
         let keys = RoomKeys::new(room);
-        let start = match since {
-            None => "-".to_owned(),
-            Some(since) => since
-                .checked_add(1)
-                .map(|first| format!("{first}-0"))
-                .unwrap_or_default(),
+        let first = match since {
+            None => "1".to_owned(),
+            Some(since) => first_offset(since),
         };
         let limits = self.limits_for(room);
         let mut invocation = self.scripts.history.prepare_invoke();
@@ -642,8 +633,9 @@ impl Store for RedisStore {
             .key(&keys.hist)
             .arg(new_epoch())
             .arg(limits.ttl_ms())
-            .arg(start)
-            .arg(limits.clamp_limit(limit));
+            .arg(first)
+            .arg(limits.clamp_limit(limit))
+            .arg(limits.size);
         let mut connection = self.connection.clone();
         let (epoch, latest, flat): (String, String, Vec<String>) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
@@ -670,7 +662,9 @@ impl Store for RedisStore {
     async fn rooms(&self, prefix: &str, limit: usize) -> Result<Vec<RoomSummary>, StoreError> {
         // Room names cannot hold glob characters (room name rules), so the prefix is literal.
         let mut names = std::collections::BTreeSet::new();
-        for suffix in ["seq", "members"] {
+        // The epoch key lives exactly as long as the room's history state (offset and stream
+        // may outlive it a little).
+        for suffix in ["epoch", "members"] {
             let pattern = format!("rc:{{{prefix}*}}:{suffix}");
             let mut connection = self.connection.clone();
             let keys: Vec<String> = self
@@ -740,12 +734,14 @@ impl Store for RedisStore {
     async fn room_stats(&self, room: &str) -> Result<RoomStats, StoreError> {
         let members = u64::try_from(self.presence(room).await?.len()).unwrap_or(u64::MAX);
         let keys = RoomKeys::new(room);
+        let limits = self.limits_for(room);
         let mut invocation = self.scripts.stats.prepare_invoke();
         invocation
             .key(&keys.epoch)
             .key(&keys.seq)
             .key(&keys.hist)
-            .arg(self.limits_for(room).ttl_ms());
+            .arg(limits.ttl_ms())
+            .arg(limits.size);
         let mut connection = self.connection.clone();
         let (epoch, latest, history_len): (String, String, u64) = self
             .run(async move { invocation.invoke_async(&mut connection).await })
@@ -973,12 +969,9 @@ impl Store for RedisStore {
     }
 
     async fn publish_control(&self, payload: Bytes) -> Result<(), StoreError> {
-        if let Some(nats) = &self.nats {
-            return nats
-                .publish(CONTROL_CHANNEL, payload)
-                .await
-                .map(drop)
-                .map_err(StoreError::Broker);
+        if let Some(external) = &self.external {
+            external.publish(CONTROL_CHANNEL, payload).await?;
+            return Ok(());
         }
         let mut connection = self.connection.clone();
         self.run(async move {

@@ -1,0 +1,63 @@
+-- Publish a batch of messages, in order: for each, assign the offset, append it to history and
+-- broadcast it, atomically, so publish order on a room's channel is offset order.
+-- ARGV: 1 message count, 2 new epoch (for a room that has none), 3 the broadcast command
+--       (PUBLISH, or SPUBLISH on a Redis Cluster), then 9 per message:
+--       +1 ttl ms, +2 history size (0: keep none),
+--       +3 channel ('' when another broker, NATS, carries the broadcast: the caller publishes),
+--       +4 room as a JSON string, +5 sender client id, +6 user, +7 data json,
+--       +8 the frame's sender part (roomcast_common::frame::message_frame_sender),
+--       +9 idempotency window ms ('' for none).
+-- KEYS, per message: epoch, seq, hist, and the idempotency record when it has a window.
+-- Returns flat {epoch, offset, fresh} per message; with its idempotency record already there,
+-- the first publish's epoch and offset and fresh 0: nothing stored or broadcast again.
+local n = tonumber(ARGV[1])
+local new_epoch = ARGV[2]
+local broadcast = ARGV[3]
+local now = now_ms()
+local stamp = string.format('%d', now)
+local out = {}
+local k = 0
+for i = 0, n - 1 do
+  local a = 3 + i * 9
+  local epoch_key, seq_key, hist_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  k = k + 3
+  local idem_key = nil
+  if ARGV[a + 9] ~= '' then
+    k = k + 1
+    idem_key = KEYS[k]
+  end
+  local seen = idem_key and call('GET', idem_key)
+  local space = seen and string.find(seen, ' ', 1, true)
+  if space then
+    out[#out + 1] = string.sub(seen, 1, space - 1)
+    out[#out + 1] = tonumber(string.sub(seen, space + 1))
+    out[#out + 1] = 0
+  else
+    local ttl, size, channel = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+    local epoch = touch_epoch(epoch_key, seq_key, hist_key, new_epoch, ttl)
+    local offset = call('INCR', seq_key)
+    local off = string.format('%d', offset)
+    local client_id = ARGV[a + 5]
+    local probe = seq_key
+    if size ~= '0' then
+      call('XADD', hist_key, 'MAXLEN', '~', size, off,
+        'u', ARGV[a + 6], 'c', client_id, 'd', ARGV[a + 7], 't', stamp)
+      probe = hist_key
+    end
+    -- Payload and frame are byte-identical to roomcast_common::envelope::room_message and
+    -- roomcast_common::frame::message_frame (tests/redis_store.rs checks); epochs are hex.
+    if channel ~= '' then
+      call(broadcast, channel, 'M' .. off .. ' ' .. epoch .. ' ' .. client_id .. '\n' ..
+        '{"type":"message","room":' .. ARGV[a + 4] .. ',"offset":' .. off ..
+        ',"epoch":"' .. epoch .. '"' .. ARGV[a + 8] .. ARGV[a + 7] .. '}')
+    end
+    keep_alive(seq_key, hist_key, probe, ttl, now)
+    if idem_key then
+      call('SET', idem_key, epoch .. ' ' .. off, 'PX', ARGV[a + 9])
+    end
+    out[#out + 1] = epoch
+    out[#out + 1] = offset
+    out[#out + 1] = 1
+  end
+end
+return out

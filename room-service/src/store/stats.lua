@@ -1,8 +1,0 @@
--- Room stats without creating anything. KEYS: 1 epoch, 2 seq, 3 hist. ARGV: 1 ttl ms.
--- Returns {epoch or '', latest offset, history length}.
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  return {'', '0', 0}
-end
-trim_aged(KEYS[3], now_ms() - tonumber(ARGV[1]))
-return {epoch, redis.call('GET', KEYS[2]) or '0', redis.call('XLEN', KEYS[3])}
