@@ -77,6 +77,16 @@ impl RedisServer {
         }
     }
 
+    /// Sends `SIG<name>` to the server (`STOP` makes it hang, `CONT` resumes it).
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     fn command(&self, args: &[&str]) -> redis::Value {
         let client = redis::Client::open(self.url()).expect("redis url");
         let mut connection = client.get_connection().expect("connecting to redis");
@@ -638,6 +648,36 @@ async fn fails_fast_while_redis_is_down_and_recovers_after() {
         }
     };
     assert_eq!(published.offset, 1);
+}
+
+/// Publishes share batches: one waiting behind a batch that is stuck on a hung Redis still
+/// fails within the bound of one operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_fail_fast_while_redis_hangs() {
+    let server = RedisServer::start();
+    let store = Arc::new(store(&server, 100));
+    store.publish("r", "u", "c", "1").await.unwrap();
+    server.signal("STOP");
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Staggered, so some queue behind a batch already out.
+            tokio::time::sleep(Duration::from_millis(n * 50)).await;
+            let started = Instant::now();
+            let error = store
+                .publish(&format!("r{n}"), "u", "c", "2")
+                .await
+                .unwrap_err();
+            (started.elapsed(), error)
+        }));
+    }
+    for task in tasks {
+        let (took, error) = task.await.unwrap();
+        assert!(error.is_transient(), "{error:?}");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+    server.signal("CONT");
 }
 
 #[tokio::test]

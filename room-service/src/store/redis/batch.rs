@@ -93,7 +93,10 @@ impl Batcher {
         Batcher { queue }
     }
 
-    /// Publishes `messages` in order; the results come back in the same order.
+    /// Publishes `messages` in order; the results come back in the same order. Bounded like
+    /// every store operation, waiting in the queue included: a caller that gave up is dropped
+    /// from the queue, unless its batch is already out (then, as with any call that timed out,
+    /// the publish may still be stored; its idempotency key makes a retry safe).
     pub async fn publish(&self, messages: Vec<Message>) -> Result<Vec<Published>, StoreError> {
         if messages.is_empty() {
             return Ok(Vec::new());
@@ -103,7 +106,10 @@ impl Batcher {
         self.queue
             .send(Job { messages, reply })
             .map_err(|_| closed())?;
-        result.await.map_err(|_| closed())?
+        match tokio::time::timeout(OP_TIMEOUT, result).await {
+            Ok(answer) => answer.map_err(|_| closed())?,
+            Err(_) => Err(StoreError::Timeout(OP_TIMEOUT)),
+        }
     }
 }
 
@@ -122,6 +128,9 @@ where
                     None => return,
                 },
             };
+            if first.reply.is_closed() {
+                continue;
+            }
             let mut batch = Batch::new(first);
             while batch.take(&mut jobs, &mut next) {}
             // Close behind the previous call: let the batch fill up to the pacing interval.
@@ -249,6 +258,10 @@ impl Batch {
         let Ok(job) = jobs.try_recv() else {
             return false;
         };
+        if job.reply.is_closed() {
+            // Its caller gave up waiting.
+            return true;
+        }
         let bytes: usize = job.messages.iter().map(Message::bytes).sum();
         if self.count + job.messages.len() > MAX_BATCH_MESSAGES
             || self.bytes + bytes > MAX_BATCH_BYTES
