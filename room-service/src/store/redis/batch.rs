@@ -1,15 +1,16 @@
-//! Publishes reach Redis in batches: one `publish.lua` call carries every publish queued while
-//! the previous call was out, in queue order, and calls go at most one per interval
-//! (`PUBLISH_BATCH_MS`, [`DEFAULT_INTERVAL`]).
-//! Under load a call carries many messages, so Redis pays the script call, the read of the
-//! request, the write of the reply and the writes to each subscribed gateway once per batch
-//! instead of once per message (measured in docs/benchmarks.md: about 45 µs of Redis CPU per
-//! call, 10 per message). A publish waits at most the interval for its batch; one that comes
-//! after a quiet spell goes out at once.
+//! Publishes reach Redis in batches: one `publish.lua` call carries every publish queued since
+//! the previous call, in queue order; calls go at most one per interval (`PUBLISH_BATCH_MS`,
+//! [`DEFAULT_INTERVAL`]) and at most [`MAX_IN_FLIGHT`] at a time. Under load a call carries
+//! many messages, so Redis pays the script call, the read of the request, the write of the
+//! reply and the writes to each subscribed gateway once per batch instead of once per message
+//! (docs/benchmarks.md: about 45 µs of Redis CPU per call, 10 per message). A publish waits at
+//! most the interval for its batch; one that comes after a quiet spell goes out at once.
 //!
-//! Order: one task sends the batches, one at a time, each in queue order, and a caller's
-//! messages are queued together, so every room's messages are stored (and broadcast) in the
-//! order each caller gave them, whatever the other callers do.
+//! Order: a caller's messages are queued together and go in one call, in the order given, so
+//! they get consecutive offsets in each room. Batches in flight at the same time hold only
+//! publishes that were in flight at the same time too (a caller that waits for its answer
+//! before publishing again queues after its batch came back), so running them concurrently
+//! orders nothing that had an order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use redis::Value;
 use redis::aio::ConnectionLike;
 use roomcast_common::broker::Publisher;
 use roomcast_common::envelope::{room_channel, room_message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::super::{Published, StoreError};
@@ -28,6 +29,9 @@ use super::{OP_TIMEOUT, Scripts};
 const MAX_BATCH_MESSAGES: usize = 256;
 /// Least time between two script calls, unless a full batch is waiting.
 pub(super) const DEFAULT_INTERVAL: Duration = Duration::from_millis(2);
+/// Most script calls out at once: with Redis or the machine slow to answer, the next batches
+/// do not wait for the previous ones.
+const MAX_IN_FLIGHT: usize = 4;
 /// Most message bytes in one script call (a larger single message goes alone).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
@@ -89,7 +93,7 @@ impl Batcher {
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
         let (queue, jobs) = mpsc::unbounded_channel();
-        tokio::spawn(sender.run(jobs));
+        tokio::spawn(Arc::new(sender).run(jobs));
         Batcher { queue }
     }
 
@@ -117,10 +121,15 @@ impl<C> Sender<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    async fn run(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<Job>) {
         let mut next: Option<Job> = None;
         let mut last_sent: Option<Instant> = None;
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
+            // While every slot is taken, publishes pile up for the next batch.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let first = match next.take() {
                 Some(job) => job,
                 None => match jobs.recv().await {
@@ -143,8 +152,12 @@ where
                 while batch.take(&mut jobs, &mut next) {}
             }
             last_sent = Some(Instant::now());
-            let result = self.send(&batch.jobs).await;
-            self.answer(batch.jobs, result).await;
+            let sender = self.clone();
+            tokio::spawn(async move {
+                let result = sender.send(&batch.jobs).await;
+                sender.answer(batch.jobs, result).await;
+                drop(slot);
+            });
         }
     }
 
