@@ -202,6 +202,7 @@ pub async fn preflight(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) 
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("600"),
     );
+    out.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -215,6 +216,11 @@ pub async fn send(
     let (parts, body) = request.into_parts();
     let mut response = post(&gateway, query, &parts.headers, body).await;
     cors(&gateway, &parts.headers, &mut response);
+    // One request per connection: a kept-alive connection would stay in its HTTP phase, and
+    // the handshake timeout would cut it, perhaps mid-post.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

@@ -147,6 +147,24 @@ async fn http_answers(sys: &mut System) -> Result<()> {
             "{what}: POST /sse/send answered {got}, expected {want}"
         );
     }
+    // A post's connection is closed after its answer (a browser would keep it alive otherwise,
+    // and the handshake timeout would cut it later, perhaps mid-post).
+    let authority = gw1.trim_start_matches("http://");
+    let body = r#"{"type":"ping","id":5}"#;
+    let kept_alive = format!(
+        "POST /sse/send HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {alice}\r\nX-Roomcast-Session: {session}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw(authority, &kept_alive).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 202")
+            && answer.to_ascii_lowercase().contains("connection: close"),
+        "keep-alive post: {answer}"
+    );
+    a.expect_match("the pong of id 5", T, |f| {
+        f["type"] == "pong" && f["id"] == 5
+    })
+    .await?;
     // Nothing refused reached the session; a batch runs in order, replies on the stream.
     let batch =
         r#"[{"type":"ping","id":1},{"type":"join","room":"s","id":2},{"type":"ping","id":3}]"#;
