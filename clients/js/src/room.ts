@@ -284,7 +284,11 @@ export class Room extends Emitter<RoomEvents> {
         this.emit(frame.type, frame);
         break;
       case "joined":
-        // A backend subscribed this connection (server API `Subscribe`).
+        // A backend subscribed this connection (server API `Subscribe`). The subscription
+        // belongs to the connection, so a new connection would lose it: keep the room wanted
+        // like one the app joined, re-joined with `since` after a reconnect, until `leave()`
+        // or a server-side unsubscribe.
+        this.wanted = true;
         this.onJoined(frame, false);
         break;
       case "left":

@@ -303,3 +303,34 @@ describe("client with a scripted transport", () => {
     client.close();
   });
 });
+
+describe("rooms a backend subscribed the connection to", () => {
+  it("are re-joined with since after a reconnect, until the server unsubscribes", async () => {
+    const { transports, factory } = fake();
+    const token = mintToken("s", { sub: "u" });
+    const client = connect({ url: "ws://x/ws", token, transport: factory, backoff: { initialMs: 1, maxMs: 1 } });
+    const subscribed: string[] = [];
+    client.on("subscribed", (r) => subscribed.push(r.name));
+    await tick();
+    transports[0]!.connected();
+    transports[0]!.frame({ type: "joined", room: "news", epoch: "e", offset: 4 });
+    transports[0]!.frame({ type: "message", room: "news", offset: 5, epoch: "e", user: "b", clientId: "s", data: 5 });
+    expect(subscribed).toEqual(["news"]);
+    const news = client.room("news");
+    expect(news.joined).toBe(true);
+    transports[0]!.drop(1006);
+    await new Promise((r) => setTimeout(r, 20));
+    transports[1]!.connected();
+    const rejoin = transports[1]!.last("join");
+    expect(rejoin).toMatchObject({ room: "news", since: { epoch: "e", offset: 5 } });
+    transports[1]!.frame({ type: "joined", id: rejoin!.id, room: "news", epoch: "e", offset: 5, recovered: true, missed: [] });
+    expect(news.joined).toBe(true);
+    // unsubscribed by the backend: not re-joined any more
+    transports[1]!.frame({ type: "left", room: "news" });
+    transports[1]!.drop(1006);
+    await new Promise((r) => setTimeout(r, 20));
+    transports[2]!.connected();
+    expect(transports[2]!.last("join")).toBeUndefined();
+    client.close();
+  });
+});
