@@ -248,6 +248,9 @@ pub enum ServerFrame<'a> {
         user: &'a str,
         gateway: &'a str,
         heartbeat: Heartbeat,
+        /// The SSE session's name (SSE only): what `POST /sse/send` names.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,6 @@
-//! The gateway's HTTP surface: the WebSocket handshake at `/ws` (origin and token checked
-//! before the upgrade), the demo page at `/`, the ops endpoints, and draining on shutdown.
+//! The gateway's HTTP surface: the WebSocket handshake at `/ws` and the SSE endpoints (origin
+//! and token checked before a connection starts), the demo page at `/`, the ops endpoints, and
+//! draining on shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,12 +9,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::ops;
 use roomcast_common::telemetry::TRACING_ONLY;
@@ -23,14 +24,18 @@ use tokio_rustls::TlsAcceptor;
 use tonic::Code;
 use tracing::Instrument as _;
 
-use crate::connection::{self, Authenticated};
+use crate::session::Authenticated;
 use crate::socket;
+use crate::sse;
 use crate::state::Gateway;
+use crate::websocket;
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/ws", get(websocket))
+        .route("/sse", get(sse::stream))
+        .route("/sse/send", post(sse::send).options(sse::preflight))
         .with_state(gateway.clone())
         .merge(ops::router(gateway.readiness.clone()))
 }
@@ -44,7 +49,7 @@ struct WsQuery {
     token: Option<String>,
 }
 
-fn refuse(status: StatusCode, reason: &str) -> Response {
+pub(crate) fn refuse(status: StatusCode, reason: &str) -> Response {
     (status, format!("{reason}\n")).into_response()
 }
 
@@ -88,19 +93,51 @@ async fn handshake(gateway: Arc<Gateway>, query: WsQuery, mut request: Request) 
         }
         Err(error) => return refuse(StatusCode::BAD_REQUEST, &error.to_string()),
     };
-    if gateway.readiness.is_draining() {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "gateway is draining");
+    let auth = match authenticate(&gateway, query.token, headers).await {
+        Ok(auth) => auth,
+        Err(refused) => return refused,
+    };
+    tokio::spawn(websocket::run(on_upgrade, gateway, auth));
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
-    if !gateway.origin_allowed(headers) {
-        return refuse(StatusCode::FORBIDDEN, "origin not allowed");
-    }
+    response
+}
+
+/// The token of a request: `?token=` or `Authorization: Bearer`.
+pub(crate) fn token_of(query_token: Option<String>, headers: &HeaderMap) -> Option<String> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let Some(token) = query.token.filter(|t| !t.is_empty()).or(bearer) else {
-        return refuse(StatusCode::UNAUTHORIZED, "missing token");
+    query_token.filter(|t| !t.is_empty()).or(bearer)
+}
+
+/// What every new connection goes through, whatever its transport: not draining, an allowed
+/// origin, a valid token (auth-service), room under the per-user limit (here and across the
+/// cluster). A refusal is the HTTP answer to give.
+pub(crate) async fn authenticate(
+    gateway: &Arc<Gateway>,
+    query_token: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Authenticated, Response> {
+    if gateway.readiness.is_draining() {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway is draining",
+        ));
+    }
+    if !gateway.origin_allowed(headers) {
+        return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
+    }
+    let Some(token) = token_of(query_token, headers) else {
+        return Err(refuse(StatusCode::UNAUTHORIZED, "missing token"));
     };
     let verify = pb::VerifyTokenRequest {
         token: token.clone(),
@@ -113,19 +150,22 @@ async fn handshake(gateway: Arc<Gateway>, query: WsQuery, mut request: Request) 
             claims
         }
         Err(status) if status.code() == Code::Unauthenticated => {
-            return refuse(StatusCode::UNAUTHORIZED, status.message());
+            return Err(refuse(StatusCode::UNAUTHORIZED, status.message()));
         }
         Err(status) => {
             tracing::warn!(%status, "token verification failed");
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "auth service unavailable");
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth service unavailable",
+            ));
         }
     };
     let limit = gateway.settings.max_connections_per_user;
     let Some(slot) = gateway.users.try_acquire(&claims.sub, limit) else {
-        return refuse(
+        return Err(refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections for this user",
-        );
+        ));
     };
     // The count across the cluster (a user behind a load balancer reaches every gateway).
     // A room-service that cannot answer does not lock users out: the local count still holds.
@@ -141,31 +181,21 @@ async fn handshake(gateway: Arc<Gateway>, query: WsQuery, mut request: Request) 
         match gateway.backends.connection_opened(request).await {
             Ok(_) => counted = true,
             Err(status) if status.code() == Code::ResourceExhausted => {
-                return refuse(StatusCode::TOO_MANY_REQUESTS, status.message());
+                return Err(refuse(StatusCode::TOO_MANY_REQUESTS, status.message()));
             }
             Err(status) => {
                 tracing::warn!(%status, "per-user count across the cluster unavailable")
             }
         }
     }
-    let auth = Authenticated {
+    Ok(Authenticated {
         client_id,
         user: claims.sub,
         token,
         expires_at: claims.exp,
         slot,
         counted,
-    };
-    tokio::spawn(connection::run(on_upgrade, gateway, auth));
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&accept) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    response
+    })
 }
 
 /// Serves until `shutdown` resolves, then drains: readiness off, new handshakes refused, open
@@ -237,7 +267,6 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let service = TowerToHyperService::new(app);
     let pending = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
@@ -268,7 +297,15 @@ async fn accept_loop(
         // (without this a `published` reply waits for the client's next frame or a delayed
         // ACK).
         let _ = tcp.set_nodelay(true);
-        let service = service.clone();
+        // Every request of this connection can tell the loop that it became a long-lived
+        // stream (SSE): its HTTP phase is then over.
+        let streaming = StreamStarted(Arc::new(tokio::sync::Notify::new()));
+        let started = streaming.0.clone();
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(streaming.clone());
+            tower_service::Service::call(&mut app.clone(), request)
+        });
         let tls = tls.clone();
         tokio::spawn(async move {
             let phase = async move {
@@ -285,26 +322,40 @@ async fn accept_loop(
                     },
                 }
             };
-            match tokio::time::timeout(limits.timeout, phase).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::debug!(%error, "http connection ended with an error"),
-                Err(_) => {
+            tokio::pin!(phase);
+            let ended = tokio::select! {
+                ended = &mut phase => Some(ended),
+                () = started.notified() => {
+                    // A stream now, served for as long as it lasts; no longer pending.
+                    drop(slot);
+                    Some(phase.await)
+                }
+                () = tokio::time::sleep(limits.timeout) => None,
+            };
+            match ended {
+                Some(Ok(())) => {}
+                Some(Err(error)) => tracing::debug!(%error, "http connection ended with an error"),
+                None => {
                     // Dropping the connection closes the socket (and cancels a handshake still
                     // being checked: no WebSocket starts).
                     metrics::counter!("roomcast_gateway_handshake_timeouts_total").increment(1);
                     tracing::debug!("http phase exceeded the handshake timeout");
                 }
             }
-            drop(slot);
         });
     }
 }
 
 /// Serves HTTP/1.1 on one connection until it closes or is upgraded. `io` is the
 /// `TcpStream` or the TLS stream: exactly the types [`socket::upgraded`] takes back.
-async fn http_phase<I>(io: I, service: AppService) -> Result<(), hyper::Error>
+async fn http_phase<I, S>(io: I, service: S) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Future: Send,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), service)
@@ -312,7 +363,16 @@ where
         .await
 }
 
-type AppService = TowerToHyperService<Router>;
+/// In every request's extensions: a response that streams (SSE) marks its connection with it,
+/// which ends the connection's HTTP phase and with it the handshake timeout.
+#[derive(Clone)]
+pub(crate) struct StreamStarted(Arc<tokio::sync::Notify>);
+
+impl StreamStarted {
+    pub(crate) fn mark(&self) {
+        self.0.notify_one();
+    }
+}
 
 async fn drain(gateway: &Gateway, window: Duration) {
     const BATCHES: u32 = 10;

@@ -620,7 +620,7 @@ pub(crate) mod tests {
     pub(crate) async fn listen(
         broker: &MemoryBroker,
         channel: &str,
-    ) -> (Subscriber, Arc<Mutex<Vec<Envelope>>>) {
+    ) -> (Box<dyn Subscriber>, Arc<Mutex<Vec<Envelope>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let sink: Sink = Arc::new(move |event| {
@@ -628,7 +628,7 @@ pub(crate) mod tests {
                 seen2.lock().unwrap().push(decode(payload).unwrap());
             }
         });
-        let subscriber = Subscriber::Memory(broker.subscriber(sink));
+        let subscriber: Box<dyn Subscriber> = Box::new(broker.subscriber(sink));
         subscriber.subscribe(channel).await.unwrap();
         (subscriber, seen)
     }

@@ -1,35 +1,28 @@
-//! One WebSocket connection: a reader that handles client commands one at a time (so a
-//! `publish` sent after a `join` sees the join), and a writer that owns the socket's sending
-//! half, the server pings, and each room's delivery cursor.
+//! The connection core, whatever carries it: a session handles its client's commands one at a
+//! time (so a `publish` sent after a `join` sees the join; publishes alone are pipelined), owns
+//! the connection's one timer (heartbeat timeout, token expiry, server pings) and, at the end,
+//! removes every trace of the connection. Transports (`websocket.rs`, `sse.rs`) are edges: they
+//! turn their input into [`Inbound`] items and start a [`writer`](crate::writer) on their
+//! output.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::OnUpgrade;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
-use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument as _;
 
-use crate::hub::{ConnHandle, Local, Outbound, ServerCommand};
 use crate::limits::{TokenBucket, UserSlot};
+use crate::outbound::{ConnHandle, Local, Outbound, ServerCommand};
 use crate::pipeline::Publishes;
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
-use crate::socket::{self, ReadSide};
+use crate::socket;
 use crate::state::Gateway;
-
-/// Frames written to the socket per flush at most, so one busy connection cannot hog its task.
-const MAX_BATCH: usize = 64;
 
 /// How long a closing connection waits for its publishes in flight to be answered.
 const FLUSH_LIMIT: Duration = Duration::from_secs(5);
@@ -49,141 +42,36 @@ pub struct Authenticated {
     pub counted: bool,
 }
 
-/// Read buffer per connection, allocated for every connection: small, since most frames are
-/// small and idle connections are the common case (tungstenite's default is 128 KiB; 4 KiB
-/// cost 3.2 KB more RSS per idle connection than this, measured with `loadgen connections`).
-/// Larger frames still arrive whole: the buffer grows to the frame's announced length.
-const READ_BUFFER_BYTES: usize = 256;
+/// What a transport hands the session from its client.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A text frame: one client command (JSON).
+    Text(Utf8Bytes),
+    /// A binary frame: refused with an error, the connection stays.
+    Binary,
+    /// Something that only shows the client is alive (a pong).
+    Alive,
+    /// The client closed; the transport answered its close.
+    Closed,
+    /// The transport failed; `Some` when the client is still there to be told why.
+    Failed(Option<(CloseCode, &'static str)>),
+}
 
-/// Runs a connection from its upgrade to its end, then removes every trace of it.
-///
-/// Most of a connection's memory is this future, held for as long as the connection is open:
-/// what only the set-up needs lives in a boxed future freed before the first read, and the
-/// arguments sit in one box (an async function's arguments would keep their space for its
-/// whole run).
-pub fn run(
-    on_upgrade: OnUpgrade,
-    gateway: Arc<Gateway>,
-    auth: Authenticated,
-) -> impl Future<Output = ()> + Send + 'static {
-    let setup = Box::new((on_upgrade, gateway, auth));
-    async move {
-        let Some((mut reader, mut stream, writer)) = Box::pin(start(setup)).await else {
-            return;
-        };
-        reader.read_loop(&mut stream).await;
-        // Publishes already read are stored and answered before the close (bounded like any
-        // command in flight).
-        let _ = tokio::time::timeout(FLUSH_LIMIT, Box::pin(reader.flush_publishes())).await;
-        reader.conn.shut();
-        reader.conn.reader_finished();
-        reader.cleanup().await;
-        let _ = writer.await;
-        reader.gateway.hub.remove_connection(&reader.conn.client_id);
-        metrics::gauge!("roomcast_gateway_connections").decrement(1);
-        drop(reader);
-        Box::pin(linger(stream.into_inner())).await;
+/// A transport's input side.
+pub trait Source: Send {
+    fn next(&mut self) -> impl Future<Output = Inbound> + Send;
+
+    /// Whether the client proves it is alive by sending (WebSocket pongs). An SSE client sends
+    /// nothing on its own; its stream's failing write ends it instead.
+    fn expects_heartbeats(&self) -> bool {
+        true
     }
-}
 
-/// Waits for the upgrade, registers the connection, sends `connected` and starts the writer.
-async fn start(
-    setup: Box<(OnUpgrade, Arc<Gateway>, Authenticated)>,
-) -> Option<(
-    Reader,
-    WebSocketStream<ReadSide>,
-    tokio::task::JoinHandle<()>,
-)> {
-    let (on_upgrade, gateway, auth) = *setup;
-    let (socket, pre_read) = match socket::upgraded(on_upgrade).await {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade failed");
-            if auth.counted {
-                report_closed(&gateway, &auth.client_id, &auth.user, Vec::new());
-            }
-            return None;
-        }
-    };
-    let client_id = auth.client_id.clone();
-    let user: Arc<str> = Arc::from(auth.user.as_str());
-    let conn = Arc::new(ConnHandle::new(
-        client_id.clone(),
-        user.clone(),
-        gateway.settings.outbound_queue_len,
-    ));
-    gateway.hub.add_connection(conn.clone());
-    metrics::gauge!("roomcast_gateway_connections").increment(1);
-
-    let connected = ServerFrame::Connected {
-        client_id: &client_id,
-        user: &user,
-        gateway: &gateway.id,
-        heartbeat: Heartbeat {
-            interval_ms: gateway.settings.heartbeat_interval_ms,
-            timeout_ms: gateway.settings.heartbeat_timeout_ms,
-        },
-    };
-    conn.reply(Outbound::frame(connected.to_json())).await;
-
-    // A copy of just these bytes: `pre_read` is a slice of the HTTP layer's 8 KiB read buffer,
-    // which it would keep alive for the connection's lifetime.
-    let pre_read_copy = pre_read[..].to_vec();
-    drop(pre_read);
-    let (read, write) = socket.into_split();
-    let max = gateway.settings.max_frame_bytes;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_frame_size(Some(max))
-        .max_message_size(Some(max));
-    let stream = WebSocketStream::from_partially_read(
-        ReadSide::new(read, conn.clone()),
-        pre_read_copy,
-        Role::Server,
-        Some(config),
-    )
-    .await;
-    let writer = tokio::spawn(write_loop(
-        write,
-        conn.clone(),
-        gateway.settings.outbound_queue_len,
-        gateway.settings.write_delay(),
-    ));
-    let settings = &gateway.settings;
-    let reader = Reader {
-        publish_bucket: TokenBucket::new(settings.publish_rate, f64::from(settings.publish_burst)),
-        read_bucket: TokenBucket::new(settings.read_rate, f64::from(settings.read_burst)),
-        gateway: gateway.clone(),
-        conn,
-        rooms: HashMap::new(),
-        token: auth.token,
-        expires_at: auth.expires_at,
-        refused_in_a_row: 0,
-        publish_count: 0,
-        counted: auth.counted,
-        publishes: Publishes::default(),
-        _slot: auth.slot,
-    };
-    Some((reader, stream, writer))
-}
-
-/// After the writer sent its last frame and shut its half: read and discard what the client
-/// still sends (pongs, its close reply) until it closes too, for at most a second. Closing a
-/// socket with unread input makes the kernel send a reset, which can overtake the close frame
-/// and the last messages still on their way to the client.
-async fn linger(read: ReadSide) {
-    use tokio::io::AsyncReadExt;
-    let mut read = read.into_inner();
-    let mut sink = [0u8; 512];
-    let drained = async {
-        while let Ok(n) = read.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+    /// Whether frames posted with `secret` by `user` are this connection's own (SSE);
+    /// a WebSocket takes its frames from its socket only.
+    fn accepts_posted(&self, _secret: &str, _user: &str) -> bool {
+        false
+    }
 }
 
 /// The idempotency key a publish travels with. A client's own key is scoped to its user (two
@@ -209,7 +97,8 @@ struct Joined {
     can_publish: bool,
 }
 
-struct Reader {
+/// One connection's command handling.
+pub struct Session {
     gateway: Arc<Gateway>,
     conn: Arc<ConnHandle>,
     rooms: HashMap<Arc<str>, Joined>,
@@ -253,22 +142,73 @@ pub(crate) fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes 
     ServerFrame::Error { id, code, message }.to_json().into()
 }
 
-/// The close frame owed for a read error, if the client is still there to get one.
-fn close_for(error: &WsError) -> Option<(CloseCode, &'static str)> {
-    match error {
-        WsError::Capacity(_) => Some((CloseCode::TOO_BIG, "frame too large")),
-        WsError::Utf8(_) => Some((CloseCode::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
-        // The client dropped the connection: nobody to tell.
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Protocol(_) => Some((CloseCode::PROTOCOL_ERROR, "protocol violation")),
-        _ => None,
+impl Session {
+    /// Registers the connection with the hub and queues its `connected` frame (`session`:
+    /// the SSE session name). The transport then starts the writer and calls [`Session::serve`].
+    pub async fn open(gateway: Arc<Gateway>, auth: Authenticated, session: Option<&str>) -> Self {
+        let user: Arc<str> = Arc::from(auth.user.as_str());
+        let conn = Arc::new(ConnHandle::new(
+            auth.client_id.clone(),
+            user.clone(),
+            gateway.settings.outbound_queue_len,
+        ));
+        gateway.hub.add_connection(conn.clone());
+        metrics::gauge!("roomcast_gateway_connections").increment(1);
+        let connected = ServerFrame::Connected {
+            client_id: &auth.client_id,
+            user: &user,
+            gateway: &gateway.id,
+            heartbeat: Heartbeat {
+                interval_ms: gateway.settings.heartbeat_interval_ms,
+                timeout_ms: gateway.settings.heartbeat_timeout_ms,
+            },
+            session,
+        };
+        conn.reply(Outbound::frame(connected.to_json())).await;
+        let settings = &gateway.settings;
+        Session {
+            publish_bucket: TokenBucket::new(
+                settings.publish_rate,
+                f64::from(settings.publish_burst),
+            ),
+            read_bucket: TokenBucket::new(settings.read_rate, f64::from(settings.read_burst)),
+            gateway: gateway.clone(),
+            conn,
+            rooms: HashMap::new(),
+            token: auth.token,
+            expires_at: auth.expires_at,
+            refused_in_a_row: 0,
+            publish_count: 0,
+            counted: auth.counted,
+            publishes: Publishes::default(),
+            _slot: auth.slot,
+        }
     }
-}
 
-impl Reader {
-    async fn read_loop(&mut self, stream: &mut WebSocketStream<ReadSide>) {
+    /// The connection's shared face (its queue).
+    pub fn conn(&self) -> &Arc<ConnHandle> {
+        &self.conn
+    }
+
+    /// Handles the client's commands until the connection ends, then removes every trace of
+    /// it once `writer` finished.
+    pub async fn serve(mut self, source: &mut impl Source, writer: tokio::task::JoinHandle<()>) {
+        self.read_loop(source).await;
+        // Publishes already read are stored and answered before the close (bounded like any
+        // command in flight).
+        let _ = tokio::time::timeout(FLUSH_LIMIT, Box::pin(self.flush_publishes())).await;
+        self.conn.shut();
+        self.conn.reader_finished();
+        self.cleanup().await;
+        let _ = writer.await;
+        self.gateway.hub.remove_connection(&self.conn.client_id);
+        metrics::gauge!("roomcast_gateway_connections").decrement(1);
+    }
+
+    async fn read_loop(&mut self, source: &mut impl Source) {
         let timeout = self.gateway.settings.heartbeat_timeout();
         let ping_every = self.gateway.settings.heartbeat_interval();
+        let heartbeats = source.expects_heartbeats();
         // One timer for the three deadlines (the token's expiry, the heartbeat timeout, the
         // next server ping), re-armed rather than made anew: a timer is 112 bytes, kept for
         // as long as the connection is open.
@@ -278,6 +218,9 @@ impl Reader {
         let mut next_ping = Instant::now() + ping_every;
         loop {
             let expiry = instant_of_unix(self.expires_at);
+            if !heartbeats {
+                silent_until = expiry.max(next_ping) + timeout;
+            }
             timer
                 .as_mut()
                 .reset(expiry.min(silent_until).min(next_ping));
@@ -288,6 +231,14 @@ impl Reader {
                         return;
                     }
                     for command in self.conn.take_server_commands() {
+                        if let ServerCommand::Frames { secret, user, frames } = command {
+                            if source.accepts_posted(&secret, &user) {
+                                for frame in frames {
+                                    Box::pin(self.handle_text(&frame)).await;
+                                }
+                            }
+                            continue;
+                        }
                         Box::pin(self.server_command(command)).await;
                     }
                     continue;
@@ -296,7 +247,7 @@ impl Reader {
                     Box::pin(self.publishes.finish(done, &self.conn, &self.gateway)).await;
                     continue;
                 }
-                next = stream.next() => next,
+                next = source.next() => next,
                 () = &mut timer => {
                     let now = Instant::now();
                     if now >= expiry {
@@ -316,24 +267,13 @@ impl Reader {
                     continue;
                 }
             };
-            // Any frame, a pong included, shows the client is alive.
+            // Anything the client sends, a pong included, shows it is alive.
             silent_until = Instant::now() + timeout;
-            let message = match next {
-                None => return,
-                Some(Err(error)) => {
-                    if let Some((code, reason)) = close_for(&error) {
-                        tracing::debug!(client = %self.conn.client_id, %error, code = code.get(), "closing");
-                        self.conn.close(code, reason);
-                    }
-                    return;
-                }
-                Some(Ok(message)) => message,
-            };
-            match message {
+            match next {
                 // Boxed: the command futures (gRPC calls) are large, and an idle connection
                 // should not carry their space.
-                Message::Text(text) => Box::pin(self.handle_text(&text)).await,
-                Message::Binary(_) => {
+                Inbound::Text(text) => Box::pin(self.handle_text(&text)).await,
+                Inbound::Binary => {
                     Box::pin(self.send_error(
                         None,
                         ErrorCode::BadRequest,
@@ -341,13 +281,15 @@ impl Reader {
                     ))
                     .await
                 }
-                Message::Close(_) => {
-                    // tungstenite sends its close reply on a flush; it goes to the writer,
-                    // which sends it after the replies still owed.
-                    let _ = stream.flush().await;
+                Inbound::Alive => {}
+                Inbound::Closed => return,
+                Inbound::Failed(close) => {
+                    if let Some((code, reason)) = close {
+                        tracing::debug!(client = %self.conn.client_id, code = code.get(), reason, "closing");
+                        self.conn.close(code, reason);
+                    }
                     return;
                 }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     }
@@ -434,6 +376,8 @@ impl Reader {
                     self.leave(None, room).await;
                 }
             }
+            // Handled by the read loop, which knows the transport.
+            ServerCommand::Frames { .. } => {}
         }
     }
 
@@ -551,9 +495,10 @@ impl Reader {
                     .await;
             }
         };
+        // From here the room stream filters what this member's reply covers.
         self.gateway
             .hub
-            .set_base(&room, &joined.epoch, joined.offset);
+            .joined(&room, &self.conn.client_id, &joined.epoch, joined.offset);
         let missed = joined
             .recovered
             .map(|_| protocol::stored_messages(&room, &joined.epoch, &joined.missed));
@@ -808,7 +753,12 @@ impl Reader {
 
 /// Tells the room-service that a connection ended: it leaves `rooms` and its user's count.
 /// Not awaited by the connection: its socket is already done.
-fn report_closed(gateway: &Arc<Gateway>, client_id: &str, user: &str, rooms: Vec<String>) {
+pub(crate) fn report_closed(
+    gateway: &Arc<Gateway>,
+    client_id: &str,
+    user: &str,
+    rooms: Vec<String>,
+) {
     let request = pb::ConnectionClosedRequest {
         client_id: client_id.to_owned(),
         user: user.to_owned(),
@@ -822,425 +772,9 @@ fn report_closed(gateway: &Arc<Gateway>, client_id: &str, user: &str, rooms: Vec
         }
     });
 }
-
-/// Per-room delivery state kept by the writer.
-enum Cursor {
-    /// Join in flight: hold what arrives until the join reply is out.
-    Pending(Vec<Outbound>),
-    /// Joined: the epoch and last offset delivered (or known to the client from the join
-    /// reply).
-    Active { epoch: Arc<str>, last: u64 },
-}
-
-/// The writer's cursors, one per room. A connection is in few rooms, so a vector searched by
-/// the shared room name (pointer first: deliveries carry the hub's `Arc` of the name) beats
-/// hashing the name for every delivery.
-#[derive(Default)]
-struct Cursors {
-    rooms: Vec<(Arc<str>, Cursor)>,
-}
-
-impl Cursors {
-    fn get_mut(&mut self, room: &Arc<str>) -> Option<&mut Cursor> {
-        let index = match self
-            .rooms
-            .iter()
-            .position(|(name, _)| Arc::ptr_eq(name, room))
-        {
-            Some(index) => index,
-            None => {
-                let index = self.rooms.iter().position(|(name, _)| name == room)?;
-                // Keep the caller's `Arc` (the hub's): the next lookup is a pointer compare.
-                self.rooms[index].0 = room.clone();
-                index
-            }
-        };
-        Some(&mut self.rooms[index].1)
-    }
-
-    fn insert(&mut self, room: Arc<str>, cursor: Cursor) -> Option<Cursor> {
-        match self.get_mut(&room) {
-            Some(slot) => Some(std::mem::replace(slot, cursor)),
-            None => {
-                self.rooms.push((room, cursor));
-                None
-            }
-        }
-    }
-
-    fn remove(&mut self, room: &Arc<str>) {
-        self.rooms.retain(|(name, _)| name != room);
-    }
-
-    /// Turns one queue item into frames to write (in `out`). Returns false when a pending
-    /// buffer grew past `limit`: the client is too slow.
-    fn apply(&mut self, item: Outbound, out: &mut Vec<Bytes>, limit: usize) -> bool {
-        match item {
-            Outbound::Message(ref delivery) => match self.get_mut(&delivery.room) {
-                None => {}
-                Some(Cursor::Pending(held)) => {
-                    held.push(item);
-                    return held.len() <= limit;
-                }
-                Some(Cursor::Active { epoch, last }) => {
-                    if !Arc::ptr_eq(epoch, &delivery.epoch) {
-                        if *epoch != delivery.epoch {
-                            // The room's history was lost and its offsets restarted.
-                            *last = 0;
-                        }
-                        // The hub shares one epoch per room: the next compare is a pointer's.
-                        *epoch = delivery.epoch.clone();
-                    }
-                    if delivery.offset <= *last {
-                        // Already delivered, or covered by the join reply: a duplicate.
-                        return true;
-                    }
-                    if delivery.offset > *last + 1 && *last > 0 {
-                        metrics::counter!("roomcast_gateway_offset_gaps_total").increment(1);
-                    }
-                    *last = delivery.offset;
-                    out.push(delivery.wire.clone());
-                }
-            },
-            Outbound::Event(ref event) => match self.get_mut(&event.room) {
-                None => {}
-                Some(Cursor::Pending(held)) => {
-                    held.push(item);
-                    return held.len() <= limit;
-                }
-                Some(Cursor::Active { .. }) => out.push(event.wire.clone()),
-            },
-            Outbound::Local(local) => match *local {
-                Local::Frame(frame) => out.push(socket::text(frame.as_bytes())),
-                Local::Raw(bytes) => out.push(bytes),
-                Local::JoinStart { room } => {
-                    self.insert(room, Cursor::Pending(Vec::new()));
-                }
-                Local::JoinDone {
-                    room,
-                    epoch,
-                    offset,
-                    reply,
-                } => {
-                    out.push(socket::text(reply.as_bytes()));
-                    let active = Cursor::Active {
-                        epoch,
-                        last: offset,
-                    };
-                    let held = match self.insert(room, active) {
-                        Some(Cursor::Pending(held)) => held,
-                        _ => Vec::new(),
-                    };
-                    for item in held {
-                        self.apply(item, out, limit);
-                    }
-                }
-                Local::JoinFailed { room, reply } | Local::Left { room, reply } => {
-                    self.remove(&room);
-                    out.push(socket::text(reply.as_bytes()));
-                }
-            },
-        }
-        true
-    }
-}
-
-/// `frames` (whole WebSocket frames) as one buffer, so they go out in one system call: a lone
-/// frame is its shared bytes as they are, several are copied together.
-fn concat(frames: &mut Vec<Bytes>) -> Bytes {
-    if frames.len() == 1 {
-        return frames.pop().unwrap_or_default();
-    }
-    let mut buffer = Vec::with_capacity(frames.iter().map(Bytes::len).sum());
-    for frame in frames.drain(..) {
-        buffer.extend_from_slice(&frame);
-    }
-    buffer.into()
-}
-
-/// The connection's only writer to the socket. Pings come from the reader (it owns the
-/// connection's one timer) through the queue, like every other frame.
-async fn write_loop(
-    mut socket: socket::WriteHalf,
-    conn: Arc<ConnHandle>,
-    limit: usize,
-    delay: Duration,
-) {
-    let mut cursors = Cursors::default();
-    let mut batch = Vec::new();
-    let mut out = Vec::new();
-    // What the socket has not taken yet. Kept across a close, so the close frame never lands
-    // in the middle of a half-written frame.
-    let mut pending = Bytes::new();
-    // Whether the broadcasts now queued were already held for the write delay.
-    let mut held = false;
-    'serve: loop {
-        // With a write delay, broadcasts wait for the ones that follow, whether they arrived
-        // while the writer was idle or while it was writing; the connection's own traffic (a
-        // reply) ends the wait.
-        if !delay.is_zero() && !held && conn.holds_only_broadcasts() {
-            // Boxed: a timer is only needed while holding.
-            let mut hold = Box::pin(tokio::time::sleep(delay));
-            loop {
-                tokio::select! {
-                    biased;
-                    () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-                    () = &mut hold => break,
-                    () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
-                        if !conn.holds_only_broadcasts() {
-                            break;
-                        }
-                    }
-                }
-            }
-            held = true;
-            continue;
-        }
-        // Whatever is queued goes out in one write, MAX_BATCH items at a time.
-        if conn.take_batch(&mut batch, MAX_BATCH) == 0 {
-            if conn.is_closed() {
-                break;
-            }
-            std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
-            held = false;
-            continue;
-        }
-        held = false;
-        if conn.is_closed() {
-            break;
-        }
-        let mut ok = true;
-        for item in batch.drain(..) {
-            ok &= cursors.apply(item, &mut out, limit);
-        }
-        if !ok {
-            conn.close(
-                CloseCode::SLOW_CONSUMER,
-                "slow consumer: outbound queue overflowed",
-            );
-            // This batch may hold replies: it goes out before the close frame, like the rest.
-            pending = concat(&mut out);
-            break;
-        }
-        if out.is_empty() {
-            continue;
-        }
-        pending = concat(&mut out);
-        while !pending.is_empty() {
-            // Biased: a write that completes at once (the usual case) never looks at closing.
-            // `write` is cancel-safe: on close, `pending` holds exactly what is left.
-            let written = tokio::select! {
-                biased;
-                written = socket.write(&pending) => written,
-                () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-            };
-            match written {
-                Ok(n) if n > 0 => pending.advance(n),
-                _ => {
-                    conn.shut();
-                    return;
-                }
-            }
-        }
-        if socket.buffers() {
-            // TLS: what the stream took may still sit in its record buffer.
-            let flushed = tokio::select! {
-                biased;
-                flushed = socket.flush() => flushed,
-                () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-            };
-            if flushed.is_err() {
-                conn.shut();
-                return;
-            }
-        }
-    }
-    // Closing. Every reply owed goes out before the close frame: wait for the reader to finish
-    // the command it may be running (a publish being stored, say), so its reply is queued,
-    // then send the replies still queued. Bounded, in case a backend hangs.
-    let reader_done = std::future::poll_fn(|cx| conn.poll_reader_finished(cx));
-    let _ = tokio::time::timeout(OWED_REPLY_WAIT, reader_done).await;
-    conn.take_batch(&mut batch, usize::MAX);
-    let (owed, close_reply) = owed_replies(batch.drain(..));
-    let last = match conn.close_reason.get() {
-        Some((code, reason)) => socket::close(*code, reason),
-        // Closed by the client or the socket: tungstenite's reply to a close, if any.
-        None => close_reply.unwrap_or_default(),
-    };
-    // Boxed: only a closing connection needs this future's space.
-    let finish = Box::pin(async move {
-        socket.write_all(&pending).await?;
-        for reply in &owed {
-            socket.write_all(reply).await?;
-        }
-        socket.write_all(&last).await?;
-        // Flushes (TLS: and sends close_notify), then ends the sending direction.
-        socket.shutdown().await
-    });
-    let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
-}
-
-/// How long a closing connection waits for the reply to the command in flight.
-const OWED_REPLY_WAIT: Duration = Duration::from_secs(5);
-
-/// What a closing connection still sends of its queue: the replies to the client's commands,
-/// in order (broadcasts are dropped: a client recovers them with `since`), and tungstenite's
-/// reply to a client's close frame, if one is queued.
-fn owed_replies(items: impl Iterator<Item = Outbound>) -> (Vec<Bytes>, Option<Bytes>) {
-    let mut owed = Vec::new();
-    let mut close_reply = None;
-    for item in items {
-        let Outbound::Local(local) = item else {
-            continue;
-        };
-        match *local {
-            Local::Frame(frame) => owed.push(socket::text(frame.as_bytes())),
-            Local::JoinDone { reply, .. }
-            | Local::JoinFailed { reply, .. }
-            | Local::Left { reply, .. } => owed.push(socket::text(reply.as_bytes())),
-            // Pings and pongs are moot now; a close frame (opcode 8) is the client's answer.
-            Local::Raw(bytes) if bytes.first() == Some(&0x88) => close_reply = Some(bytes),
-            Local::Raw(_) | Local::JoinStart { .. } => {}
-        }
-    }
-    (owed, close_reply)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Delivery;
-
-    fn message(room: &Arc<str>, offset: u64) -> Outbound {
-        Outbound::Message(Arc::new(Delivery {
-            room: room.clone(),
-            epoch: Arc::from("e"),
-            offset,
-            wire: socket::text(offset.to_string().as_bytes()),
-        }))
-    }
-
-    fn texts(out: &[Bytes]) -> Vec<&str> {
-        out.iter()
-            .map(|f| std::str::from_utf8(socket::payload_of(f)).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn join_holds_messages_and_drops_those_the_reply_covers() {
-        let room: Arc<str> = Arc::from("r");
-        let mut cursors = Cursors::default();
-        let mut out = Vec::new();
-        cursors.apply(message(&room, 1), &mut out, 10);
-        assert!(out.is_empty(), "not joined: dropped");
-        cursors.apply(
-            Outbound::local(Local::JoinStart { room: room.clone() }),
-            &mut out,
-            10,
-        );
-        for offset in [4, 5, 6] {
-            cursors.apply(message(&room, offset), &mut out, 10);
-        }
-        assert!(out.is_empty(), "held while the join is in flight");
-        cursors.apply(
-            Outbound::local(Local::JoinDone {
-                room: room.clone(),
-                epoch: Arc::from("e"),
-                offset: 5,
-                reply: "joined".into(),
-            }),
-            &mut out,
-            10,
-        );
-        assert_eq!(texts(&out), ["joined", "6"]);
-        out.clear();
-        for offset in [6, 7, 7, 8] {
-            cursors.apply(message(&room, offset), &mut out, 10);
-        }
-        assert_eq!(texts(&out), ["7", "8"], "duplicates dropped");
-        out.clear();
-        cursors.apply(
-            Outbound::local(Local::Left {
-                room: room.clone(),
-                reply: "left".into(),
-            }),
-            &mut out,
-            10,
-        );
-        cursors.apply(message(&room, 9), &mut out, 10);
-        assert_eq!(texts(&out), ["left"]);
-    }
-
-    #[test]
-    fn a_new_epoch_restarts_offsets() {
-        let room: Arc<str> = Arc::from("r");
-        let mut cursors = Cursors::default();
-        let mut out = Vec::new();
-        cursors.apply(
-            Outbound::local(Local::JoinStart { room: room.clone() }),
-            &mut out,
-            10,
-        );
-        cursors.apply(
-            Outbound::local(Local::JoinDone {
-                room: room.clone(),
-                epoch: Arc::from("e"),
-                offset: 8,
-                reply: "joined".into(),
-            }),
-            &mut out,
-            10,
-        );
-        out.clear();
-        let restarted = Outbound::Message(Arc::new(Delivery {
-            room: room.clone(),
-            epoch: Arc::from("f"),
-            offset: 1,
-            wire: socket::text(b"f1"),
-        }));
-        cursors.apply(restarted, &mut out, 10);
-        cursors.apply(message(&room, 2), &mut out, 10);
-        assert_eq!(texts(&out), ["f1", "2"]);
-    }
-
-    #[test]
-    fn a_closing_connection_sends_replies_in_order_and_no_broadcasts() {
-        let room: Arc<str> = Arc::from("r");
-        let items = vec![
-            Outbound::frame("a"),
-            message(&room, 1),
-            Outbound::local(Local::Raw(socket::ping())),
-            Outbound::local(Local::JoinStart { room: room.clone() }),
-            Outbound::local(Local::JoinDone {
-                room: room.clone(),
-                epoch: Arc::from("e"),
-                offset: 1,
-                reply: "joined".into(),
-            }),
-            Outbound::local(Local::Raw(socket::close(CloseCode::NORMAL, ""))),
-            Outbound::frame("b"),
-        ];
-        let (owed, close_reply) = owed_replies(items.into_iter());
-        assert_eq!(texts(&owed), ["a", "joined", "b"]);
-        assert_eq!(close_reply.unwrap(), socket::close(CloseCode::NORMAL, ""));
-    }
-
-    #[test]
-    fn read_errors_map_to_close_codes() {
-        use tokio_tungstenite::tungstenite::error::CapacityError;
-        let too_big = WsError::Capacity(CapacityError::MessageTooLong {
-            size: 2,
-            max_size: 1,
-        });
-        assert_eq!(close_for(&too_big).unwrap().0, CloseCode::TOO_BIG);
-        let utf8 = WsError::Utf8("invalid".into());
-        assert_eq!(close_for(&utf8).unwrap().0, CloseCode::INVALID_PAYLOAD);
-        let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
-        assert_eq!(close_for(&unmasked).unwrap().0, CloseCode::PROTOCOL_ERROR);
-        let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
-        assert!(close_for(&reset).is_none(), "nobody left to tell");
-        assert!(close_for(&WsError::ConnectionClosed).is_none());
-    }
 
     #[test]
     fn any_expiry_gives_an_instant() {
@@ -1253,20 +787,5 @@ mod tests {
             );
         }
         assert!(instant_of_unix(0) <= Instant::now());
-    }
-
-    #[test]
-    fn pending_buffer_is_bounded() {
-        let room: Arc<str> = Arc::from("r");
-        let mut cursors = Cursors::default();
-        let mut out = Vec::new();
-        cursors.apply(
-            Outbound::local(Local::JoinStart { room: room.clone() }),
-            &mut out,
-            2,
-        );
-        assert!(cursors.apply(message(&room, 1), &mut out, 2));
-        assert!(cursors.apply(message(&room, 2), &mut out, 2));
-        assert!(!cursors.apply(message(&room, 3), &mut out, 2));
     }
 }
