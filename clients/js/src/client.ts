@@ -112,6 +112,9 @@ interface Pending {
 /** The code the client closes with when it drops a connection that stopped answering. */
 const CLIENT_DROP = 4000;
 
+/** The first upgrade probe after a fallback from a transport that had worked. */
+const QUICK_UPGRADE_MS = 3000;
+
 /** The SSE endpoint of a WebSocket URL: `ws(s):` becomes `http(s):`, a final `/ws` becomes `/sse`. */
 export function sseUrlFor(url: string): string {
   const u = new URL(url);
@@ -144,6 +147,12 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   /** A connection of the preferred transport opened while connected over a fallback. */
   private probe: Transport | undefined;
   private upgradeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The preferred transport has connected before: a fallback is more likely an outage. */
+  private preferredWorked = false;
+  /** Upgrade probes since the client last connected over the preferred transport. */
+  private probes = 0;
+  /** The client ids of this client's connections (the latest ones). */
+  private readonly ownClientIds = new Set<string>();
   private readonly rooms = new Map<string, Room>();
   private readonly pending = new Map<number, Pending>();
   private readonly waitingForConnection: Array<() => void> = [];
@@ -201,6 +210,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
         this.pending.delete(id);
       },
       retryDelay: (attempt) => backoffDelay(attempt, opts.backoff, opts.random),
+      isOwn: (clientId) => this.ownClientIds.has(clientId),
     };
     this.watchBrowser();
     if (opts.autoConnect !== false) this.open();
@@ -466,6 +476,12 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     this.connectTimer = undefined;
     this.attempt = 0;
     this.failures = 0;
+    this.ownClientIds.add(frame.clientId);
+    if (this.ownClientIds.size > 64) this.ownClientIds.delete(this.ownClientIds.values().next().value!);
+    if (this.current === this.order[0]) {
+      this.preferredWorked = true;
+      this.probes = 0;
+    }
     this.info = {
       clientId: frame.clientId,
       user: frame.user,
@@ -618,7 +634,11 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     const every = this.opts.upgradeIntervalMs ?? 60_000;
     const preferred = this.order[0]!;
     if (every <= 0 || this._state !== "connected" || this.current === preferred || this.probe) return;
+    // Where the preferred transport worked before, the fallback most likely followed an outage
+    // (its attempts failed while the gateway was down): the first probe comes soon.
+    const delay = this.preferredWorked && this.probes === 0 ? Math.min(every, QUICK_UPGRADE_MS) : every;
     this.upgradeTimer = setTimeout(() => {
+      this.probes++;
       this.upgradeTimer = undefined;
       if (this._state !== "connected" || this.stopped || !this.token) return;
       const probe = this.createTransport(preferred, this.token);
@@ -626,7 +646,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
       setTimeout(() => {
         if (this.probe === probe) probe.close(CLIENT_DROP, "upgrade timeout");
       }, this.opts.connectTimeoutMs ?? 10_000);
-    }, every);
+    }, delay);
   }
 
   /**

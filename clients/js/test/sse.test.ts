@@ -1,6 +1,6 @@
 // The SSE + POST transport, the transport fallback and upgrade policy, and server-subscribed
 // rooms, with a scripted fetch and scripted transports (no server).
-import { describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import {
   connect,
   EventStreamParser,
@@ -500,6 +500,44 @@ function scripted() {
 }
 
 describe("transport fallback and upgrade", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("probes soon after a fallback from a transport that had worked (an outage), then every upgradeIntervalMs", async () => {
+    vi.useFakeTimers();
+    const { all, factories } = scripted();
+    const client = connect({
+      url: "ws://gw/ws",
+      token,
+      transportFactories: factories,
+      fallbackAfter: 1,
+      upgradeIntervalMs: 60_000,
+      backoff: { initialMs: 1, maxMs: 1 },
+    });
+    await vi.advanceTimersByTimeAsync(1);
+    all[0]!.connected(); // WebSocket works here
+    all[0]!.drop(1006); // the gateway goes away...
+    await vi.advanceTimersByTimeAsync(5);
+    all[1]!.drop(1006); // ...and refuses for a moment: the client falls back
+    await vi.advanceTimersByTimeAsync(5);
+    expect(all.map((t) => t.name)).toEqual(["websocket", "websocket", "sse"]);
+    all[2]!.connected();
+    await vi.advanceTimersByTimeAsync(2900);
+    expect(all).toHaveLength(3);
+    await vi.advanceTimersByTimeAsync(200);
+    expect(all).toHaveLength(4);
+    expect(all[3]!.name).toBe("websocket");
+    all[3]!.drop(1006); // still refused: the next probe waits the full interval
+    await vi.advanceTimersByTimeAsync(59_000);
+    expect(all).toHaveLength(4);
+    await vi.advanceTimersByTimeAsync(1_100);
+    expect(all).toHaveLength(5);
+    all[4]!.connected();
+    expect(client.transport).toBe("websocket");
+    client.close();
+  });
+
   it("falls back to SSE after `fallbackAfter` failed WebSocket attempts and stays on it across reconnects", async () => {
     const { all, factories } = scripted();
     const client = connect({
