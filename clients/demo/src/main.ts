@@ -110,8 +110,13 @@ function start(token: string): void {
     setState(attempt > 0 ? "reconnecting" : "connecting", attempt > 0 ? "reconnecting…" : "connecting…");
     ui.transport.textContent = TRANSPORT_LABEL[transport];
   });
+  let transport: TransportName | undefined;
   c.on("connected", (info) => {
     if (client !== c) return;
+    if (transport && transport !== info.transport && current) {
+      notice(views.get(current)!, `switched to ${TRANSPORT_LABEL[info.transport]}`);
+    }
+    transport = info.transport;
     stopCountdown();
     setState("connected", "connected");
     ui.transport.textContent = TRANSPORT_LABEL[info.transport];
@@ -201,6 +206,11 @@ function addView(name: string): RoomView {
       loadMembers(v);
     }),
     room.on("recovery", ({ recovered, missed }) => {
+      if (recovered && missed === 0) {
+        // (also after a switch of transport): keep the banner of the last real gap
+        notice(v, "re-joined: nothing missed");
+        return;
+      }
       v.recovery = { recovered, missed, at: new Date() };
       if (recovered) {
         notice(v, `reconnected: ${missed} missed message${missed === 1 ? "" : "s"} recovered`);

@@ -1,12 +1,13 @@
 // The demo page in headless Chromium (Debian's /usr/bin/chromium driven by playwright-core)
 // against a real cluster with two gateways, each page reaching the gateways through a test
 // proxy that stands in for the load balancer. Saves a screenshot to target/artifacts/demo.png.
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readdirSync, rmSync } from "node:fs";
 import { resolve } from "node:path";
 import { chromium, type Browser, type Page } from "playwright-core";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { startCluster, type TestCluster } from "../../js/test/cluster.js";
 import { prefer, splitSse, startProxy, type TestProxy } from "../../js/test/proxy.js";
+import { sseServed } from "../../js/test/server.js";
 
 const chromiumPath = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
 const artifacts = resolve(import.meta.dirname, "../../../target/artifacts");
@@ -22,6 +23,8 @@ const errors: string[] = [];
 const room = `chat-${process.pid}`;
 
 beforeAll(async () => {
+  mkdirSync(artifacts, { recursive: true });
+  for (const f of readdirSync(artifacts)) if (f.startsWith("demo-failed-")) rmSync(resolve(artifacts, f));
   cluster = await startCluster({ gateways: 2 });
   const backends = cluster.gateways.map((g) => g.addr);
   viaA = await startProxy(backends, prefer(0));
@@ -33,6 +36,15 @@ beforeAll(async () => {
     args: ["--no-sandbox", "--disable-dev-shm-usage"],
     timeout: 30_000,
   });
+});
+
+afterEach(async (ctx) => {
+  // a failed test leaves a picture of every page for the CI artifacts
+  if (ctx.task.result?.state !== "fail") return;
+  mkdirSync(artifacts, { recursive: true });
+  for (const [name, page] of Object.entries(pages)) {
+    await page.screenshot({ path: resolve(artifacts, `demo-failed-${name}.png`) }).catch(() => {});
+  }
 });
 
 afterAll(async () => {
@@ -80,14 +92,6 @@ async function say(page: Page, body: string): Promise<void> {
   await page.locator("[data-testid=message][data-offset]").filter({ hasText: body }).waitFor();
 }
 
-async function sseServed(): Promise<boolean> {
-  const res = await fetch(`${cluster.gateways[0]!.httpUrl}/sse?token=${cluster.token({ sub: "probe" })}`, {
-    signal: AbortSignal.timeout(5000),
-  });
-  await res.body?.cancel();
-  return res.status !== 404;
-}
-
 describe("the demo page in Chromium against a two-gateway cluster", () => {
   it("two pages on two gateways chat, with members, rooms to switch between and history", async () => {
     const alice = await open("alice", viaA);
@@ -124,10 +128,8 @@ describe("the demo page in Chromium against a two-gateway cluster", () => {
   });
 
   it("a page forced to SSE (?transport=sse) chats with the WebSocket pages; its POSTs land on the other gateway", async (ctx) => {
-    if (!(await sseServed())) {
-      const note = "SKIPPED: the gateways answer 404 on /sse (no SSE fallback on the server yet)";
-      console.error(`\n${"!".repeat(90)}\n!! ${note}\n${"!".repeat(90)}\n`);
-      ctx.skip(note);
+    if (!(await sseServed(cluster.gateways[0]!.httpUrl, cluster.token({ sub: "probe" })))) {
+      ctx.skip("the gateways answer 404 on /sse");
       return;
     }
     const sam = await open("sam", viaS, "&transport=sse");
@@ -169,6 +171,12 @@ describe("the demo page in Chromium against a two-gateway cluster", () => {
     for (let i = 1; i <= 3; i++) expect(await seen(alice, `missed ${i}`)).toBe(1);
     const gwB = (await text(bob, "identity")).split("gateway ")[1];
     expect(await text(alice, "identity")).toContain(`gateway ${gwB}`);
+    // While her load balancer refused, her WebSocket attempts failed and the page may have
+    // fallen back to SSE; WebSocket had worked, so it probes soon and goes back to it.
+    const cameBackOver = await text(alice, "transport");
+    await waitText(alice, "transport", /^WebSocket$/);
+    console.log(`the page came back over ${cameBackOver}; now over ${await text(alice, "transport")}`);
+    expect(await text(alice, "recovery")).toMatch(/^3 missed messages recovered/);
     // and the chat goes on
     await say(alice, "back again");
     expect(await seen(bob, "back again")).toBe(1);
