@@ -41,9 +41,20 @@ else
   exit 1
 fi
 
+# The React example: type-checked and bundled against the current client, so it cannot rot
+# (the demo's browser tests below also run the bundle in Chromium).
+npm ci --prefix examples/react-chat --no-audit --no-fund --loglevel=error >/dev/null
+if out=$(npm --prefix examples/react-chat run --silent build 2>&1); then
+  echo "examples/react-chat: PASS"
+else
+  echo "$out"
+  echo "examples/react-chat: FAIL"
+  exit 1
+fi
+
 # The demo page: gateway/src/index.html (embedded in the gateway just built) must be the build
 # of clients/demo; then the page in headless Chromium against a two-gateway cluster (screenshot:
-# target/artifacts/demo.png).
+# target/artifacts/demo.png), and the React example's bundle against roomcast standalone.
 npm ci --prefix clients/demo --no-audit --no-fund --loglevel=error >/dev/null
 if ! npm --prefix clients/demo run --silent check; then
   echo "clients/demo: FAIL (gateway/src/index.html is stale: rebuild it with npm run build in clients/demo)"
@@ -53,16 +64,6 @@ if npm --prefix clients/demo test --silent; then
   echo "clients/demo: PASS"
 else
   echo "clients/demo: FAIL"
-  exit 1
-fi
-
-# The React example: type-checked and bundled against the current client, so it cannot rot.
-npm ci --prefix examples/react-chat --no-audit --no-fund --loglevel=error >/dev/null
-if out=$(npm --prefix examples/react-chat run --silent build 2>&1); then
-  echo "examples/react-chat: PASS"
-else
-  echo "$out"
-  echo "examples/react-chat: FAIL"
   exit 1
 fi
 

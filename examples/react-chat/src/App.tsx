@@ -2,13 +2,15 @@ import { useState } from "react";
 import { RoomcastProvider, useRoomcast } from "roomcast/react";
 import { Chat } from "./Chat";
 
-// The gateway's WebSocket endpoint: `roomcast standalone` listens on 127.0.0.1:8080.
-const GATEWAY_URL = import.meta.env.VITE_ROOMCAST_URL ?? "ws://127.0.0.1:8080/ws";
+// The gateway's WebSocket endpoint: `roomcast standalone` listens on 127.0.0.1:8080. Another
+// one with ?gateway=ws://host:port/ws, or VITE_ROOMCAST_URL when building.
+const params = new URLSearchParams(location.search);
+const GATEWAY_URL = params.get("gateway") ?? import.meta.env.VITE_ROOMCAST_URL ?? "ws://127.0.0.1:8080/ws";
 
 export function App() {
   // A real app gets its token from its own backend (pass `getToken` to useRoomcast so the
   // client can refresh it); here it is pasted, or given as ?token= in the page's URL.
-  const [token, setToken] = useState(() => new URLSearchParams(location.search).get("token") ?? "");
+  const [token, setToken] = useState(() => params.get("token") ?? "");
   if (!token) return <TokenForm onToken={setToken} />;
   return <Connected token={token} />;
 }
