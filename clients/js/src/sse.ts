@@ -230,12 +230,10 @@ export class SseTransport implements Transport {
     }
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
-    const parser = new EventStreamParser(
-      (e) => {
-        if (e.event === "message") this.onData(e.data);
-      },
-      () => {},
-    );
+    // Comments (`: ping`) only keep the watchdog quiet, which any bytes do.
+    const parser = new EventStreamParser((e) => {
+      if (e.event === "message") this.onData(e.data);
+    });
     this.armWatchdog();
     try {
       for (;;) {
