@@ -180,6 +180,15 @@ describe("the demo page in Chromium against a two-gateway cluster", () => {
     // and the chat goes on
     await say(alice, "back again");
     expect(await seen(bob, "back again")).toBe(1);
+    const sam = pages.sam;
+    if (sam) {
+      // The SSE page's stream was on the killed gateway too: its EventSource failed and the
+      // page came back over SSE on the other one, with every message once.
+      await byId(sam, "conn-state").filter({ hasText: /^connected$/ }).waitFor({ timeout: 40_000 });
+      expect(await text(sam, "transport")).toBe("SSE");
+      await byId(sam, "notice").filter({ hasText: /^(re-joined|reconnected)/ }).first().waitFor();
+      for (const body of ["missed 1", "missed 2", "missed 3", "back again"]) expect(await seen(sam, body)).toBe(1);
+    }
     await byId(alice, "member").filter({ hasText: "bob" }).waitFor();
 
     mkdirSync(artifacts, { recursive: true });
