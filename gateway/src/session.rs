@@ -131,17 +131,6 @@ fn instant_of_unix(secs: i64) -> Instant {
     Instant::now() + left
 }
 
-/// The `error` frame for a failed backend call.
-pub(crate) fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
-    let code = ErrorCode::from_grpc(status.code());
-    let message = if code == ErrorCode::Unavailable {
-        "a backend is unavailable; retry"
-    } else {
-        status.message()
-    };
-    ServerFrame::Error { id, code, message }.to_json().into()
-}
-
 impl Session {
     /// Registers the connection with the hub and queues its `connected` frame (`session`:
     /// the SSE session name). The transport then starts the writer and calls [`Session::serve`].
@@ -303,7 +292,7 @@ impl Session {
     }
 
     fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
-        error_frame(id, status)
+        protocol::error_frame(id, status).into()
     }
 
     async fn send_status(&self, id: Option<u64>, status: &tonic::Status) {

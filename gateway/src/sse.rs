@@ -23,8 +23,8 @@ use serde_json::value::RawValue;
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 
+use crate::admission::{StreamStarted, authenticate, refuse, token_of};
 use crate::outbound::{ConnHandle, ServerCommand};
-use crate::server::{StreamStarted, authenticate, refuse, token_of};
 use crate::session::{Inbound, Session, Source};
 use crate::state::Gateway;
 use crate::writer::{self, Egress, Framing};
