@@ -2,6 +2,7 @@
 //!
 //! Layout:
 //! - [`server`] — HTTP surface (`/ws`, `/sse`, the demo page, ops endpoints) and draining;
+//! - [`admission`] — what a new connection must pass (origin, token, per-user limits);
 //! - [`websocket`] — the WebSocket transport: upgrade, frames in, lingering close;
 //! - [`sse`] — the SSE transport: the event stream, and commands posted to any gateway;
 //! - [`session`] — the connection core over either transport: commands, the one timer, cleanup;
@@ -23,6 +24,7 @@
 //! - [`run`] — the wiring of the above into one running gateway, shared by the `gateway`
 //!   binary and standalone mode (the `roomcast` crate).
 
+pub mod admission;
 pub mod backend;
 pub mod config;
 pub mod hub;

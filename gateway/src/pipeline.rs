@@ -236,11 +236,12 @@ fn reply_for(
         .into(),
         Some(pb::publish_result::Outcome::Error(error)) => {
             let status = Status::new(tonic::Code::from_i32(error.code), error.message);
-            crate::session::error_frame(id, &status)
+            crate::protocol::error_frame(id, &status).into()
         }
-        None => crate::session::error_frame(
+        None => crate::protocol::error_frame(
             id,
             &Status::internal("the room service gave no result for this publish"),
-        ),
+        )
+        .into(),
     }
 }

@@ -359,6 +359,17 @@ pub fn stored_messages(
         .collect()
 }
 
+/// The `error` frame for a failed backend call.
+pub fn error_frame(id: Option<u64>, status: &tonic::Status) -> String {
+    let code = ErrorCode::from_grpc(status.code());
+    let message = if code == ErrorCode::Unavailable {
+        "a backend is unavailable; retry"
+    } else {
+        status.message()
+    };
+    ServerFrame::Error { id, code, message }.to_json()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -131,17 +131,6 @@ fn instant_of_unix(secs: i64) -> Instant {
     Instant::now() + left
 }
 
-/// The `error` frame for a failed backend call.
-pub(crate) fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
-    let code = ErrorCode::from_grpc(status.code());
-    let message = if code == ErrorCode::Unavailable {
-        "a backend is unavailable; retry"
-    } else {
-        status.message()
-    };
-    ServerFrame::Error { id, code, message }.to_json().into()
-}
-
 impl Session {
     /// Registers the connection with the hub and queues its `connected` frame (`session`:
     /// the SSE session name). The transport then starts the writer and calls [`Session::serve`].
@@ -303,7 +292,7 @@ impl Session {
     }
 
     fn error_frame(id: Option<u64>, status: &tonic::Status) -> Utf8Bytes {
-        error_frame(id, status)
+        protocol::error_frame(id, status).into()
     }
 
     async fn send_status(&self, id: Option<u64>, status: &tonic::Status) {
@@ -411,65 +400,19 @@ impl Session {
         since: Option<Position>,
         by: Joining,
     ) {
-        if self.rooms.contains_key(room.as_str()) {
-            return self
-                .send_error(id, ErrorCode::BadRequest, "already joined")
-                .await;
+        if let Err(refusal) = self.may_join(&room) {
+            return self.send_error(id, refusal.0, &refusal.1).await;
         }
-        let max_rooms = self.gateway.settings.max_rooms_per_connection;
-        if self.rooms.len() >= max_rooms {
-            let message =
-                format!("room limit reached ({max_rooms} per connection); leave one first");
-            return self.send_error(id, ErrorCode::RateLimited, &message).await;
-        }
-        let request = pb::AuthorizeRequest {
-            token: self.token.clone(),
-            room: room.clone(),
+        let can_publish = match self.authorize(id, &room, by).await {
+            Ok(can_publish) => can_publish,
+            Err(reply) => return self.conn.reply(Outbound::frame(reply)).await,
         };
-        let access = match (self.gateway.backends.authorize(request).await, by) {
-            (Ok(access), _) => access,
-            // The backend's subscription stands without the auth service; publishing waits.
-            (Err(status), Joining::Server) => {
-                tracing::warn!(%room, %status, "server subscription: publish rights unknown");
-                pb::AuthorizeResponse::default()
-            }
-            (Err(status), Joining::Client) => return self.send_status(id, &status).await,
-        };
-        if !access.can_join && by == Joining::Client {
-            return self
-                .send_error(
-                    id,
-                    ErrorCode::Forbidden,
-                    "the token does not allow this room",
-                )
-                .await;
-        }
-
         // Hold the room's messages from now on, register, subscribe, and only then ask the
         // room-service for the latest offset: nothing published after that offset can slip by.
-        let room_name: Arc<str> = Arc::from(room.as_str());
-        self.conn
-            .reply(Outbound::local(Local::JoinStart {
-                room: room_name.clone(),
-            }))
-            .await;
-        let room_name = self.gateway.hub.add_member(&room, self.conn.clone());
-        if let Err(error) = self.gateway.subscriptions.acquire(room_name.clone()).await {
-            tracing::warn!(%room, %error, "join failed: cannot subscribe");
-            self.gateway.hub.remove_member(&room, &self.conn.client_id);
-            let reply = ServerFrame::Error {
-                id,
-                code: ErrorCode::Unavailable,
-                message: "broker unavailable; retry",
-            };
-            return self
-                .conn
-                .reply(Outbound::local(Local::JoinFailed {
-                    room: room_name,
-                    reply: reply.to_json().into(),
-                }))
-                .await;
-        }
+        let room_name = match self.enter(id, &room).await {
+            Some(room_name) => room_name,
+            None => return,
+        };
         let request = pb::JoinRequest {
             room: room.clone(),
             client_id: self.conn.client_id.to_string(),
@@ -480,18 +423,18 @@ impl Session {
                 offset: p.offset,
             }),
         };
-        let joined = self.gateway.backends.join_recovering(request).await;
-        let joined = match joined {
+        let joined = match self.gateway.backends.join_recovering(request).await {
             Ok(joined) => joined,
             Err(status) => {
-                self.gateway.hub.remove_member(&room, &self.conn.client_id);
-                self.gateway.subscriptions.release(room_name.clone());
+                let reply = Self::error_frame(id, &status);
                 return self
-                    .conn
-                    .reply(Outbound::local(Local::JoinFailed {
-                        room: room_name,
-                        reply: Self::error_frame(id, &status),
-                    }))
+                    .exit(
+                        &room_name,
+                        Local::JoinFailed {
+                            room: room_name.clone(),
+                            reply,
+                        },
+                    )
                     .await;
             }
         };
@@ -510,12 +453,7 @@ impl Session {
             recovered: joined.recovered,
             missed,
         };
-        self.rooms.insert(
-            room_name.clone(),
-            Joined {
-                can_publish: access.can_publish,
-            },
-        );
+        self.rooms.insert(room_name.clone(), Joined { can_publish });
         self.conn
             .reply(Outbound::local(Local::JoinDone {
                 room: room_name,
@@ -524,6 +462,80 @@ impl Session {
                 reply: reply.to_json().into(),
             }))
             .await;
+    }
+
+    /// Why the connection may not join `room` now, if it may not.
+    fn may_join(&self, room: &str) -> Result<(), (ErrorCode, String)> {
+        if self.rooms.contains_key(room) {
+            return Err((ErrorCode::BadRequest, "already joined".into()));
+        }
+        let max_rooms = self.gateway.settings.max_rooms_per_connection;
+        if self.rooms.len() >= max_rooms {
+            let message =
+                format!("room limit reached ({max_rooms} per connection); leave one first");
+            return Err((ErrorCode::RateLimited, message));
+        }
+        Ok(())
+    }
+
+    /// Asks auth-service whether the token may join `room`; returns whether it may publish
+    /// there, or the error frame to send. A backend's subscription stands without auth-service
+    /// (publishing then waits for a join that can ask it).
+    async fn authorize(&self, id: Option<u64>, room: &str, by: Joining) -> Result<bool, String> {
+        let request = pb::AuthorizeRequest {
+            token: self.token.clone(),
+            room: room.to_owned(),
+        };
+        let access = match (self.gateway.backends.authorize(request).await, by) {
+            (Ok(access), _) => access,
+            (Err(status), Joining::Server) => {
+                tracing::warn!(%room, %status, "server subscription: publish rights unknown");
+                pb::AuthorizeResponse::default()
+            }
+            (Err(status), Joining::Client) => return Err(protocol::error_frame(id, &status)),
+        };
+        if !access.can_join && by == Joining::Client {
+            let frame = ServerFrame::Error {
+                id,
+                code: ErrorCode::Forbidden,
+                message: "the token does not allow this room",
+            };
+            return Err(frame.to_json());
+        }
+        Ok(access.can_publish)
+    }
+
+    /// Starts holding `room` in the writer, adds the connection to the hub and makes sure the
+    /// gateway is subscribed. `None`: the broker refused, the error is sent.
+    async fn enter(&mut self, id: Option<u64>, room: &str) -> Option<Arc<str>> {
+        let held: Arc<str> = Arc::from(room);
+        self.conn
+            .reply(Outbound::local(Local::JoinStart { room: held.clone() }))
+            .await;
+        let room_name = self.gateway.hub.add_member(room, self.conn.clone());
+        let Err(error) = self.gateway.subscriptions.acquire(room_name.clone()).await else {
+            return Some(room_name);
+        };
+        tracing::warn!(%room, %error, "join failed: cannot subscribe");
+        self.gateway.hub.remove_member(room, &self.conn.client_id);
+        let reply = ServerFrame::Error {
+            id,
+            code: ErrorCode::Unavailable,
+            message: "broker unavailable; retry",
+        };
+        let failed = Local::JoinFailed {
+            room: held,
+            reply: reply.to_json().into(),
+        };
+        self.conn.reply(Outbound::local(failed)).await;
+        None
+    }
+
+    /// Undoes [`Session::enter`] and queues `last` (the failure or the `left` reply).
+    async fn exit(&mut self, room: &Arc<str>, last: Local) {
+        self.gateway.hub.remove_member(room, &self.conn.client_id);
+        self.gateway.subscriptions.release(room.clone());
+        self.conn.reply(Outbound::local(last)).await;
     }
 
     async fn leave(&mut self, id: Option<u64>, room: String) {

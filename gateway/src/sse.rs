@@ -23,8 +23,8 @@ use serde_json::value::RawValue;
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 
-use crate::outbound::ServerCommand;
-use crate::server::{StreamStarted, authenticate, refuse, token_of};
+use crate::admission::{StreamStarted, authenticate, refuse, token_of};
+use crate::outbound::ConnHandle;
 use crate::session::{Inbound, Session, Source};
 use crate::state::Gateway;
 use crate::writer::{self, Egress, Framing};
@@ -95,6 +95,15 @@ fn cors(gateway: &Gateway, request: &HeaderMap, response: &mut Response) {
     headers.insert(header::VARY, HeaderValue::from_static("Origin"));
 }
 
+/// Ends the connection when dropped with the response body.
+struct EndsWithBody(Arc<ConnHandle>);
+
+impl Drop for EndsWithBody {
+    fn drop(&mut self) {
+        self.0.shut();
+    }
+}
+
 /// The session's input: posted frames arrive as server commands (see [`Session::serve`]), so
 /// this side only waits; the stream ends when a write to it fails.
 struct Posted {
@@ -135,10 +144,11 @@ pub async fn stream(
     let user = auth.user.clone();
     let name = format!("{}~{}~{secret}", auth.client_id, user_tag(&user));
     let session = Session::open(gateway.clone(), auth, Some(&name)).await;
+    let conn = session.conn().clone();
     let (output, body) = tokio::io::duplex(STREAM_BUFFER);
     let writer = tokio::spawn(writer::run(
         output,
-        session.conn().clone(),
+        conn.clone(),
         gateway.settings.outbound_queue_len,
         gateway.settings.write_delay(),
         Framing::Sse,
@@ -149,11 +159,14 @@ pub async fn stream(
     if let Some(streaming) = request.extensions().get::<StreamStarted>() {
         streaming.mark();
     }
-    let chunks = futures_util::stream::unfold(body, |mut body| async move {
+    // hyper drops the body when the client goes away (it watches for EOF while it streams);
+    // the guard then ends the session at once rather than at its next write.
+    let guard = EndsWithBody(conn);
+    let chunks = futures_util::stream::unfold((body, guard), |(mut body, guard)| async move {
         let mut chunk = BytesMut::with_capacity(8 * 1024);
         match body.read_buf(&mut chunk).await {
             Ok(0) | Err(_) => None,
-            Ok(_) => Some((Ok::<Bytes, std::io::Error>(chunk.freeze()), body)),
+            Ok(_) => Some((Ok::<Bytes, std::io::Error>(chunk.freeze()), (body, guard))),
         }
     });
     let mut response = Response::new(Body::from_stream(chunks));
@@ -189,6 +202,7 @@ pub async fn preflight(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) 
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("600"),
     );
+    out.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -202,6 +216,11 @@ pub async fn send(
     let (parts, body) = request.into_parts();
     let mut response = post(&gateway, query, &parts.headers, body).await;
     cors(&gateway, &parts.headers, &mut response);
+    // One request per connection: a kept-alive connection would stay in its HTTP phase, and
+    // the handshake timeout would cut it, perhaps mid-post.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -253,11 +272,12 @@ async fn post(gateway: &Gateway, query: TokenQuery, headers: &HeaderMap, body: B
         let Some(conn) = gateway.hub.connection(name.client_id) else {
             return refuse(StatusCode::NOT_FOUND, "no such session");
         };
-        conn.push_server_command(ServerCommand::Frames {
-            secret: name.secret.to_owned(),
-            user,
-            frames,
-        });
+        if !conn.push_posted(name.secret.to_owned(), user, frames) {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many posted frames waiting; wait for their replies",
+            );
+        }
         return StatusCode::ACCEPTED.into_response();
     }
     let control = Control::Post {

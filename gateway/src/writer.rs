@@ -229,94 +229,22 @@ pub async fn run<E: Egress>(
     delay: Duration,
     framing: Framing,
 ) {
-    let mut holds = JoinHolds::default();
     let mut batch = Vec::new();
-    let mut out = Vec::new();
     // What the socket has not taken yet. Kept across a close, so the close frame never lands
     // in the middle of a half-written frame.
     let mut pending = Bytes::new();
-    // Whether the broadcasts now queued were already held for the write delay.
-    let mut held = false;
-    'serve: loop {
-        // With a write delay, broadcasts wait for the ones that follow, whether they arrived
-        // while the writer was idle or while it was writing; the connection's own traffic (a
-        // reply) ends the wait.
-        if !delay.is_zero() && !held && conn.holds_only_broadcasts() {
-            // Boxed: a timer is only needed while holding.
-            let mut hold = Box::pin(tokio::time::sleep(delay));
-            loop {
-                tokio::select! {
-                    biased;
-                    () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-                    () = &mut hold => break,
-                    () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
-                        if !conn.holds_only_broadcasts() {
-                            break;
-                        }
-                    }
-                }
-            }
-            held = true;
-            continue;
-        }
-        // Whatever is queued goes out in one write, MAX_BATCH items at a time.
-        if conn.take_batch(&mut batch, MAX_BATCH) == 0 {
-            if conn.is_closed() {
-                break;
-            }
-            std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
-            held = false;
-            continue;
-        }
-        held = false;
-        if conn.is_closed() {
-            break;
-        }
-        let mut ok = true;
-        for item in batch.drain(..) {
-            ok &= holds.apply(item, &mut out, limit, framing);
-        }
-        if !ok {
-            conn.close(
-                CloseCode::SLOW_CONSUMER,
-                "slow consumer: outbound queue overflowed",
-            );
-            // This batch may hold replies: it goes out before the close frame, like the rest.
-            pending = concat(&mut out);
-            break;
-        }
-        if out.is_empty() {
-            continue;
-        }
-        pending = concat(&mut out);
-        while !pending.is_empty() {
-            // Biased: a write that completes at once (the usual case) never looks at closing.
-            // `write` is cancel-safe: on close, `pending` holds exactly what is left.
-            let written = tokio::select! {
-                biased;
-                written = socket.write(&pending) => written,
-                () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-            };
-            match written {
-                Ok(n) if n > 0 => pending.advance(n),
-                _ => {
-                    conn.shut();
-                    return;
-                }
-            }
-        }
-        if socket.buffers() {
-            // TLS: what the stream took may still sit in its record buffer.
-            let flushed = tokio::select! {
-                biased;
-                flushed = socket.flush() => flushed,
-                () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => break 'serve,
-            };
-            if flushed.is_err() {
-                conn.shut();
-                return;
-            }
-        }
+    let served = serve(
+        &mut socket,
+        &conn,
+        limit,
+        delay,
+        framing,
+        &mut batch,
+        &mut pending,
+    );
+    if served.await == Ended::Gone {
+        conn.shut();
+        return;
     }
     // Closing. Every reply owed goes out before the close frame: wait for the reader to finish
     // the command it may be running (a publish being stored, say), so its reply is queued,
@@ -341,6 +269,128 @@ pub async fn run<E: Egress>(
         socket.shutdown().await
     });
     let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
+}
+
+/// How serving a connection's queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The connection is closing: the replies owed and the close go out next.
+    Closing,
+    /// The transport failed: nothing more can be sent.
+    Gone,
+}
+
+/// Writes what the queue gets until the connection closes or its transport fails.
+async fn serve<E: Egress>(
+    socket: &mut E,
+    conn: &ConnHandle,
+    limit: usize,
+    delay: Duration,
+    framing: Framing,
+    batch: &mut Vec<Outbound>,
+    pending: &mut Bytes,
+) -> Ended {
+    let mut holds = JoinHolds::default();
+    let mut out = Vec::new();
+    // Whether the broadcasts now queued were already held for the write delay.
+    let mut held = false;
+    loop {
+        // With a write delay, broadcasts wait for the ones that follow, whether they arrived
+        // while the writer was idle or while it was writing; the connection's own traffic (a
+        // reply) ends the wait.
+        if !delay.is_zero() && !held && conn.holds_only_broadcasts() {
+            if Box::pin(hold_broadcasts(conn, delay)).await {
+                return Ended::Closing;
+            }
+            held = true;
+            continue;
+        }
+        // Whatever is queued goes out in one write, MAX_BATCH items at a time.
+        held = false;
+        if conn.take_batch(batch, MAX_BATCH) == 0 {
+            if conn.is_closed() {
+                return Ended::Closing;
+            }
+            std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
+            continue;
+        }
+        if conn.is_closed() {
+            return Ended::Closing;
+        }
+        let mut ok = true;
+        for item in batch.drain(..) {
+            ok &= holds.apply(item, &mut out, limit, framing);
+        }
+        if !ok {
+            conn.close(
+                CloseCode::SLOW_CONSUMER,
+                "slow consumer: outbound queue overflowed",
+            );
+            // This batch may hold replies: it goes out before the close frame, like the rest.
+            *pending = concat(&mut out);
+            return Ended::Closing;
+        }
+        if out.is_empty() {
+            continue;
+        }
+        *pending = concat(&mut out);
+        if let Err(ended) = write_out(socket, pending, conn).await {
+            return ended;
+        }
+    }
+}
+
+/// Holds the queued broadcasts for `delay`, or until the connection's own traffic arrives.
+/// Returns whether the connection closed meanwhile.
+async fn hold_broadcasts(conn: &ConnHandle, delay: Duration) -> bool {
+    let mut hold = std::pin::pin!(tokio::time::sleep(delay));
+    loop {
+        tokio::select! {
+            biased;
+            () = std::future::poll_fn(|cx| conn.poll_writer_closed(cx)) => return true,
+            () = &mut hold => return false,
+            () = std::future::poll_fn(|cx| conn.poll_writer_woken(cx)) => {
+                if !conn.holds_only_broadcasts() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `pending` whole (and flushes it, when the transport buffers). On a close it stops
+/// with `pending` holding exactly what is left.
+async fn write_out<E: Egress>(
+    socket: &mut E,
+    pending: &mut Bytes,
+    conn: &ConnHandle,
+) -> Result<(), Ended> {
+    let closed = || std::future::poll_fn(|cx| conn.poll_writer_closed(cx));
+    while !pending.is_empty() {
+        // Biased: a write that completes at once (the usual case) never looks at closing.
+        // `write` is cancel-safe.
+        let written = tokio::select! {
+            biased;
+            written = socket.write(pending) => written,
+            () = closed() => return Err(Ended::Closing),
+        };
+        match written {
+            Ok(n) if n > 0 => pending.advance(n),
+            _ => return Err(Ended::Gone),
+        }
+    }
+    if socket.buffers() {
+        // TLS: what the stream took may still sit in its record buffer.
+        let flushed = tokio::select! {
+            biased;
+            flushed = socket.flush() => flushed,
+            () = closed() => return Err(Ended::Closing),
+        };
+        if flushed.is_err() {
+            return Err(Ended::Gone);
+        }
+    }
+    Ok(())
 }
 
 /// How long a closing connection waits for the reply to the command in flight.

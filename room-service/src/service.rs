@@ -295,11 +295,6 @@ pub(crate) fn publication(message: StoredMessage) -> pb::Publication {
 
 #[tonic::async_trait]
 impl RoomService for RoomServiceImpl {
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Join",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -338,11 +333,6 @@ impl RoomService for RoomServiceImpl {
         }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Leave",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn leave(
         &self,
         request: Request<pb::LeaveRequest>,
@@ -358,11 +348,6 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Publish",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,
@@ -370,11 +355,6 @@ impl RoomService for RoomServiceImpl {
         self.publish_one(request.get_ref()).await.map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/PublishBatch",
-        skip_all,
-        fields(otel.kind = "server", publishes = request.get_ref().publishes.len())
-    )]
     async fn publish_batch(
         &self,
         request: Request<pb::PublishBatchRequest>,
@@ -438,11 +418,6 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::PublishBatchResponse { results }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Presence",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn presence(
         &self,
         request: Request<pb::PresenceRequest>,
@@ -452,11 +427,6 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/History",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn history(
         &self,
         request: Request<pb::HistoryRequest>,
@@ -466,11 +436,6 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ConnectionOpened",
-        skip_all,
-        fields(otel.kind = "server")
-    )]
     async fn connection_opened(
         &self,
         request: Request<pb::ConnectionOpenedRequest>,
@@ -497,11 +462,6 @@ impl RoomService for RoomServiceImpl {
         }
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ConnectionClosed",
-        skip_all,
-        fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
-    )]
     async fn connection_closed(
         &self,
         request: Request<pb::ConnectionClosedRequest>,
@@ -537,11 +497,6 @@ impl RoomService for RoomServiceImpl {
         }
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/GatewayHeartbeat",
-        skip_all,
-        fields(otel.kind = "server", gateway_id = %request.get_ref().gateway_id)
-    )]
     async fn gateway_heartbeat(
         &self,
         request: Request<pb::GatewayHeartbeatRequest>,
