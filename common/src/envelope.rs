@@ -41,6 +41,25 @@ pub fn room_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix(ROOM_CHANNEL_PREFIX)
 }
 
+/// The name `channel` has on a Redis Cluster's sharded pub/sub: a room channel carries the
+/// room's hash tag, `rc:room:{<room>}`, so it lives in the slot of the room's keys
+/// (`rc:{<room>}:…`) and the publish script can `SPUBLISH` it in the same atomic step that
+/// assigns the offset. Other channels keep their name. [`channel_of_cluster_channel`] undoes it.
+pub fn cluster_channel(channel: &str) -> std::borrow::Cow<'_, str> {
+    match room_of_channel(channel) {
+        Some(room) => format!("{ROOM_CHANNEL_PREFIX}{{{room}}}").into(),
+        None => channel.into(),
+    }
+}
+
+/// The channel whose Redis Cluster name is `name` (see [`cluster_channel`]).
+pub fn channel_of_cluster_channel(name: &str) -> std::borrow::Cow<'_, str> {
+    match room_of_channel(name).and_then(|tagged| tagged.strip_prefix('{')?.strip_suffix('}')) {
+        Some(room) => room_channel(room).into(),
+        None => name.into(),
+    }
+}
+
 /// A cluster-wide command for gateways.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -302,5 +321,18 @@ mod tests {
     fn channels() {
         assert_eq!(room_of_channel(&room_channel("a:b")), Some("a:b"));
         assert_eq!(room_of_channel(CONTROL_CHANNEL), None);
+        assert_eq!(cluster_channel(&room_channel("a:b")), "rc:room:{a:b}");
+        assert_eq!(cluster_channel(CONTROL_CHANNEL), CONTROL_CHANNEL);
+        assert_eq!(cluster_channel("rc:gw:g1"), "rc:gw:g1");
+        for channel in [
+            room_channel("a:b"),
+            CONTROL_CHANNEL.into(),
+            "rc:gw:g1".into(),
+        ] {
+            assert_eq!(
+                channel_of_cluster_channel(&cluster_channel(&channel)),
+                channel
+            );
+        }
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use roomcast_common::broker::cluster::{ClusterPublisher, ClusterSubscriber};
 use roomcast_common::broker::{BrokerEvent, Publisher, Sink, Subscriber};
-use roomcast_common::envelope::{CONTROL_CHANNEL, gateway_channel, room_channel};
+use roomcast_common::envelope::{CONTROL_CHANNEL, cluster_channel, gateway_channel, room_channel};
 use roomcast_integration::logs::LogDir;
 use roomcast_integration::redis_cluster::RedisCluster;
 
@@ -71,7 +71,7 @@ async fn sharded_pubsub_keeps_room_order_and_spreads_rooms_over_shards() -> Resu
     let mut shards = BTreeSet::new();
     for room in &rooms {
         subscriber.subscribe(room).await?;
-        shards.insert(cluster.master_of(room)?);
+        shards.insert(cluster.master_of(&cluster_channel(room))?);
     }
     ensure!(
         shards.len() == 3,
@@ -137,10 +137,10 @@ async fn a_master_failover_is_reported_and_its_rooms_follow_the_promoted_replica
     for room in &rooms {
         subscriber.subscribe(room).await?;
     }
-    let victim = cluster.master_of(&rooms[0])?;
+    let victim = cluster.master_of(&cluster_channel(&rooms[0]))?;
     let on_victim: Vec<&String> = rooms
         .iter()
-        .filter(|r| cluster.master_of(r).ok() == Some(victim))
+        .filter(|r| cluster.master_of(&cluster_channel(r)).ok() == Some(victim))
         .collect();
     for room in &rooms {
         publisher

@@ -4,14 +4,19 @@
 //! copied to every node.
 //!
 //! Sharded: room channels and the per-gateway channels (`SSUBSCRIBE` / `SPUBLISH`; the latter
-//! counts the subscribers that got it, which SSE forwarding relies on). Not sharded: the
+//! counts the subscribers that got it, which SSE forwarding relies on). A room channel is named
+//! `rc:room:{<room>}` on the cluster ([`crate::envelope::cluster_channel`]), so it lives in the
+//! slot of the room's keys, where room-service's publish script `SPUBLISH`es it in the step
+//! that assigns the offset; callers and sinks see the usual `rc:room:<room>`. Not sharded: the
 //! cluster-wide control channel `rc:ctl`, which every gateway must get wherever it was
 //! published (`SUBSCRIBE` / `PUBLISH`).
 //!
 //! One cluster connection per side; it keeps a connection per node it needs, follows the slot
 //! map (MOVED, failovers) and subscribes again on a slot's new owner by itself. A lost node
 //! link is reported as [`BrokerEvent::Disconnected`], so the gateway checks its rooms against
-//! history once [`Subscriber::ping`] succeeds again.
+//! history once [`Subscriber::ping`] succeeds again. So is a shard channel the server dropped
+//! (`sunsubscribe` pushed when its slot moved: a manual failover, a migration), which no
+//! connection loss announces: the next ping subscribes it again on the slot's owner.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +30,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 
 use super::{BrokerError, BrokerEvent, Publisher, Sink, Subscriber, bounded};
-use crate::envelope::CONTROL_CHANNEL;
+use crate::envelope::{CONTROL_CHANNEL, channel_of_cluster_channel, cluster_channel};
 
 /// How long restoring the subscriptions after a lost link may take.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,6 +97,8 @@ impl ClusterSubscriber {
     pub async fn connect(url: &str, sink: Sink) -> Result<Self, BrokerError> {
         let lost = Arc::new(AtomicBool::new(false));
         let lost_link = lost.clone();
+        let channels: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let wanted = channels.clone();
         let client = builder(url)?
             .push_sender(move |push: redis::PushInfo| {
                 match push.kind {
@@ -103,7 +110,7 @@ impl ClusterSubscriber {
                             && let Ok(channel) = std::str::from_utf8(channel)
                         {
                             sink(BrokerEvent::Message {
-                                channel: Arc::from(channel),
+                                channel: Arc::from(channel_of_cluster_channel(channel).as_ref()),
                                 payload: Bytes::copy_from_slice(payload),
                             });
                         }
@@ -112,6 +119,21 @@ impl ClusterSubscriber {
                         lost_link.store(true, Ordering::Release);
                         sink(BrokerEvent::Disconnected);
                     }
+                    // The server dropped a shard channel still wanted (its slot moved away
+                    // from that node): payloads published on the new owner are missed until
+                    // it is subscribed there.
+                    redis::PushKind::SUnsubscribe => {
+                        if let Some(redis::Value::BulkString(name)) = push.data.first()
+                            && let Ok(name) = std::str::from_utf8(name)
+                            && wanted
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .contains(channel_of_cluster_channel(name).as_ref())
+                        {
+                            lost_link.store(true, Ordering::Release);
+                            sink(BrokerEvent::Disconnected);
+                        }
+                    }
                     _ => {}
                 }
                 Ok::<(), redis::aio::SendError>(())
@@ -119,7 +141,7 @@ impl ClusterSubscriber {
             .build()?;
         Ok(Self {
             connection: client.get_async_connection().await?,
-            channels: Arc::default(),
+            channels,
             lost,
         })
     }
@@ -127,7 +149,9 @@ impl ClusterSubscriber {
     async fn add(&self, channel: &str) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
         if sharded(channel) {
-            connection.ssubscribe(channel).await?;
+            connection
+                .ssubscribe(cluster_channel(channel).as_ref())
+                .await?;
         } else {
             connection.subscribe(channel).await?;
         }
@@ -172,7 +196,9 @@ impl Subscriber for ClusterSubscriber {
                 .remove(channel);
             let mut connection = self.connection.clone();
             if sharded(channel) {
-                connection.sunsubscribe(channel).await?;
+                connection
+                    .sunsubscribe(cluster_channel(channel).as_ref())
+                    .await?;
             } else {
                 connection.unsubscribe(channel).await?;
             }
@@ -226,7 +252,7 @@ impl Publisher for ClusterPublisher {
                 "PUBLISH"
             };
             let receivers = redis::cmd(command)
-                .arg(channel)
+                .arg(cluster_channel(channel).as_ref())
                 .arg(payload.as_ref())
                 .query_async::<i64>(&mut connection)
                 .await?;
