@@ -30,7 +30,8 @@ pub struct Config {
     /// Listen address of /healthz, /readyz and /metrics.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
     pub metrics_addr: SocketAddr,
-    /// The state store.
+    /// The state store: one Redis (`redis://`, `rediss://`) or a Redis Cluster
+    /// (`redis+cluster://host:port,host:port,…`, seed nodes).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// The pub/sub leg; must be the Redis of REDIS_URL (the default).
@@ -154,6 +155,11 @@ impl Config {
         Ok(())
     }
 
+    /// The seed node URLs when `REDIS_URL` names a Redis Cluster.
+    pub fn redis_cluster_nodes(&self) -> Option<Vec<String>> {
+        roomcast_common::broker::cluster::node_urls(&self.redis_url)
+    }
+
     /// The NATS URL when NATS is the broker.
     pub fn nats_url(&self) -> Option<&str> {
         self.broker_url
@@ -210,8 +216,17 @@ impl Config {
     }
 }
 
-/// The server and database a Redis URL points at, e.g. `"127.0.0.1:6379/0"`.
+/// The server and database a Redis URL points at, e.g. `"127.0.0.1:6379/0"`; for a Redis
+/// Cluster, its seed nodes.
 fn redis_target(url: &str) -> Result<String, String> {
+    if let Some(nodes) = roomcast_common::broker::cluster::node_urls(url) {
+        let mut nodes = nodes
+            .iter()
+            .map(|node| redis_target(node))
+            .collect::<Result<Vec<_>, _>>()?;
+        nodes.sort();
+        return Ok(format!("cluster {}", nodes.join(",")));
+    }
     let client = redis::Client::open(url).map_err(|e| e.to_string())?;
     let info = client.get_connection_info();
     Ok(format!("{}/{}", info.addr(), info.redis_settings().db()))
@@ -290,6 +305,49 @@ mod tests {
             with(&["--idempotency-window-seconds", "0"]),
             Err(ConfigError::IdempotencyWindow(0))
         ));
+    }
+
+    #[test]
+    fn a_redis_cluster_url() {
+        let cluster = "redis+cluster://10.0.0.1:7000,10.0.0.2:7000";
+        let config = parse(&["--redis-url", cluster, "--internal-token", TOKEN]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(
+            config.redis_cluster_nodes(),
+            Some(vec![
+                "redis://10.0.0.1:7000".to_owned(),
+                "redis://10.0.0.2:7000".to_owned()
+            ])
+        );
+        let with_broker = |broker: &str| {
+            parse(&[
+                "--redis-url",
+                cluster,
+                "--internal-token",
+                TOKEN,
+                "--broker-url",
+                broker,
+            ])
+            .validate()
+        };
+        // The same cluster, seeds in another order, is the store.
+        assert_eq!(
+            with_broker("redis+cluster://10.0.0.2:7000,10.0.0.1:7000"),
+            Ok(())
+        );
+        assert_eq!(with_broker("nats://127.0.0.1:4222"), Ok(()));
+        assert!(matches!(
+            with_broker("redis://10.0.0.1:7000"),
+            Err(ConfigError::BrokerNotStore { .. })
+        ));
+        assert!(matches!(
+            parse(&["--redis-url", "redis+cluster://", "--internal-token", TOKEN]).validate(),
+            Err(ConfigError::RedisUrl { .. })
+        ));
+        assert_eq!(
+            parse(&["--redis-url", "redis://h:1", "--internal-token", TOKEN]).redis_cluster_nodes(),
+            None
+        );
     }
 
     #[test]

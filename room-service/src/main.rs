@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use roomcast_common::broker::nats::NatsPublisher;
+use roomcast_common::namespace::Namespaces;
 use roomcast_common::ops::{self, Readiness};
 use roomcast_room::config::Config;
-use roomcast_room::store::RedisStore;
+use roomcast_room::store::{Backend, RedisStore};
 use roomcast_room::{RoomServiceImpl, SharedStore};
 use tokio::sync::watch;
 
@@ -42,22 +44,46 @@ async fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let namespaces = config.namespaces()?;
     let grpc_tls = config.grpc_tls()?;
-    let redis = config.redis_client()?;
 
     let nats = match config.nats_url() {
         Some(nats_url) => Some(
-            roomcast_common::broker::nats::NatsPublisher::connect(nats_url)
+            NatsPublisher::connect(nats_url)
                 .await
                 .with_context(|| format!("connecting to BROKER_URL {nats_url}"))?,
         ),
         None => None,
     };
-    let mut store = RedisStore::from_client(redis, config.history_limits())?
-        .with_batch_interval(config.publish_batch_interval());
-    if let Some(nats) = nats {
-        store = store.with_broker(Arc::new(nats));
+    /// The settings every kind of Redis store takes.
+    fn configured<C: Backend>(
+        store: RedisStore<C>,
+        config: &Config,
+        nats: Option<NatsPublisher>,
+        namespaces: Arc<Namespaces>,
+    ) -> SharedStore {
+        let mut store = store
+            .with_batch_interval(config.publish_batch_interval())
+            .with_namespaces(namespaces);
+        if let Some(nats) = nats {
+            store = store.with_broker(Arc::new(nats));
+        }
+        Arc::new(store)
     }
-    let store: SharedStore = Arc::new(store.with_namespaces(namespaces));
+    let limits = config.history_limits();
+    let store = if config.redis_cluster_nodes().is_some() {
+        configured(
+            RedisStore::cluster(&config.redis_url, limits)?,
+            &config,
+            nats,
+            namespaces,
+        )
+    } else {
+        configured(
+            RedisStore::from_client(config.redis_client()?, limits)?,
+            &config,
+            nats,
+            namespaces,
+        )
+    };
     let service = RoomServiceImpl::new(store.clone(), config.service_options());
     let readiness = Readiness::default();
 

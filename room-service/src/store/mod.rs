@@ -20,7 +20,7 @@ use roomcast_common::broker::BrokerError;
 use roomcast_common::namespace::{NamespaceOptions, Namespaces};
 
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{Backend, RedisStore};
 
 /// Per-room history bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

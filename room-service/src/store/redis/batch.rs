@@ -16,14 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::ConnectionLike;
 use roomcast_common::broker::Publisher;
 use roomcast_common::envelope::{room_channel, room_message};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::super::{Published, StoreError};
-use super::{OP_TIMEOUT, Scripts};
+use super::{Backend, OP_TIMEOUT, Scripts};
 
 /// Most messages in one script call.
 const MAX_BATCH_MESSAGES: usize = 256;
@@ -71,8 +70,6 @@ struct Job {
 pub(super) struct Sender<C> {
     pub connection: C,
     pub scripts: Arc<Scripts>,
-    /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster.
-    pub broadcast_command: &'static str,
     /// Another broker carrying the broadcasts (NATS): the task publishes on it after each
     /// batch, in order.
     pub external: Option<Arc<dyn Publisher>>,
@@ -88,10 +85,7 @@ pub(super) struct Batcher {
 
 impl Batcher {
     /// Starts the sending task (on the current Tokio runtime).
-    pub fn start<C>(sender: Sender<C>) -> Self
-    where
-        C: ConnectionLike + Clone + Send + Sync + 'static,
-    {
+    pub fn start<C: Backend>(sender: Sender<C>) -> Self {
         let (queue, jobs) = mpsc::unbounded_channel();
         tokio::spawn(Arc::new(sender).run(jobs));
         Batcher { queue }
@@ -117,10 +111,7 @@ impl Batcher {
     }
 }
 
-impl<C> Sender<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
+impl<C: Backend> Sender<C> {
     async fn run(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<Job>) {
         let mut next: Option<Job> = None;
         let mut last_sent: Option<Instant> = None;
@@ -161,15 +152,56 @@ where
         }
     }
 
-    /// One script call for the whole batch, bounded like every store operation.
-    async fn send(&self, batch: &[Job]) -> Result<Vec<(Published, bool)>, StoreError> {
-        let messages = || batch.iter().flat_map(|job| &job.messages);
+    /// The batch's script calls (one, or one per hash slot on a cluster), all out at once
+    /// and bounded together like every store operation. One result per message.
+    async fn send(&self, batch: &[Job]) -> Vec<Result<(Published, bool), StoreError>> {
+        let messages: Vec<&Message> = batch.iter().flat_map(|job| &job.messages).collect();
+        let rooms: Vec<&str> = messages.iter().map(|m| m.room.as_str()).collect();
+        let groups = C::call_groups(&rooms);
+        let calls = groups.iter().map(|group| {
+            let group: Vec<&Message> = group.iter().map(|&i| messages[i]).collect();
+            self.call(group)
+        });
+        let replies =
+            match tokio::time::timeout(OP_TIMEOUT, futures_util::future::join_all(calls)).await {
+                Ok(replies) => replies,
+                Err(_) => {
+                    return messages
+                        .iter()
+                        .map(|_| Err(StoreError::Timeout(OP_TIMEOUT)))
+                        .collect();
+                }
+            };
+        let mut results: Vec<Option<Result<(Published, bool), StoreError>>> =
+            messages.iter().map(|_| None).collect();
+        for (group, reply) in groups.iter().zip(replies) {
+            match reply.and_then(|values| parse_reply(values, group.len())) {
+                Ok(published) => {
+                    for (&i, p) in group.iter().zip(published) {
+                        results[i] = Some(Ok(p));
+                    }
+                }
+                Err(error) => {
+                    for &i in group {
+                        results[i] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Malformed("publish reply".into()))))
+            .collect()
+    }
+
+    /// One script call for `messages`, whose keys share a slot on a cluster.
+    async fn call(&self, messages: Vec<&Message>) -> Result<Vec<Value>, StoreError> {
         let mut invocation = self.scripts.publish.prepare_invoke();
         invocation
-            .arg(messages().count())
+            .arg(messages.len())
             .arg(super::super::new_epoch())
-            .arg(self.broadcast_command);
-        for message in messages() {
+            .arg(C::BROADCAST);
+        for message in &messages {
             for key in &message.keys {
                 invocation.key(key);
             }
@@ -188,47 +220,39 @@ where
             };
         }
         let mut connection = self.connection.clone();
-        let reply: Vec<Value> = match tokio::time::timeout(
-            OP_TIMEOUT,
-            invocation.invoke_async(&mut connection),
-        )
-        .await
-        {
-            Ok(reply) => reply.map_err(StoreError::from_redis)?,
-            Err(_) => return Err(StoreError::Timeout(OP_TIMEOUT)),
-        };
-        parse_reply(reply)
+        invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::from_redis)
     }
 
-    /// Broadcasts on the other broker (in order), then hands each caller its results.
-    async fn answer(&self, batch: Vec<Job>, result: Result<Vec<(Published, bool)>, StoreError>) {
-        let mut results = match result {
-            Ok(results) => results.into_iter(),
-            Err(error) => {
-                for job in batch {
-                    let _ = job.reply.send(Err(error.clone()));
-                }
-                return;
-            }
-        };
+    /// Broadcasts on the other broker (in order), then hands each caller its results: all of
+    /// them, or the first error among its messages (a message in another failed call may
+    /// still be stored; idempotency keys make the retry safe).
+    async fn answer(&self, batch: Vec<Job>, results: Vec<Result<(Published, bool), StoreError>>) {
+        let mut results = results.into_iter();
         for job in batch {
-            let mut published = Vec::with_capacity(job.messages.len());
+            let mut answer = Ok(Vec::with_capacity(job.messages.len()));
             for message in &job.messages {
-                let Some((p, fresh)) = results.next() else {
-                    break;
-                };
-                if fresh && let Some(external) = &self.external {
-                    broadcast(external.as_ref(), message, &p).await;
+                let result = results
+                    .next()
+                    .unwrap_or_else(|| Err(StoreError::Malformed("publish reply".into())));
+                match result {
+                    Ok((p, fresh)) => {
+                        if fresh && let Some(external) = &self.external {
+                            broadcast(external.as_ref(), message, &p).await;
+                        }
+                        if let Ok(published) = &mut answer {
+                            published.push(p);
+                        }
+                    }
+                    Err(error) => {
+                        if answer.is_ok() {
+                            answer = Err(error);
+                        }
+                    }
                 }
-                published.push(p);
             }
-            let answer = if published.len() == job.messages.len() {
-                Ok(published)
-            } else {
-                Err(StoreError::Malformed(
-                    "publish reply: too few results".into(),
-                ))
-            };
             let _ = job.reply.send(answer);
         }
     }
@@ -304,9 +328,9 @@ async fn broadcast(external: &dyn Publisher, message: &Message, published: &Publ
     }
 }
 
-/// `{epoch, offset, fresh}` per message.
-fn parse_reply(reply: Vec<Value>) -> Result<Vec<(Published, bool)>, StoreError> {
-    if !reply.len().is_multiple_of(3) {
+/// `{epoch, offset, fresh}` per message, for `count` messages.
+fn parse_reply(reply: Vec<Value>, count: usize) -> Result<Vec<(Published, bool)>, StoreError> {
+    if reply.len() != count * 3 {
         return Err(StoreError::Malformed("publish reply".into()));
     }
     reply

@@ -25,6 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
 use roomcast_common::broker::Publisher;
 use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel};
@@ -49,8 +51,10 @@ const GATEWAY_LEASES_KEY: &str = "rc:{gateways}:leases";
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
+mod backend;
 mod batch;
 
+pub use backend::Backend;
 use batch::{Batcher, Message};
 
 /// Rooms in which `gateway` has (or had) members; read by the sweeper when its lease expires.
@@ -127,9 +131,11 @@ struct GatewayRecord {
     version: String,
 }
 
+/// The Redis store, on one Redis (the default `C`) or a Redis Cluster (`C` =
+/// [`ClusterConnection`], [`RedisStore::cluster`]).
 #[derive(Clone)]
-pub struct RedisStore {
-    connection: ConnectionManager,
+pub struct RedisStore<C = ConnectionManager> {
+    connection: C,
     /// Set when another broker (NATS) carries the broadcasts; otherwise the scripts publish
     /// on Redis itself.
     external: Option<Arc<dyn Publisher>>,
@@ -207,7 +213,7 @@ fn parse_offset(latest: &str) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Malformed(format!("offset {latest:?}")))
 }
 
-impl RedisStore {
+impl RedisStore<ConnectionManager> {
     /// Creates the store without connecting: the connection is made on first use and remade
     /// after failures, so the service can start before Redis and survive its restarts.
     pub fn new(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
@@ -224,7 +230,41 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let connection =
             ConnectionManager::new_lazy_with_config(client, config).map_err(StoreError::Config)?;
-        Ok(RedisStore {
+        Ok(RedisStore::on(connection, limits))
+    }
+}
+
+impl RedisStore<ClusterConnection> {
+    /// A store on the Redis Cluster of `url` (`redis+cluster://host:port,host:port,…`, seed
+    /// nodes). Connects in the background, like [`RedisStore::new`]: calls fail with a
+    /// transient error until the cluster answers. Must be called on a Tokio runtime.
+    pub fn cluster(url: &str, limits: HistoryLimits) -> Result<Self, StoreError> {
+        let nodes = roomcast_common::broker::cluster::node_urls(url).ok_or_else(|| {
+            StoreError::Config(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "not a redis+cluster:// URL with at least one node",
+            )))
+        })?;
+        let client = ClusterClientBuilder::new(nodes)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(2)
+            .max_retry_wait(500)
+            .build()
+            .map_err(StoreError::Config)?;
+        let config = redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT);
+        Ok(RedisStore::on(
+            client.get_pending_async_connection_with_config(config),
+            limits,
+        ))
+    }
+}
+
+impl<C: Backend> RedisStore<C> {
+    fn on(connection: C, limits: HistoryLimits) -> Self {
+        RedisStore {
             connection,
             external: None,
             batcher: Arc::default(),
@@ -232,7 +272,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts::new()),
             limits,
             namespaces: Arc::default(),
-        })
+        }
     }
 
     /// Applies `namespaces` (`NAMESPACES_FILE`) to this store's rooms: history bounds per
@@ -283,13 +323,13 @@ impl RedisStore {
         if self.external.is_some() {
             String::new()
         } else {
-            room_channel(room)
+            C::room_channel(room)
         }
     }
 
     /// The command the scripts broadcast with.
     fn broadcast_command(&self) -> &'static str {
-        "PUBLISH"
+        C::BROADCAST
     }
 
     /// The publish queue, started on first use.
@@ -298,7 +338,6 @@ impl RedisStore {
             Batcher::start(batch::Sender {
                 connection: self.connection.clone(),
                 scripts: self.scripts.clone(),
-                broadcast_command: self.broadcast_command(),
                 external: self.external.clone(),
                 interval: self.batch_interval,
             })
@@ -430,7 +469,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl<C: Backend> Store for RedisStore<C> {
     fn limits(&self) -> HistoryLimits {
         self.limits
     }
@@ -441,13 +480,7 @@ impl Store for RedisStore {
 
     /// Checks Redis and, when it is the broker, NATS.
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        self.run(async move {
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await
-        })
-        .await?;
+        self.run(self.connection.ping()).await?;
         if let Some(external) = &self.external {
             external.ping().await?;
         }
@@ -666,28 +699,7 @@ impl Store for RedisStore {
         // may outlive it a little).
         for suffix in ["epoch", "members"] {
             let pattern = format!("rc:{{{prefix}*}}:{suffix}");
-            let mut connection = self.connection.clone();
-            let keys: Vec<String> = self
-                .run(async move {
-                    let mut cursor = 0u64;
-                    let mut keys = Vec::new();
-                    loop {
-                        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut connection)
-                            .await?;
-                        keys.extend(batch);
-                        if next == 0 {
-                            return Ok(keys);
-                        }
-                        cursor = next;
-                    }
-                })
-                .await?;
+            let keys = self.run(self.connection.scan(&pattern)).await?;
             names.extend(keys.iter().filter_map(|key| {
                 key.strip_prefix("rc:{")
                     .and_then(|rest| rest.rsplit_once("}:"))
@@ -695,31 +707,21 @@ impl Store for RedisStore {
             }));
         }
         let names: Vec<String> = names.into_iter().take(limit).collect();
-        let mut pipe = redis::pipe();
-        for room in &names {
+        // One pipeline per room: a room's keys share a slot, rooms do not.
+        let counts = names.iter().map(|room| {
             let keys = RoomKeys::new(room);
+            let mut pipe = redis::pipe();
             pipe.cmd("HLEN")
                 .arg(&keys.members)
                 .cmd("GET")
                 .arg(&keys.seq);
-        }
-        let mut connection = self.connection.clone();
-        let counts: Vec<(u64, Option<String>)> = if names.is_empty() {
-            Vec::new()
-        } else {
-            let flat: Vec<redis::Value> = self
-                .run(async move { pipe.query_async(&mut connection).await })
-                .await?;
-            flat.chunks(2)
-                .map(|pair| {
-                    let members = redis::from_redis_value::<u64>(pair[0].clone()).unwrap_or(0);
-                    let offset = redis::from_redis_value::<Option<String>>(pair[1].clone())
-                        .ok()
-                        .flatten();
-                    (members, offset)
-                })
-                .collect()
-        };
+            let mut connection = self.connection.clone();
+            async move {
+                pipe.query_async::<(u64, Option<String>)>(&mut connection)
+                    .await
+            }
+        });
+        let counts = self.run(futures_util::future::try_join_all(counts)).await?;
         Ok(names
             .into_iter()
             .zip(counts)
@@ -874,23 +876,22 @@ impl Store for RedisStore {
             for user in &users {
                 self.forget_gateway_connections(user, gateway).await?;
             }
-            let mut pipe = redis::pipe();
-            pipe.cmd("DEL")
-                .arg(gateway_rooms_key(gateway))
-                .ignore()
-                .cmd("DEL")
-                .arg(gateway_users_key(gateway))
-                .ignore()
-                .cmd("ZADD")
-                .arg(GATEWAY_LEASES_KEY)
-                .arg("XX")
-                .arg("LT")
-                .arg(0)
-                .arg(gateway)
-                .ignore();
-            let mut connection = self.connection.clone();
-            self.run(async move { pipe.query_async::<()>(&mut connection).await })
-                .await?;
+            // The gateway's keys share its slot; the leases live in another.
+            self.query::<()>(
+                redis::cmd("DEL")
+                    .arg(gateway_rooms_key(gateway))
+                    .arg(gateway_users_key(gateway)),
+            )
+            .await?;
+            self.query::<()>(
+                redis::cmd("ZADD")
+                    .arg(GATEWAY_LEASES_KEY)
+                    .arg("XX")
+                    .arg("LT")
+                    .arg(0)
+                    .arg(gateway),
+            )
+            .await?;
             tracing::info!(
                 gateway,
                 rooms = rooms.len(),
