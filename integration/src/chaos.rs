@@ -33,6 +33,9 @@ pub enum Fault {
     /// SIGKILL redis-server, keep it down a few seconds, start an empty one on the same
     /// port.
     RestartRedis,
+    /// On a Redis Cluster: a manual failover (`CLUSTER FAILOVER` on a replica) of the master
+    /// serving the first room.
+    FailoverRedisMaster,
 }
 
 impl Fault {
@@ -911,6 +914,21 @@ async fn run_plan(plan: LoadPlan, sys: &mut System) -> Result<()> {
             cluster.redis_mut().restart_empty().await?;
             restarted_at = Some(start.elapsed());
         }
+        Fault::FailoverRedisMaster => {
+            let redis = sys
+                .cluster()
+                .and_then(|c| c.redis_cluster())
+                .context("a system on a Redis Cluster")?;
+            let channel = roomcast_common::envelope::room_channel(&rooms[0]);
+            let master = redis.master_of(&roomcast_common::envelope::cluster_channel(&channel))?;
+            let took = Instant::now();
+            let promoted = redis.failover(master)?;
+            eprintln!(
+                "{name}: failed over the master of {} (:{master}) to :{promoted} in {:?}",
+                rooms[0],
+                took.elapsed()
+            );
+        }
     }
     if let Fault::DrainGateway(g) = plan.fault {
         let process = &sys.cluster().context("cluster")?.gateway(g).process;
@@ -1112,7 +1130,7 @@ async fn run_plan(plan: LoadPlan, sys: &mut System) -> Result<()> {
                 );
             }
         }
-        Fault::KillRoomService(_) | Fault::RestartRedis => {
+        Fault::KillRoomService(_) | Fault::RestartRedis | Fault::FailoverRedisMaster => {
             for r in &reports {
                 ensure!(
                     r.closes.is_empty() && r.connects.len() == 1,

@@ -11,6 +11,7 @@ use crate::logs::LogDir;
 use crate::ports::{PortPlan, PortRole};
 use crate::process::{ChildProcess, Spawn, binary};
 use crate::redis::RedisServer;
+use crate::redis_cluster::RedisCluster;
 use crate::tls;
 
 /// Settings of a system. Standalone mode (`roomcast`) uses the client-visible subset (heartbeats,
@@ -46,6 +47,9 @@ pub struct ClusterOptions {
     /// Redis serves TLS only (`rediss://`); room-services and gateways trust the test CA
     /// through `REDIS_CA_FILE`.
     pub redis_tls: bool,
+    /// State and broker on a local Redis Cluster of 3 masters and 3 replicas
+    /// (`REDIS_URL=redis+cluster://…`) instead of one redis-server.
+    pub redis_cluster: bool,
     /// room-service and auth-service serve gRPC over mTLS with the test certificates; gateways
     /// reach them at `https://localhost:P` with the test client certificate.
     pub grpc_mtls: bool,
@@ -76,6 +80,7 @@ impl Default for ClusterOptions {
             ports: PortPlan::Free,
             ready_timeout: Duration::from_secs(15),
             redis_tls: false,
+            redis_cluster: false,
             grpc_mtls: false,
             gateway_tls: false,
             sse_clients: false,
@@ -139,6 +144,12 @@ impl ClusterOptions {
     /// See [`ClusterOptions::redis_tls`].
     pub fn redis_tls(mut self) -> Self {
         self.redis_tls = true;
+        self
+    }
+
+    /// See [`ClusterOptions::redis_cluster`].
+    pub fn redis_cluster(mut self) -> Self {
+        self.redis_cluster = true;
         self
     }
 
@@ -209,6 +220,30 @@ impl Service {
     }
 }
 
+/// The Redis of a system: one redis-server, or a Redis Cluster.
+#[derive(Debug)]
+pub enum Redis {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    /// `REDIS_URL`: `redis://…`, `rediss://…` or `redis+cluster://…`.
+    pub fn url(&self) -> String {
+        match self {
+            Redis::Server(server) => server.url(),
+            Redis::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    fn processes(&self) -> Vec<&ChildProcess> {
+        match self {
+            Redis::Server(server) => vec![server.process()],
+            Redis::Cluster(cluster) => cluster.processes().collect(),
+        }
+    }
+}
+
 /// A running cluster. Dropping it SIGKILLs everything; [`Cluster::shutdown`] stops it gently.
 #[derive(Debug)]
 pub struct Cluster {
@@ -218,7 +253,7 @@ pub struct Cluster {
     gateways: Vec<Service>,
     room_services: Vec<Service>,
     auth: Service,
-    redis: RedisServer,
+    redis: Redis,
     log_dir: LogDir,
 }
 
@@ -254,13 +289,17 @@ impl Cluster {
     async fn spawn_all(
         opts: &ClusterOptions,
         dir: &Path,
-    ) -> Result<(Vec<Service>, Vec<Service>, Service, RedisServer)> {
+    ) -> Result<(Vec<Service>, Vec<Service>, Service, Redis)> {
         let plan = opts.ports;
-        let redis_port = plan.port(PortRole::Redis)?;
-        let redis = if opts.redis_tls {
-            RedisServer::start_tls_on(redis_port, dir).await?
+        let redis = if opts.redis_cluster {
+            Redis::Cluster(RedisCluster::start(dir, 3, 1).await?)
         } else {
-            RedisServer::start_on(redis_port, dir).await?
+            let redis_port = plan.port(PortRole::Redis)?;
+            Redis::Server(if opts.redis_tls {
+                RedisServer::start_tls_on(redis_port, dir).await?
+            } else {
+                RedisServer::start_on(redis_port, dir).await?
+            })
         };
         let redis_env = |spec: Spawn| {
             let spec = spec.env("REDIS_URL", redis.url());
@@ -412,12 +451,32 @@ impl Cluster {
         &self.auth
     }
 
+    /// The one redis-server (panics on a system on a Redis Cluster: [`Cluster::redis_cluster`]).
     pub fn redis(&self) -> &RedisServer {
-        &self.redis
+        match &self.redis {
+            Redis::Server(server) => server,
+            Redis::Cluster(_) => panic!("this system runs on a Redis Cluster"),
+        }
     }
 
     pub fn redis_mut(&mut self) -> &mut RedisServer {
-        &mut self.redis
+        match &mut self.redis {
+            Redis::Server(server) => server,
+            Redis::Cluster(_) => panic!("this system runs on a Redis Cluster"),
+        }
+    }
+
+    /// The Redis Cluster, when the system runs on one ([`ClusterOptions::redis_cluster`]).
+    pub fn redis_cluster(&self) -> Option<&RedisCluster> {
+        match &self.redis {
+            Redis::Server(_) => None,
+            Redis::Cluster(cluster) => Some(cluster),
+        }
+    }
+
+    /// `REDIS_URL` of every process.
+    pub fn redis_url(&self) -> String {
+        self.redis.url()
     }
 
     /// Every process, gateways first.
@@ -425,7 +484,7 @@ impl Cluster {
         let services = self.gateways.iter().chain(&self.room_services);
         let mut all: Vec<&ChildProcess> = services.map(|s| &s.process).collect();
         all.push(&self.auth.process);
-        all.push(self.redis.process());
+        all.extend(self.redis.processes());
         all
     }
 
@@ -434,7 +493,8 @@ impl Cluster {
         try_join_all(self.gateways.iter().map(|s| s.process.stop(grace))).await?;
         let services = self.room_services.iter().chain(std::iter::once(&self.auth));
         try_join_all(services.map(|s| s.process.stop(grace))).await?;
-        self.redis.process().stop(grace).await
+        try_join_all(self.redis.processes().into_iter().map(|p| p.stop(grace))).await?;
+        Ok(())
     }
 }
 

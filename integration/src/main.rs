@@ -65,6 +65,10 @@ struct Args {
     /// The processes do not inherit this command's environment.
     #[arg(long = "gateway-env", value_parser = key_value)]
     gateway_env: Vec<(String, String)>,
+    /// State and broker on a local Redis Cluster (3 masters + 3 replicas, free ports) instead
+    /// of one redis-server.
+    #[arg(long)]
+    redis_cluster: bool,
     /// Extra setting for every room-service, `KEY=VALUE` (e.g. `BROKER_URL=nats://…`).
     #[arg(long = "room-env", value_parser = key_value)]
     room_env: Vec<(String, String)>,
@@ -99,6 +103,7 @@ async fn main() -> Result<()> {
         ports: args.base_port.map_or(PortPlan::Free, PortPlan::Base),
         gateway_env: args.gateway_env.clone(),
         room_env: args.room_env.clone(),
+        redis_cluster: args.redis_cluster,
         ..ClusterOptions::default()
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -159,7 +164,11 @@ fn print_summary(cluster: &Cluster, args: &Args, dev_token: &str) {
         cluster.auth_grpc(),
         cluster.auth().http_url
     );
-    println!("  redis:           {}", cluster.redis().url());
+    println!("  redis:           {}", cluster.redis_url());
+    if let Some(masters) = cluster.redis_cluster().and_then(|c| c.masters().ok()) {
+        let masters: Vec<String> = masters.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        println!("  redis masters:   {}", masters.join(","));
+    }
     println!("  API key:         {}", args.api_key);
     println!("  JWT secret:      {}", args.secret);
     println!(

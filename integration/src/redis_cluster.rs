@@ -142,6 +142,11 @@ impl RedisCluster {
         format!("redis+cluster://{}", nodes.join(","))
     }
 
+    /// Every node's process.
+    pub fn processes(&self) -> impl Iterator<Item = &ChildProcess> {
+        self.nodes.iter().map(|(_, process)| process)
+    }
+
     /// The ports of the nodes alive now that serve slots as masters.
     pub fn masters(&self) -> Result<Vec<u16>> {
         let alive = self.alive_port()?;
@@ -199,6 +204,43 @@ impl RedisCluster {
         )?;
         let alive = self.alive_port()?;
         self.wait(|| cluster_ok(alive), "cluster_state:ok after the failover")
+    }
+
+    /// A manual failover of the master on `port` (`CLUSTER FAILOVER` on one of its replicas:
+    /// the master stops taking writes, the replica catches up with it and takes its slots, so
+    /// no acknowledged write is lost); waits until the replica serves them and the cluster is
+    /// ok. Returns the port of the new master.
+    pub fn failover(&self, port: u16) -> Result<u16> {
+        let alive = self.alive_port()?;
+        let nodes = cli(alive, &["CLUSTER", "NODES"])?;
+        // `id addr flags master-id …`
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let node_port = |fields: &[&str]| -> Option<u16> {
+            fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()
+        };
+        let master_id = lines
+            .iter()
+            .find(|f| node_port(f) == Some(port))
+            .and_then(|f| f.first().copied())
+            .context("no such node")?;
+        let replica = lines
+            .iter()
+            .find(|f| f.get(3) == Some(&master_id) && !f[2].contains("fail"))
+            .and_then(|f| node_port(f))
+            .context("the master has no live replica")?;
+        cli(replica, &["CLUSTER", "FAILOVER"])?;
+        self.wait(
+            || {
+                let masters = self.masters()?;
+                Ok(masters.contains(&replica) && !masters.contains(&port))
+            },
+            "manual failover",
+        )?;
+        self.wait(|| cluster_ok(alive), "cluster_state:ok after the failover")?;
+        Ok(replica)
     }
 
     /// The CPU time (user + system, seconds) each live master has used so far.

@@ -22,6 +22,9 @@ pub enum Flavor {
     ClusterSse,
     /// Standalone with SSE clients.
     StandaloneSse,
+    /// A cluster whose state and broker are a Redis Cluster of 3 masters and 3 replicas
+    /// (`REDIS_URL=redis+cluster://…`).
+    ClusterOnRedisCluster,
 }
 
 impl Flavor {
@@ -31,6 +34,7 @@ impl Flavor {
             Flavor::Standalone => "standalone",
             Flavor::ClusterSse => "cluster-sse",
             Flavor::StandaloneSse => "standalone-sse",
+            Flavor::ClusterOnRedisCluster => "redis-cluster",
         }
     }
 }
@@ -46,8 +50,9 @@ impl System {
     pub async fn start(flavor: Flavor, test: &str, mut opts: ClusterOptions) -> Result<System> {
         let log_dir = LogDir::for_test(&format!("{}-{test}", flavor.name()))?;
         opts.sse_clients |= matches!(flavor, Flavor::ClusterSse | Flavor::StandaloneSse);
+        opts.redis_cluster |= flavor == Flavor::ClusterOnRedisCluster;
         Ok(match flavor {
-            Flavor::Cluster | Flavor::ClusterSse => {
+            Flavor::Cluster | Flavor::ClusterSse | Flavor::ClusterOnRedisCluster => {
                 System::Cluster(Cluster::start_in(opts, log_dir).await?)
             }
             Flavor::Standalone | Flavor::StandaloneSse => {
