@@ -36,6 +36,9 @@ pub enum Fault {
     /// On a Redis Cluster: a manual failover (`CLUSTER FAILOVER` on a replica) of the master
     /// serving the first room.
     FailoverRedisMaster,
+    /// On a Redis Cluster: SIGKILL the master serving the first room; its replica takes over
+    /// when the cluster notices (`cluster-node-timeout`).
+    KillRedisMaster,
 }
 
 impl Fault {
@@ -914,7 +917,7 @@ async fn run_plan(plan: LoadPlan, sys: &mut System) -> Result<()> {
             cluster.redis_mut().restart_empty().await?;
             restarted_at = Some(start.elapsed());
         }
-        Fault::FailoverRedisMaster => {
+        Fault::FailoverRedisMaster | Fault::KillRedisMaster => {
             let redis = sys
                 .cluster()
                 .and_then(|c| c.redis_cluster())
@@ -922,11 +925,16 @@ async fn run_plan(plan: LoadPlan, sys: &mut System) -> Result<()> {
             let channel = roomcast_common::envelope::room_channel(&rooms[0]);
             let master = redis.master_of(&roomcast_common::envelope::cluster_channel(&channel))?;
             let took = Instant::now();
-            let promoted = redis.failover(master)?;
+            if plan.fault == Fault::KillRedisMaster {
+                redis.kill_master(master)?;
+            } else {
+                redis.failover(master)?;
+            }
             eprintln!(
-                "{name}: failed over the master of {} (:{master}) to :{promoted} in {:?}",
+                "{name}: the master of {} (:{master}) failed over in {:?}, now :{}",
                 rooms[0],
-                took.elapsed()
+                took.elapsed(),
+                redis.master_of(&roomcast_common::envelope::cluster_channel(&channel))?
             );
         }
     }
@@ -1130,7 +1138,10 @@ async fn run_plan(plan: LoadPlan, sys: &mut System) -> Result<()> {
                 );
             }
         }
-        Fault::KillRoomService(_) | Fault::RestartRedis | Fault::FailoverRedisMaster => {
+        Fault::KillRoomService(_)
+        | Fault::RestartRedis
+        | Fault::FailoverRedisMaster
+        | Fault::KillRedisMaster => {
             for r in &reports {
                 ensure!(
                     r.closes.is_empty() && r.connects.len() == 1,

@@ -209,8 +209,8 @@ impl RedisCluster {
     /// A manual failover of the master on `port` (`CLUSTER FAILOVER` on one of its replicas:
     /// the master stops taking writes, the replica catches up with it and takes its slots, so
     /// no acknowledged write is lost); waits until the replica serves them and the cluster is
-    /// ok. Returns the port of the new master.
-    pub fn failover(&self, port: u16) -> Result<u16> {
+    /// ok.
+    pub fn failover(&self, port: u16) -> Result<()> {
         let alive = self.alive_port()?;
         let nodes = cli(alive, &["CLUSTER", "NODES"])?;
         // `id addr flags master-id …`
@@ -239,8 +239,7 @@ impl RedisCluster {
             },
             "manual failover",
         )?;
-        self.wait(|| cluster_ok(alive), "cluster_state:ok after the failover")?;
-        Ok(replica)
+        self.wait(|| cluster_ok(alive), "cluster_state:ok after the failover")
     }
 
     /// The CPU time (user + system, seconds) each live master has used so far.

@@ -75,6 +75,28 @@ async fn master_failover_under_load() {
     .await;
 }
 
+/// The same run with the master SIGKILLed: its replica takes over about 2 s later
+/// (`cluster-node-timeout` 1000 ms); publishes to its slots fail meanwhile and are retried, and
+/// the same checks hold. Ignored: Redis replicates asynchronously, so a write acknowledged in
+/// the last moment before the kill may not have reached the replica; the promoted replica then
+/// hands its offset out again and clients that got the lost message drop the new one as a
+/// duplicate. Rare at this load (it passed every manual run), but not excluded; run it with
+/// `cargo test --workspace --test on_redis_cluster -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a SIGKILLed master may lose its last acknowledged writes (asynchronous replication)"]
+async fn master_kill_under_load() {
+    let mut opts = ClusterOptions::default().history(HISTORY_SIZE, 3600);
+    opts.gateways = 3;
+    opts.room_services = 2;
+    run(
+        "master_kill_under_load",
+        Flavor::ClusterOnRedisCluster,
+        opts,
+        async |sys: &mut System| LoadPlan::standard(Fault::KillRedisMaster).run(sys).await,
+    )
+    .await;
+}
+
 /// The Redis store itself on the cluster: rooms spread over every shard, each room's offsets in
 /// order through batches that mix rooms of every slot, the script's broadcasts on the room's
 /// sharded channel (`rc:room:{<room>}`, in the room's slot) reaching a cluster subscriber, room

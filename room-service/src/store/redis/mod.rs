@@ -167,6 +167,10 @@ impl StoreError {
                             | ServerErrorKind::ClusterDown
                             | ServerErrorKind::MasterDown
                             | ServerErrorKind::ReadOnly
+                            // A slot moving (a failover, a migration) that the cluster
+                            // connection did not follow within its retries.
+                            | ServerErrorKind::Moved
+                            | ServerErrorKind::Ask
                     )
             );
         if transient {
