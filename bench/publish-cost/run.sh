@@ -8,6 +8,7 @@
 #                             [--rooms N] [--subscribers N] [--label L] [-- CLUSTER OPTIONS...]
 #
 # e.g. bench/publish-cost/run.sh --bin target/release --rate 5000 -- --room-env PUBLISH_BATCH_MS=2
+#      bench/publish-cost/run.sh --bin target/release --rate 5000 -- --redis-cluster
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BIN="$HERE/../../target/release"
@@ -42,7 +43,9 @@ done
 sleep 1
 urls=$(grep -oE 'ws://127\.0\.0\.1:[0-9]+/ws' "$WORK/cluster.out" | paste -sd, -)
 grpc=$(grep -m1 -oE 'room-service 0: +grpc http://[0-9.:]+' "$WORK/cluster.out" | grep -oE 'http://[0-9.:]+')
-redis_ports=$(grep -E '^ +redis' "$WORK/cluster.out" | grep -oE '127\.0\.0\.1:[0-9]+' | cut -d: -f2 | paste -sd, -)
+# On a Redis Cluster (`-- --redis-cluster`), its masters; otherwise the one redis-server.
+redis_line=$(grep -E '^ +redis masters:' "$WORK/cluster.out" || grep -E '^ +redis:' "$WORK/cluster.out")
+redis_ports=$(echo "$redis_line" | grep -oE '127\.0\.0\.1:[0-9]+' | cut -d: -f2 | paste -sd, -)
 echo "== $LABEL: rate $RATE/s, $ROOMS rooms, $SUBSCRIBERS subscribers, $DURATION; cluster options: $*"
 echo "   $(uptime | sed 's/.*load/load/'); logs in $WORK"
 python3 "$HERE/redis_cpu.py" "$redis_ports" xadd -- "$BIN/loadgen" publish-api \
