@@ -124,7 +124,14 @@ for _ in $(seq 50); do
   deploy/docker/healthcheck.sh "$port" /readyz && { healthy=0; break; }
   sleep 0.1
 done
-kill "$gw_pid" 2>/dev/null; wait "$gw_pid" 2>/dev/null
+# SIGTERM drains; bounded here (10 s), then SIGKILL, so a stuck shutdown cannot hang CI.
+kill "$gw_pid" 2>/dev/null
+for _ in $(seq 100); do kill -0 "$gw_pid" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$gw_pid" 2>/dev/null; then
+  echo "warning: roomcast standalone did not exit within 10 s of SIGTERM; killed"
+  kill -9 "$gw_pid" 2>/dev/null
+fi
+wait "$gw_pid" 2>/dev/null
 if [ $healthy -eq 0 ] && ! deploy/docker/healthcheck.sh "$port" /readyz \
    && ! deploy/docker/healthcheck.sh "$port" /no-such-path; then
   ok "roomcast-healthcheck: 0 for a ready gateway, 1 for a closed port"
