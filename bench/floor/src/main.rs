@@ -11,12 +11,17 @@
 //!
 //! The delivery path is the point. A publish builds the complete WebSocket frame once, and the
 //! task that read it writes those bytes to each member's socket with one `write` system call
-//! each (`TcpStream::try_write`, straight from the publisher's task: no task, queue or wake-up
-//! per message or per recipient). Only a socket that does not take a whole frame gets a backlog,
-//! which that connection's own task flushes when the socket is writable; above 1 MiB of backlog
-//! the member is closed. A room's messages go out in offset order: the first publisher to find
-//! the room idle delivers, and publishes that arrive meanwhile are queued to it (each with the
-//! member list of the moment it was published), so no task waits on another's fan-out.
+//! each (`TcpStream::try_write`, straight from the publisher's task: no queue or wake-up per
+//! recipient). Only a socket that does not take a whole frame gets a backlog, which that
+//! connection's own task flushes when the socket is writable; above 4 MiB of backlog the member
+//! is closed. A room's members are split into lanes, one per runtime thread (by connection
+//! number, so a member stays in its lane): a big room's fan-out runs on every core, the
+//! publisher's task writing the first lane and one task per other lane writing the rest; a room
+//! of fewer than 256 members is written by the publisher's task alone. Each lane sends in offset
+//! order: the first task to find it idle delivers, and publishes that arrive meanwhile are
+//! queued (each with the lane's members of the moment it was published); a queue that formed is
+//! written by one task that yields between messages, so no task waits on another's fan-out and
+//! readers keep reading while a lane catches up.
 //!
 //! ```text
 //! floor [--addr 127.0.0.1:7700] [--threads N]
@@ -40,7 +45,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 /// Largest client frame accepted (Roomcast's default `MAX_FRAME_BYTES`).
 const MAX_FRAME: usize = 64 * 1024;
 /// Bytes a member may have waiting for its socket before it is closed as too slow.
-const MAX_BACKLOG: usize = 1 << 20;
+const MAX_BACKLOG: usize = 4 << 20;
+/// Rooms with at least this many members are written by one task per lane.
+const SPLIT_MIN: usize = 256;
 /// Largest HTTP upgrade request.
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -74,11 +81,11 @@ fn main() {
             other => usage_error(&format!("unknown argument '{other}'")),
         }
     }
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = threads {
-        builder.worker_threads(n);
-    }
+    builder.enable_all().worker_threads(threads);
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -86,7 +93,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(serve(&addr)) {
+    if let Err(e) = runtime.block_on(serve(&addr, threads)) {
         eprintln!("floor: {addr}: {e}");
         std::process::exit(1);
     }
@@ -97,14 +104,18 @@ fn usage_error(message: &str) -> ! {
     std::process::exit(2);
 }
 
-async fn serve(addr: &str) -> std::io::Result<()> {
+async fn serve(addr: &str, lanes: usize) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     println!(
         "floor listening on ws://{}/ws, pid {}",
         listener.local_addr()?,
         std::process::id()
     );
-    let state = Arc::new(State::default());
+    let state = Arc::new(State {
+        next_id: AtomicU64::new(0),
+        rooms: Mutex::new(HashMap::new()),
+        lanes,
+    });
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -127,10 +138,11 @@ async fn serve(addr: &str) -> std::io::Result<()> {
     }
 }
 
-#[derive(Default)]
 struct State {
     next_id: AtomicU64,
     rooms: Mutex<HashMap<String, RoomRef>>,
+    /// Lanes per room: the runtime's threads.
+    lanes: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,13 +281,16 @@ async fn connection(state: Arc<State>, conn: Arc<Conn>) {
     lock(&conn.out).closed = true;
     for room in joined.values() {
         let mut r = lock(room);
-        let members: Vec<Arc<Conn>> = r
+        let lane = r.lane_of(conn.id);
+        let l = &mut r.lanes[lane];
+        let members: Vec<Arc<Conn>> = l
             .members
             .iter()
             .filter(|m| m.id != conn.id)
             .cloned()
             .collect();
-        r.members = Arc::new(members);
+        l.members = Arc::new(members);
+        r.members -= 1;
     }
 }
 
@@ -451,14 +466,17 @@ fn join(
     }
     let r = lock(&state.rooms)
         .entry(room.to_owned())
-        .or_insert_with(|| Arc::new(Mutex::new(Room::new(room))))
+        .or_insert_with(|| Arc::new(Mutex::new(Room::new(room, state.lanes))))
         .clone();
     {
         let mut g = lock(&r);
-        let mut members = Vec::with_capacity(g.members.len() + 1);
-        members.extend(g.members.iter().cloned());
+        let lane = g.lane_of(conn.id);
+        let l = &mut g.lanes[lane];
+        let mut members = Vec::with_capacity(l.members.len() + 1);
+        members.extend(l.members.iter().cloned());
         members.push(conn.clone());
-        g.members = Arc::new(members);
+        l.members = Arc::new(members);
+        g.members += 1;
         // Under the room's lock: every message published after this offset is queued after
         // the reply.
         conn.send(&text_frame(&format!(
@@ -472,50 +490,100 @@ fn join(
 }
 
 fn publish(conn: &Conn, room: &RoomRef, id: Option<u64>, data: &RawValue) {
-    let (reply, first) = {
+    let mut mine: Vec<(usize, Pending)> = Vec::new();
+    let (reply, split) = {
         let mut r = lock(room);
         r.offset += 1;
-        let message = text_frame(&format!(
+        let message: Arc<[u8]> = text_frame(&format!(
             r#"{{"type":"message","room":{},"offset":{},"clientId":"c{}","data":{}}}"#,
             r.name_json,
             r.offset,
             conn.id,
             data.get()
-        ));
+        ))
+        .into();
         let reply = text_frame(&format!(
             r#"{{"type":"published","id":{},"room":{},"offset":{}}}"#,
             id_json(id),
             r.name_json,
             r.offset
         ));
-        let p = Pending {
-            frame: message,
-            sender: conn.id,
-            members: r.members.clone(),
-        };
-        if r.delivering {
-            r.queue.push_back(p);
-            (reply, None)
-        } else {
-            r.delivering = true;
-            (reply, Some(p))
+        for (i, lane) in r.lanes.iter_mut().enumerate() {
+            if lane.members.is_empty() {
+                continue;
+            }
+            let p = Pending {
+                frame: message.clone(),
+                sender: conn.id,
+                members: lane.members.clone(),
+            };
+            if lane.delivering {
+                lane.queue.push_back(p);
+            } else {
+                lane.delivering = true;
+                mine.push((i, p));
+            }
         }
+        (reply, r.members >= SPLIT_MIN)
     };
     conn.send(&reply);
-    let Some(mut p) = first else { return };
-    loop {
-        for m in p.members.iter() {
-            if m.id != p.sender {
-                m.send(&p.frame);
-            }
+    let mut inline = Vec::new();
+    for (k, (lane, p)) in mine.into_iter().enumerate() {
+        if split && k > 0 {
+            let room = room.clone();
+            tokio::spawn(async move {
+                write_all(&p);
+                tokio::task::yield_now().await;
+                drain(room, lane).await;
+            });
+        } else {
+            inline.push((lane, p));
         }
-        let mut r = lock(room);
-        match r.queue.pop_front() {
-            Some(next) => p = next,
-            None => {
-                r.delivering = false;
-                return;
+    }
+    for (lane, p) in inline {
+        deliver(room, lane, p);
+    }
+}
+
+/// Writes `p`; if more was queued to the lane meanwhile, hands the lane to a task that writes
+/// the rest, so a publisher's task goes back to reading its own socket.
+fn deliver(room: &RoomRef, lane: usize, p: Pending) {
+    write_all(&p);
+    let mut r = lock(room);
+    let l = &mut r.lanes[lane];
+    if l.queue.is_empty() {
+        l.delivering = false;
+    } else {
+        drop(r);
+        tokio::spawn(drain(room.clone(), lane));
+    }
+}
+
+/// Writes a lane's queued messages in order until the queue is empty, yielding between
+/// messages so the runtime's other tasks (readers, flushes) run too.
+async fn drain(room: RoomRef, lane: usize) {
+    loop {
+        let next = {
+            let mut r = lock(&room);
+            let l = &mut r.lanes[lane];
+            match l.queue.pop_front() {
+                Some(p) => p,
+                None => {
+                    l.delivering = false;
+                    return;
+                }
             }
+        };
+        write_all(&next);
+        tokio::task::yield_now().await;
+    }
+}
+
+/// One message to each member of a lane but its sender: one write each.
+fn write_all(p: &Pending) {
+    for m in p.members.iter() {
+        if m.id != p.sender {
+            m.send(&p.frame);
         }
     }
 }
@@ -526,27 +594,37 @@ struct Room {
     /// The name as a JSON string, ready to paste into frames.
     name_json: String,
     offset: u64,
+    members: usize,
+    lanes: Vec<Lane>,
+}
+
+/// The members of a room on one lane, and what is being delivered to them.
+#[derive(Default)]
+struct Lane {
     /// Copied on join and leave, so a publish takes the list of the moment with one clone.
     members: Arc<Vec<Arc<Conn>>>,
-    /// Messages published while another task delivers this room's messages.
+    /// Messages published while another task delivers this lane's messages.
     queue: VecDeque<Pending>,
     delivering: bool,
 }
 
 impl Room {
-    fn new(name: &str) -> Room {
+    fn new(name: &str, lanes: usize) -> Room {
         Room {
             name_json: serde_json::to_string(name).unwrap_or_else(|_| "\"\"".into()),
             offset: 0,
-            members: Arc::new(Vec::new()),
-            queue: VecDeque::new(),
-            delivering: false,
+            members: 0,
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
         }
+    }
+
+    fn lane_of(&self, conn: u64) -> usize {
+        (conn % self.lanes.len() as u64) as usize
     }
 }
 
 struct Pending {
-    frame: Vec<u8>,
+    frame: Arc<[u8]>,
     sender: u64,
     members: Arc<Vec<Arc<Conn>>>,
 }
