@@ -37,11 +37,6 @@ impl AuthHandler {
 
 #[tonic::async_trait]
 impl AuthService for AuthHandler {
-    #[tracing::instrument(
-        name = "roomcast.v1.AuthService/VerifyToken",
-        skip_all,
-        fields(otel.kind = "server")
-    )]
     async fn verify_token(
         &self,
         request: Request<VerifyTokenRequest>,
@@ -52,11 +47,6 @@ impl AuthService for AuthHandler {
         }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.AuthService/Authorize",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn authorize(
         &self,
         request: Request<AuthorizeRequest>,

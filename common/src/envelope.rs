@@ -26,6 +26,12 @@ pub const ROOM_CHANNEL_PREFIX: &str = "rc:room:";
 /// The control channel every gateway listens on.
 pub const CONTROL_CHANNEL: &str = "rc:ctl";
 
+/// The channel of one gateway: commands for connections it holds (SSE commands posted to
+/// another gateway).
+pub fn gateway_channel(gateway_id: &str) -> String {
+    format!("rc:gw:{gateway_id}")
+}
+
 pub fn room_channel(room: &str) -> String {
     format!("{ROOM_CHANNEL_PREFIX}{room}")
 }
@@ -64,6 +70,14 @@ pub enum Control {
         user: String,
         #[serde(default)]
         client_id: String,
+    },
+    /// Client frames posted for the SSE session of `client_id` (`POST /sse/send` on another
+    /// gateway), in order. `secret` and `user` are checked by the session itself.
+    Post {
+        client_id: String,
+        secret: String,
+        user: String,
+        frames: Vec<String>,
     },
 }
 
@@ -189,6 +203,21 @@ pub fn decode(payload: Bytes) -> Result<Envelope, EnvelopeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn posted_frames_round_trip() {
+        let control = Control::Post {
+            client_id: "gw-1".into(),
+            secret: "s".into(),
+            user: "alice".into(),
+            frames: vec!["{\"type\":\"ping\"}".into(), "x\ny".into()],
+        };
+        assert_eq!(
+            decode(encode_control(&control)).unwrap(),
+            Envelope::Control(control)
+        );
+        assert_eq!(gateway_channel("gw"), "rc:gw:gw");
+    }
 
     #[test]
     fn message_round_trip() {

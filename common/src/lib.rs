@@ -7,7 +7,6 @@
 //! - [`envelope`] — the bytes that travel on the broker, and the channel names.
 //! - [`namespace`] — namespaces (`NAMESPACES_FILE`): per-room-family options looked up by
 //!   room name.
-//! - [`nats`] — NATS as the pub/sub leg instead of Redis pub/sub.
 //! - [`frame`] — the client frames more than one crate builds (`message`, `member_joined`,
 //!   `member_left`), each in exactly one shape everywhere.
 //! - [`close_code`] — WebSocket close codes: the ones Roomcast sends, which codes a backend may
@@ -29,7 +28,6 @@ pub mod envelope;
 pub mod error_code;
 pub mod frame;
 pub mod namespace;
-pub mod nats;
 pub mod ops;
 pub mod propagation;
 pub mod room;

@@ -4,9 +4,9 @@
 //! - Clients: [`InjectTraceContext`], a tonic interceptor, writes the caller's current span
 //!   into the call's metadata.
 //! - Servers: [`ExtractTraceContextLayer`], a tower layer on the whole server
-//!   (`Server::builder().layer(..)`), reads it from the request headers and runs the call with
-//!   that context current, so the handler's span (`#[tracing::instrument]`) is created as the
-//!   caller's child. Handlers do nothing themselves.
+//!   (`Server::builder().layer(..)`), reads it from the request headers and runs every call in
+//!   a server span named by its RPC (`roomcast.v1.RoomService/Join`), the caller's child.
+//!   Handlers do nothing themselves.
 //!
 //! Both are switched on by [`enable`], which [`crate::telemetry`] calls when span export is on.
 //! Until then they do nothing beyond one atomic load per call: no header is written, read or
@@ -20,13 +20,16 @@ use std::task::{Context as TaskContext, Poll};
 
 use futures_util::future::Either;
 use opentelemetry::Context;
-use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
+use tracing::Instrument as _;
+use tracing::instrument::Instrumented;
+
+use crate::telemetry::TRACING_ONLY;
 
 /// Set once export is on; `None`: propagation is off.
 static PROPAGATOR: OnceLock<TraceContextPropagator> = OnceLock::new();
@@ -124,22 +127,28 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<S::Future, WithContext<S::Future>>;
+    type Future = Either<S::Future, Instrumented<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(parent) = extract(request.headers()) else {
+        if !is_enabled() {
             return Either::Left(self.inner.call(request));
+        }
+        let parent = extract(request.headers()).unwrap_or_default();
+        let rpc = request.uri().path().trim_start_matches('/');
+        // Made while the caller's context is current: that is the span's parent.
+        let span = {
+            let _current = parent.attach();
+            tracing::info_span!(target: TRACING_ONLY, "grpc.server", otel.name = %rpc, otel.kind = "server")
         };
-        // Current while the call is set up too, and on every poll of its future.
         let future = {
-            let _current = parent.clone().attach();
+            let _entered = span.enter();
             self.inner.call(request)
         };
-        Either::Right(future.with_context(parent))
+        Either::Right(future.instrument(span))
     }
 }
 

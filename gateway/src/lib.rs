@@ -1,37 +1,49 @@
-//! The Roomcast gateway: the thin edge that holds WebSockets.
+//! The Roomcast gateway: the thin edge that holds client connections.
 //!
 //! Layout:
-//! - [`server`] — HTTP surface (handshake at `/ws`, demo page, ops endpoints) and draining;
-//! - [`connection`] — one connection's reader (commands) and writer (socket, pings, cursors);
+//! - [`server`] — HTTP surface (`/ws`, `/sse`, the demo page, ops endpoints) and draining;
+//! - [`admission`] — what a new connection must pass (origin, token, per-user limits);
+//! - [`websocket`] — the WebSocket transport: upgrade, frames in, lingering close;
+//! - [`sse`] — the SSE transport: the event stream, and commands posted to any gateway;
+//! - [`session`] — the connection core over either transport: commands, the one timer, cleanup;
+//! - [`writer`] — a connection's only writer: join holds, transport framing, one write call;
+//! - [`outbound`] — a connection's queue and what goes in it (`ConnHandle`, `Outbound`);
 //! - [`socket`] — the WebSocket upgrade, frame encoding, the read side tungstenite parses;
 //! - [`pipeline`] — a connection's publishes, pipelined in ordered batches;
 //! - [`protocol`] — client frames in, server frames out;
-//! - [`state`] — what the connections of one gateway share (`Gateway`);
-//! - [`lease`] — the gateway's lease heartbeat with the room-service;
-//! - [`hub`] — local connections and rooms, fan-out of broker payloads;
-//! - [`limits`] — publish token bucket, connections per user;
-//! - [`memory`] — gives freed heap back to the OS after connection churn;
+//! - [`hub`] — the registry of connections and rooms, fan-out of broker payloads;
+//! - [`room_stream`] — one room's order: epoch, offsets, duplicates, gap holds, join floors;
 //! - [`repair`] — fills gaps in a room's offsets from history;
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
+//! - [`state`] — what the connections of one gateway share (`Gateway`);
+//! - [`lease`] — the gateway's lease heartbeat with the room-service;
+//! - [`limits`] — publish token bucket, connections per user;
+//! - [`memory`] — gives freed heap back to the OS after connection churn;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
 //! - [`config`] — settings from flags and environment;
 //! - [`run`] — the wiring of the above into one running gateway, shared by the `gateway`
 //!   binary and standalone mode (the `roomcast` crate).
 
+pub mod admission;
 pub mod backend;
 pub mod config;
-pub mod connection;
 pub mod hub;
 pub mod lease;
 pub mod limits;
 pub mod memory;
+pub mod outbound;
 pub mod pipeline;
 pub mod protocol;
 pub mod repair;
+pub mod room_stream;
 pub mod run;
 pub mod server;
+pub mod session;
 pub mod socket;
+pub mod sse;
 pub mod state;
 pub mod subscriptions;
+pub mod websocket;
+pub mod writer;
 
 pub use run::{Bound, RunConfig, bind, run};

@@ -4,8 +4,12 @@
 use std::time::Duration;
 
 use clap::Parser;
-use roomcast_common::broker::{RedisSubscriber, Sink, Subscriber, resp3_url};
-use roomcast_common::nats::NatsSubscriber;
+use std::sync::Arc;
+
+use roomcast_common::broker::nats::{NatsPublisher, NatsSubscriber};
+use roomcast_common::broker::{
+    Broker, BrokerError, RedisPublisher, RedisSubscriber, Sink, resp3_url,
+};
 use roomcast_common::tls;
 use roomcast_gateway::RunConfig;
 use roomcast_gateway::backend::Backends;
@@ -120,19 +124,27 @@ fn grpc_client_tls(
 
 /// Connects to the broker (`redis`: the client of a Redis broker), retrying with backoff: a
 /// gateway started before its broker waits.
-async fn connect_broker(url: &str, redis: Option<redis::Client>, sink: Sink) -> Subscriber {
+async fn connect_broker(url: &str, redis: Option<redis::Client>, sink: Sink) -> Broker {
+    async fn connect(
+        url: &str,
+        redis: &Option<redis::Client>,
+        sink: Sink,
+    ) -> Result<Broker, BrokerError> {
+        Ok(match redis {
+            None => Broker {
+                subscriber: Arc::new(NatsSubscriber::connect(url, sink).await?),
+                publisher: Arc::new(NatsPublisher::connect(url).await?),
+            },
+            Some(client) => Broker {
+                subscriber: Arc::new(RedisSubscriber::connect_client(client.clone(), sink).await?),
+                publisher: Arc::new(RedisPublisher::connect_client(client.clone()).await?),
+            },
+        })
+    }
     let mut delay = Duration::from_millis(100);
     loop {
-        let connected = match &redis {
-            None => NatsSubscriber::connect(url, sink.clone())
-                .await
-                .map(Subscriber::Nats),
-            Some(client) => RedisSubscriber::connect_client(client.clone(), sink.clone())
-                .await
-                .map(Subscriber::Redis),
-        };
-        match connected {
-            Ok(subscriber) => return subscriber,
+        match connect(url, &redis, sink.clone()).await {
+            Ok(broker) => return broker,
             Err(error) => {
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker not reachable");
                 tokio::time::sleep(delay).await;

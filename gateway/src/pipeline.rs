@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tonic::Status;
 use tracing::Instrument as _;
 
-use crate::hub::{ConnHandle, Outbound};
+use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::ServerFrame;
 use crate::state::Gateway;
 
@@ -236,11 +236,12 @@ fn reply_for(
         .into(),
         Some(pb::publish_result::Outcome::Error(error)) => {
             let status = Status::new(tonic::Code::from_i32(error.code), error.message);
-            crate::connection::error_frame(id, &status)
+            crate::protocol::error_frame(id, &status).into()
         }
-        None => crate::connection::error_frame(
+        None => crate::protocol::error_frame(
             id,
             &Status::internal("the room service gave no result for this publish"),
-        ),
+        )
+        .into(),
     }
 }

@@ -248,6 +248,9 @@ pub enum ServerFrame<'a> {
         user: &'a str,
         gateway: &'a str,
         heartbeat: Heartbeat,
+        /// The SSE session's name (SSE only): what `POST /sse/send` names.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -354,6 +357,17 @@ pub fn stored_messages(
         .iter()
         .map(|message| raw(stored_message(room, epoch, message)))
         .collect()
+}
+
+/// The `error` frame for a failed backend call.
+pub fn error_frame(id: Option<u64>, status: &tonic::Status) -> String {
+    let code = ErrorCode::from_grpc(status.code());
+    let message = if code == ErrorCode::Unavailable {
+        "a backend is unavailable; retry"
+    } else {
+        status.message()
+    };
+    ServerFrame::Error { id, code, message }.to_json()
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use roomcast_proto as pb;
 use tokio::sync::mpsc;
 
-use crate::hub::{Filled, RepairRequest};
+use crate::hub::RepairRequest;
 use crate::protocol;
+use crate::room_stream::Filled;
 use crate::state::Gateway;
 
 /// Serves gap reports until the hub is gone. One at a time: gaps are rare (a broker hiccup),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use roomcast_common::broker::{Sink, Subscriber};
-use roomcast_common::envelope::CONTROL_CHANNEL;
+use roomcast_common::broker::{Broker, Sink};
+use roomcast_common::envelope::{CONTROL_CHANNEL, gateway_channel};
 use roomcast_common::ops::Readiness;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -46,12 +46,12 @@ pub struct Bound {
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
-/// Subscribes to the broker (`broker` turns the hub's sink into a subscriber), builds the
+/// Subscribes to the broker (`broker` connects both sides of the broker, the subscriber feeding the hub's sink), builds the
 /// shared state and binds the listen address.
 pub async fn bind<B, F>(config: RunConfig, broker: B, backends: Backends) -> anyhow::Result<Bound>
 where
     B: FnOnce(Sink) -> F,
-    F: Future<Output = anyhow::Result<Subscriber>>,
+    F: Future<Output = anyhow::Result<Broker>>,
 {
     let (hub, repairs) = Hub::new();
     let hub = Arc::new(hub);
@@ -60,11 +60,18 @@ where
         Arc::new(move |event| hub.dispatch(event))
     };
     let readiness = Readiness::default();
-    let subscriber = broker(sink).await?;
+    let Broker {
+        subscriber,
+        publisher,
+    } = broker(sink).await?;
     subscriber
         .subscribe(CONTROL_CHANNEL)
         .await
         .context("subscribing to the control channel")?;
+    subscriber
+        .subscribe(&gateway_channel(&config.id))
+        .await
+        .context("subscribing to the gateway's own channel")?;
     let subscriptions = Subscriptions::start(
         subscriber,
         readiness.clone(),
@@ -76,6 +83,7 @@ where
             config.id,
             hub,
             subscriptions,
+            publisher,
             backends,
             config.connection,
             readiness,
@@ -133,7 +141,7 @@ pub async fn run<B, F>(
 ) -> anyhow::Result<()>
 where
     B: FnOnce(Sink) -> F,
-    F: Future<Output = anyhow::Result<Subscriber>>,
+    F: Future<Output = anyhow::Result<Broker>>,
 {
     bind(config, broker, backends).await?.serve(shutdown).await
 }

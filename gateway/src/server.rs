@@ -1,5 +1,6 @@
-//! The gateway's HTTP surface: the WebSocket handshake at `/ws` (origin and token checked
-//! before the upgrade), the demo page at `/`, the ops endpoints, and draining on shutdown.
+//! The gateway's HTTP surface: the WebSocket handshake at `/ws` and the SSE endpoints (origin
+//! and token checked before a connection starts), the demo page at `/`, the ops endpoints, and
+//! draining on shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,28 +10,30 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::response::{Html, Response};
+use axum::routing::{get, post};
+use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::ops;
 use roomcast_common::telemetry::TRACING_ONLY;
-use roomcast_proto as pb;
 use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
-use tonic::Code;
 use tracing::Instrument as _;
 
-use crate::connection::{self, Authenticated};
+use crate::admission::{StreamStarted, authenticate, refuse};
 use crate::socket;
+use crate::sse;
 use crate::state::Gateway;
+use crate::websocket;
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/ws", get(websocket))
+        .route("/sse", get(sse::stream))
+        .route("/sse/send", post(sse::send).options(sse::preflight))
         .with_state(gateway.clone())
         .merge(ops::router(gateway.readiness.clone()))
 }
@@ -42,10 +45,6 @@ async fn index() -> Html<&'static str> {
 #[derive(Deserialize)]
 struct WsQuery {
     token: Option<String>,
-}
-
-fn refuse(status: StatusCode, reason: &str) -> Response {
-    (status, format!("{reason}\n")).into_response()
 }
 
 /// The WebSocket handshake, as one span when spans are exported: its token check
@@ -88,75 +87,11 @@ async fn handshake(gateway: Arc<Gateway>, query: WsQuery, mut request: Request) 
         }
         Err(error) => return refuse(StatusCode::BAD_REQUEST, &error.to_string()),
     };
-    if gateway.readiness.is_draining() {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "gateway is draining");
-    }
-    if !gateway.origin_allowed(headers) {
-        return refuse(StatusCode::FORBIDDEN, "origin not allowed");
-    }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let Some(token) = query.token.filter(|t| !t.is_empty()).or(bearer) else {
-        return refuse(StatusCode::UNAUTHORIZED, "missing token");
+    let auth = match authenticate(&gateway, query.token, headers).await {
+        Ok(auth) => auth,
+        Err(refused) => return refused,
     };
-    let verify = pb::VerifyTokenRequest {
-        token: token.clone(),
-    };
-    let verified = gateway.backends.verify_token(verify).await;
-    let claims = match verified {
-        Ok(verified) => {
-            let claims = verified.claims.unwrap_or_default();
-            tracing::Span::current().record("user", claims.sub.as_str());
-            claims
-        }
-        Err(status) if status.code() == Code::Unauthenticated => {
-            return refuse(StatusCode::UNAUTHORIZED, status.message());
-        }
-        Err(status) => {
-            tracing::warn!(%status, "token verification failed");
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "auth service unavailable");
-        }
-    };
-    let limit = gateway.settings.max_connections_per_user;
-    let Some(slot) = gateway.users.try_acquire(&claims.sub, limit) else {
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections for this user",
-        );
-    };
-    // The count across the cluster (a user behind a load balancer reaches every gateway).
-    // A room-service that cannot answer does not lock users out: the local count still holds.
-    let client_id: Arc<str> = Arc::from(gateway.next_client_id());
-    let mut counted = false;
-    if limit > 0 {
-        let request = pb::ConnectionOpenedRequest {
-            client_id: client_id.to_string(),
-            user: claims.sub.clone(),
-            gateway_id: gateway.id.clone(),
-            max_per_user: u32::try_from(limit).unwrap_or(u32::MAX),
-        };
-        match gateway.backends.connection_opened(request).await {
-            Ok(_) => counted = true,
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                return refuse(StatusCode::TOO_MANY_REQUESTS, status.message());
-            }
-            Err(status) => {
-                tracing::warn!(%status, "per-user count across the cluster unavailable")
-            }
-        }
-    }
-    let auth = Authenticated {
-        client_id,
-        user: claims.sub,
-        token,
-        expires_at: claims.exp,
-        slot,
-        counted,
-    };
-    tokio::spawn(connection::run(on_upgrade, gateway, auth));
+    tokio::spawn(websocket::run(on_upgrade, gateway, auth));
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -237,7 +172,6 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let service = TowerToHyperService::new(app);
     let pending = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
@@ -268,7 +202,15 @@ async fn accept_loop(
         // (without this a `published` reply waits for the client's next frame or a delayed
         // ACK).
         let _ = tcp.set_nodelay(true);
-        let service = service.clone();
+        // Every request of this connection can tell the loop that it became a long-lived
+        // stream (SSE): its HTTP phase is then over.
+        let streaming = StreamStarted(Arc::new(tokio::sync::Notify::new()));
+        let started = streaming.0.clone();
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(streaming.clone());
+            tower_service::Service::call(&mut app.clone(), request)
+        });
         let tls = tls.clone();
         tokio::spawn(async move {
             let phase = async move {
@@ -285,34 +227,46 @@ async fn accept_loop(
                     },
                 }
             };
-            match tokio::time::timeout(limits.timeout, phase).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::debug!(%error, "http connection ended with an error"),
-                Err(_) => {
+            tokio::pin!(phase);
+            let ended = tokio::select! {
+                ended = &mut phase => Some(ended),
+                () = started.notified() => {
+                    // A stream now, served for as long as it lasts; no longer pending.
+                    drop(slot);
+                    Some(phase.await)
+                }
+                () = tokio::time::sleep(limits.timeout) => None,
+            };
+            match ended {
+                Some(Ok(())) => {}
+                Some(Err(error)) => tracing::debug!(%error, "http connection ended with an error"),
+                None => {
                     // Dropping the connection closes the socket (and cancels a handshake still
                     // being checked: no WebSocket starts).
                     metrics::counter!("roomcast_gateway_handshake_timeouts_total").increment(1);
                     tracing::debug!("http phase exceeded the handshake timeout");
                 }
             }
-            drop(slot);
         });
     }
 }
 
 /// Serves HTTP/1.1 on one connection until it closes or is upgraded. `io` is the
 /// `TcpStream` or the TLS stream: exactly the types [`socket::upgraded`] takes back.
-async fn http_phase<I>(io: I, service: AppService) -> Result<(), hyper::Error>
+async fn http_phase<I, S>(io: I, service: S) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Future: Send,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades()
         .await
 }
-
-type AppService = TowerToHyperService<Router>;
 
 async fn drain(gateway: &Gateway, window: Duration) {
     const BATCHES: u32 = 10;

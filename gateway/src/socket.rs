@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::hub::ConnHandle;
+use crate::outbound::ConnHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -263,8 +263,7 @@ impl AsyncWrite for ReadSide {
     }
 }
 
-/// The payload of a frame made by this module (tests only).
-#[cfg(test)]
+/// The payload of a frame made by this module (an SSE connection re-frames broadcasts).
 pub fn payload_of(frame: &[u8]) -> &[u8] {
     match frame[1] {
         126 => &frame[4..],

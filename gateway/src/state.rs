@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::{HeaderMap, header};
+use roomcast_common::broker::Publisher;
 use roomcast_common::namespace::Namespaces;
 use roomcast_common::ops::Readiness;
 
@@ -20,6 +21,9 @@ pub struct Gateway {
     pub id: String,
     pub hub: Arc<Hub>,
     pub subscriptions: Subscriptions,
+    /// The broker's sending side: SSE commands posted to another gateway reach this one's
+    /// sessions through it, and this one forwards commands for sessions held elsewhere.
+    pub publisher: Arc<dyn Publisher>,
     pub backends: Backends,
     pub settings: ConnectionSettings,
     /// Parsed `ALLOWED_ORIGINS`; empty allows any.
@@ -37,6 +41,7 @@ impl Gateway {
         id: String,
         hub: Arc<Hub>,
         subscriptions: Subscriptions,
+        publisher: Arc<dyn Publisher>,
         backends: Backends,
         settings: ConnectionSettings,
         readiness: Readiness,
@@ -45,6 +50,7 @@ impl Gateway {
             id,
             hub,
             subscriptions,
+            publisher,
             backends,
             origins: settings.origins(),
             settings,

@@ -46,7 +46,7 @@ impl Subscriptions {
     /// After a lost link, the first successful ping means the link is back with every
     /// subscription restored; then the hub checks its rooms against history.
     pub fn start(
-        subscriber: Subscriber,
+        subscriber: Arc<dyn Subscriber>,
         readiness: Readiness,
         health_every: Duration,
         hub: Arc<Hub>,
@@ -76,7 +76,7 @@ impl Subscriptions {
 }
 
 async fn run(
-    subscriber: Subscriber,
+    subscriber: Arc<dyn Subscriber>,
     mut rx: mpsc::UnboundedReceiver<Request>,
     readiness: Readiness,
     health_every: Duration,

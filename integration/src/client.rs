@@ -148,9 +148,18 @@ impl ConnectOptions {
     }
 }
 
+/// Where the client's frames go.
+enum Outgoing {
+    WebSocket(Box<SplitSink<Ws, Message>>),
+    /// Posted to `/sse/send` (on a gateway other than the stream's, in the SSE scenarios).
+    Sse(crate::sse::Poster),
+}
+
 pub struct TestClient {
     name: String,
-    sink: SplitSink<Ws, Message>,
+    sink: Outgoing,
+    /// SSE: tokens of `refresh` commands sent, by command id, until their answer.
+    refreshing: Vec<(Value, String)>,
     frames: mpsc::UnboundedReceiver<Incoming>,
     backlog: VecDeque<Incoming>,
     closed: Option<CloseInfo>,
@@ -189,6 +198,58 @@ impl TestClient {
                 "first frame after the upgrade is not `connected`: {other}"
             ))),
         }
+    }
+
+    /// Connects over SSE: the stream from the gateway at `stream_base` (`http://host:port`),
+    /// commands posted to the one at `post_base`. Reads the `connected` frame, which names the
+    /// session.
+    pub async fn connect_sse(
+        stream_base: &str,
+        post_base: &str,
+        token: &str,
+    ) -> Result<TestClient, ConnectError> {
+        let reader = crate::sse::open(stream_base, token).await?;
+        let (tx, frames) = mpsc::unbounded_channel();
+        let (paused, paused_rx) = watch::channel(false);
+        let pings = Arc::new(AtomicU64::new(0));
+        let reader = tokio::spawn(crate::sse::read_loop(reader, tx, paused_rx, pings.clone()));
+        let mut client = TestClient {
+            name: "sse client".into(),
+            sink: Outgoing::Sse(crate::sse::Poster {
+                base: post_base.to_owned(),
+                token: token.to_owned(),
+                session: String::new(),
+            }),
+            refreshing: Vec::new(),
+            frames,
+            backlog: VecDeque::new(),
+            closed: None,
+            paused,
+            pings,
+            next_id: 1,
+            connected: Value::Null,
+            reader,
+        };
+        let first = client
+            .recv_json(REPLY_TIMEOUT)
+            .await
+            .map_err(ConnectError::Other)?;
+        let Some(session) = first["session"]
+            .as_str()
+            .filter(|_| first["type"] == "connected")
+        else {
+            return Err(ConnectError::Other(anyhow!(
+                "first event is not `connected` with a session: {first}"
+            )));
+        };
+        if let Outgoing::Sse(poster) = &mut client.sink {
+            poster.session = session.to_owned();
+        }
+        if let Some(user) = first["user"].as_str() {
+            client.name = format!("{user}@{} (sse)", first["gateway"].as_str().unwrap_or("?"));
+        }
+        client.connected = first;
+        Ok(client)
     }
 
     /// Completes the handshake only; nothing is read. For tests of the handshake itself and of
@@ -255,7 +316,8 @@ impl TestClient {
         let reader = tokio::spawn(read_loop(stream, tx, paused_rx, pings.clone()));
         Ok(TestClient {
             name: "client".into(),
-            sink,
+            sink: Outgoing::WebSocket(Box::new(sink)),
+            refreshing: Vec::new(),
             frames,
             backlog: VecDeque::new(),
             closed: None,
@@ -310,10 +372,36 @@ impl TestClient {
 
     pub async fn send_raw_text(&mut self, text: impl Into<String>) -> Result<()> {
         let name = self.name.clone();
-        self.sink
-            .send(Message::text(text.into()))
-            .await
-            .with_context(|| format!("{name}: sending a frame"))
+        match &mut self.sink {
+            Outgoing::WebSocket(sink) => sink
+                .send(Message::text(text.into()))
+                .await
+                .with_context(|| format!("{name}: sending a frame")),
+            Outgoing::Sse(poster) => {
+                let text = text.into();
+                let status = poster
+                    .post(&text)
+                    .await
+                    .with_context(|| format!("{name}: posting a frame"))?;
+                if status != 202 {
+                    bail!("{name}: POST /sse/send answered {status} for {text}");
+                }
+                // Once refreshed, later posts present the token the connection then holds.
+                if let Ok(frame) = serde_json::from_str::<Value>(&text)
+                    && frame["type"] == "refresh"
+                    && let Some(token) = frame["token"].as_str()
+                {
+                    self.refreshing
+                        .push((frame["id"].clone(), token.to_owned()));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the client runs over SSE.
+    pub fn is_sse(&self) -> bool {
+        matches!(self.sink, Outgoing::Sse(_))
     }
 
     /// Sends `cmd` without waiting; gives it the next `id` when it has none. Returns the id.
@@ -538,8 +626,12 @@ impl TestClient {
             code: CloseCode::Normal,
             reason: "bye".into(),
         };
-        self.sink
-            .send(Message::Close(Some(frame)))
+        let Outgoing::WebSocket(sink) = &mut self.sink else {
+            // An SSE client closes by dropping its stream.
+            self.reader.abort();
+            return Ok(());
+        };
+        sink.send(Message::Close(Some(frame)))
             .await
             .with_context(|| format!("{}: sending close", self.name))?;
         let _ = self.expect_close(Duration::from_secs(2)).await;
@@ -558,6 +650,19 @@ impl TestClient {
             Ok(Some(item)) => {
                 if let Incoming::Closed(close) = &item {
                     self.closed = Some(close.clone());
+                }
+                if let Incoming::Json(frame) = &item
+                    && let Some(at) = self
+                        .refreshing
+                        .iter()
+                        .position(|(id, _)| *id == frame["id"])
+                {
+                    let (_, token) = self.refreshing.remove(at);
+                    if let (Outgoing::Sse(poster), "refreshed") =
+                        (&mut self.sink, frame["type"].as_str().unwrap_or_default())
+                    {
+                        poster.token = token;
+                    }
                 }
                 Ok(Some(item))
             }

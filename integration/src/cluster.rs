@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub grpc_mtls: bool,
     /// Gateways terminate TLS: `wss://localhost:P/ws`, `https://localhost:P/readyz`.
     pub gateway_tls: bool,
+    /// Scenario clients connect over SSE instead of WebSocket (see `Flavor::ClusterSse`).
+    pub sse_clients: bool,
 }
 
 impl Default for ClusterOptions {
@@ -76,6 +78,7 @@ impl Default for ClusterOptions {
             redis_tls: false,
             grpc_mtls: false,
             gateway_tls: false,
+            sse_clients: false,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod ports;
 pub mod process;
 pub mod redis;
 pub mod scenarios;
+pub mod sse;
 pub mod standalone;
 pub mod system;
 pub mod tls;

@@ -17,6 +17,11 @@ use crate::token::{self, Claims};
 pub enum Flavor {
     Cluster,
     Standalone,
+    /// A cluster whose scenario clients connect over SSE (stream on gateway `i`, commands
+    /// posted to gateway `i + 1`).
+    ClusterSse,
+    /// Standalone with SSE clients.
+    StandaloneSse,
 }
 
 impl Flavor {
@@ -24,6 +29,8 @@ impl Flavor {
         match self {
             Flavor::Cluster => "cluster",
             Flavor::Standalone => "standalone",
+            Flavor::ClusterSse => "cluster-sse",
+            Flavor::StandaloneSse => "standalone-sse",
         }
     }
 }
@@ -36,14 +43,20 @@ pub enum System {
 
 impl System {
     /// Starts a system with its logs in a fresh directory named after `test`.
-    pub async fn start(flavor: Flavor, test: &str, opts: ClusterOptions) -> Result<System> {
+    pub async fn start(flavor: Flavor, test: &str, mut opts: ClusterOptions) -> Result<System> {
         let log_dir = LogDir::for_test(&format!("{}-{test}", flavor.name()))?;
+        opts.sse_clients |= matches!(flavor, Flavor::ClusterSse | Flavor::StandaloneSse);
         Ok(match flavor {
-            Flavor::Cluster => System::Cluster(Cluster::start_in(opts, log_dir).await?),
-            Flavor::Standalone => System::Standalone(Standalone::start_in(opts, log_dir).await?),
+            Flavor::Cluster | Flavor::ClusterSse => {
+                System::Cluster(Cluster::start_in(opts, log_dir).await?)
+            }
+            Flavor::Standalone | Flavor::StandaloneSse => {
+                System::Standalone(Standalone::start_in(opts, log_dir).await?)
+            }
         })
     }
 
+    /// Cluster or standalone (whatever the clients' transport).
     pub fn flavor(&self) -> Flavor {
         match self {
             System::Cluster(_) => Flavor::Cluster,
@@ -124,6 +137,12 @@ impl System {
     }
 
     pub async fn client_with(&self, gateway: usize, claims: &Claims) -> Result<TestClient> {
+        if self.options().sse_clients {
+            let (stream, post) = (self.http_url(gateway), self.http_url(gateway + 1));
+            return TestClient::connect_sse(&stream, &post, &self.mint(claims)?)
+                .await
+                .with_context(|| format!("connecting {} to {stream} over SSE", claims.sub));
+        }
         let url = self.ws_url(gateway);
         TestClient::connect(&url, &self.mint(claims)?)
             .await

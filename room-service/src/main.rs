@@ -44,7 +44,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let nats = match config.nats_url() {
         Some(nats_url) => Some(
-            roomcast_common::nats::NatsPublisher::connect(nats_url)
+            roomcast_common::broker::nats::NatsPublisher::connect(nats_url)
                 .await
                 .with_context(|| format!("connecting to BROKER_URL {nats_url}"))?,
         ),

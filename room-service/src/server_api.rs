@@ -76,11 +76,6 @@ fn check_target(user: &str, client_id: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl ServerApi for ServerApiImpl {
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/Publish",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn publish(
         &self,
         request: Request<pb::ServerPublishRequest>,
@@ -97,11 +92,6 @@ impl ServerApi for ServerApiImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/Broadcast",
-        skip_all,
-        fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
-    )]
     async fn broadcast(
         &self,
         request: Request<pb::BroadcastRequest>,
@@ -141,11 +131,6 @@ impl ServerApi for ServerApiImpl {
         Ok(Response::new(pb::BroadcastResponse { results }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/Presence",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn presence(
         &self,
         request: Request<pb::PresenceRequest>,
@@ -156,11 +141,6 @@ impl ServerApi for ServerApiImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/PresenceStats",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn presence_stats(
         &self,
         request: Request<pb::PresenceStatsRequest>,
@@ -178,11 +158,6 @@ impl ServerApi for ServerApiImpl {
         }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/History",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn history(
         &self,
         request: Request<pb::HistoryRequest>,
@@ -193,11 +168,6 @@ impl ServerApi for ServerApiImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/HistoryRemove",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn history_remove(
         &self,
         request: Request<pb::HistoryRemoveRequest>,
@@ -212,11 +182,6 @@ impl ServerApi for ServerApiImpl {
         Ok(Response::new(pb::HistoryRemoveResponse {}))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/Disconnect",
-        skip_all,
-        fields(otel.kind = "server")
-    )]
     async fn disconnect(
         &self,
         request: Request<pb::DisconnectRequest>,
@@ -248,11 +213,6 @@ impl ServerApi for ServerApiImpl {
         Ok(Response::new(pb::DisconnectResponse {}))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/Subscribe",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
@@ -269,11 +229,6 @@ impl ServerApi for ServerApiImpl {
         Ok(Response::new(pb::SubscribeResponse {}))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/Unsubscribe",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn unsubscribe(
         &self,
         request: Request<pb::UnsubscribeRequest>,
@@ -290,7 +245,6 @@ impl ServerApi for ServerApiImpl {
         Ok(Response::new(pb::UnsubscribeResponse {}))
     }
 
-    #[tracing::instrument(name = "roomcast.v1.ServerApi/Rooms", skip_all, fields(otel.kind = "server"))]
     async fn rooms(
         &self,
         request: Request<pb::RoomsRequest>,
@@ -324,11 +278,6 @@ impl ServerApi for ServerApiImpl {
         }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.ServerApi/RoomStats",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn room_stats(
         &self,
         request: Request<pb::RoomStatsRequest>,
@@ -350,7 +299,6 @@ impl ServerApi for ServerApiImpl {
         }))
     }
 
-    #[tracing::instrument(name = "roomcast.v1.ServerApi/Info", skip_all, fields(otel.kind = "server"))]
     async fn info(
         &self,
         _request: Request<pb::InfoRequest>,

@@ -299,11 +299,6 @@ pub(crate) fn publication(message: StoredMessage) -> pb::Publication {
 
 #[tonic::async_trait]
 impl RoomService for RoomServiceImpl {
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Join",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -342,11 +337,6 @@ impl RoomService for RoomServiceImpl {
         }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Leave",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn leave(
         &self,
         request: Request<pb::LeaveRequest>,
@@ -362,11 +352,6 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Publish",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,
@@ -374,11 +359,6 @@ impl RoomService for RoomServiceImpl {
         self.publish_one(request.get_ref()).await.map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/PublishBatch",
-        skip_all,
-        fields(otel.kind = "server", publishes = request.get_ref().publishes.len())
-    )]
     async fn publish_batch(
         &self,
         request: Request<pb::PublishBatchRequest>,
@@ -442,11 +422,6 @@ impl RoomService for RoomServiceImpl {
         Ok(Response::new(pb::PublishBatchResponse { results }))
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/Presence",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn presence(
         &self,
         request: Request<pb::PresenceRequest>,
@@ -456,11 +431,6 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/History",
-        skip_all,
-        fields(otel.kind = "server", room = %request.get_ref().room)
-    )]
     async fn history(
         &self,
         request: Request<pb::HistoryRequest>,
@@ -470,11 +440,6 @@ impl RoomService for RoomServiceImpl {
             .map(Response::new)
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ConnectionOpened",
-        skip_all,
-        fields(otel.kind = "server")
-    )]
     async fn connection_opened(
         &self,
         request: Request<pb::ConnectionOpenedRequest>,
@@ -501,11 +466,6 @@ impl RoomService for RoomServiceImpl {
         }
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/ConnectionClosed",
-        skip_all,
-        fields(otel.kind = "server", rooms = request.get_ref().rooms.len())
-    )]
     async fn connection_closed(
         &self,
         request: Request<pb::ConnectionClosedRequest>,
@@ -541,11 +501,6 @@ impl RoomService for RoomServiceImpl {
         }
     }
 
-    #[tracing::instrument(
-        name = "roomcast.v1.RoomService/GatewayHeartbeat",
-        skip_all,
-        fields(otel.kind = "server", gateway_id = %request.get_ref().gateway_id)
-    )]
     async fn gateway_heartbeat(
         &self,
         request: Request<pb::GatewayHeartbeatRequest>,
@@ -620,7 +575,7 @@ pub(crate) mod tests {
     pub(crate) async fn listen(
         broker: &MemoryBroker,
         channel: &str,
-    ) -> (Subscriber, Arc<Mutex<Vec<Envelope>>>) {
+    ) -> (Box<dyn Subscriber>, Arc<Mutex<Vec<Envelope>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let sink: Sink = Arc::new(move |event| {
@@ -628,7 +583,7 @@ pub(crate) mod tests {
                 seen2.lock().unwrap().push(decode(payload).unwrap());
             }
         });
-        let subscriber = Subscriber::Memory(broker.subscriber(sink));
+        let subscriber: Box<dyn Subscriber> = Box::new(broker.subscriber(sink));
         subscriber.subscribe(channel).await.unwrap();
         (subscriber, seen)
     }

@@ -103,7 +103,7 @@ fn store(server: &RedisServer, size: usize) -> RedisStore {
 }
 
 /// Subscribes to `channel` and collects the payloads that arrive.
-async fn listen(server: &RedisServer, channel: &str) -> (Subscriber, Arc<Mutex<Vec<Bytes>>>) {
+async fn listen(server: &RedisServer, channel: &str) -> (RedisSubscriber, Arc<Mutex<Vec<Bytes>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
     let sink: Sink = Arc::new(move |event| {
@@ -111,8 +111,7 @@ async fn listen(server: &RedisServer, channel: &str) -> (Subscriber, Arc<Mutex<V
             seen2.lock().unwrap().push(payload);
         }
     });
-    let subscriber =
-        Subscriber::Redis(RedisSubscriber::connect(&server.url(), sink).await.unwrap());
+    let subscriber = RedisSubscriber::connect(&server.url(), sink).await.unwrap();
     subscriber.subscribe(channel).await.unwrap();
     (subscriber, seen)
 }

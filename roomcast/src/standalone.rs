@@ -3,11 +3,12 @@
 //! on loopback ports, so every client-visible rule is the cluster's.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use roomcast_common::broker::{MemoryBroker, Subscriber};
+use roomcast_common::broker::{Broker, MemoryBroker};
 use roomcast_gateway::RunConfig;
 use roomcast_gateway::backend::Backends;
 use roomcast_gateway::config::{ConnectionSettings, gateway_id};
@@ -110,8 +111,13 @@ pub async fn run(
         tls: None,
         namespaces,
     };
-    let subscriber = async |sink| Ok(Subscriber::Memory(broker.subscriber(sink)));
-    let gateway = roomcast_gateway::bind(run, subscriber, backends).await?;
+    let connect = async |sink| {
+        Ok(Broker {
+            subscriber: Arc::new(broker.subscriber(sink)),
+            publisher: Arc::new(broker.clone()),
+        })
+    };
+    let gateway = roomcast_gateway::bind(run, connect, backends).await?;
     let addr = gateway.local_addr()?;
     let token =
         roomcast_auth::mint_hs256(secret.as_bytes(), &config.dev_user, 24 * 3600, None, None)?;

@@ -533,7 +533,7 @@ mod tests {
     async fn listen(
         broker: &MemoryBroker,
         channel: &str,
-    ) -> (Subscriber, Arc<StdMutex<Vec<Envelope>>>) {
+    ) -> (Box<dyn Subscriber>, Arc<StdMutex<Vec<Envelope>>>) {
         let seen = Arc::new(StdMutex::new(Vec::new()));
         let seen2 = seen.clone();
         let sink: Sink = Arc::new(move |event| {
@@ -541,7 +541,7 @@ mod tests {
                 seen2.lock().unwrap().push(decode(payload).unwrap());
             }
         });
-        let subscriber = Subscriber::Memory(broker.subscriber(sink));
+        let subscriber: Box<dyn Subscriber> = Box::new(broker.subscriber(sink));
         subscriber.subscribe(channel).await.unwrap();
         (subscriber, seen)
     }

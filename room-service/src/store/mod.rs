@@ -227,7 +227,7 @@ impl Store {
     pub fn redis_from_client(
         client: ::redis::Client,
         limits: HistoryLimits,
-        nats: Option<roomcast_common::nats::NatsPublisher>,
+        nats: Option<roomcast_common::broker::nats::NatsPublisher>,
     ) -> Result<Self, StoreError> {
         let store = RedisStore::from_client(client, limits)?;
         Ok(Store::Redis(match nats {
@@ -240,7 +240,7 @@ impl Store {
     pub fn redis_with_nats(
         url: &str,
         limits: HistoryLimits,
-        nats: roomcast_common::nats::NatsPublisher,
+        nats: roomcast_common::broker::nats::NatsPublisher,
     ) -> Result<Self, StoreError> {
         RedisStore::new(url, limits).map(|store| Store::Redis(store.with_nats(nats)))
     }

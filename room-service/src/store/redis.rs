@@ -22,10 +22,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use roomcast_common::broker::Publisher;
+use roomcast_common::broker::nats::NatsPublisher;
 use roomcast_common::envelope::{CONTROL_CHANNEL, member_event, room_channel, room_message};
 use roomcast_common::frame::{MemberEvent, message_frame_tail};
 use roomcast_common::namespace::Namespaces;
-use roomcast_common::nats::NatsPublisher;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -992,6 +993,7 @@ impl RedisStore {
             return nats
                 .publish(CONTROL_CHANNEL, payload)
                 .await
+                .map(|_| ())
                 .map_err(|e| StoreError::Unavailable(e.to_string()));
         }
         let mut connection = self.connection.clone();

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 
-use crate::broker::{BrokerError, BrokerEvent, Sink};
+use super::{BrokerError, BrokerEvent, Publisher, Sink, Subscriber};
 
 /// How long a health check or a subscription waits for the server.
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -87,7 +88,7 @@ impl NatsSubscriber {
     }
 
     /// Subscribes; returns once the server has the subscription.
-    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    async fn add(&self, channel: &str) -> Result<(), BrokerError> {
         if self
             .tasks
             .lock()
@@ -123,7 +124,7 @@ impl NatsSubscriber {
         Ok(())
     }
 
-    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    fn remove(&self, channel: &str) {
         let task = self
             .tasks
             .lock()
@@ -132,11 +133,21 @@ impl NatsSubscriber {
         if let Some(task) = task {
             task.abort();
         }
-        Ok(())
+    }
+}
+
+impl Subscriber for NatsSubscriber {
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.add(channel))
     }
 
-    pub async fn ping(&self) -> Result<(), BrokerError> {
-        round_trip(&self.client).await
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.remove(channel);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(round_trip(&self.client))
     }
 }
 
@@ -152,17 +163,26 @@ impl NatsPublisher {
             client: connect_client(url, None).await?,
         })
     }
+}
 
+impl Publisher for NatsPublisher {
     /// Hands the payload to the client, which sends it in order with the others.
-    pub async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BrokerError> {
-        self.client
-            .publish(subject(channel), payload)
-            .await
-            .map_err(unavailable)
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<Option<usize>, BrokerError>> {
+        Box::pin(async move {
+            self.client
+                .publish(subject(channel), payload)
+                .await
+                .map_err(unavailable)?;
+            Ok(None)
+        })
     }
 
-    pub async fn ping(&self) -> Result<(), BrokerError> {
-        round_trip(&self.client).await
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(round_trip(&self.client))
     }
 }
 

@@ -1,0 +1,164 @@
+//! The WebSocket transport: an edge over the session. It finishes the upgrade, reads frames
+//! with tungstenite over the socket's read half (the [`Source`] of the session), starts the
+//! writer on the write half, and lingers for the client's close at the end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use roomcast_common::close_code::CloseCode;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::session::{self, Authenticated, Inbound, Session, Source};
+use crate::socket::{self, ReadSide};
+use crate::state::Gateway;
+use crate::writer::{self, Framing};
+
+/// Read buffer per connection, allocated for every connection: small, since most frames are
+/// small and idle connections are the common case (tungstenite's default is 128 KiB; 4 KiB
+/// cost 3.2 KB more RSS per idle connection than this, measured with `loadgen connections`).
+/// Larger frames still arrive whole: the buffer grows to the frame's announced length.
+const READ_BUFFER_BYTES: usize = 256;
+
+/// Runs a connection from its upgrade to its end.
+///
+/// Most of a connection's memory is this future, held for as long as the connection is open:
+/// what only the set-up needs lives in a boxed future freed before the first read, and the
+/// arguments sit in one box (an async function's arguments would keep their space for its
+/// whole run).
+pub fn run(
+    on_upgrade: OnUpgrade,
+    gateway: Arc<Gateway>,
+    auth: Authenticated,
+) -> impl Future<Output = ()> + Send + 'static {
+    let setup = Box::new((on_upgrade, gateway, auth));
+    async move {
+        let Some((session, mut stream, writer)) = Box::pin(start(setup)).await else {
+            return;
+        };
+        session.serve(&mut stream, writer).await;
+        Box::pin(linger(stream.0.into_inner())).await;
+    }
+}
+
+/// The session's input: tungstenite's frames.
+pub struct Frames(WebSocketStream<ReadSide>);
+
+impl Source for Frames {
+    async fn next(&mut self) -> Inbound {
+        match self.0.next().await {
+            None => Inbound::Closed,
+            Some(Err(error)) => Inbound::Failed(close_for(&error)),
+            Some(Ok(Message::Text(text))) => Inbound::Text(text),
+            Some(Ok(Message::Binary(_))) => Inbound::Binary,
+            Some(Ok(Message::Close(_))) => {
+                // tungstenite sends its close reply on a flush; it goes to the writer, which
+                // sends it after the replies still owed.
+                let _ = self.0.flush().await;
+                Inbound::Closed
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Inbound::Alive,
+        }
+    }
+}
+
+/// Waits for the upgrade, opens the session and starts the writer.
+async fn start(
+    setup: Box<(OnUpgrade, Arc<Gateway>, Authenticated)>,
+) -> Option<(Session, Frames, tokio::task::JoinHandle<()>)> {
+    let (on_upgrade, gateway, auth) = *setup;
+    let (socket, pre_read) = match socket::upgraded(on_upgrade).await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            if auth.counted {
+                session::report_closed(&gateway, &auth.client_id, &auth.user, Vec::new());
+            }
+            return None;
+        }
+    };
+    let session = Session::open(gateway.clone(), auth, None).await;
+    let conn = session.conn().clone();
+    // A copy of just these bytes: `pre_read` is a slice of the HTTP layer's 8 KiB read buffer,
+    // which it would keep alive for the connection's lifetime.
+    let pre_read_copy = pre_read[..].to_vec();
+    drop(pre_read);
+    let (read, write) = socket.into_split();
+    let max = gateway.settings.max_frame_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_frame_size(Some(max))
+        .max_message_size(Some(max));
+    let stream = WebSocketStream::from_partially_read(
+        ReadSide::new(read, conn.clone()),
+        pre_read_copy,
+        Role::Server,
+        Some(config),
+    )
+    .await;
+    let writer = tokio::spawn(writer::run(
+        write,
+        conn,
+        gateway.settings.outbound_queue_len,
+        gateway.settings.write_delay(),
+        Framing::WebSocket,
+    ));
+    Some((session, Frames(stream), writer))
+}
+
+/// After the writer sent its last frame and shut its half: read and discard what the client
+/// still sends (pongs, its close reply) until it closes too, for at most a second. Closing a
+/// socket with unread input makes the kernel send a reset, which can overtake the close frame
+/// and the last messages still on their way to the client.
+async fn linger(read: ReadSide) {
+    use tokio::io::AsyncReadExt;
+    let mut read = read.into_inner();
+    let mut sink = [0u8; 512];
+    let drained = async {
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+}
+
+/// The close frame owed for a read error, if the client is still there to get one.
+fn close_for(error: &WsError) -> Option<(CloseCode, &'static str)> {
+    match error {
+        WsError::Capacity(_) => Some((CloseCode::TOO_BIG, "frame too large")),
+        WsError::Utf8(_) => Some((CloseCode::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
+        // The client dropped the connection: nobody to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((CloseCode::PROTOCOL_ERROR, "protocol violation")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_errors_map_to_close_codes() {
+        use tokio_tungstenite::tungstenite::error::CapacityError;
+        let too_big = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
+        assert_eq!(close_for(&too_big).unwrap().0, CloseCode::TOO_BIG);
+        let utf8 = WsError::Utf8("invalid".into());
+        assert_eq!(close_for(&utf8).unwrap().0, CloseCode::INVALID_PAYLOAD);
+        let unmasked = WsError::Protocol(ProtocolError::UnmaskedFrameFromClient);
+        assert_eq!(close_for(&unmasked).unwrap().0, CloseCode::PROTOCOL_ERROR);
+        let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert!(close_for(&reset).is_none(), "nobody left to tell");
+        assert!(close_for(&WsError::ConnectionClosed).is_none());
+    }
+}
