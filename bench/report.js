@@ -338,30 +338,42 @@ function figure(file, svg, alt) {
   figures.push({ file, alt });
 }
 {
-  // Capacity ramp, one 1000-subscriber room: offered deliveries/s against delivered, per system.
+  // Capacity ramp, one 1000-subscriber room: offered deliveries/s against delivered, per system,
+  // from every run into that room (ladder steps, the 50 and 200 msg/s rounds); hollow where the
+  // run failed (loss, or p99 above 50 ms). Delivered is what arrived per second of the run, drain
+  // included, so a system that falls behind plateaus below the diagonal.
   const series = sys3
     .map((sy) => {
-      const steps = ladderSteps(sy.key, 1);
-      const points = Object.keys(steps)
-        .map(Number)
+      const all = Object.values(runs).filter((r) =>
+        r.r && r.r.rooms === 1 && r.r.subscribers === 1000 &&
+        (r.name.startsWith(`cap-${sy.key}-`) || r.name === `light-${sy.key}` || r.name.startsWith(`fanout-${sy.key}-`)));
+      const byRate = new Map();
+      for (const r of all) {
+        const k = r.r.rate_target;
+        if (!byRate.has(k)) byRate.set(k, []);
+        byRate.get(k).push(r);
+      }
+      const points = [...byRate.keys()]
         .sort((a, b) => a - b)
         .map((rate) => {
-          const tries = steps[rate];
-          const pick = tries.find(stepOk) || tries[tries.length - 1];
-          return pick.r ? [pick.r.rate_target * (pick.r.members - 1), pick.r.deliveries_per_sec, { hollow: !stepOk(pick) }] : null;
-        })
-        .filter(Boolean);
-      return { name: sy.name, color: sy.color, points };
+          const rs = byRate.get(rate);
+          const dps = median(rs.map((r) => r.r.deliveries_per_sec));
+          const offered = rate * (median(rs.map((r) => r.r.members)) - 1);
+          return [offered, dps, { hollow: !rs.some(stepOk) }];
+        });
+      const cap = sy.cap.low != null ? (sy.cap.low ? ` (passes up to ${sy.cap.low} msg/s)` : ' (fails from the first step)') : '';
+      return { name: `${sy.name}${cap}`, color: sy.color, points };
     })
     .filter((se) => se.points.length);
   if (series.length) {
     const maxX = Math.max(...series.flatMap((se) => se.points.map((q) => q[0])));
     series.push({ name: 'offered', color: '#999999', dash: '5 4', points: [[0, 0], [maxX, maxX]] });
     figure('capacity-1000.svg', lineChart({
-      title: 'Capacity ramp: one room of 1000 subscribers (ladder 1)',
+      title: 'Capacity: one room of 1000 subscribers (hollow: loss or p99 > 50 ms)',
       xLabel: 'offered deliveries/s (publish rate × members)',
       yLabel: 'delivered deliveries/s',
       series,
+      nested: true,
     }), 'capacity ramp, one room of 1000 subscribers');
   }
 }
@@ -406,9 +418,9 @@ function figure(file, svg, alt) {
   const ramps = MANY.filter((m) => m.final.length);
   if (ramps.length) {
     const series = ramps.map((m) => ({
-      name: m.name,
+      name: `${m.name} (${m.best ? `passes up to ${int(m.best.rate_target)}/s` : 'fails from the first step'})`,
       color: m.color,
-      points: m.final.map((st) => [st.rate_target, st.published_per_sec, { hollow: !st.passed }]),
+      points: m.final.map((st) => [st.rate_target, st.deliveries_per_sec / 4, { hollow: !st.passed }]),
     }));
     const xs = series.flatMap((se) => se.points.map((q) => q[0]));
     series.push({ name: 'offered', color: '#999999', dash: '5 4', points: [[Math.min(...xs), Math.min(...xs)], [Math.max(...xs), Math.max(...xs)]] });
@@ -416,10 +428,11 @@ function figure(file, svg, alt) {
     figure('capacity-many-rooms.svg', lineChart({
       title: `Capacity ramp: ${int(rooms)} rooms × 5 members (hollow: step failed)`,
       xLabel: 'offered publishes/s',
-      yLabel: 'acknowledged publishes/s',
+      yLabel: 'delivered messages/s (deliveries ÷ 4)',
       series,
       logX: true,
       logY: true,
+      nested: true,
     }), 'capacity ramp, many small rooms');
     figure('latency-many-rooms.svg', lineChart({
       title: `Latency per step: ${int(rooms)} rooms × 5 members (solid p99, dashed p50)`,
@@ -545,7 +558,7 @@ p(`| ≤ 4 KiB gateway RSS per idle connection (~19,000 on one gateway; 100,000 
     `${met(rcPub == null || flPub == null ? null : rcPub / flPub <= 1.5)} |`);
   p(`| ≥ 20,000 client publishes/s, zero loss, p99 ≤ 50 ms, one Redis | ${maxText(mr)} | ${met(!mr.run ? null : (maxRate(mr) || 0) >= 20000)} |`);
   const mc = manyOf('many-roomcast-cluster');
-  let clusterText = mc.skip ? `skipped: ${mc.skip}` : 'not run';
+  let clusterText = mc.skip ? `skipped (${mc.skip})` : 'not run';
   let clusterOk = null;
   if (mc.best) {
     const shards = Object.entries(mc.best.redis_cpu_seconds || {});
@@ -574,8 +587,10 @@ p();
     : [];
   if (rounds.length === 0) p('(not recorded)');
   else {
-    p('`/proc/loadavg` (1, 5 and 15 min) when each round began. Two cores: a load average above 2 means the ' +
-      'processes measured here shared the CPUs with others.');
+    p('`/proc/loadavg` (1, 5 and 15 min) when each round began. Two cores: a load average above 2 means ' +
+      'runnable threads waited for a core. It counts this benchmark\'s own processes too (the servers and load ' +
+      'generator of the round just before: about 2 to 4 when busy, and the 1-minute figure lags by tens of ' +
+      'seconds), so what other work there was is roughly the excess over that.');
     p();
     p('| round | started (UTC) | minutes into the run | load average |');
     p('|---|---|---:|---|');
@@ -754,9 +769,13 @@ if (!prof.seconds || !profRun || !profRun.r) {
     p(`| ${pct.replace('%', '')} | ${kind === '[k]' ? 'kernel' : 'user'} | \`${name.length > 90 ? name.slice(0, 87) + '...' : name}\` |`);
   }
   p();
-  p('What it shows: each delivery is one `sendto` of one WebSocket frame to one socket (a subscriber gets a ' +
-    'message every 5 ms at 200 msg/s, so there is nothing queued to coalesce with), and on loopback that ' +
+  p('What it shows: the work is the `sendto` of WebSocket frames to sockets (a subscriber gets a message every ' +
+    '5 ms at 200 msg/s, so on a quiet machine each write carries one frame), and on loopback that ' +
     'system call also runs the receiving side\'s TCP processing. ' +
+    (RC.writes != null
+      ? `In the 200 msg/s rounds a gateway write carried ${f(1 / RC.writes, 1)} frames on average (${f(RC.writes, 2)} writes ` +
+        'per delivery): a writer that waits for a core finds several frames queued. '
+      : '') +
     (budget != null
       ? `The floor, which does nothing but those writes, spent ${f(FL.win, 2)} µs per delivery in the same rounds ` +
         `(front user time ${f(FL.frontUser, 2)} µs): the kernel's share of a delivery is the same for both, so ` +
@@ -841,7 +860,9 @@ p();
       'both with each room\'s members spread over the three (connection n to front n mod 3, as a load balancer ' +
       'would). Floor: three processes, each room whole on one of them (`--placement room`: the floor has no ' +
       'cross-process fan-out). CPU per step from `/proc/PID/stat` at the step\'s edges (publishing + drain), Redis ' +
-      'CPU from `INFO cpu` (`used_cpu_user + used_cpu_sys`) at the same edges.');
+      'CPU from `INFO cpu` (`used_cpu_user + used_cpu_sys`) at the same edges. At the low steps CPU per delivery ' +
+      'is mostly the upkeep of 50,000 idle connections (pings, timers, leases), spread over few deliveries; the ' +
+      'figures at the highest passing step are the ones to compare.');
     p();
     p('| system | highest passing step | set-up of the members | CPU per delivery at that step, servers (µs) | + Redis (µs) | Redis CPU per publish (µs) | front user CPU per delivery (µs) |');
     p('|---|---|---:|---:|---:|---:|---:|');
@@ -884,7 +905,7 @@ p();
     if (!mc.run) {
       p('### Roomcast on a Redis Cluster (3 masters)');
       p();
-      p(mc.skip ? mc.skip : '(not run)');
+      p(mc.skip ? `Skipped: ${mc.skip}` : '(not run)');
       p();
     }
   }

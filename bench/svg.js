@@ -108,7 +108,9 @@ function legend(series, x, y) {
   return [`<rect x="${x - 8}" y="${y - 12}" width="${width}" height="${series.length * 17 + 8}" fill="#ffffff" fill-opacity="0.85" stroke="#cccccc"/>`, ...out];
 }
 
-function lineChart({ title, xLabel, yLabel, series, logX = false, logY = false, refLines = [], legendAt = 'left' }) {
+// `nested`: series that lie on top of each other (capacity ramps along the diagonal) are drawn
+// widest first, so each stays visible as a band around the ones after it.
+function lineChart({ title, xLabel, yLabel, series, logX = false, logY = false, refLines = [], legendAt = 'left', nested = false }) {
   const pts = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
   if (pts.length === 0) return null;
   const xs = pts.map((p) => p[0]).filter((v) => !logX || v > 0);
@@ -131,17 +133,19 @@ function lineChart({ title, xLabel, yLabel, series, logX = false, logY = false, 
     body.push(`<line x1="${M.left}" x2="${W - M.right}" y1="${yy}" y2="${yy}" stroke="#999" stroke-dasharray="5 4"/>`);
     body.push(`<text x="${W - M.right - 4}" y="${yy}" dy="-4" text-anchor="end" fill="#666">${esc(r.label)}</text>`);
   }
-  for (const s of series) {
+  const solid = series.filter((s) => !s.dash).length;
+  series.forEach((s, idx) => {
     const p = s.points.filter((q) => Number.isFinite(q[0]) && Number.isFinite(q[1]) && (!logX || q[0] > 0) && (!logY || q[1] > 0));
-    if (p.length === 0) continue;
+    if (p.length === 0) return;
+    const widen = nested && !s.dash ? (solid - 1 - idx) * 3 : 0;
     const d = p.map((q, i) => `${i ? 'L' : 'M'}${px(q[0]).toFixed(1)},${py(q[1]).toFixed(1)}`).join(' ');
     const dash = s.dash ? ` stroke-dasharray="${s.dash}"` : '';
-    body.push(`<path d="${d}" fill="none" stroke="${s.color}" stroke-width="2.2"${dash}/>`);
+    body.push(`<path d="${d}" fill="none" stroke="${s.color}" stroke-width="${2.2 + widen}"${dash}${widen ? ' stroke-opacity="0.85"' : ''}/>`);
     for (const q of p) {
       const hollow = q[2] && q[2].hollow;
-      body.push(`<circle cx="${px(q[0]).toFixed(1)}" cy="${py(q[1]).toFixed(1)}" r="3.6" fill="${hollow ? '#ffffff' : s.color}" stroke="${s.color}" stroke-width="1.6"/>`);
+      body.push(`<circle cx="${px(q[0]).toFixed(1)}" cy="${py(q[1]).toFixed(1)}" r="${(3.6 + widen / 2).toFixed(1)}" fill="${hollow ? '#ffffff' : s.color}" stroke="${s.color}" stroke-width="1.6"/>`);
     }
-  }
+  });
   const lx = legendAt === 'right' ? W - M.right - 230 : M.left + 14;
   body.push(...legend(series, lx, M.top + 14));
   return frame(title, xLabel, yLabel, body);
