@@ -862,7 +862,9 @@ p();
       'cross-process fan-out). CPU per step from `/proc/PID/stat` at the step\'s edges (publishing + drain), Redis ' +
       'CPU from `INFO cpu` (`used_cpu_user + used_cpu_sys`) at the same edges. At the low steps CPU per delivery ' +
       'is mostly the upkeep of 50,000 idle connections (pings, timers, leases), spread over few deliveries; the ' +
-      'figures at the highest passing step are the ones to compare.');
+      'figures at the highest passing step are the ones to compare. Writes per delivery count every write of the ' +
+      'front processes, so here they include the `published` reply to each publish (0.25 per delivery with 4 ' +
+      'recipients) and the keep-alive pings of the idle members.');
     p();
     p('| system | highest passing step | set-up of the members | CPU per delivery at that step, servers (µs) | + Redis (µs) | Redis CPU per publish (µs) | front user CPU per delivery (µs) |');
     p('|---|---|---:|---:|---:|---:|---:|');
