@@ -15,6 +15,8 @@ use roomcast_common::broker::BrokerEvent;
 use roomcast_common::envelope::{self, Control, Envelope};
 use tokio::sync::mpsc;
 
+use roomcast_common::close_code::CloseCode;
+
 use crate::outbound::{ConnHandle, Delivery, RoomEvent, ServerCommand};
 use crate::room_stream::{Filled, Message, Repair, RoomStream};
 use crate::socket;
@@ -299,12 +301,11 @@ impl Hub {
                 user,
                 frames,
             } => {
-                if let Some(conn) = self.connection(&client_id) {
-                    conn.push_server_command(ServerCommand::Frames {
-                        secret,
-                        user,
-                        frames,
-                    });
+                if let Some(conn) = self.connection(&client_id)
+                    && !conn.push_posted(secret, user, frames)
+                {
+                    tracing::debug!(client = %client_id, "posted frames dropped: too many waiting");
+                    conn.close(CloseCode::SLOW_CONSUMER, "too many posted frames waiting");
                 }
             }
         }
@@ -646,5 +647,27 @@ mod tests {
         let got = |rx| -> Vec<u64> { offsets(rx).into_iter().map(|(_, o)| o).collect() };
         assert_eq!(got(&ra), [4, 5, 6, 7]);
         assert_eq!(got(&rb), [6, 7]);
+    }
+
+    #[test]
+    fn posted_frames_reach_their_connection_within_a_bound() {
+        let (hub, _repairs) = Hub::new();
+        let (a, _ra) = conn("a", "alice", 8);
+        hub.add_connection(a.clone());
+        let post = |n: usize| Control::Post {
+            client_id: "a".into(),
+            secret: "s".into(),
+            user: "alice".into(),
+            frames: vec!["{}".to_owned(); n],
+        };
+        hub.apply_control(post(3));
+        hub.apply_control(post(crate::outbound::MAX_POSTED_WAITING - 3));
+        assert!(!a.is_closed());
+        let waiting = a.take_server_commands();
+        assert_eq!(waiting.len(), 2);
+        hub.apply_control(post(crate::outbound::MAX_POSTED_WAITING));
+        hub.apply_control(post(1));
+        assert!(a.is_closed(), "a flood of posts ends the connection");
+        assert_eq!(a.close_reason.get().unwrap().0, CloseCode::SLOW_CONSUMER);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use std::sync::Arc;
 
+use roomcast_common::broker::cluster;
 use roomcast_common::broker::nats::{NatsPublisher, NatsSubscriber};
 use roomcast_common::broker::{
     Broker, BrokerError, RedisPublisher, RedisSubscriber, Sink, resp3_url,
@@ -54,15 +55,20 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
     )?;
     let id = gateway_id(config.id.as_deref())?;
     let broker_url = config.broker_url.as_deref().unwrap_or(&config.redis_url);
-    let supported = ["redis://", "rediss://", "nats://"];
+    let supported = ["redis://", "rediss://", "nats://", cluster::SCHEME];
     if !supported
         .iter()
         .any(|scheme| broker_url.starts_with(scheme))
     {
-        anyhow::bail!("BROKER_URL {broker_url:?}: expected redis://, rediss:// or nats://");
+        anyhow::bail!(
+            "BROKER_URL {broker_url:?}: expected redis://, rediss://, redis+cluster:// or nats://"
+        );
+    }
+    if broker_url.starts_with(cluster::SCHEME) && cluster::node_urls(broker_url).is_none() {
+        anyhow::bail!("BROKER_URL {broker_url:?}: redis+cluster://host:port,host:port expected");
     }
     // Every file is read and checked before anything connects.
-    let redis = if broker_url.starts_with("nats://") {
+    let redis = if broker_url.starts_with("nats://") || broker_url.starts_with(cluster::SCHEME) {
         None
     } else {
         let setting = if config.broker_url.is_some() {
@@ -131,6 +137,10 @@ async fn connect_broker(url: &str, redis: Option<redis::Client>, sink: Sink) -> 
         sink: Sink,
     ) -> Result<Broker, BrokerError> {
         Ok(match redis {
+            None if url.starts_with(cluster::SCHEME) => Broker {
+                subscriber: Arc::new(cluster::ClusterSubscriber::connect(url, sink).await?),
+                publisher: Arc::new(cluster::ClusterPublisher::connect(url).await?),
+            },
             None => Broker {
                 subscriber: Arc::new(NatsSubscriber::connect(url, sink).await?),
                 publisher: Arc::new(NatsPublisher::connect(url).await?),

@@ -111,6 +111,9 @@ pub struct ConnHandle {
     server_commands: Mutex<Vec<ServerCommand>>,
 }
 
+/// Posted frames that may wait for an SSE session at most (see [`ConnHandle::push_posted`]).
+pub const MAX_POSTED_WAITING: usize = 1024;
+
 /// A change a backend asked for through the server API, carried out by the connection's reader
 /// as if the client had sent it (replies without an `id`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +158,35 @@ impl ConnHandle {
             .unwrap_or_else(|e| e.into_inner())
             .push(command);
         self.reader_wake.notify_one();
+    }
+
+    /// Hands frames posted for this SSE connection to its session, unless more than
+    /// [`MAX_POSTED_WAITING`] would then wait: posts are answered before their frames run, so
+    /// without a bound a client could queue work faster than its session does it. Returns
+    /// whether they were taken.
+    pub fn push_posted(&self, secret: String, user: String, frames: Vec<String>) -> bool {
+        let mut commands = self
+            .server_commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let waiting: usize = commands
+            .iter()
+            .map(|c| match c {
+                ServerCommand::Frames { frames, .. } => frames.len(),
+                _ => 0,
+            })
+            .sum();
+        if waiting + frames.len() > MAX_POSTED_WAITING {
+            return false;
+        }
+        commands.push(ServerCommand::Frames {
+            secret,
+            user,
+            frames,
+        });
+        drop(commands);
+        self.reader_wake.notify_one();
+        true
     }
 
     /// The server commands waiting, oldest first.

@@ -24,7 +24,7 @@ use tokio::io::AsyncReadExt;
 use tonic::Code;
 
 use crate::admission::{StreamStarted, authenticate, refuse, token_of};
-use crate::outbound::{ConnHandle, ServerCommand};
+use crate::outbound::ConnHandle;
 use crate::session::{Inbound, Session, Source};
 use crate::state::Gateway;
 use crate::writer::{self, Egress, Framing};
@@ -272,11 +272,12 @@ async fn post(gateway: &Gateway, query: TokenQuery, headers: &HeaderMap, body: B
         let Some(conn) = gateway.hub.connection(name.client_id) else {
             return refuse(StatusCode::NOT_FOUND, "no such session");
         };
-        conn.push_server_command(ServerCommand::Frames {
-            secret: name.secret.to_owned(),
-            user,
-            frames,
-        });
+        if !conn.push_posted(name.secret.to_owned(), user, frames) {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many posted frames waiting; wait for their replies",
+            );
+        }
         return StatusCode::ACCEPTED.into_response();
     }
     let control = Control::Post {

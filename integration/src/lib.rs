@@ -26,6 +26,7 @@ pub mod otlp;
 pub mod ports;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 pub mod scenarios;
 pub mod sse;
 pub mod standalone;

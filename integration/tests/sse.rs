@@ -140,6 +140,13 @@ async fn http_answers(sys: &mut System) -> Result<()> {
             poster(&gw1, &alice, &session).post("[]").await?,
             202,
         ),
+        (
+            "more frames than may wait",
+            poster(&gw0, &alice, &session)
+                .post(&format!("[{}]", vec!["{}"; 1025].join(",")))
+                .await?,
+            429,
+        ),
     ];
     for (what, got, want) in cases {
         ensure!(

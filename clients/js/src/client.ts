@@ -5,11 +5,13 @@ import { RoomcastError } from "./errors.js";
 import { tokenExpiry } from "./jwt.js";
 import type { ClientFrame, ConnectedFrame, ServerFrame } from "./protocol.js";
 import { Room, type RoomHost } from "./room.js";
+import { sseTransport, type EventSourceConstructor, type FetchFunction } from "./sse.js";
 import {
   webSocketTransport,
   type Transport,
   type TransportClose,
   type TransportFactory,
+  type TransportName,
   type WebSocketConstructor,
 } from "./transport.js";
 
@@ -35,7 +37,33 @@ export interface ConnectOptions {
   refreshMarginMs?: number;
   /** The WebSocket class (default: the global one, else the `ws` package). */
   WebSocket?: WebSocketConstructor;
-  /** Another transport (see `Transport`); default WebSocket. */
+  /**
+   * The transports to use, in order of preference (default `["websocket", "sse"]`): after
+   * `fallbackAfter` failed attempts in a row the client tries the next one. `["sse"]` forces
+   * the SSE + POST fallback (networks that block WebSocket); `["websocket"]` never falls back.
+   */
+  transports?: TransportName[];
+  /** Connection attempts that fail in a row before the client tries the next transport (default 2). */
+  fallbackAfter?: number;
+  /**
+   * While connected over a transport other than the first of `transports`, try the first one
+   * this often, in ms, and switch when it opens (default 60000; 0: never).
+   */
+  upgradeIntervalMs?: number;
+  /** The SSE endpoint; default: `url` with `http(s):` for `ws(s):` and `/sse` for a final `/ws`. */
+  sseUrl?: string;
+  /** Where SSE commands are POSTed (`/sse/send` on any gateway); default: `sseUrl` + `/send`. */
+  sseSendUrl?: string;
+  /** `fetch` for the SSE transport (default: the global one). */
+  fetch?: FetchFunction;
+  /** The EventSource class for SSE (default: the global one; `null`: read the stream with fetch). */
+  EventSource?: EventSourceConstructor | null;
+  /** Replaces built-in transports (tests, a custom carriage). */
+  transportFactories?: Partial<Record<TransportName, TransportFactory>>;
+  /**
+   * Replaces the WebSocket transport; without `transports` it is then the only one (no
+   * fallback). Kept for compatibility: prefer `transportFactories`.
+   */
   transport?: TransportFactory;
   /** Connect at once (default true); otherwise call `client.open()`. */
   autoConnect?: boolean;
@@ -47,7 +75,8 @@ export interface ConnectedInfo {
   clientId: string;
   user: string;
   gateway: string;
-  transport: string;
+  /** The carriage of this connection: `websocket`, or `sse` (the fallback). */
+  transport: TransportName;
 }
 
 export interface DisconnectedInfo {
@@ -64,7 +93,7 @@ export interface DisconnectedInfo {
 
 export interface ClientEvents {
   state: ConnectionState;
-  connecting: { attempt: number };
+  connecting: { attempt: number; transport: TransportName };
   connected: ConnectedInfo;
   disconnected: DisconnectedInfo;
   /** The token was replaced on the open connection (`refresh`). */
@@ -83,6 +112,21 @@ interface Pending {
 /** The code the client closes with when it drops a connection that stopped answering. */
 const CLIENT_DROP = 4000;
 
+/** The first upgrade probe after a fallback from a transport that had worked. */
+const QUICK_UPGRADE_MS = 3000;
+
+/** The SSE endpoint of a WebSocket URL: `ws(s):` becomes `http(s):`, a final `/ws` becomes `/sse`. */
+export function sseUrlFor(url: string): string {
+  const u = new URL(url);
+  if (u.protocol === "ws:") u.protocol = "http:";
+  else if (u.protocol === "wss:") u.protocol = "https:";
+  u.pathname = /\/ws\/?$/.test(u.pathname)
+    ? u.pathname.replace(/\/ws\/?$/, "/sse")
+    : `${u.pathname.replace(/\/$/, "")}/sse`;
+  u.searchParams.delete("token");
+  return u.toString();
+}
+
 const hasWindow = (): boolean =>
   typeof window !== "undefined" && typeof window.addEventListener === "function";
 
@@ -91,7 +135,24 @@ const hasWindow = (): boolean =>
  */
 export class RoomcastClient extends Emitter<ClientEvents> {
   private readonly opts: ConnectOptions;
-  private readonly factory: TransportFactory;
+  private readonly factories: Record<TransportName, TransportFactory>;
+  /** The transports in order of preference. */
+  private readonly order: TransportName[];
+  /** Index in `order` of the transport the next attempt uses. */
+  private mode = 0;
+  /** Attempts in a row that ended before `connected` on `order[mode]`. */
+  private failures = 0;
+  /** The transport `_transport` was made as. */
+  private current: TransportName = "websocket";
+  /** A connection of the preferred transport opened while connected over a fallback. */
+  private probe: Transport | undefined;
+  private upgradeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The preferred transport has connected before: a fallback is more likely an outage. */
+  private preferredWorked = false;
+  /** Upgrade probes since the client last connected over the preferred transport. */
+  private probes = 0;
+  /** The client ids of this client's connections (the latest ones). */
+  private readonly ownClientIds = new Set<string>();
   private readonly rooms = new Map<string, Room>();
   private readonly pending = new Map<number, Pending>();
   private readonly waitingForConnection: Array<() => void> = [];
@@ -106,6 +167,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   private refreshTimer: ReturnType<typeof setTimeout> | undefined;
   private info: ConnectedInfo | undefined;
   private readonly host: RoomHost;
+  private readonly urls: Record<TransportName, string>;
   private readonly browserCleanup: Array<() => void> = [];
   /** The current transport. Exposed for tests and diagnostics; not part of the API. */
   _transport: Transport | undefined;
@@ -117,7 +179,21 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     this.opts = opts;
     this.token = opts.token;
     this.commandTimeoutMs = opts.commandTimeoutMs ?? 10_000;
-    this.factory = opts.transport ?? webSocketTransport(opts.WebSocket);
+    const sseUrl = opts.sseUrl ?? sseUrlFor(opts.url);
+    this.factories = {
+      websocket: opts.transportFactories?.websocket ?? opts.transport ?? webSocketTransport(opts.WebSocket),
+      sse:
+        opts.transportFactories?.sse ??
+        sseTransport({
+          ...(opts.sseSendUrl !== undefined ? { sendUrl: opts.sseSendUrl } : {}),
+          ...(opts.fetch !== undefined ? { fetch: opts.fetch } : {}),
+          ...(opts.EventSource !== undefined ? { EventSource: opts.EventSource } : {}),
+        }),
+    };
+    const order = opts.transports ?? (opts.transport ? ["websocket"] : ["websocket", "sse"]);
+    this.order = [...new Set(order)];
+    if (this.order.length === 0) throw new Error("connect: `transports` is empty");
+    this.urls = { websocket: opts.url, sse: sseUrl };
     const self = this;
     this.host = {
       get connected() {
@@ -134,6 +210,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
         this.pending.delete(id);
       },
       retryDelay: (attempt) => backoffDelay(attempt, opts.backoff, opts.random),
+      isOwn: (clientId) => this.ownClientIds.has(clientId),
     };
     this.watchBrowser();
     if (opts.autoConnect !== false) this.open();
@@ -146,6 +223,11 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   /** The `connected` frame's details while connected. */
   get connection(): ConnectedInfo | undefined {
     return this._state === "connected" ? this.info : undefined;
+  }
+
+  /** The transport in use while connected (`websocket` or `sse`), else undefined. */
+  get transport(): TransportName | undefined {
+    return this.connection?.transport;
   }
 
   /** True once `close()` was called or a terminal close code stopped the client. */
@@ -197,6 +279,7 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     const reply = await this.request({ type: "refresh", token: t }, this.commandTimeoutMs);
     const expiresAt = (reply as { expiresAt: number }).expiresAt;
     this.token = t;
+    this._transport?.updateToken?.(t);
     this.scheduleRefresh();
     this.emit("refreshed", { expiresAt });
     return { expiresAt };
@@ -284,32 +367,50 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   private async attemptConnection(): Promise<void> {
     this.retryTimer = undefined;
     if (this.stopped) return;
+    const name = this.order[this.mode]!;
     this.setState("connecting");
-    this.emit("connecting", { attempt: this.attempt });
+    this.emit("connecting", { attempt: this.attempt, transport: name });
     let token: string;
     try {
       token = await this.connectToken();
     } catch (err) {
-      this.afterClose({ code: 1006, reason: `getToken failed: ${String(err)}` }, false);
+      this.afterClose({ code: 1006, reason: `getToken failed: ${String(err)}` });
       return;
     }
     if (this.stopped) return;
-    const handlers = {
-      onOpen: () => {},
-      onFrame: (frame: ServerFrame) => {
-        if (this._transport === transport) this.onFrame(frame);
-      },
-      onClose: (close: TransportClose) => {
-        if (this._transport === transport) this.onTransportClose(close);
-      },
-    };
-    const transport: Transport = this.factory({ url: this.opts.url, token }, handlers);
+    const transport = this.createTransport(name, token);
     this._transport = transport;
+    this.current = name;
     this.connectTimer = setTimeout(() => {
       if (this._transport === transport && this._state !== "connected") {
         transport.close(CLIENT_DROP, "connect timeout");
       }
     }, this.opts.connectTimeoutMs ?? 10_000);
+  }
+
+  /**
+   * A transport whose events reach the client while it is the current one, or, as an upgrade
+   * probe, until its `connected` frame makes it the current one.
+   */
+  private createTransport(name: TransportName, token: string): Transport {
+    const transport: Transport = this.factories[name](
+      { url: this.urls[name], token },
+      {
+        onOpen: () => {},
+        onFrame: (frame: ServerFrame) => {
+          if (this._transport === transport) this.onFrame(frame);
+          else if (this.probe === transport && frame.type === "connected") this.upgrade(transport, name, frame);
+        },
+        onClose: (close: TransportClose) => {
+          if (this._transport === transport) this.onTransportClose(close);
+          else if (this.probe === transport) {
+            this.probe = undefined;
+            this.scheduleUpgrade();
+          }
+        },
+      },
+    );
+    return transport;
   }
 
   /** The token to connect with: the current one unless it is (nearly) expired or refused. */
@@ -374,15 +475,23 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     if (this.connectTimer) clearTimeout(this.connectTimer);
     this.connectTimer = undefined;
     this.attempt = 0;
+    this.failures = 0;
+    this.ownClientIds.add(frame.clientId);
+    if (this.ownClientIds.size > 64) this.ownClientIds.delete(this.ownClientIds.values().next().value!);
+    if (this.current === this.order[0]) {
+      this.preferredWorked = true;
+      this.probes = 0;
+    }
     this.info = {
       clientId: frame.clientId,
       user: frame.user,
       gateway: frame.gateway,
-      transport: this._transport?.name ?? "unknown",
+      transport: this.current,
     };
     this.setState("connected");
     this.emit("connected", this.info);
     this.scheduleRefresh();
+    this.scheduleUpgrade();
     for (const room of this.rooms.values()) room._connected();
     for (const send of this.waitingForConnection.splice(0)) send();
   }
@@ -391,14 +500,24 @@ export class RoomcastClient extends Emitter<ClientEvents> {
     const wasConnected = this._state === "connected";
     this._transport = undefined;
     this.clearTimers();
+    this.dropTransportState();
+    if (!wasConnected && ++this.failures >= (this.opts.fallbackAfter ?? 2) && this.order.length > 1) {
+      // This transport does not get through (a proxy refusing WebSocket, say): try the next.
+      this.mode = (this.mode + 1) % this.order.length;
+      this.failures = 0;
+    }
+    this.afterClose(close);
+  }
+
+  /** Commands in flight on the transport that ended are lost; rooms re-join on the next one. */
+  private dropTransportState(): void {
     const lost = [...this.pending.values()];
     this.pending.clear();
     for (const room of this.rooms.values()) room._disconnected();
     for (const p of lost) p.onLost();
-    this.afterClose(close, wasConnected);
   }
 
-  private afterClose(close: TransportClose, _wasConnected: boolean): void {
+  private afterClose(close: TransportClose): void {
     if (this.stopped) {
       this.finishStopped(close);
       return;
@@ -499,8 +618,51 @@ export class RoomcastClient extends Emitter<ClientEvents> {
   }
 
   private clearTimers(): void {
-    for (const t of [this.connectTimer, this.retryTimer, this.refreshTimer]) if (t) clearTimeout(t);
-    this.connectTimer = this.retryTimer = this.refreshTimer = undefined;
+    for (const t of [this.connectTimer, this.retryTimer, this.refreshTimer, this.upgradeTimer]) {
+      if (t) clearTimeout(t);
+    }
+    this.connectTimer = this.retryTimer = this.refreshTimer = this.upgradeTimer = undefined;
+    const probe = this.probe;
+    this.probe = undefined;
+    probe?.close(1000, "upgrade cancelled");
+  }
+
+  /** Connected over a fallback: try the preferred transport again later. */
+  private scheduleUpgrade(): void {
+    if (this.upgradeTimer) clearTimeout(this.upgradeTimer);
+    this.upgradeTimer = undefined;
+    const every = this.opts.upgradeIntervalMs ?? 60_000;
+    const preferred = this.order[0]!;
+    if (every <= 0 || this._state !== "connected" || this.current === preferred || this.probe) return;
+    // Where the preferred transport worked before, the fallback most likely followed an outage
+    // (its attempts failed while the gateway was down): the first probe comes soon.
+    const delay = this.preferredWorked && this.probes === 0 ? Math.min(every, QUICK_UPGRADE_MS) : every;
+    this.upgradeTimer = setTimeout(() => {
+      this.probes++;
+      this.upgradeTimer = undefined;
+      if (this._state !== "connected" || this.stopped || !this.token) return;
+      const probe = this.createTransport(preferred, this.token);
+      this.probe = probe;
+      setTimeout(() => {
+        if (this.probe === probe) probe.close(CLIENT_DROP, "upgrade timeout");
+      }, this.opts.connectTimeoutMs ?? 10_000);
+    }, delay);
+  }
+
+  /**
+   * The probe opened: it becomes the connection. What was in flight on the old one is sent
+   * again and the rooms re-join with `since`, as after any reconnect, so nothing is lost or
+   * repeated; the state stays `connected` and `connected` is emitted with the new transport.
+   */
+  private upgrade(probe: Transport, name: TransportName, frame: ConnectedFrame): void {
+    const old = this._transport;
+    this.probe = undefined;
+    this._transport = probe;
+    this.current = name;
+    this.mode = this.order.indexOf(name);
+    this.dropTransportState();
+    old?.close(1000, `switched to ${name}`);
+    this.onConnected(frame);
   }
 
   private setState(state: ConnectionState): void {

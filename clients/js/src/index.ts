@@ -1,4 +1,4 @@
-export { connect, RoomcastClient } from "./client.js";
+export { connect, RoomcastClient, sseUrlFor } from "./client.js";
 export type {
   ClientEvents,
   ConnectOptions,
@@ -16,11 +16,14 @@ export { reconnectPolicy } from "./closeCodes.js";
 export type { ReconnectPolicy } from "./closeCodes.js";
 export { tokenExpiry } from "./jwt.js";
 export { WebSocketTransport, webSocketTransport } from "./transport.js";
+export { EventStreamParser, SseTransport, sseSendUrl, sseTransport } from "./sse.js";
+export type { EventSourceConstructor, EventSourceLike, FetchFunction, SseTransportConfig, StreamEvent } from "./sse.js";
 export type {
   Transport,
   TransportClose,
   TransportFactory,
   TransportHandlers,
+  TransportName,
   TransportOptions,
   WebSocketConstructor,
   WebSocketLike,

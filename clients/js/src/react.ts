@@ -14,7 +14,7 @@ import {
 } from "react";
 import { connect, type ConnectedInfo, type ConnectOptions, type ConnectionState, type RoomcastClient } from "./client.js";
 import type { RoomcastError } from "./errors.js";
-import type { Member, MessageFrame } from "./protocol.js";
+import type { Json, Member, MessageFrame } from "./protocol.js";
 import type { PublishOptions, Room } from "./room.js";
 
 const Context = createContext<RoomcastClient | null>(null);
@@ -96,7 +96,11 @@ export interface UseRoomOptions {
 export interface UseRoom {
   room: Room | null;
   joined: boolean;
-  /** The room's messages since the hook joined, oldest first, each once. */
+  /**
+   * The room's messages since the hook joined, in offset order, each once; those published
+   * through this hook's `publish` are added when the server acknowledges them (the server
+   * does not send a connection its own messages).
+   */
   messages: MessageFrame[];
   /** The members, from `presence` after each (re-)join, kept up to date by events. */
   members: Member[];
@@ -109,6 +113,15 @@ export interface UseRoom {
 
 // Components using the same room of the same client share one join.
 const holders = new WeakMap<Room, number>();
+
+/** `m` placed by offset (it may be older than the newest: our own acknowledged late), once. */
+function insertMessage(prev: MessageFrame[], m: MessageFrame, max: number): MessageFrame[] {
+  let i = prev.length;
+  while (i > 0 && prev[i - 1]!.epoch === m.epoch && prev[i - 1]!.offset > m.offset) i--;
+  if (i > 0 && prev[i - 1]!.epoch === m.epoch && prev[i - 1]!.offset === m.offset) return prev;
+  const next = [...prev.slice(0, i), m, ...prev.slice(i)];
+  return next.length > max ? next.slice(next.length - max) : next;
+}
 
 /**
  * Joins `name` while mounted (components sharing a room share the join) and returns its
@@ -143,13 +156,7 @@ export function useRoom(name: string, opts: UseRoomOptions = {}): UseRoom {
       );
     };
     const offs = [
-      r.on("message", (m) =>
-        setMessages((prev) => {
-          const next = prev.length >= maxRef.current ? prev.slice(prev.length - maxRef.current + 1) : prev.slice();
-          next.push(m);
-          return next;
-        }),
-      ),
+      r.on("message", (m) => setMessages((prev) => insertMessage(prev, m, maxRef.current))),
       r.on("member_joined", (m) =>
         setMembers((prev) => (prev.some((x) => x.clientId === m.clientId) ? prev : [...prev, { user: m.user, clientId: m.clientId }])),
       ),
@@ -182,12 +189,29 @@ export function useRoom(name: string, opts: UseRoomOptions = {}): UseRoom {
     };
   }, [client, name]);
 
+  const roomRef = useRef(room);
+  roomRef.current = room;
   const publish = useCallback(
-    (data: unknown, o?: PublishOptions) => {
-      if (!room) return Promise.reject(new Error("useRoom: no client yet"));
-      return room.publish(data, o);
+    async (data: unknown, o?: PublishOptions) => {
+      if (!room || !client) throw new Error("useRoom: no client yet");
+      const result = await room.publish(data, o);
+      const conn = client.connection;
+      const epoch = room.lastSeen?.epoch;
+      if (conn && epoch !== undefined && roomRef.current === room) {
+        const own: MessageFrame = {
+          type: "message",
+          room: room.name,
+          offset: result.offset,
+          epoch,
+          user: conn.user,
+          clientId: conn.clientId,
+          data: data as Json,
+        };
+        setMessages((prev) => insertMessage(prev, own, maxRef.current));
+      }
+      return result;
     },
-    [room],
+    [room, client],
   );
 
   return { room, joined, messages, members, recovered, error, publish };

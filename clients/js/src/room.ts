@@ -74,6 +74,8 @@ export interface RoomHost {
   ): number | undefined;
   forget(id: number): void;
   retryDelay(attempt: number): number;
+  /** Whether `clientId` is one of this client's connections (current or earlier). */
+  isOwn(clientId: string): boolean;
 }
 
 interface OutboxEntry {
@@ -284,7 +286,11 @@ export class Room extends Emitter<RoomEvents> {
         this.emit(frame.type, frame);
         break;
       case "joined":
-        // A backend subscribed this connection (server API `Subscribe`).
+        // A backend subscribed this connection (server API `Subscribe`). The subscription
+        // belongs to the connection, so a new connection would lose it: keep the room wanted
+        // like one the app joined, re-joined with `since` after a reconnect, until `leave()`
+        // or a server-side unsubscribe.
+        this.wanted = true;
         this.onJoined(frame, false);
         break;
       case "left":
@@ -296,11 +302,16 @@ export class Room extends Emitter<RoomEvents> {
     }
   }
 
-  private deliver(m: MessageFrame): void {
-    if (m.epoch === this.epoch && this.offset !== undefined && m.offset <= this.offset) return;
+  /** Emits `m` unless it was seen already or is our own; true when emitted. */
+  private deliver(m: MessageFrame): boolean {
+    if (m.epoch === this.epoch && this.offset !== undefined && m.offset <= this.offset) return false;
     this.epoch = m.epoch;
     this.offset = m.offset;
+    // The server never sends a connection its own messages, but a re-join's `missed` holds
+    // what an earlier connection of this client published: the app had those as replies.
+    if (this.host.isOwn(m.clientId)) return false;
     this.emit("message", m);
+    return true;
   }
 
   private sendJoin(): void {
@@ -353,9 +364,7 @@ export class Room extends Emitter<RoomEvents> {
     const rejoin = this.everJoined;
     let missed = 0;
     for (const m of frame.missed ?? []) {
-      const before = this.offset;
-      this.deliver(m);
-      if (this.offset !== before) missed++;
+      if (this.deliver(m)) missed++;
     }
     if (withSince && frame.recovered === true && this.epoch === frame.epoch) {
       // The missed messages came above; go on from the room's latest offset.

@@ -19,20 +19,25 @@ export interface TransportHandlers {
   onClose(close: TransportClose): void;
 }
 
+/** The built-in transports: WebSocket, and the SSE + POST fallback (contract §1.5). */
+export type TransportName = "websocket" | "sse";
+
 /**
- * One connection attempt's carriage of frames. The client creates a new transport per attempt.
- * WebSocket is implemented; the SSE + POST fallback (contract §1.5) is meant to plug in here
- * with the same interface once the gateway serves it.
+ * One connection attempt's carriage of frames. The client creates a new transport per attempt:
+ * `WebSocketTransport` here, `SseTransport` in `sse.ts`.
  */
 export interface Transport {
   readonly name: string;
+  /** Throws when the transport is not open (before `connected`, after a close). */
   send(frame: ClientFrame): void;
   /** Closes on purpose; `onClose` follows. */
   close(code?: number, reason?: string): void;
+  /** The token was refreshed: a transport that sends it again (SSE's POSTs) uses the new one. */
+  updateToken?(token: string): void;
 }
 
 export interface TransportOptions {
-  /** The endpoint, e.g. `ws://localhost:8080/ws`. */
+  /** The endpoint, e.g. `ws://localhost:8080/ws` or `http://localhost:8080/sse`. */
   url: string;
   token: string;
 }

@@ -130,6 +130,20 @@ describe("react hooks", () => {
     const pub = t.all("publish")[0]!;
     await act(async () => t.frame({ type: "published", id: pub.id, room: "chat:1", offset: 3 }));
     await expect(published).resolves.toEqual({ offset: 3 });
+    // our own message is in the list once acknowledged, in offset order with a late one
+    expect(room!.messages.map((m) => [m.offset, m.data, m.clientId])).toEqual([
+      [1, "a", "other"],
+      [2, "b", "other"],
+      [3, { text: "hi" }, "me"],
+    ]);
+    act(() => {
+      published = room!.publish("second");
+    });
+    const pub2 = t.all("publish")[1]!;
+    await act(async () => t.frame({ type: "published", id: pub2.id, room: "chat:1", offset: 5 }));
+    act(() => t.frame({ ...msg, offset: 4, data: "late" }));
+    act(() => t.frame({ ...msg, offset: 6, data: "next" }));
+    expect(room!.messages.map((m) => m.offset)).toEqual([1, 2, 3, 4, 5, 6]);
 
     view.unmount();
     expect(t.all("leave")).toHaveLength(0); // the client closed at once; leaving is implied

@@ -10,7 +10,7 @@ import {
   type MessageFrame,
   type RoomcastClient,
 } from "../src/index.js";
-import { startServer, waitFor, type TestServer } from "./server.js";
+import { sseServed, startServer, waitFor, type TestServer } from "./server.js";
 
 let server: TestServer;
 const clients: RoomcastClient[] = [];
@@ -227,6 +227,47 @@ describe("against roomcast standalone", () => {
     await waitFor(() => good.state === "connected", 5000, "connected with a new token");
     expect(calls).toBe(1);
   });
+
+  it("over SSE: chats with a WebSocket client, refreshes its token and goes on posting past the first one's exp", async (ctx) => {
+    const httpUrl = server.url.replace(/^ws/, "http").replace(/\/ws$/, "");
+    if (!(await sseServed(httpUrl, server.token({ sub: "probe" })))) {
+      ctx.skip("the gateway answers 404 on /sse");
+      return;
+    }
+    const exp = () => Math.floor(Date.now() / 1000) + 3;
+    const sse = client("sse-kim", {
+      transports: ["sse"],
+      EventSource: null,
+      getToken: () => server.token({ sub: "sse-kim", exp: exp() }),
+    });
+    const ws = client("ws-lee");
+    const disconnects: number[] = [];
+    sse.on("disconnected", (d) => disconnects.push(d.code));
+    const name = roomName();
+    const rs = sse.room(name);
+    const rw = ws.room(name);
+    await rs.join();
+    await rw.join();
+    expect(sse.transport).toBe("sse");
+    expect(ws.transport).toBe("websocket");
+    const atSse: unknown[] = [];
+    const atWs: unknown[] = [];
+    rs.on("message", (m) => atSse.push(m.data));
+    rw.on("message", (m) => atWs.push(m.data));
+    // several commands in one tick: one POST, run in order
+    const offsets = await Promise.all([rs.publish("s1"), rs.publish("s2"), rs.publish("s3")]);
+    expect(offsets.map((o) => o.offset)).toEqual([1, 2, 3]);
+    await rw.publish("w1");
+    await waitFor(() => atWs.length === 3 && atSse.length === 1, 5000, "both sides' messages");
+    expect(atWs).toEqual(["s1", "s2", "s3"]);
+    expect(atSse).toEqual(["w1"]);
+    expect((await rs.presence()).map((m) => m.user).sort()).toEqual(["sse-kim", "ws-lee"]);
+    // past the first token's exp: POSTs carry the refreshed one
+    await new Promise((r) => setTimeout(r, 3500));
+    expect(await rs.publish("s4")).toEqual({ offset: 5 });
+    expect(disconnects).toEqual([]);
+    expect(sse.transport).toBe("sse");
+  }, 15_000);
 
   it("refreshes a short-lived token with getToken and stays connected past exp", async () => {
     const c = client("ivan", {

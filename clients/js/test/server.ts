@@ -106,3 +106,16 @@ export async function waitFor(cond: () => boolean, ms = 5000, what = "condition"
     await new Promise((r) => setTimeout(r, 10));
   }
 }
+
+/**
+ * Whether the gateway at `httpUrl` serves the SSE fallback (one without it answers 404). When
+ * it does not, the caller skips its SSE tests, and says so loudly.
+ */
+export async function sseServed(httpUrl: string, token: string): Promise<boolean> {
+  const res = await fetch(`${httpUrl}/sse?token=${token}`, { signal: AbortSignal.timeout(5000) });
+  await res.body?.cancel();
+  if (res.status !== 404) return true;
+  const note = "SKIPPED: the gateway answers 404 on /sse (no SSE fallback on the server yet)";
+  console.error(`\n${"!".repeat(90)}\n!! ${note}\n${"!".repeat(90)}\n`);
+  return false;
+}

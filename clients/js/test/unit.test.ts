@@ -177,6 +177,43 @@ describe("client with a scripted transport", () => {
     client.close();
   });
 
+  it("does not hand the app its own earlier publishes again when a re-join recovers them", async () => {
+    const { transports, factory } = fake();
+    const client = connect({ url: "ws://x/ws", token, transport: factory, backoff: { initialMs: 1, maxMs: 1 } });
+    await tick();
+    transports[0]!.connected(); // clientId "c"
+    const room = client.room("r");
+    const got: number[] = [];
+    room.on("message", (m) => got.push(m.offset));
+    const j = room.join();
+    transports[0]!.frame({ type: "joined", id: transports[0]!.last("join")!.id, room: "r", epoch: "e", offset: 5 });
+    await j;
+    const p = room.publish("mine");
+    transports[0]!.frame({ type: "published", id: transports[0]!.last("publish")!.id, room: "r", offset: 6 });
+    await p;
+    transports[0]!.drop(1006);
+    await new Promise((r) => setTimeout(r, 20));
+    transports[1]!.frame({ type: "connected", clientId: "c2", user: "u", gateway: "g" });
+    const rejoin = transports[1]!.last("join")!;
+    expect(rejoin).toMatchObject({ since: { epoch: "e", offset: 5 } });
+    const recovery = new Promise((r) => room.on("recovery", r));
+    const msg = (offset: number, clientId: string) =>
+      ({ type: "message", room: "r", offset, epoch: "e", user: "u", clientId, data: offset }) as const;
+    transports[1]!.frame({
+      type: "joined",
+      id: rejoin.id,
+      room: "r",
+      epoch: "e",
+      offset: 7,
+      recovered: true,
+      missed: [msg(6, "c"), msg(7, "other")],
+    });
+    expect(await recovery).toEqual({ room: "r", recovered: true, missed: 1 });
+    expect(got).toEqual([7]);
+    expect(room.lastSeen).toEqual({ epoch: "e", offset: 7 });
+    client.close();
+  });
+
   it("emits recovered: false and goes on from the room's offset", async () => {
     const { transports, factory } = fake();
     const client = connect({ url: "ws://x/ws", token, transport: factory, backoff: { initialMs: 1, maxMs: 1 } });
@@ -300,6 +337,37 @@ describe("client with a scripted transport", () => {
     const refresh = transports[0]!.last("refresh");
     expect(refresh).toBeDefined();
     transports[0]!.frame({ type: "refreshed", id: refresh!.id, expiresAt: exp() });
+    client.close();
+  });
+});
+
+describe("rooms a backend subscribed the connection to", () => {
+  it("are re-joined with since after a reconnect, until the server unsubscribes", async () => {
+    const { transports, factory } = fake();
+    const token = mintToken("s", { sub: "u" });
+    const client = connect({ url: "ws://x/ws", token, transport: factory, backoff: { initialMs: 1, maxMs: 1 } });
+    const subscribed: string[] = [];
+    client.on("subscribed", (r) => subscribed.push(r.name));
+    await tick();
+    transports[0]!.connected();
+    transports[0]!.frame({ type: "joined", room: "news", epoch: "e", offset: 4 });
+    transports[0]!.frame({ type: "message", room: "news", offset: 5, epoch: "e", user: "b", clientId: "s", data: 5 });
+    expect(subscribed).toEqual(["news"]);
+    const news = client.room("news");
+    expect(news.joined).toBe(true);
+    transports[0]!.drop(1006);
+    await new Promise((r) => setTimeout(r, 20));
+    transports[1]!.connected();
+    const rejoin = transports[1]!.last("join");
+    expect(rejoin).toMatchObject({ room: "news", since: { epoch: "e", offset: 5 } });
+    transports[1]!.frame({ type: "joined", id: rejoin!.id, room: "news", epoch: "e", offset: 5, recovered: true, missed: [] });
+    expect(news.joined).toBe(true);
+    // unsubscribed by the backend: not re-joined any more
+    transports[1]!.frame({ type: "left", room: "news" });
+    transports[1]!.drop(1006);
+    await new Promise((r) => setTimeout(r, 20));
+    transports[2]!.connected();
+    expect(transports[2]!.last("join")).toBeUndefined();
     client.close();
   });
 });

@@ -1,5 +1,5 @@
 //! The pub/sub leg: [`Publisher`] and [`Subscriber`], implemented in memory (standalone mode,
-//! one process), on Redis pub/sub and on NATS.
+//! one process), on Redis pub/sub, on Redis Cluster's sharded pub/sub and on NATS.
 //!
 //! Guarantees every implementation keeps (the gateway relies on them):
 //! - **Per-channel order, per publisher.** Payloads one publisher publishes on one channel reach
@@ -23,6 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
+pub mod cluster;
 mod memory;
 pub mod nats;
 mod redis;
@@ -54,7 +55,9 @@ pub enum BrokerError {
     Timeout,
     #[error("nats unavailable: {0}")]
     Nats(String),
-    #[error("unsupported broker url {0:?} (expected redis://, rediss:// or nats://)")]
+    #[error(
+        "unsupported broker url {0:?} (expected redis://, rediss://, redis+cluster:// or nats://)"
+    )]
     UnsupportedUrl(String),
 }
 
