@@ -4,8 +4,8 @@
 # runs the standard scenarios with the load generators, and writes docs/benchmarks.md (machine,
 # load average per round, versions, command lines, numbers) and its figures (docs/img/*.svg).
 #
-#   bench/run.sh              the standard run (about 25 min plus the release build on a 2-core machine)
-#   bench/run.sh --quick      a short run (BENCH_QUICK=1 does the same): about 8 min
+#   bench/run.sh              the standard run (15-20 min plus the release build on a 2-core machine)
+#   bench/run.sh --quick      a short run (BENCH_QUICK=1 does the same): about 5 min
 #   bench/run.sh --help
 #
 # Every process it starts is stopped on exit (trap EXIT), by pid. It starts its own redis-server
