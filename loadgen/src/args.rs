@@ -151,6 +151,71 @@ pub struct FanoutArgs {
     /// Publisher connections (each joins its room, round-robin); default one per room.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub publishers: Option<u32>,
+    /// The server's protocol: `roomcast`, or `socketio` for the Socket.IO reference of
+    /// bench/socketio (Engine.IO 4 over WebSocket; give its URL as ws://HOST:PORT/socket.io/).
+    #[arg(long, value_enum, default_value_t = Protocol::Roomcast)]
+    pub protocol: Protocol,
+    /// Which gateway a member connects to: `spread` (connection n to URL n mod U, so a room's
+    /// members are spread over the gateways) or `room` (every member of room r to URL r mod U).
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    pub placement: Placement,
+    /// Worker processes: `auto` (one per 15000 members, whole rooms each) or a number.
+    #[arg(long, default_value = "auto", value_parser = parse_workers)]
+    pub workers: Workers,
+    #[command(flatten)]
+    pub steps: StepArgs,
+    /// Internal: run as worker process of a multi-process run (rooms FIRST:END, run id).
+    #[arg(long, hide = true, value_parser = parse_room_range)]
+    pub worker_rooms: Option<(u32, u32)>,
+    #[arg(long, hide = true)]
+    pub run_id: Option<String>,
+}
+
+/// A rising-rate run: one set-up, then publishing steps at increasing total rates.
+#[derive(Debug, Clone, Args)]
+pub struct StepArgs {
+    /// Publish at each of these total rates in turn (comma-separated, msg/s), one set-up for
+    /// all; stops after the first step that fails (any loss, unanswered or refused publish,
+    /// member dropped, or p99 above --max-p99). Replaces --rate and --duration.
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate, conflicts_with_all = ["duration", "rate"])]
+    pub steps: Vec<f64>,
+    /// How long to publish at each step.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub step_duration: Duration,
+    /// Pause between steps (after the drain), so the servers are idle when a step starts.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub step_pause: Duration,
+    /// A step fails above this publish-to-delivery p99 (ms).
+    #[arg(long, default_value_t = 50.0, value_parser = parse_rate)]
+    pub max_p99: f64,
+    /// A failing step is run again this many times at the same rate before the run stops
+    /// (a shared machine has bursts of other work).
+    #[arg(long, default_value_t = 1)]
+    pub step_retries: u32,
+    /// Processes whose CPU time (/proc utime + stime) is reported per step, as LABEL=PID or
+    /// LABEL=PID,PID,…; repeatable (e.g. --measure-pid gateway=41,42 --measure-pid redis=40).
+    #[arg(long = "measure-pid", value_name = "LABEL=PIDS", value_parser = parse_measure_pids)]
+    pub measure_pids: Vec<(String, Vec<u32>)>,
+    /// Redis servers whose own CPU time (INFO cpu: used_cpu_user + used_cpu_sys) is reported
+    /// per step, as LABEL=HOST:PORT; repeatable (one per shard of a Redis Cluster).
+    #[arg(long = "measure-redis", value_name = "LABEL=ADDR", value_parser = parse_measure_redis)]
+    pub measure_redis: Vec<(String, SocketAddr)>,
+}
+
+/// The server's client protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Roomcast,
+    Socketio,
+}
+
+/// How members are spread over the gateway URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    Spread,
+    Room,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -191,6 +256,9 @@ impl WsUrl {
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
+/// Rates a `--steps` run takes at most (each may run 1 + --step-retries times).
+pub const MAX_STEPS: usize = 32;
+
 /// Parses the command line; cross-field rules get the same kind of message as clap's own.
 pub fn parse() -> Cli {
     let cli = Cli::parse();
@@ -228,6 +296,20 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
                 ));
             }
             check_publishing(common, &a.rooms)?;
+            if a.steps.steps.len() > MAX_STEPS {
+                return Err(format!("--steps: at most {MAX_STEPS} rates"));
+            }
+            if a.steps.step_duration.is_zero() {
+                return Err("--step-duration must be more than 0".into());
+            }
+            if let Some((first, end)) = a.worker_rooms
+                && end > a.rooms.rooms
+            {
+                return Err(format!(
+                    "--worker-rooms {first}:{end} is past --rooms {}",
+                    a.rooms.rooms
+                ));
+            }
         }
         Scenario::PublishApi(a) => {
             if a.api_key.is_none() {
@@ -312,6 +394,50 @@ fn parse_workers(s: &str) -> Result<Workers, String> {
         Ok(n) if (1..=64).contains(&n) => Ok(Workers::Fixed(n)),
         _ => Err(format!("`{s}`: expected `auto` or a number from 1 to 64")),
     }
+}
+
+/// `FIRST:END`, a half-open range of room numbers.
+fn parse_room_range(s: &str) -> Result<(u32, u32), String> {
+    let parsed = s
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
+    match parsed {
+        Some((a, b)) if a < b => Ok((a, b)),
+        _ => Err(format!("`{s}`: expected FIRST:END with FIRST < END")),
+    }
+}
+
+/// `LABEL=PID` or `LABEL=PID,PID,…`.
+fn parse_measure_pids(s: &str) -> Result<(String, Vec<u32>), String> {
+    let (label, pids) = s
+        .split_once('=')
+        .filter(|(l, _)| valid_label(l))
+        .ok_or_else(|| format!("`{s}`: expected LABEL=PID[,PID…]"))?;
+    let pids = pids
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|_| format!("`{s}`: the PIDs must be numbers"))?;
+    Ok((label.to_owned(), pids))
+}
+
+/// `LABEL=HOST:PORT` (an IP address).
+fn parse_measure_redis(s: &str) -> Result<(String, SocketAddr), String> {
+    let (label, addr) = s
+        .split_once('=')
+        .filter(|(l, _)| valid_label(l))
+        .ok_or_else(|| format!("`{s}`: expected LABEL=HOST:PORT"))?;
+    let addr = addr
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("`{s}`: `{addr}` is not IP:PORT"))?;
+    Ok((label.to_owned(), addr))
+}
+
+fn valid_label(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= 64
+        && l.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c))
 }
 
 fn parse_room_prefix(s: &str) -> Result<String, String> {

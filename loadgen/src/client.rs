@@ -1,6 +1,11 @@
 //! One load connection: TCP from a chosen 127.0.0.x source address, WebSocket upgrade with the
 //! token in the query, and the `connected` frame. Buffers are kept small because the load
 //! generator shares the machine's cores and memory with the servers it measures.
+//!
+//! The same connection can speak the Socket.IO reference's protocol instead (`Protocol::Socketio`,
+//! bench/socketio/server.js): Engine.IO 4 packets over the WebSocket transport, the token in the
+//! namespace CONNECT packet's auth, `join` and `publish` events with acknowledgements, and
+//! `message` events in. [`Incoming`] reads either protocol's frames into one shape.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -15,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::args::{CommonArgs, WsUrl};
+use crate::args::{CommonArgs, Protocol, WsUrl};
 use crate::token::Tokens;
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -37,6 +42,7 @@ pub struct Dialer {
     sources: Vec<IpAddr>,
     tokens: Tokens,
     timeout: Duration,
+    protocol: Protocol,
 }
 
 /// An open connection that received its `connected` frame.
@@ -56,20 +62,47 @@ impl Dialer {
             sources,
             tokens: Tokens::new(common.secret.as_deref(), common.token.as_deref())?,
             timeout: common.connect_timeout,
+            protocol: Protocol::Roomcast,
         })
     }
 
-    /// Connection number `n` (also its user, `load-<n>`). The error is a short failure reason
-    /// for the report.
+    /// The same, speaking `protocol`.
+    pub fn with_protocol(mut self, protocol: Protocol) -> Dialer {
+        self.protocol = protocol;
+        self
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    pub fn url_count(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// Connection number `n` (also its user, `load-<n>`), to URL n mod U. The error is a short
+    /// failure reason for the report.
     pub async fn connect(&self, n: u64) -> Result<Connected, String> {
-        let url = &self.urls[(n % self.urls.len() as u64) as usize];
+        self.connect_to(n, (n % self.urls.len() as u64) as usize)
+            .await
+    }
+
+    /// Connection number `n` to URL number `url` (mod U).
+    pub async fn connect_to(&self, n: u64, url: usize) -> Result<Connected, String> {
+        let url = &self.urls[url % self.urls.len()];
         let source = self.sources[(n % self.sources.len() as u64) as usize];
         let token = self
             .tokens
             .for_connection(n)
             .map_err(|_| "token_signing".to_owned())?;
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, open(url, source, &token)).await {
+        let opened = async {
+            match self.protocol {
+                Protocol::Roomcast => open(url, source, &token).await,
+                Protocol::Socketio => open_socketio(url, source, &token).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, opened).await {
             Ok(Ok(ws)) => Ok(Connected {
                 ws,
                 elapsed: start.elapsed(),
@@ -80,7 +113,8 @@ impl Dialer {
     }
 }
 
-async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
+/// TCP from `source` to the URL's address, without Nagle's delay.
+async fn dial(url: &WsUrl, source: IpAddr) -> Result<TcpStream, String> {
     let socket = TcpSocket::new_v4().map_err(|e| io_reason(&e))?;
     // Lets a source port still in TIME_WAIT from an earlier run be bound again.
     socket.set_reuseaddr(true).map_err(|e| io_reason(&e))?;
@@ -93,6 +127,11 @@ async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
     let stream = socket.connect(url.addr).await.map_err(|e| io_reason(&e))?;
     // Publishers send small frames and latency is what is measured: no Nagle delay.
     stream.set_nodelay(true).map_err(|e| io_reason(&e))?;
+    Ok(stream)
+}
+
+async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
+    let stream = dial(url, source).await?;
     let (mut ws, _response) = tokio_tungstenite::client_async_with_config(
         url.with_token(token),
         stream,
@@ -119,6 +158,220 @@ async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(ws_reason(&e)),
             None => return Err("closed".to_owned()),
+        }
+    }
+}
+
+/// Engine.IO 4 over WebSocket, then a CONNECT to the main namespace with `{token}` as auth;
+/// returns once the server accepted it.
+async fn open_socketio(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
+    let stream = dial(url, source).await?;
+    let sep = if url.url.contains('?') { '&' } else { '?' };
+    let (mut ws, _response) = tokio_tungstenite::client_async_with_config(
+        format!("{}{sep}EIO=4&transport=websocket", url.url),
+        stream,
+        Some(ws_config()),
+    )
+    .await
+    .map_err(|e| ws_reason(&e))?;
+    let mut connect_sent = false;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let text = text.as_str();
+                if text.starts_with('0') && !connect_sent {
+                    // The Engine.IO open packet; now the Socket.IO CONNECT with the token.
+                    let auth = serde_json::json!({ "token": token });
+                    ws.send(Message::text(format!("40{auth}")))
+                        .await
+                        .map_err(|e| ws_reason(&e))?;
+                    connect_sent = true;
+                } else if text.starts_with("40") {
+                    return Ok(ws);
+                } else if text.starts_with("44") {
+                    let unauthorized = text.contains("unauthorized");
+                    return Err(if unauthorized {
+                        "unauthorized".into()
+                    } else {
+                        "connect_error".into()
+                    });
+                } else if text == "2" {
+                    ws.send(Message::text("3"))
+                        .await
+                        .map_err(|e| ws_reason(&e))?;
+                }
+            }
+            Some(Ok(Message::Close(close))) => {
+                return Err(match close {
+                    Some(c) => format!("closed_{}", u16::from(c.code)),
+                    None => "closed".to_owned(),
+                });
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(ws_reason(&e)),
+            None => return Err("closed".to_owned()),
+        }
+    }
+}
+
+/// Joins `room` in the dialer's protocol: for Roomcast the room's offset at the join, for
+/// Socket.IO (no offsets) 0.
+pub async fn join_as(
+    protocol: Protocol,
+    ws: &mut Ws,
+    room: &str,
+    timeout: Duration,
+) -> Result<u64, String> {
+    match protocol {
+        Protocol::Roomcast => join(ws, room, timeout).await,
+        Protocol::Socketio => join_socketio(ws, room, timeout).await,
+    }
+}
+
+async fn join_socketio(ws: &mut Ws, room: &str, timeout: Duration) -> Result<u64, String> {
+    let room_json = serde_json::to_string(room).unwrap_or_default();
+    ws.send(Message::text(format!("420[\"join\",{room_json}]")))
+        .await
+        .map_err(|e| ws_reason(&e))?;
+    let wait = async {
+        loop {
+            let item = ws.next().await;
+            let text = match item {
+                Some(Ok(Message::Text(text))) => text,
+                other => match end_reason(other) {
+                    Some(reason) => return Err(reason),
+                    None => continue,
+                },
+            };
+            match Incoming::parse(Protocol::Socketio, text.as_str()) {
+                Some(Incoming::Reply {
+                    id: 0, ok: true, ..
+                }) => return Ok(0),
+                Some(Incoming::Reply { id: 0, code: c, .. }) => {
+                    return Err(format!("join_{}", c.unwrap_or("error")));
+                }
+                Some(Incoming::Ping) => ws
+                    .send(Message::text("3"))
+                    .await
+                    .map_err(|e| ws_reason(&e))?,
+                _ => continue,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .unwrap_or_else(|_| Err("join_timeout".to_owned()))
+}
+
+/// A frame from the server, in either protocol.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// A room message: Roomcast gives its offset and the sender's client id; Socket.IO gives
+    /// no offset, and the sender's user.
+    Message {
+        room: Option<&'a str>,
+        offset: Option<u64>,
+        sender: Option<&'a str>,
+        data: Option<&'a RawValue>,
+    },
+    /// The answer to a command with an id: `published`/`joined` (ok), `error` (a code).
+    Reply {
+        id: u64,
+        ok: bool,
+        offset: Option<u64>,
+        code: Option<&'a str>,
+    },
+    /// An Engine.IO ping, to be answered with a pong ("3").
+    Ping,
+    Other,
+}
+
+/// What a Socket.IO `message` event carries (bench/socketio/server.js).
+#[derive(Debug, Deserialize)]
+struct SioMessage<'a> {
+    room: Option<&'a str>,
+    user: Option<&'a str>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// What a Socket.IO acknowledgement carries: `{ok: true}` or `{error}`.
+#[derive(Debug, Deserialize)]
+struct SioAck<'a> {
+    ok: Option<bool>,
+    error: Option<&'a str>,
+}
+
+impl<'a> Incoming<'a> {
+    /// `None` for a frame that does not parse.
+    pub fn parse(protocol: Protocol, text: &'a str) -> Option<Incoming<'a>> {
+        match protocol {
+            Protocol::Roomcast => {
+                let f: Frame<'a> = serde_json::from_str(text).ok()?;
+                Some(match f.kind {
+                    "message" => Incoming::Message {
+                        room: f.room,
+                        offset: f.offset,
+                        sender: f.client_id,
+                        data: f.data,
+                    },
+                    "published" | "joined" | "error" if f.id.is_some() => Incoming::Reply {
+                        id: f.id.unwrap_or(0),
+                        ok: f.kind != "error",
+                        offset: f.offset,
+                        code: f.code,
+                    },
+                    _ => Incoming::Other,
+                })
+            }
+            Protocol::Socketio => {
+                if text == "2" {
+                    return Some(Incoming::Ping);
+                }
+                if let Some(event) = text.strip_prefix("42") {
+                    let (name, m): (&str, SioMessage<'a>) = serde_json::from_str(event).ok()?;
+                    return Some(if name == "message" {
+                        Incoming::Message {
+                            room: m.room,
+                            offset: None,
+                            sender: m.user,
+                            data: m.data,
+                        }
+                    } else {
+                        Incoming::Other
+                    });
+                }
+                if let Some(ack) = text.strip_prefix("43") {
+                    let digits = ack.bytes().take_while(u8::is_ascii_digit).count();
+                    let id = ack[..digits].parse().ok()?;
+                    let (a,): (SioAck<'a>,) = serde_json::from_str(&ack[digits..]).ok()?;
+                    let ok = a.ok == Some(true);
+                    return Some(Incoming::Reply {
+                        id,
+                        ok,
+                        offset: None,
+                        code: if ok {
+                            None
+                        } else {
+                            Some(a.error.unwrap_or("error"))
+                        },
+                    });
+                }
+                Some(Incoming::Other)
+            }
+        }
+    }
+}
+
+/// The text of a publish with `id` of `data` (a JSON object) to the room whose name is
+/// `room_json` (already a JSON string).
+pub fn publish_frame(protocol: Protocol, room_json: &str, id: u64, data: &str) -> String {
+    match protocol {
+        Protocol::Roomcast => {
+            format!(r#"{{"type":"publish","room":{room_json},"id":{id},"data":{data}}}"#)
+        }
+        Protocol::Socketio => {
+            format!(r#"42{id}["publish",{{"room":{room_json},"data":{data}}}]"#)
         }
     }
 }
@@ -177,12 +430,15 @@ pub struct Frame<'a> {
     pub data: Option<&'a RawValue>,
 }
 
-/// The data each published message carries: send time (ns since the Unix epoch) and the
-/// publisher's sequence number; the filler `p` is skipped unread.
+/// The data each published message carries: send time (ns since the Unix epoch), the
+/// publisher's sequence number and, in a `--steps` run, the step it was published in; the
+/// filler `p` is skipped unread.
 #[derive(Debug, Deserialize)]
 pub struct Payload {
     pub t: u64,
     pub q: u64,
+    #[serde(default)]
+    pub s: usize,
 }
 
 /// A short reason for an I/O failure.
@@ -243,6 +499,76 @@ mod tests {
         let f: Frame<'_> =
             serde_json::from_str(r#"{"type":"published","id":3,"room":"r","offset":9}"#).unwrap();
         assert_eq!((f.kind, f.id), ("published", Some(3)));
+    }
+
+    #[test]
+    fn both_protocols_parse_into_one_shape() {
+        let m = Incoming::parse(
+            Protocol::Roomcast,
+            r#"{"type":"message","room":"r","offset":3,"clientId":"c1","data":{"t":1,"q":2}}"#,
+        );
+        assert!(matches!(
+            m,
+            Some(Incoming::Message {
+                room: Some("r"),
+                offset: Some(3),
+                sender: Some("c1"),
+                data: Some(_)
+            })
+        ));
+        let m = Incoming::parse(
+            Protocol::Socketio,
+            r#"42["message",{"room":"r","user":"load-4","data":{"t":1,"q":2,"p":"x"}}]"#,
+        );
+        assert!(matches!(
+            m,
+            Some(Incoming::Message {
+                room: Some("r"),
+                offset: None,
+                sender: Some("load-4"),
+                data: Some(_)
+            })
+        ));
+        let r = Incoming::parse(Protocol::Socketio, r#"4317[{"ok":true}]"#);
+        assert!(matches!(
+            r,
+            Some(Incoming::Reply {
+                id: 17,
+                ok: true,
+                ..
+            })
+        ));
+        let r = Incoming::parse(Protocol::Socketio, r#"435[{"error":"not_joined"}]"#);
+        assert!(matches!(
+            r,
+            Some(Incoming::Reply {
+                id: 5,
+                ok: false,
+                code: Some("not_joined"),
+                ..
+            })
+        ));
+        let r = Incoming::parse(
+            Protocol::Roomcast,
+            r#"{"type":"error","id":9,"code":"rate_limited"}"#,
+        );
+        assert!(matches!(
+            r,
+            Some(Incoming::Reply {
+                id: 9,
+                ok: false,
+                code: Some("rate_limited"),
+                ..
+            })
+        ));
+        assert!(matches!(
+            Incoming::parse(Protocol::Socketio, "2"),
+            Some(Incoming::Ping)
+        ));
+        assert_eq!(
+            publish_frame(Protocol::Socketio, "\"r\"", 4, "{}"),
+            r#"424["publish",{"room":"r","data":{}}]"#
+        );
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! - [`client`]: one load connection (source address, token, small buffers).
 //! - [`token`]: per-connection tokens.
 //! - [`scenarios`]: `connections`, `fanout`, `publish-api`.
-//! - [`worker`]: multi-process `connections` runs.
+//! - [`worker`]: multi-process `connections` runs (`fanout` has its own, in its module).
+//! - [`measure`]: CPU time of the processes under test, per step of a `--steps` run.
 //! - [`report`]: JSON and human output, latency histograms.
 //! - [`progress`], [`sys`]: progress bar; open-file limit and RSS.
 
 mod args;
 mod client;
+mod measure;
 mod progress;
 mod report;
 mod scenarios;
@@ -67,6 +69,9 @@ async fn run(scenario: Scenario) -> anyhow::Result<()> {
             report::print(&r, &r.human(), json)
         }
         Scenario::Fanout(a) => {
+            if a.worker_rooms.is_some() {
+                return scenarios::fanout::serve_worker(&a, interrupt).await;
+            }
             let r = scenarios::fanout::run(a, interrupt).await?;
             report::print(&r, &r.human(), json)
         }

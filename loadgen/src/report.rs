@@ -22,55 +22,44 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
-/// A histogram several tasks record into. Tasks buffer samples locally and record them in
-/// batches, so the lock is taken once per few hundred deliveries rather than once each.
-pub struct SharedHistogram(Mutex<Histogram<u64>>);
+/// A histogram several tasks record into, in shards (a task records into the shard of its
+/// own key), so tasks on different threads seldom take the same lock. Samples are recorded as
+/// they come: a sample held back in a task's buffer would miss the end of a step.
+pub struct SharedHistogram(Vec<Mutex<Histogram<u64>>>);
+
+const SHARDS: usize = 8;
 
 impl Default for SharedHistogram {
     fn default() -> Self {
-        SharedHistogram(Mutex::new(new_histogram()))
+        SharedHistogram((0..SHARDS).map(|_| Mutex::new(new_histogram())).collect())
     }
 }
 
 impl SharedHistogram {
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Histogram<u64>> {
+        self.0[(key % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One sample, into the shard of `key` (the recording task's connection number).
+    pub fn record(&self, key: u64, sample_us: u64) {
+        self.shard(key).saturating_record(sample_us.max(1));
+    }
+
     pub fn record_all(&self, samples_us: &[u64]) {
-        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = self.shard(0);
         for &v in samples_us {
             h.saturating_record(v.max(1));
         }
     }
 
     pub fn snapshot(&self) -> Histogram<u64> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// A task's local buffer of samples for a [`SharedHistogram`].
-pub struct Samples {
-    buf: Vec<u64>,
-}
-
-const BATCH: usize = 256;
-
-impl Samples {
-    pub fn new() -> Samples {
-        Samples {
-            buf: Vec::with_capacity(BATCH),
+        let mut all = new_histogram();
+        for shard in &self.0 {
+            let _ = all.add(&*shard.lock().unwrap_or_else(|e| e.into_inner()));
         }
-    }
-
-    pub fn push(&mut self, us: u64, into: &SharedHistogram) {
-        self.buf.push(us);
-        if self.buf.len() == BATCH {
-            self.flush(into);
-        }
-    }
-
-    pub fn flush(&mut self, into: &SharedHistogram) {
-        if !self.buf.is_empty() {
-            into.record_all(&self.buf);
-            self.buf.clear();
-        }
+        all
     }
 }
 
@@ -281,6 +270,55 @@ pub struct DeliveryReport {
     pub disconnected: Reasons,
     pub received_per_room: Vec<u64>,
     pub interrupted: bool,
+    /// `roomcast` or `socketio` (fanout only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Load generator processes (fanout only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+    /// `spread` or `room` (fanout only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
+    /// A `--steps` run: one entry per step run, in order (the fields above are totals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepReport>>,
+}
+
+/// One publishing step of a `--steps` run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepReport {
+    pub rate_target: f64,
+    /// 0 for the first try at this rate, 1 for the first retry, …
+    pub attempt: u32,
+    pub duration_seconds: f64,
+    pub sent: u64,
+    pub published: u64,
+    pub publish_errors: Reasons,
+    pub unacked: u64,
+    pub published_per_sec: f64,
+    pub expected: u64,
+    pub received: u64,
+    pub loss: i64,
+    pub out_of_order: u64,
+    pub deliveries_per_sec: f64,
+    pub latency_ms: Latency,
+    pub ack_latency_ms: Latency,
+    pub drain_seconds: f64,
+    /// Members disconnected during this step.
+    pub disconnected: u64,
+    /// Zero loss, every publish acknowledged, nobody dropped, p99 within --max-p99.
+    pub passed: bool,
+    /// Publishing start and drain end, ms since the Unix epoch.
+    pub begin_unix_ms: f64,
+    pub end_unix_ms: f64,
+    /// CPU seconds (utime + stime) over publishing + drain, per --measure-pid label.
+    pub cpu_seconds: BTreeMap<String, f64>,
+    /// Of which user time.
+    pub cpu_user_seconds: BTreeMap<String, f64>,
+    /// Redis's own CPU seconds (INFO used_cpu_user + used_cpu_sys), per --measure-redis label.
+    pub redis_cpu_seconds: BTreeMap<String, f64>,
+    /// The load generator's processes (parent and workers).
+    pub loadgen_cpu_seconds: f64,
 }
 
 impl DeliveryReport {
@@ -343,6 +381,31 @@ impl DeliveryReport {
         if !self.disconnected.is_empty() {
             let _ = writeln!(s, "  disconnected: {}", reasons_line(&self.disconnected));
         }
+        for step in self.steps.iter().flatten() {
+            let cpu: Vec<String> = step
+                .cpu_seconds
+                .iter()
+                .chain(&step.redis_cpu_seconds)
+                .map(|(k, v)| format!("{k} {v:.2} s"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  step {} msg/s{}: published {}/s, {} deliveries/s, loss {}, p50 {} ms, p99 {} ms{}{}",
+                step.rate_target,
+                if step.attempt > 0 { " (retry)" } else { "" },
+                step.published_per_sec,
+                step.deliveries_per_sec,
+                step.loss,
+                step.latency_ms.p50,
+                step.latency_ms.p99,
+                if cpu.is_empty() {
+                    String::new()
+                } else {
+                    format!("; CPU {}", cpu.join(", "))
+                },
+                if step.passed { "" } else { " FAIL" }
+            );
+        }
         if self.interrupted {
             let _ = writeln!(s, "  (interrupted)");
         }
@@ -402,14 +465,13 @@ mod tests {
     }
 
     #[test]
-    fn shared_histogram_batches() {
+    fn shards_add_up() {
         let shared = SharedHistogram::default();
-        let mut s = Samples::new();
-        for v in 0..300 {
-            s.push(v, &shared);
+        for key in 0..100u64 {
+            shared.record(key, 1000 + key);
         }
-        assert_eq!(shared.snapshot().len(), 256);
-        s.flush(&shared);
-        assert_eq!(shared.snapshot().len(), 300);
+        let h = shared.snapshot();
+        assert_eq!(h.len(), 100);
+        assert_eq!(h.max(), h.highest_equivalent(1099));
     }
 }

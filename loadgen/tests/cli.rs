@@ -109,6 +109,32 @@ fn usage_errors() {
         &["fanout", "--token", "t", "--duration", "0s"],
         "--duration",
     );
+    refused(
+        &["fanout", "--token", "t", "--steps", "100", "--rate", "5"],
+        "cannot be used with",
+    );
+    refused(
+        &["fanout", "--token", "t", "--steps", "100,0"],
+        "not a positive rate",
+    );
+    refused(
+        &["fanout", "--token", "t", "--measure-pid", "gateway"],
+        "expected LABEL=PID",
+    );
+    refused(
+        &[
+            "fanout",
+            "--token",
+            "t",
+            "--measure-redis",
+            "r=localhost:6379",
+        ],
+        "is not IP:PORT",
+    );
+    refused(
+        &["fanout", "--token", "t", "--protocol", "mqtt"],
+        "invalid value 'mqtt'",
+    );
     refused(&["publish-api", "--token", "t"], "needs --api-key");
     refused(
         &[

@@ -193,6 +193,61 @@ async fn fanout_delivers_everything_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_steps_over_worker_processes() {
+    let system = standalone().await;
+    let pid = system.process().pid().to_string();
+    let r = report(&strings(&[
+        "fanout",
+        "--json",
+        "--url",
+        &system.ws_url(),
+        "--secret",
+        &system.options().secret,
+        "--subscribers",
+        "40",
+        "--rooms",
+        "10",
+        "--steps",
+        "50,100",
+        "--step-duration",
+        "1s",
+        "--step-pause",
+        "100ms",
+        "--max-p99",
+        "10000",
+        "--workers",
+        "2",
+        "--measure-pid",
+        &format!("roomcast={pid}"),
+    ]))
+    .await;
+    assert_eq!(u(&r, "workers"), 2, "{r}");
+    // 4 subscribers + 1 publisher per room.
+    assert_eq!(u(&r, "members"), 50, "{r}");
+    let steps = r["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{r}");
+    for (step, rate) in steps.iter().zip([50.0, 100.0]) {
+        assert_eq!(step["rate_target"].as_f64(), Some(rate), "{r}");
+        assert_eq!(step["passed"], true, "{r}");
+        let published = u(step, "published");
+        assert!(published as f64 >= rate * 0.9, "{r}");
+        // Each publish reaches the 4 subscribers of its room.
+        assert_eq!(u(step, "expected"), published * 4, "{r}");
+        assert_eq!(u(step, "received"), u(step, "expected"), "{r}");
+        assert_eq!(step["latency_ms"]["count"], step["received"], "{r}");
+        assert!(step["cpu_seconds"]["roomcast"].as_f64().is_some(), "{r}");
+    }
+    assert_eq!(
+        u(&r, "received"),
+        u(&steps[0], "received") + u(&steps[1], "received")
+    );
+    assert_eq!(u(&r, "out_of_order"), 0, "{r}");
+    assert_eq!(u(&r, "gaps"), 0, "{r}");
+    let per_room = r["received_per_room"].as_array().unwrap();
+    assert_eq!(per_room.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_api_reaches_the_websocket_subscribers() {
     let system = standalone().await;
     let opts = system.options();

@@ -1,77 +1,164 @@
-//! The run shared by `fanout` and `publish-api`: set up the room members, start the
-//! publishers together, drain, then add up what every member saw into one report.
+//! The engine shared by `fanout` and `publish-api`: one process's share of the room members,
+//! set up once, then one or more publishing windows (steps), each drained and tallied on its
+//! own, then closed and added up. `fanout.rs` drives one engine, or several in worker
+//! processes; `publish-api` drives one with gRPC lanes as publishers.
 //!
 //! Expected deliveries come from the acknowledged publishes: each one should reach every
 //! member of its room that joined, less the sender when the sender is itself a member.
+//! Deliveries are counted in the step their message was published in (a `--steps` run tags
+//! each payload with it), so a step's loss is exact even when its last messages arrive after
+//! the next step began.
 
-use std::sync::Arc;
+use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{CommonArgs, DEFAULT_DURATION, RoomArgs};
+use crate::args::{CommonArgs, Placement, RoomArgs};
 use crate::client::Dialer;
 use crate::progress::Progress;
 use crate::report::{
-    DeliveryReport, Latency, Reasons, SharedHistogram, add_reasons, per_second, round3,
+    Latency, Reasons, SharedHistogram, add_reasons, histogram_buckets, histogram_from_buckets,
+    new_histogram, per_second, round3,
 };
 use crate::scenarios::member::{self, MemberResult, MemberSpec, PublisherSlot};
 use crate::scenarios::publish_api::{self, ApiTarget, LaneResult};
-use crate::scenarios::{Pacer, run_id};
+use crate::scenarios::{Pacer, unix_ns};
 
 /// What every task of a run shares.
 pub struct Ctx {
     pub dialer: Dialer,
+    /// Every room of the run (all processes), by number.
     pub rooms: Vec<String>,
     pub shared: Shared,
-    /// Cancelled when the run ends (after the drain, or on interrupt).
+    /// Cancelled when the run ends (after the last drain, or on interrupt).
     pub stop: CancellationToken,
-    /// Set once set-up is done: when publishing starts and ends.
-    pub start: watch::Receiver<Option<(Instant, Instant)>>,
+    /// The current publishing window; `None` until the first.
+    pub window: watch::Receiver<Option<Window>>,
     pub join_timeout: Duration,
-    /// Total publish rate, messages per second.
-    pub rate: f64,
     /// The `p` string of every payload.
     pub filler: String,
+    /// Put the step number in each payload (`--steps` runs).
+    pub tag_steps: bool,
 }
 
-/// Live counters, read by the progress bar and the drain.
+/// One publishing window.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub step: usize,
+    pub begin: Instant,
+    pub end: Instant,
+    /// Total rate over all publishers of the run.
+    pub rate: f64,
+}
+
+/// Live counters: the run's totals, and each step's own.
 pub struct Shared {
-    pub latency: SharedHistogram,
-    pub ack_latency: SharedHistogram,
     pub received: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
-    pub acked_per_room: Vec<AtomicU64>,
     pub joined_per_room: Vec<AtomicU64>,
     pub setup_resolved: AtomicU64,
-    pub publishers_done: AtomicU64,
+    /// Publishers (WebSocket members, or lanes) that joined and will take part in steps.
+    pub publishers_joined: AtomicU64,
+    /// Publishers whose connection ended: they take no part in later steps.
+    pub publishers_gone: AtomicU64,
+    /// Members whose connection ended after they joined.
+    pub disconnects: AtomicU64,
+    steps: Vec<OnceLock<StepStats>>,
+    rooms: usize,
 }
 
-impl Shared {
-    pub fn new(rooms: usize) -> Shared {
-        let counters = || (0..rooms).map(|_| AtomicU64::new(0)).collect();
-        Shared {
+/// One step's counters.
+pub struct StepStats {
+    pub latency: SharedHistogram,
+    pub ack_latency: SharedHistogram,
+    pub received: AtomicU64,
+    pub out_of_order: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub acked_per_room: Vec<AtomicU64>,
+    pub errors: Mutex<Reasons>,
+    pub publishers_done: AtomicU64,
+    /// Latest delivery, ns since the Unix epoch.
+    pub last_delivery_ns: AtomicU64,
+}
+
+impl StepStats {
+    fn new(rooms: usize) -> StepStats {
+        StepStats {
             latency: SharedHistogram::default(),
             ack_latency: SharedHistogram::default(),
             received: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
-            acked_per_room: counters(),
-            joined_per_room: counters(),
-            setup_resolved: AtomicU64::new(0),
+            acked_per_room: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+            errors: Mutex::new(Reasons::new()),
             publishers_done: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
         }
     }
 
-    /// Deliveries the acknowledged publishes so far call for.
-    fn expected(&self, sender_is_member: bool) -> u64 {
-        self.acked_per_room
+    pub fn error(&self, code: &str) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code.to_owned())
+            .or_default() += 1;
+    }
+
+    fn errors(&self) -> Reasons {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Shared {
+    pub fn new(rooms: usize, steps: usize) -> Shared {
+        Shared {
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            joined_per_room: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+            setup_resolved: AtomicU64::new(0),
+            publishers_joined: AtomicU64::new(0),
+            publishers_gone: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            steps: (0..steps.max(1)).map(|_| OnceLock::new()).collect(),
+            rooms,
+        }
+    }
+
+    /// Step `k`'s counters, once the step has begun.
+    pub fn step(&self, k: usize) -> Option<&StepStats> {
+        self.steps.get(k)?.get()
+    }
+
+    /// Step `k`'s counters, made when the step begins.
+    pub fn open_step(&self, k: usize) -> Option<&StepStats> {
+        Some(
+            self.steps
+                .get(k)?
+                .get_or_init(|| StepStats::new(self.rooms)),
+        )
+    }
+
+    /// Deliveries step `k`'s acknowledged publishes call for so far.
+    fn expected(&self, k: usize, sender_is_member: bool) -> u64 {
+        let Some(st) = self.step(k) else { return 0 };
+        st.acked_per_room
             .iter()
             .zip(&self.joined_per_room)
             .map(|(acked, joined)| {
@@ -89,259 +176,578 @@ impl Shared {
 
 /// Who publishes.
 pub enum Publishers {
-    /// WebSocket connections that joined their room.
+    /// WebSocket connections that joined their room: this many in the whole run.
     WebSocket(u32),
     /// Lanes calling RoomService.ServerPublish.
     Api { target: Box<ApiTarget>, lanes: u32 },
 }
 
-impl Publishers {
-    fn count(&self) -> u32 {
-        match self {
-            Publishers::WebSocket(n) => *n,
-            Publishers::Api { lanes, .. } => *lanes,
+/// Which part of the run this process takes, and how.
+pub struct Plan {
+    /// Room names are `<prefix>-<run_id>-<n>`; every process of a run uses the same id.
+    pub run_id: String,
+    /// The rooms whose members (subscribers and publishers) this process holds.
+    pub rooms: Range<u32>,
+    pub placement: Placement,
+    /// Steps the run may take (slots for their counters).
+    pub steps: usize,
+    pub tag_steps: bool,
+    /// This process's share of the set-up rate and handshake concurrency.
+    pub connect_rate: f64,
+    pub concurrency: u32,
+    /// Show a progress bar (the parent of worker processes draws its own).
+    pub progress: bool,
+}
+
+/// Set-up, as one process saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetupTally {
+    pub members: u64,
+    pub failures: Reasons,
+    pub seconds: f64,
+}
+
+impl SetupTally {
+    pub fn merge(&mut self, o: &SetupTally) {
+        self.members += o.members;
+        add_reasons(&mut self.failures, &o.failures);
+        self.seconds = self.seconds.max(o.seconds);
+    }
+}
+
+/// One step, as one or more processes saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepTally {
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: Reasons,
+    pub expected: u64,
+    pub received: u64,
+    pub out_of_order: u64,
+    /// Members disconnected so far (whole run).
+    pub disconnects: u64,
+    /// Latest delivery, ns since the Unix epoch (0: none).
+    pub last_delivery_ns: u64,
+    pub drain_seconds: f64,
+    pub latency_us: Vec<(u64, u64)>,
+    pub ack_latency_us: Vec<(u64, u64)>,
+}
+
+impl StepTally {
+    pub fn merge(&mut self, o: &StepTally) {
+        self.sent += o.sent;
+        self.acked += o.acked;
+        add_reasons(&mut self.errors, &o.errors);
+        self.expected += o.expected;
+        self.received += o.received;
+        self.out_of_order += o.out_of_order;
+        self.disconnects += o.disconnects;
+        self.last_delivery_ns = self.last_delivery_ns.max(o.last_delivery_ns);
+        self.drain_seconds = self.drain_seconds.max(o.drain_seconds);
+        self.latency_us.extend_from_slice(&o.latency_us);
+        self.ack_latency_us.extend_from_slice(&o.ack_latency_us);
+    }
+
+    pub fn unacked(&self) -> u64 {
+        self.sent
+            .saturating_sub(self.acked + self.errors.values().sum::<u64>())
+    }
+
+    pub fn latency(&self) -> Histogram<u64> {
+        let mut h = new_histogram();
+        histogram_from_buckets(&mut h, &self.latency_us);
+        h
+    }
+
+    pub fn ack_latency(&self) -> Histogram<u64> {
+        let mut h = new_histogram();
+        histogram_from_buckets(&mut h, &self.ack_latency_us);
+        h
+    }
+}
+
+/// The end of the run, as one or more processes saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FinalTally {
+    pub received: u64,
+    pub out_of_order: u64,
+    pub gaps: u64,
+    pub order_violations: u64,
+    pub disconnected: Reasons,
+    /// Indexed by room number, over all rooms of the run.
+    pub received_per_room: Vec<u64>,
+}
+
+impl FinalTally {
+    pub fn merge(&mut self, o: &FinalTally) {
+        self.received += o.received;
+        self.out_of_order += o.out_of_order;
+        self.gaps += o.gaps;
+        self.order_violations += o.order_violations;
+        add_reasons(&mut self.disconnected, &o.disconnected);
+        if self.received_per_room.len() < o.received_per_room.len() {
+            self.received_per_room.resize(o.received_per_room.len(), 0);
+        }
+        for (a, b) in self.received_per_room.iter_mut().zip(&o.received_per_room) {
+            *a += b;
         }
     }
 }
 
-pub async fn run(
-    scenario: &str,
-    common: &CommonArgs,
-    args: &RoomArgs,
-    publishers: Publishers,
+/// One process's members, set up and ready to publish.
+pub struct Engine {
+    ctx: Arc<Ctx>,
+    window_tx: watch::Sender<Option<Window>>,
+    members: JoinSet<MemberResult>,
+    api: Option<(ApiTarget, u32)>,
+    pub setup: SetupTally,
     interrupt: CancellationToken,
-) -> Result<DeliveryReport> {
-    let duration = common.duration.unwrap_or(DEFAULT_DURATION);
-    let run = run_id();
-    let rooms: Vec<String> = (0..args.rooms)
-        .map(|r| format!("{}-{run}-{r}", args.room_prefix))
-        .collect();
-    let (start_tx, start_rx) = watch::channel(None);
-    let ctx = Arc::new(Ctx {
-        dialer: Dialer::new(common)?,
-        shared: Shared::new(rooms.len()),
-        rooms,
-        stop: interrupt.child_token(),
-        start: start_rx,
-        join_timeout: common.connect_timeout,
-        rate: args.rate,
-        filler: "x".repeat(args.payload),
-    });
-    let publisher_count = publishers.count();
-    let ws_publishers = match publishers {
-        Publishers::WebSocket(n) => n,
-        Publishers::Api { .. } => 0,
-    };
+    /// Members that ended during set-up (collected for their failure reasons).
+    finished_early: Option<Vec<MemberResult>>,
+}
 
-    // Set-up: subscribers first, then WebSocket publishers, all joining before anyone
-    // publishes.
-    let mut specs: Vec<MemberSpec> = (0..args.subscribers)
-        .map(|i| MemberSpec {
-            n: u64::from(i),
-            room: (i % args.rooms) as usize,
-            publisher: None,
-        })
-        .collect();
-    specs.extend((0..ws_publishers).map(|i| MemberSpec {
-        n: u64::from(args.subscribers + i),
-        room: (i % args.rooms) as usize,
-        publisher: Some(PublisherSlot {
-            index: i,
-            count: ws_publishers,
-        }),
-    }));
-    let total = specs.len() as u64;
-    let progress = Progress::new(total, !common.json);
-    let setup_started = Instant::now();
-    let semaphore = Arc::new(Semaphore::new(common.concurrency as usize));
-    let mut members = JoinSet::new();
-    let mut pacer = Pacer::new(setup_started, args.connect_rate);
-    for spec in specs {
-        let permit = tokio::select! {
-            _ = interrupt.cancelled() => break,
-            permit = async {
-                pacer.tick().await;
-                semaphore.clone().acquire_owned().await
-            } => permit?,
+impl Engine {
+    /// Connects and joins this process's members: subscribers first, then WebSocket
+    /// publishers, all joined before anyone publishes. Fails only when nobody could join.
+    pub async fn setup(
+        common: &CommonArgs,
+        args: &RoomArgs,
+        dialer: Dialer,
+        publishers: Publishers,
+        plan: Plan,
+        interrupt: CancellationToken,
+    ) -> Result<Engine> {
+        let rooms: Vec<String> = (0..args.rooms)
+            .map(|r| format!("{}-{}-{r}", args.room_prefix, plan.run_id))
+            .collect();
+        let (window_tx, window_rx) = watch::channel(None);
+        let (ws_publishers, api) = match publishers {
+            Publishers::WebSocket(n) => (n, None),
+            Publishers::Api { target, lanes } => (0, Some((*target, lanes))),
         };
-        members.spawn(member::run(ctx.clone(), spec, permit));
-        let resolved = ctx.shared.setup_resolved.load(Relaxed);
-        progress.set(resolved, format!("set-up: {resolved}/{total} members"));
+        let url_count = dialer.url_count() as u64;
+        let ctx = Arc::new(Ctx {
+            dialer,
+            shared: Shared::new(rooms.len(), plan.steps),
+            rooms,
+            stop: interrupt.child_token(),
+            window: window_rx,
+            join_timeout: common.connect_timeout,
+            filler: "x".repeat(args.payload),
+            tag_steps: plan.tag_steps,
+        });
+        let url_of = |n: u64, room: u32| match plan.placement {
+            Placement::Spread => (n % url_count) as usize,
+            Placement::Room => (u64::from(room) % url_count) as usize,
+        };
+        let mine = |room: u32| plan.rooms.contains(&room);
+        let mut specs: Vec<MemberSpec> = (0..args.subscribers)
+            .map(|i| (i, i % args.rooms))
+            .filter(|&(_, room)| mine(room))
+            .map(|(i, room)| MemberSpec {
+                n: u64::from(i),
+                room: room as usize,
+                url: url_of(u64::from(i), room),
+                publisher: None,
+            })
+            .collect();
+        let own_publishers = (0..ws_publishers)
+            .map(|i| (i, i % args.rooms))
+            .filter(|&(_, room)| mine(room));
+        specs.extend(own_publishers.map(|(i, room)| {
+            let n = u64::from(args.subscribers + i);
+            MemberSpec {
+                n,
+                room: room as usize,
+                url: url_of(n, room),
+                publisher: Some(PublisherSlot {
+                    index: i,
+                    count: ws_publishers,
+                }),
+            }
+        }));
+        if let Some((_, lanes)) = &api {
+            ctx.shared
+                .publishers_joined
+                .store(u64::from(*lanes), SeqCst);
+        }
+
+        let total = specs.len() as u64;
+        let progress = Progress::new(total, plan.progress);
+        let setup_started = Instant::now();
+        let semaphore = Arc::new(Semaphore::new(plan.concurrency.max(1) as usize));
+        let mut members = JoinSet::new();
+        let mut pacer = Pacer::new(setup_started, plan.connect_rate);
+        for spec in specs {
+            let permit = tokio::select! {
+                _ = interrupt.cancelled() => break,
+                permit = async {
+                    pacer.tick().await;
+                    semaphore.clone().acquire_owned().await
+                } => permit?,
+            };
+            members.spawn(member::run(ctx.clone(), spec, permit));
+            let resolved = ctx.shared.setup_resolved.load(Relaxed);
+            progress.set(resolved, format!("set-up: {resolved}/{total} members"));
+        }
+        let spawned = members.len() as u64;
+        while ctx.shared.setup_resolved.load(SeqCst) < spawned && !interrupt.is_cancelled() {
+            let resolved = ctx.shared.setup_resolved.load(Relaxed);
+            progress.set(resolved, format!("set-up: {resolved}/{total} members"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        progress.finish();
+        let seconds = setup_started.elapsed().as_secs_f64();
+        let joined: u64 = ctx
+            .shared
+            .joined_per_room
+            .iter()
+            .map(|j| j.load(SeqCst))
+            .sum();
+        let mut engine = Engine {
+            ctx,
+            window_tx,
+            members,
+            api,
+            setup: SetupTally {
+                members: joined,
+                failures: Reasons::new(),
+                seconds: round3(seconds),
+            },
+            interrupt,
+            finished_early: None,
+        };
+        if joined < total || engine.interrupt.is_cancelled() {
+            // Failures are in the member results: collect them only when some failed (the
+            // members keep running otherwise).
+            engine.setup.failures = engine.setup_failures_so_far();
+        }
+        Ok(engine)
     }
-    let spawned = members.len() as u64;
-    while ctx.shared.setup_resolved.load(SeqCst) < spawned && !interrupt.is_cancelled() {
-        let resolved = ctx.shared.setup_resolved.load(Relaxed);
-        progress.set(resolved, format!("set-up: {resolved}/{total} members"));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let setup_seconds = setup_started.elapsed().as_secs_f64();
-    let joined: u64 = ctx
-        .shared
-        .joined_per_room
-        .iter()
-        .map(|j| j.load(SeqCst))
-        .sum();
-    if joined == 0 || interrupt.is_cancelled() {
-        ctx.stop.cancel();
-        let results = members.join_all().await;
+
+    /// Set-up failure reasons. Members that failed set-up have ended, so their results are
+    /// ready; the others are still running and are not waited for.
+    fn setup_failures_so_far(&mut self) -> Reasons {
         let mut failures = Reasons::new();
-        for r in &results {
+        let mut done = Vec::new();
+        while let Some(Ok(r)) = self.members.try_join_next() {
             if let Some(reason) = &r.setup_failure {
                 *failures.entry(reason.clone()).or_default() += 1;
             }
+            done.push(r);
         }
-        if interrupt.is_cancelled() {
-            bail!("interrupted during set-up");
-        }
-        bail!("set-up failed: {joined} of {total} members joined; failures: {failures:?}");
+        // Kept for the final tally.
+        self.finished_early
+            .get_or_insert_with(Vec::new)
+            .extend(done);
+        failures
     }
 
-    // Publish.
-    let begin = Instant::now() + Duration::from_millis(20);
-    let end = begin + duration;
-    let lanes = match publishers {
-        Publishers::Api { target, lanes } => Some(publish_api::spawn_lanes(
-            ctx.clone(),
-            *target,
-            lanes,
+    /// Publishes for one window, then drains: until every publish of the step is answered and
+    /// every expected delivery arrived, or `drain` is up. `progress` shows what goes on.
+    pub async fn step(
+        &mut self,
+        k: usize,
+        rate: f64,
+        begin: Instant,
+        duration: Duration,
+        drain: Duration,
+        progress: Option<&Progress>,
+    ) -> StepTally {
+        let shared = &self.ctx.shared;
+        let Some(st) = shared.open_step(k) else {
+            return StepTally::default();
+        };
+        let end = begin + duration;
+        let lanes_stop = self.ctx.stop.child_token();
+        let mut lanes: Option<JoinSet<LaneResult>> = self.api.as_ref().map(|(target, lanes)| {
+            publish_api::spawn_lanes(
+                self.ctx.clone(),
+                target.clone(),
+                *lanes,
+                Window {
+                    step: k,
+                    begin,
+                    end,
+                    rate,
+                },
+                lanes_stop.clone(),
+            )
+        });
+        let sender_is_member = lanes.is_none();
+        let _ = self.window_tx.send(Some(Window {
+            step: k,
             begin,
             end,
-        )),
-        Publishers::WebSocket(_) => None,
-    };
-    let sender_is_member = lanes.is_none();
-    let _ = start_tx.send(Some((begin, end)));
-    let tenths = (duration.as_secs_f64() * 10.0).ceil() as u64;
-    progress.restart(tenths);
-    let status = |ctx: &Ctx| {
-        let s = &ctx.shared;
-        format!(
-            "sent {} acked {} received {}/{}",
-            s.sent.load(Relaxed),
-            s.acked.load(Relaxed),
-            s.received.load(Relaxed),
-            s.expected(sender_is_member)
-        )
-    };
-    loop {
-        let now = Instant::now();
-        if now >= end || interrupt.is_cancelled() {
-            break;
+            rate,
+        }));
+        let tenths = (duration.as_secs_f64() * 10.0).ceil() as u64;
+        if let Some(p) = progress {
+            p.restart(tenths);
         }
-        let elapsed = now.saturating_duration_since(begin).as_secs_f64();
-        progress.set(
-            (elapsed * 10.0) as u64,
+        let status = |ctx: &Ctx| {
             format!(
-                "{elapsed:.1}/{:.1} s: {}",
-                duration.as_secs_f64(),
-                status(&ctx)
-            ),
-        );
-        tokio::time::sleep(Duration::from_millis(100).min(end - now)).await;
-    }
-
-    let publish_seconds = Instant::now()
-        .min(end)
-        .saturating_duration_since(begin)
-        .as_secs_f64();
-
-    // Drain: until every publisher is done and every expected delivery arrived, or the drain
-    // time is up.
-    let drain_started = Instant::now();
-    let drain_end = drain_started + args.drain;
-    loop {
-        let s = &ctx.shared;
-        let done = s.publishers_done.load(SeqCst) >= u64::from(publisher_count)
-            && s.received.load(SeqCst) >= s.expected(sender_is_member);
-        if done || Instant::now() >= drain_end || interrupt.is_cancelled() {
-            break;
+                "sent {} acked {} received {}/{}",
+                st.sent.load(Relaxed),
+                st.acked.load(Relaxed),
+                st.received.load(Relaxed),
+                ctx.shared.expected(k, sender_is_member)
+            )
+        };
+        loop {
+            let now = Instant::now();
+            if now >= end || self.interrupt.is_cancelled() {
+                break;
+            }
+            if let Some(p) = progress {
+                let elapsed = now.saturating_duration_since(begin).as_secs_f64();
+                p.set(
+                    (elapsed * 10.0) as u64,
+                    format!(
+                        "{elapsed:.1}/{:.1} s at {rate} msg/s: {}",
+                        duration.as_secs_f64(),
+                        status(&self.ctx)
+                    ),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100).min(end - now)).await;
         }
-        progress.set(tenths, format!("draining: {}", status(&ctx)));
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let drain_started = Instant::now();
+        let drain_end = drain_started + drain;
+        loop {
+            let publishers_done = st.publishers_done.load(SeqCst)
+                + shared.publishers_gone.load(SeqCst)
+                >= shared.publishers_joined.load(SeqCst);
+            let done =
+                publishers_done && st.received.load(SeqCst) >= shared.expected(k, sender_is_member);
+            if done || Instant::now() >= drain_end || self.interrupt.is_cancelled() {
+                break;
+            }
+            if let Some(p) = progress {
+                p.set(tenths, format!("draining: {}", status(&self.ctx)));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drain_seconds = drain_started.elapsed().as_secs_f64();
+        let tally = StepTally {
+            sent: st.sent.load(SeqCst),
+            acked: st.acked.load(SeqCst),
+            errors: st.errors(),
+            expected: shared.expected(k, sender_is_member),
+            received: st.received.load(SeqCst),
+            out_of_order: st.out_of_order.load(SeqCst),
+            disconnects: shared.disconnects.load(SeqCst),
+            last_delivery_ns: st.last_delivery_ns.load(SeqCst),
+            drain_seconds: round3(drain_seconds),
+            latency_us: histogram_buckets(&st.latency.snapshot()),
+            ack_latency_us: histogram_buckets(&st.ack_latency.snapshot()),
+        };
+        lanes_stop.cancel();
+        if let Some(set) = lanes.take() {
+            set.join_all().await;
+        }
+        tally
     }
-    let drain_seconds = drain_started.elapsed().as_secs_f64();
-    let expected = ctx.shared.expected(sender_is_member);
-    ctx.stop.cancel();
-    let lane_results: Vec<LaneResult> = match lanes {
-        Some(lanes) => lanes.join_all().await,
-        None => Vec::new(),
-    };
-    let results = members.join_all().await;
-    progress.finish();
 
-    let latency = ctx.shared.latency.snapshot();
-    let ack_latency = ctx.shared.ack_latency.snapshot();
-    let mut report = DeliveryReport {
+    /// Closes every member and adds up what they saw.
+    pub async fn finish(mut self) -> FinalTally {
+        self.ctx.stop.cancel();
+        let mut results = self.finished_early.take().unwrap_or_default();
+        results.extend(self.members.join_all().await);
+        let mut t = FinalTally {
+            received_per_room: vec![0; self.ctx.rooms.len()],
+            ..FinalTally::default()
+        };
+        for r in &results {
+            if r.setup_failure.is_some() {
+                continue;
+            }
+            let d = &r.deliveries;
+            t.received += d.received;
+            t.out_of_order += d.out_of_order;
+            t.gaps += d.gaps;
+            t.order_violations += d.order_violations;
+            t.received_per_room[r.room] += d.received;
+            if let Some(reason) = &r.disconnected {
+                *t.disconnected.entry(reason.clone()).or_default() += 1;
+            }
+        }
+        t
+    }
+}
+
+/// `unix_ns` as an `Instant` of this process (same clock for every process of the machine).
+pub fn instant_at(unix: u64) -> Instant {
+    let now_unix = unix_ns();
+    let now = Instant::now();
+    if unix >= now_unix {
+        now + Duration::from_nanos(unix - now_unix)
+    } else {
+        now.checked_sub(Duration::from_nanos(now_unix - unix))
+            .unwrap_or(now)
+    }
+}
+
+/// Fills a report's delivery fields from a single window's tally (the classic one-window
+/// `fanout` and `publish-api` report).
+pub fn window_fields(
+    r: &mut crate::report::DeliveryReport,
+    step: &StepTally,
+    begin_unix: u64,
+    publish_seconds: f64,
+) {
+    r.sent = step.sent;
+    r.published = step.acked;
+    r.publish_errors = step.errors.clone();
+    r.unacked = step.unacked();
+    r.published_per_sec = per_second(step.acked, publish_seconds);
+    r.expected = step.expected;
+    r.received = step.received;
+    r.loss = step.expected as i64 - step.received as i64;
+    r.duration_seconds = round3(publish_seconds);
+    r.latency_ms = Latency::of(&step.latency());
+    r.ack_latency_ms = Latency::of(&step.ack_latency());
+    r.drain_seconds = step.drain_seconds;
+    // Deliveries still arriving after publishing stopped extend the window they are
+    // counted over.
+    let window =
+        (step.last_delivery_ns.saturating_sub(begin_unix) as f64 / 1e9).max(publish_seconds);
+    r.deliveries_per_sec = per_second(step.received, window);
+}
+
+/// A report with the run's shape filled in and every measured field empty.
+pub fn empty_report(
+    scenario: &str,
+    common: &CommonArgs,
+    args: &RoomArgs,
+    publishers: u32,
+    rate: f64,
+    setup: &SetupTally,
+    sender_is_member: bool,
+) -> crate::report::DeliveryReport {
+    crate::report::DeliveryReport {
         scenario: scenario.to_owned(),
         urls: common.urls.iter().map(|u| u.url.clone()).collect(),
         rooms: args.rooms,
         subscribers: args.subscribers,
-        publishers: publisher_count,
-        rate_target: args.rate,
+        publishers,
+        rate_target: rate,
         payload_bytes: args.payload,
-        duration_seconds: round3(publish_seconds),
-        members: joined,
-        setup_failures: Reasons::new(),
-        setup_seconds: round3(setup_seconds),
+        duration_seconds: 0.0,
+        members: setup.members,
+        setup_failures: setup.failures.clone(),
+        setup_seconds: setup.seconds,
         sent: 0,
         published: 0,
         publish_errors: Reasons::new(),
         unacked: 0,
         published_per_sec: 0.0,
-        expected,
+        expected: 0,
         received: 0,
         loss: 0,
         out_of_order: 0,
         gaps: 0,
         publisher_order_violations: sender_is_member.then_some(0),
         deliveries_per_sec: 0.0,
-        latency_ms: Latency::of(&latency),
-        ack_latency_ms: Latency::of(&ack_latency),
-        drain_seconds: round3(drain_seconds),
+        latency_ms: Latency::default(),
+        ack_latency_ms: Latency::default(),
+        drain_seconds: 0.0,
         disconnected: Reasons::new(),
         received_per_room: vec![0; args.rooms as usize],
-        interrupted: interrupt.is_cancelled(),
-    };
-    let mut last_delivery = end;
-    for r in &results {
-        merge_member(&mut report, r);
-        if let Some(t) = r.deliveries.last_delivery {
-            last_delivery = last_delivery.max(t);
-        }
+        interrupted: false,
+        protocol: None,
+        workers: None,
+        placement: None,
+        steps: None,
     }
-    for lane in &lane_results {
-        report.sent += lane.sent;
-        report.published += lane.acked;
-        report.unacked += lane.unacked;
-        add_reasons(&mut report.publish_errors, &lane.errors);
-    }
-    report.loss = report.expected as i64 - report.received as i64;
-    report.published_per_sec = per_second(report.published, publish_seconds);
-    // Deliveries still arriving after publishing stopped extend the window they are
-    // counted over.
-    let window = last_delivery.saturating_duration_since(begin).as_secs_f64();
-    report.deliveries_per_sec = per_second(report.received, window);
-    Ok(report)
 }
 
-fn merge_member(report: &mut DeliveryReport, r: &MemberResult) {
-    if let Some(reason) = &r.setup_failure {
-        *report.setup_failures.entry(reason.clone()).or_default() += 1;
-        return;
+/// The end-of-run fields.
+pub fn final_fields(r: &mut crate::report::DeliveryReport, f: &FinalTally) {
+    r.out_of_order = f.out_of_order;
+    r.gaps = f.gaps;
+    if let Some(v) = r.publisher_order_violations.as_mut() {
+        *v = f.order_violations;
     }
-    let d = &r.deliveries;
-    report.received += d.received;
-    report.out_of_order += d.out_of_order;
-    report.gaps += d.gaps;
-    report.received_per_room[r.room] += d.received;
-    if let Some(v) = report.publisher_order_violations.as_mut() {
-        *v += d.order_violations;
+    r.disconnected = f.disconnected.clone();
+    r.received_per_room = f.received_per_room.clone();
+}
+
+/// The classic run: one set-up, one publishing window, in this process (`publish-api`, and
+/// `fanout` without --steps in one process).
+pub async fn run_once(
+    scenario: &str,
+    common: &CommonArgs,
+    args: &RoomArgs,
+    dialer: Dialer,
+    publishers: Publishers,
+    interrupt: CancellationToken,
+) -> Result<crate::report::DeliveryReport> {
+    let count = match &publishers {
+        Publishers::WebSocket(n) => *n,
+        Publishers::Api { lanes, .. } => *lanes,
+    };
+    let sender_is_member = matches!(publishers, Publishers::WebSocket(_));
+    let plan = Plan {
+        run_id: crate::scenarios::run_id(),
+        rooms: 0..args.rooms,
+        placement: Placement::Spread,
+        steps: 1,
+        tag_steps: false,
+        connect_rate: args.connect_rate,
+        concurrency: common.concurrency,
+        progress: !common.json,
+    };
+    let mut engine =
+        Engine::setup(common, args, dialer, publishers, plan, interrupt.clone()).await?;
+    check_setup(&engine.setup, &interrupt)?;
+    let duration = common.duration.unwrap_or(crate::args::DEFAULT_DURATION);
+    let progress = Progress::new(0, !common.json);
+    let begin = Instant::now() + Duration::from_millis(20);
+    let begin_unix = unix_ns() + 20_000_000;
+    let step = engine
+        .step(0, args.rate, begin, duration, args.drain, Some(&progress))
+        .await;
+    let publish_seconds = Instant::now()
+        .min(begin + duration)
+        .saturating_duration_since(begin)
+        .as_secs_f64()
+        .min(duration.as_secs_f64());
+    let setup = engine.setup.clone();
+    let fin = engine.finish().await;
+    progress.finish();
+    let mut r = empty_report(
+        scenario,
+        common,
+        args,
+        count,
+        args.rate,
+        &setup,
+        sender_is_member,
+    );
+    window_fields(&mut r, &step, begin_unix, publish_seconds);
+    final_fields(&mut r, &fin);
+    r.interrupted = interrupt.is_cancelled();
+    Ok(r)
+}
+
+/// Fails the run when nobody joined, or set-up was interrupted.
+pub fn check_setup(setup: &SetupTally, interrupt: &CancellationToken) -> Result<()> {
+    if interrupt.is_cancelled() {
+        anyhow::bail!("interrupted during set-up");
     }
-    if let Some(reason) = &r.disconnected {
-        *report.disconnected.entry(reason.clone()).or_default() += 1;
+    if setup.members == 0 {
+        anyhow::bail!(
+            "set-up failed: no member joined; failures: {:?}",
+            setup.failures
+        );
     }
-    report.sent += r.sent;
-    report.published += r.acked;
-    report.unacked += r.unacked;
-    add_reasons(&mut report.publish_errors, &r.publish_errors);
+    Ok(())
+}
+
+/// Counts a step's publishers done, once each (used by members and lanes).
+pub fn step_done(shared: &Shared, step: usize) {
+    if let Some(st) = shared.step(step) {
+        st.publishers_done.fetch_add(1, SeqCst);
+    }
 }

@@ -3,8 +3,8 @@
 //! connection), so concurrent calls may be ordered either way by the server.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
@@ -18,8 +18,9 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::args::PublishApiArgs;
-use crate::report::{DeliveryReport, Reasons, Samples};
-use crate::scenarios::delivery::{self, Ctx, Publishers};
+use crate::client::Dialer;
+use crate::report::{DeliveryReport, Reasons};
+use crate::scenarios::delivery::{self, Ctx, Publishers, Window, step_done};
 use crate::scenarios::{Pacer, unix_ns};
 
 /// The room-service server API, reachable and accepting our key.
@@ -49,10 +50,11 @@ pub async fn run(args: PublishApiArgs, interrupt: CancellationToken) -> Result<D
     )
     .await?;
     let lanes = args.publishers.unwrap_or(args.rooms.rooms);
-    delivery::run(
+    delivery::run_once(
         "publish-api",
         &args.common,
         &args.rooms,
+        Dialer::new(&args.common)?,
         Publishers::Api {
             target: Box::new(target),
             lanes,
@@ -95,20 +97,28 @@ async fn connect(url: &str, key: &str, max_in_flight: u32, timeout: Duration) ->
     Ok(target)
 }
 
-/// Starts `lanes` publishing lanes; lane i publishes into room i mod R.
+/// Starts `lanes` publishing lanes for one window; lane i publishes into room i mod R. They
+/// end when their window's calls are answered, or at `stop`.
 pub fn spawn_lanes(
     ctx: Arc<Ctx>,
     target: ApiTarget,
     lanes: u32,
-    begin: Instant,
-    end: Instant,
+    window: Window,
+    stop: CancellationToken,
 ) -> JoinSet<LaneResult> {
     let mut set = JoinSet::new();
     for index in 0..lanes {
         let room = index as usize % ctx.rooms.len();
-        let phase = Duration::from_secs_f64(f64::from(index) / ctx.rate);
-        let pacer = Pacer::new(begin + phase, ctx.rate / f64::from(lanes));
-        set.spawn(lane(ctx.clone(), target.clone(), room, pacer, end));
+        let phase = Duration::from_secs_f64(f64::from(index) / window.rate);
+        let pacer = Pacer::new(window.begin + phase, window.rate / f64::from(lanes));
+        set.spawn(lane(
+            ctx.clone(),
+            target.clone(),
+            room,
+            pacer,
+            window,
+            stop.clone(),
+        ));
     }
     set
 }
@@ -118,18 +128,21 @@ async fn lane(
     target: ApiTarget,
     room: usize,
     mut pacer: Pacer,
-    end: Instant,
+    window: Window,
+    stop: CancellationToken,
 ) -> LaneResult {
     let shared = &ctx.shared;
     let mut result = LaneResult::default();
+    let Some(st) = shared.step(window.step) else {
+        return result;
+    };
     let mut calls = FuturesUnordered::new();
-    let mut ack_samples = Samples::new();
     let mut seq = 0u64;
-    let stopped = ctx.stop.cancelled();
+    let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
         let due = pacer.due();
-        let publishing = due < end;
+        let publishing = due < window.end;
         if !publishing && calls.is_empty() {
             break;
         }
@@ -140,10 +153,15 @@ async fn lane(
                     Ok(()) => {
                         result.acked += 1;
                         shared.acked.fetch_add(1, Relaxed);
-                        shared.acked_per_room[room].fetch_add(1, Relaxed);
-                        ack_samples.push(unix_ns().saturating_sub(sent_at) / 1000, &shared.ack_latency);
+                        st.acked.fetch_add(1, Relaxed);
+                        st.acked_per_room[room].fetch_add(1, Relaxed);
+                        st.ack_latency.record(room as u64, unix_ns().saturating_sub(sent_at) / 1000);
                     }
-                    Err(code) => *result.errors.entry(code).or_default() += 1,
+                    Err(code) => {
+                        let code: String = code;
+                        st.error(&code);
+                        *result.errors.entry(code).or_default() += 1;
+                    }
                 }
             }
             permit = async {
@@ -153,7 +171,11 @@ async fn lane(
                 let Ok(permit) = permit else { break };
                 seq += 1;
                 let t = unix_ns();
-                let data_json = format!("{{\"t\":{t},\"q\":{seq},\"p\":\"{}\"}}", ctx.filler);
+                let data_json = if ctx.tag_steps {
+                    format!("{{\"t\":{t},\"q\":{seq},\"s\":{},\"p\":\"{}\"}}", window.step, ctx.filler)
+                } else {
+                    format!("{{\"t\":{t},\"q\":{seq},\"p\":\"{}\"}}", ctx.filler)
+                };
                 let mut request = tonic::Request::new(ServerPublishRequest {
                     room: ctx.rooms[room].clone(),
                     data_json,
@@ -174,12 +196,12 @@ async fn lane(
                 pacer.advance();
                 result.sent += 1;
                 shared.sent.fetch_add(1, Relaxed);
+                st.sent.fetch_add(1, Relaxed);
             }
         }
     }
     result.unacked = calls.len() as u64;
-    ack_samples.flush(&shared.ack_latency);
-    shared.publishers_done.fetch_add(1, SeqCst);
+    step_done(shared, window.step);
     result
 }
 
