@@ -180,8 +180,9 @@ impl Session {
     }
 
     /// Handles the client's commands until the connection ends, then removes every trace of
-    /// it once `writer` finished.
-    pub async fn serve(mut self, source: &mut impl Source, writer: tokio::task::JoinHandle<()>) {
+    /// it once `writer` finished. By reference: the caller's future holds the session once
+    /// (moved into this future it would keep its space twice, per connection).
+    pub async fn serve(&mut self, source: &mut impl Source, writer: tokio::task::JoinHandle<()>) {
         self.read_loop(source).await;
         // Publishes already read are stored and answered before the close (bounded like any
         // command in flight).

@@ -37,10 +37,11 @@ pub fn run(
 ) -> impl Future<Output = ()> + Send + 'static {
     let setup = Box::new((on_upgrade, gateway, auth));
     async move {
-        let Some((session, mut stream, writer)) = Box::pin(start(setup)).await else {
+        let Some((mut session, mut stream, writer)) = Box::pin(start(setup)).await else {
             return;
         };
         session.serve(&mut stream, writer).await;
+        drop(session);
         Box::pin(linger(stream.0.into_inner())).await;
     }
 }
