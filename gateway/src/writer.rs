@@ -127,27 +127,26 @@ impl JoinHolds {
     }
 
     /// Holds `item` when its room's join is in flight; returns it otherwise. `Err` when the
-    /// hold grew past `limit`: the client is too slow.
-    fn hold(
-        &mut self,
-        room: &Arc<str>,
-        item: Outbound,
-        limit: usize,
-    ) -> Result<Option<Outbound>, ()> {
+    /// hold grew past `limit`: the client is too slow. No join in flight (the usual case)
+    /// costs one check.
+    fn hold(&mut self, item: Outbound, limit: usize) -> Result<Option<Outbound>, ()> {
         if self.rooms.is_empty() {
             return Ok(Some(item));
         }
-        match self.position(room) {
-            None => Ok(Some(item)),
-            Some(index) => {
-                let held = &mut self.rooms[index].1;
-                held.push(item);
-                if held.len() > limit {
-                    Err(())
-                } else {
-                    Ok(None)
-                }
-            }
+        let room = match &item {
+            Outbound::Message(delivery) => &delivery.room,
+            Outbound::Event(event) => &event.room,
+            Outbound::Local(_) => return Ok(Some(item)),
+        };
+        let Some(index) = self.position(room) else {
+            return Ok(Some(item));
+        };
+        let held = &mut self.rooms[index].1;
+        held.push(item);
+        if held.len() > limit {
+            Err(())
+        } else {
+            Ok(None)
         }
     }
 
@@ -160,12 +159,7 @@ impl JoinHolds {
         limit: usize,
         framing: Framing,
     ) -> bool {
-        let item = match &item {
-            Outbound::Message(delivery) => self.hold(&delivery.room.clone(), item, limit),
-            Outbound::Event(event) => self.hold(&event.room.clone(), item, limit),
-            Outbound::Local(_) => Ok(Some(item)),
-        };
-        let item = match item {
+        let item = match self.hold(item, limit) {
             Ok(Some(item)) => item,
             Ok(None) => return true,
             Err(()) => return false,
