@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(descriptor)
         .compile_protos(
             &[
+                "proto/roomcast/v1/status.proto",
                 "proto/roomcast/v1/auth.proto",
                 "proto/roomcast/v1/room.proto",
                 "proto/roomcast/v1/server_api.proto",

@@ -30,6 +30,15 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Response, Status};
 
+use crate::batcher::{Batcher, Results};
+
+/// Most requests in one batch call (see [`Batcher`]).
+const BATCH_MAX: usize = 256;
+
+/// Batch calls of one kind in flight at once: few, so that requests pile up behind them
+/// (that is the batching), more than one, so that one slow call does not hold up the others.
+const BATCH_IN_FLIGHT: usize = 2;
+
 /// How long an endpoint that answered UNAVAILABLE is skipped.
 const SKIP_MS: u64 = 1_000;
 
@@ -340,7 +349,10 @@ fn is_transport_failure(status: &Status) -> bool {
 /// One typed RPC of a pool, with its failover.
 macro_rules! rpc {
     ($pool:ident . $name:ident ($request:ty) -> $response:ty) => {
-        pub async fn $name(&self, request: $request) -> Result<$response, Status> {
+        rpc!(pub $pool.$name($request) -> $response);
+    };
+    ($vis:vis $pool:ident . $name:ident ($request:ty) -> $response:ty) => {
+        $vis async fn $name(&self, request: $request) -> Result<$response, Status> {
             self.$pool
                 .call(|mut client| {
                     let request = request.clone();
@@ -353,8 +365,186 @@ macro_rules! rpc {
 
 /// The services this gateway forwards to.
 pub struct Backends {
-    pub room: Pool<RoomServiceClient<Internal>>,
-    pub auth: Pool<AuthServiceClient<Internal>>,
+    pub room: Arc<Pool<RoomServiceClient<Internal>>>,
+    pub auth: Arc<Pool<AuthServiceClient<Internal>>>,
+    verify: Batcher<pb::VerifyTokenRequest, pb::VerifyTokenResponse>,
+    opened: Batcher<pb::ConnectionOpenedRequest, pb::ConnectionOpenedResponse>,
+    closed: Batcher<pb::ConnectionClosedRequest, pb::ConnectionClosedResponse>,
+}
+
+/// A batch of one goes as the single call (the same trace as without batching; services of
+/// an earlier version); more go as the batch call, or as single calls if the service does
+/// not know the batch call yet (a rolling upgrade).
+async fn one_or_batch<Req, Resp, One, OneFut, Many, ManyFut>(
+    batch: Vec<Req>,
+    one: One,
+    many: Many,
+) -> Results<Resp>
+where
+    One: Fn(Req) -> OneFut,
+    OneFut: Future<Output = Result<Resp, Status>>,
+    Many: FnOnce(&[Req]) -> ManyFut,
+    ManyFut: Future<Output = Result<Results<Resp>, Status>>,
+{
+    if batch.len() == 1 {
+        let request = batch.into_iter().next().expect("one request");
+        return vec![one(request).await];
+    }
+    match many(&batch).await {
+        Ok(results) => results,
+        Err(status) if status.code() == Code::Unimplemented => {
+            futures_util::future::join_all(batch.into_iter().map(one)).await
+        }
+        Err(status) => batch.iter().map(|_| Err(status.clone())).collect(),
+    }
+}
+
+/// The single `VerifyToken` of `pool`.
+async fn verify_one(
+    pool: &Pool<AuthServiceClient<Internal>>,
+    request: pb::VerifyTokenRequest,
+) -> Result<pb::VerifyTokenResponse, Status> {
+    pool.call(|mut client| {
+        let request = request.clone();
+        async move { client.verify_token(request).await }
+    })
+    .await
+}
+
+fn verify_batcher(
+    pool: Arc<Pool<AuthServiceClient<Internal>>>,
+) -> Batcher<pb::VerifyTokenRequest, pb::VerifyTokenResponse> {
+    Batcher::new("verify_token", BATCH_MAX, BATCH_IN_FLIGHT, move |batch| {
+        let pool = pool.clone();
+        async move {
+            let many = |batch: &[pb::VerifyTokenRequest]| {
+                let request = pb::VerifyTokensRequest {
+                    tokens: batch.iter().map(|r| r.token.clone()).collect(),
+                };
+                let pool = &pool;
+                async move {
+                    let response = pool
+                        .call(|mut client| {
+                            let request = request.clone();
+                            async move { client.verify_tokens(request).await }
+                        })
+                        .await?;
+                    Ok(response
+                        .results
+                        .into_iter()
+                        .map(|verified| {
+                            verified.status.unwrap_or_default().into_result()?;
+                            Ok(pb::VerifyTokenResponse {
+                                claims: verified.claims,
+                            })
+                        })
+                        .collect())
+                }
+            };
+            one_or_batch(batch, |request| verify_one(&pool, request), many).await
+        }
+    })
+}
+
+async fn opened_one(
+    pool: &Pool<RoomServiceClient<Internal>>,
+    request: pb::ConnectionOpenedRequest,
+) -> Result<pb::ConnectionOpenedResponse, Status> {
+    pool.call(|mut client| {
+        let request = request.clone();
+        async move { client.connection_opened(request).await }
+    })
+    .await
+}
+
+fn opened_batcher(
+    pool: Arc<Pool<RoomServiceClient<Internal>>>,
+) -> Batcher<pb::ConnectionOpenedRequest, pb::ConnectionOpenedResponse> {
+    Batcher::new(
+        "connection_opened",
+        BATCH_MAX,
+        BATCH_IN_FLIGHT,
+        move |batch| {
+            let pool = pool.clone();
+            async move {
+                let many = |batch: &[pb::ConnectionOpenedRequest]| {
+                    let request = pb::ConnectionsOpenedRequest {
+                        connections: batch.to_vec(),
+                    };
+                    let pool = &pool;
+                    async move {
+                        let response = pool
+                            .call(|mut client| {
+                                let request = request.clone();
+                                async move { client.connections_opened(request).await }
+                            })
+                            .await?;
+                        Ok(response
+                            .outcomes
+                            .into_iter()
+                            .map(|outcome| {
+                                outcome.status.unwrap_or_default().into_result()?;
+                                Ok(pb::ConnectionOpenedResponse {
+                                    connections: outcome.connections,
+                                })
+                            })
+                            .collect())
+                    }
+                };
+                one_or_batch(batch, |request| opened_one(&pool, request), many).await
+            }
+        },
+    )
+}
+
+async fn closed_one(
+    pool: &Pool<RoomServiceClient<Internal>>,
+    request: pb::ConnectionClosedRequest,
+) -> Result<pb::ConnectionClosedResponse, Status> {
+    pool.call(|mut client| {
+        let request = request.clone();
+        async move { client.connection_closed(request).await }
+    })
+    .await
+}
+
+fn closed_batcher(
+    pool: Arc<Pool<RoomServiceClient<Internal>>>,
+) -> Batcher<pb::ConnectionClosedRequest, pb::ConnectionClosedResponse> {
+    Batcher::new(
+        "connection_closed",
+        BATCH_MAX,
+        BATCH_IN_FLIGHT,
+        move |batch| {
+            let pool = pool.clone();
+            async move {
+                let many = |batch: &[pb::ConnectionClosedRequest]| {
+                    let request = pb::ConnectionsClosedRequest {
+                        connections: batch.to_vec(),
+                    };
+                    let pool = &pool;
+                    async move {
+                        let response = pool
+                            .call(|mut client| {
+                                let request = request.clone();
+                                async move { client.connections_closed(request).await }
+                            })
+                            .await?;
+                        Ok(response
+                            .outcomes
+                            .into_iter()
+                            .map(|status| {
+                                status
+                                    .into_result()
+                                    .map(|()| pb::ConnectionClosedResponse {})
+                            })
+                            .collect())
+                    }
+                };
+                one_or_batch(batch, |request| closed_one(&pool, request), many).await
+            }
+        },
+    )
 }
 
 impl Backends {
@@ -368,17 +558,45 @@ impl Backends {
     ) -> Result<Self, BackendConfigError> {
         let attach = AttachBearer::new(internal_token)?;
         let room_attach = attach.clone();
+        let room = Arc::new(Pool::new(room_urls, tls.clone(), move |channel| {
+            RoomServiceClient::new(internal(channel, &room_attach))
+        })?);
+        let auth = Arc::new(Pool::new(auth_urls, tls, move |channel| {
+            AuthServiceClient::new(internal(channel, &attach))
+        })?);
         Ok(Self {
-            room: Pool::new(room_urls, tls.clone(), move |channel| {
-                RoomServiceClient::new(internal(channel, &room_attach))
-            })?,
-            auth: Pool::new(auth_urls, tls, move |channel| {
-                AuthServiceClient::new(internal(channel, &attach))
-            })?,
+            verify: verify_batcher(auth.clone()),
+            opened: opened_batcher(room.clone()),
+            closed: closed_batcher(room.clone()),
+            room,
+            auth,
         })
     }
 
-    rpc!(auth.verify_token(pb::VerifyTokenRequest) -> pb::VerifyTokenResponse);
+    /// `VerifyToken`, batched with the other handshakes of the moment.
+    pub async fn verify_token(
+        &self,
+        request: pb::VerifyTokenRequest,
+    ) -> Result<pb::VerifyTokenResponse, Status> {
+        self.verify.call(request).await
+    }
+
+    /// `ConnectionOpened`, batched with the other handshakes of the moment.
+    pub async fn connection_opened(
+        &self,
+        request: pb::ConnectionOpenedRequest,
+    ) -> Result<pb::ConnectionOpenedResponse, Status> {
+        self.opened.call(request).await
+    }
+
+    /// `ConnectionClosed`, batched with the other closes of the moment.
+    pub async fn connection_closed(
+        &self,
+        request: pb::ConnectionClosedRequest,
+    ) -> Result<pb::ConnectionClosedResponse, Status> {
+        self.closed.call(request).await
+    }
+
     rpc!(auth.authorize(pb::AuthorizeRequest) -> pb::AuthorizeResponse);
     rpc!(room.join(pb::JoinRequest) -> pb::JoinResponse);
     rpc!(room.leave(pb::LeaveRequest) -> pb::LeaveResponse);
@@ -386,8 +604,6 @@ impl Backends {
     rpc!(room.publish_batch(pb::PublishBatchRequest) -> pb::PublishBatchResponse);
     rpc!(room.presence(pb::PresenceRequest) -> pb::PresenceResponse);
     rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);
-    rpc!(room.connection_opened(pb::ConnectionOpenedRequest) -> pb::ConnectionOpenedResponse);
-    rpc!(room.connection_closed(pb::ConnectionClosedRequest) -> pb::ConnectionClosedResponse);
     rpc!(room.gateway_heartbeat(pb::GatewayHeartbeatRequest) -> pb::GatewayHeartbeatResponse);
 
     /// `Join`, with a recovery larger than one transport message completed from history

@@ -20,12 +20,14 @@
 //! - [`limits`] — publish token bucket, connections per user;
 //! - [`memory`] — gives freed heap back to the OS after connection churn;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
+//! - [`batcher`] — handshakes' and closes' backend calls of the moment sent as one;
 //! - [`config`] — settings from flags and environment;
 //! - [`run`] — the wiring of the above into one running gateway, shared by the `gateway`
 //!   binary and standalone mode (the `roomcast` crate).
 
 pub mod admission;
 pub mod backend;
+pub mod batcher;
 pub mod config;
 pub mod hub;
 pub mod lease;

@@ -1518,6 +1518,95 @@ pub async fn connection_limits(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// A burst of handshakes at once: the gateway sends the token checks and per-user counts of
+/// the moment together (batch calls), and each handshake still gets its own answer. Then they
+/// all close at once (batched too) and every slot is free again, across the cluster. Gateway
+/// setting: MAX_CONNECTIONS_PER_USER=2.
+pub async fn handshake_burst(sys: &mut System) -> Result<()> {
+    const USERS: usize = 15;
+    const CROWD: usize = 8;
+    const JUNK: usize = 8;
+    let calls_before = gateway_counter(sys, 0, "roomcast_gateway_batched_calls_total").await?;
+    let requests_before =
+        gateway_counter(sys, 0, "roomcast_gateway_batched_requests_total").await?;
+    let url = sys.ws_url(0);
+    let mut attempts = Vec::new();
+    for user in 0..USERS {
+        for _ in 0..2 {
+            attempts.push(("ok", sys.token(&format!("burst-{user}"))?));
+        }
+    }
+    for _ in 0..CROWD {
+        attempts.push(("crowd", sys.token("crowd")?));
+    }
+    for i in 0..JUNK {
+        attempts.push(("junk", format!("junk.{i}.token")));
+    }
+    let results = futures_util::future::join_all(attempts.iter().map(|(_, token)| {
+        let opts = ConnectOptions::token(token.clone());
+        let url = url.clone();
+        async move { TestClient::connect_raw(&url, &opts).await }
+    }))
+    .await;
+    let mut open = Vec::new();
+    let (mut crowd_in, mut crowd_429) = (0, 0);
+    for ((kind, _), result) in attempts.iter().zip(results) {
+        match (*kind, result) {
+            ("ok", Ok(client)) => open.push(client),
+            ("ok", Err(e)) => bail!("a valid handshake in the burst failed: {e}"),
+            ("crowd", Ok(client)) => {
+                crowd_in += 1;
+                open.push(client);
+            }
+            ("crowd", Err(ConnectError::Http { status: 429, .. })) => crowd_429 += 1,
+            ("junk", Err(ConnectError::Http { status: 401, body })) => ensure!(
+                !body.trim().is_empty(),
+                "a refused token gets a reason"
+            ),
+            (kind, Ok(_)) => bail!("{kind} handshake accepted"),
+            (kind, Err(e)) => bail!("{kind} handshake: unexpected answer {e}"),
+        }
+    }
+    ensure!(
+        crowd_in == 2 && crowd_429 == CROWD - 2,
+        "one user's {CROWD} handshakes at once with a limit of 2: {crowd_in} accepted, \
+         {crowd_429} refused with 429"
+    );
+    let calls = gateway_counter(sys, 0, "roomcast_gateway_batched_calls_total").await? - calls_before;
+    let requests = gateway_counter(sys, 0, "roomcast_gateway_batched_requests_total").await?
+        - requests_before;
+    let total = attempts.len() as f64;
+    ensure!(
+        requests >= total && calls < requests,
+        "{total} handshakes made {requests} backend requests in {calls} calls: none batched"
+    );
+
+    // All at once, closed: the per-user counts across the cluster drop back, so every user
+    // can open two connections again, on any gateway.
+    futures_util::future::join_all(open.into_iter().map(|c| c.close())).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for user in (0..USERS).map(|u| format!("burst-{u}")).chain(["crowd".to_owned()]) {
+        let mut again = Vec::new();
+        for gateway in 0..2 {
+            loop {
+                match sys.client(gateway + 1, &user).await {
+                    Ok(client) => {
+                        again.push(client);
+                        break;
+                    }
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(e.context(format!(
+                            "{user}: slots freed by the burst's closes should be reusable"
+                        )));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A member that stops reading while messages pour in overflows its outbound queue and is
 /// closed with 4008; its presence goes. Gateway settings: OUTBOUND_QUEUE_LEN=8 and a publish
 /// rate that does not get in the way.

@@ -69,6 +69,65 @@ pub struct RoomServiceImpl {
 }
 
 impl RoomServiceImpl {
+    async fn connection_opened_one(
+        &self,
+        request: pb::ConnectionOpenedRequest,
+    ) -> Result<pb::ConnectionOpenedResponse, Status> {
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+        check_user(&request.user, true)?;
+        check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)?;
+        let counted = self
+            .store
+            .connection_opened(
+                &request.user,
+                &request.client_id,
+                &request.gateway_id,
+                request.max_per_user,
+            )
+            .await
+            .map_err(store_status)?;
+        match counted {
+            Ok(connections) => Ok(pb::ConnectionOpenedResponse { connections }),
+            Err(held) => Err(ErrorCode::RateLimited.status(format!(
+                "user holds {held} connections, the limit across the cluster"
+            ))),
+        }
+    }
+
+    async fn connection_closed_one(
+        &self,
+        request: pb::ConnectionClosedRequest,
+    ) -> Result<pb::ConnectionClosedResponse, Status> {
+        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+        check_user(&request.user, false)?;
+        // Try every room even when one fails; leaving is idempotent, so the caller may retry.
+        let mut first_error = None;
+        if !request.user.is_empty()
+            && let Err(error) = self
+                .store
+                .connection_closed(&request.user, &request.client_id)
+                .await
+        {
+            first_error = Some(error);
+        }
+        for room in &request.rooms {
+            if validate_room_name(room).is_err() {
+                continue;
+            }
+            if let Err(error) = self
+                .store
+                .leave(room, &request.client_id, &request.user)
+                .await
+            {
+                first_error.get_or_insert(error);
+            }
+        }
+        match first_error {
+            Some(error) => Err(store_status(error)),
+            None => Ok(pb::ConnectionClosedResponse {}),
+        }
+    }
+
     pub fn new(store: SharedStore, options: ServiceOptions) -> Self {
         RoomServiceImpl {
             store,
@@ -293,6 +352,17 @@ pub(crate) fn publication(message: StoredMessage) -> pb::Publication {
     }
 }
 
+/// A batch call carries at most [`pb::MAX_BATCH`] requests.
+fn check_batch(len: usize) -> Result<(), Status> {
+    if len > pb::MAX_BATCH {
+        return Err(ErrorCode::BadRequest.status(format!(
+            "{len} requests in one call; at most {}",
+            pb::MAX_BATCH
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl RoomService for RoomServiceImpl {
     async fn join(
@@ -440,61 +510,57 @@ impl RoomService for RoomServiceImpl {
         &self,
         request: Request<pb::ConnectionOpenedRequest>,
     ) -> Result<Response<pb::ConnectionOpenedResponse>, Status> {
-        let request = request.into_inner();
-        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
-        check_user(&request.user, true)?;
-        check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)?;
-        let counted = self
-            .store
-            .connection_opened(
-                &request.user,
-                &request.client_id,
-                &request.gateway_id,
-                request.max_per_user,
-            )
+        self.connection_opened_one(request.into_inner())
             .await
-            .map_err(store_status)?;
-        match counted {
-            Ok(connections) => Ok(Response::new(pb::ConnectionOpenedResponse { connections })),
-            Err(held) => Err(ErrorCode::RateLimited.status(format!(
-                "user holds {held} connections, the limit across the cluster"
-            ))),
-        }
+            .map(Response::new)
     }
 
     async fn connection_closed(
         &self,
         request: Request<pb::ConnectionClosedRequest>,
     ) -> Result<Response<pb::ConnectionClosedResponse>, Status> {
-        let request = request.into_inner();
-        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
-        check_user(&request.user, false)?;
-        // Try every room even when one fails; leaving is idempotent, so the caller may retry.
-        let mut first_error = None;
-        if !request.user.is_empty()
-            && let Err(error) = self
-                .store
-                .connection_closed(&request.user, &request.client_id)
-                .await
-        {
-            first_error = Some(error);
-        }
-        for room in &request.rooms {
-            if validate_room_name(room).is_err() {
-                continue;
-            }
-            if let Err(error) = self
-                .store
-                .leave(room, &request.client_id, &request.user)
-                .await
-            {
-                first_error.get_or_insert(error);
-            }
-        }
-        match first_error {
-            Some(error) => Err(store_status(error)),
-            None => Ok(Response::new(pb::ConnectionClosedResponse {})),
-        }
+        self.connection_closed_one(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn connections_opened(
+        &self,
+        request: Request<pb::ConnectionsOpenedRequest>,
+    ) -> Result<Response<pb::ConnectionsOpenedResponse>, Status> {
+        let connections = request.into_inner().connections;
+        check_batch(connections.len())?;
+        // Concurrently: the store's calls share one pipelined connection.
+        let results = futures_util::future::join_all(
+            connections
+                .into_iter()
+                .map(|c| self.connection_opened_one(c)),
+        )
+        .await;
+        let outcomes = results
+            .into_iter()
+            .map(|result| pb::ConnectionOpenedOutcome {
+                status: Some(pb::ItemStatus::of(&result)),
+                connections: result.map_or(0, |r| r.connections),
+            })
+            .collect();
+        Ok(Response::new(pb::ConnectionsOpenedResponse { outcomes }))
+    }
+
+    async fn connections_closed(
+        &self,
+        request: Request<pb::ConnectionsClosedRequest>,
+    ) -> Result<Response<pb::ConnectionsClosedResponse>, Status> {
+        let connections = request.into_inner().connections;
+        check_batch(connections.len())?;
+        let results = futures_util::future::join_all(
+            connections
+                .into_iter()
+                .map(|c| self.connection_closed_one(c)),
+        )
+        .await;
+        let outcomes = results.iter().map(pb::ItemStatus::of).collect();
+        Ok(Response::new(pb::ConnectionsClosedResponse { outcomes }))
     }
 
     async fn gateway_heartbeat(
@@ -582,6 +648,86 @@ pub(crate) mod tests {
         let subscriber: Box<dyn Subscriber> = Box::new(broker.subscriber(sink));
         subscriber.subscribe(channel).await.unwrap();
         (subscriber, seen)
+    }
+
+    #[tokio::test]
+    async fn batched_connection_calls_answer_each_request_as_alone() {
+        let (service, _) = service(None);
+        let opened = |client: &str, user: &str| pb::ConnectionOpenedRequest {
+            client_id: client.into(),
+            user: user.into(),
+            gateway_id: "gw1".into(),
+            max_per_user: 2,
+        };
+        let batch = vec![
+            opened("c1", "alice"),
+            opened("c2", "alice"),
+            opened("c3", "alice"),
+            opened("bad id", "bob"),
+            opened("c4", "bob"),
+        ];
+        let outcomes = service
+            .connections_opened(Request::new(pb::ConnectionsOpenedRequest {
+                connections: batch,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes;
+        let codes: Vec<Code> = outcomes
+            .iter()
+            .map(|o| Code::from_i32(o.status.as_ref().unwrap().code))
+            .collect();
+        // alice's third connection is over her limit of 2: only it fails, and the bad id.
+        assert_eq!(
+            codes,
+            [
+                Code::Ok,
+                Code::Ok,
+                Code::ResourceExhausted,
+                Code::InvalidArgument,
+                Code::Ok
+            ]
+        );
+        assert_eq!(outcomes[1].connections, 2);
+        assert_eq!(outcomes[4].connections, 1);
+
+        let closed = |client: &str| pb::ConnectionClosedRequest {
+            client_id: client.into(),
+            user: "alice".into(),
+            gateway_id: "gw1".into(),
+            rooms: vec![],
+        };
+        let outcomes = service
+            .connections_closed(Request::new(pb::ConnectionsClosedRequest {
+                connections: vec![closed("c1"), closed("a b")],
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes;
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes[0].clone().into_result().is_ok());
+        assert_eq!(
+            outcomes[1].clone().into_result().unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        // c1 is gone: alice has room for one more.
+        let again = service
+            .connection_opened(Request::new(opened("c5", "alice")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.connections, 2);
+
+        let too_many = vec![opened("c", "alice"); pb::MAX_BATCH + 1];
+        let status = service
+            .connections_opened(Request::new(pb::ConnectionsOpenedRequest {
+                connections: too_many,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ macro_rules! client_visible_tests {
             connection_limits => ClusterOptions::default()
                 .gateway_env("MAX_ROOMS_PER_CONNECTION", 3)
                 .gateway_env("MAX_CONNECTIONS_PER_USER", 2),
+            handshake_burst => ClusterOptions::default()
+                .gateway_env("MAX_CONNECTIONS_PER_USER", 2),
             write_delay_batches_broadcasts => ClusterOptions::default().gateway_env(
                 "WRITE_DELAY_MS",
                 roomcast_integration::scenarios::WRITE_DELAY.as_millis(),
