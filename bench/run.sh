@@ -626,6 +626,20 @@ stop_cluster
 stop_socketio
 stop_floor
 
+# The fan-out again with write coalescing on (WRITE_DELAY_MS=5: a connection's writer waits
+# up to 5 ms for more frames before its write call), against the floor's rounds above.
+round_start coalesce
+start_cluster coalesce 2 2 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 \
+  --gateway-env WRITE_DELAY_MS=5
+RC_PIDS_S="${ROOMCAST_PIDS[*]}"
+RC_GW_S="${GW_PIDS[*]}"
+fanout_roomcast warmup-coalesce 200 "$P200" 3 60
+for round in $(seq "$PAIRS"); do
+  fanout_roomcast "coalesce-roomcast-$round" 200 "$P200" "$DURATION" "$BOUND"
+  log "coalesce-roomcast-$round: $(summary "coalesce-roomcast-$round")"
+done
+stop_cluster
+
 # ---------------------------------------------------------------------------------------------
 # 5. Many small rooms: ROOMS rooms of 4 subscribers + 1 publisher, a rising rate until loss or
 #    p99 > 50 ms, for each system on the same machine, one after the other
