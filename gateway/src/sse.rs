@@ -27,7 +27,7 @@ use crate::admission::{StreamStarted, authenticate, refuse, token_of};
 use crate::outbound::ConnHandle;
 use crate::session::{Inbound, Session, Source};
 use crate::state::Gateway;
-use crate::writer::{self, Egress, Framing};
+use crate::writer::{self, Egress, Framing, WriterSettings};
 
 /// The header naming the session of a `POST /sse/send`.
 pub const SESSION_HEADER: &str = "x-roomcast-session";
@@ -149,9 +149,11 @@ pub async fn stream(
     let writer = tokio::spawn(writer::run(
         output,
         conn.clone(),
-        gateway.settings.outbound_queue_len,
-        gateway.settings.write_delay(),
-        Framing::Sse,
+        WriterSettings {
+            limit: u32::try_from(gateway.settings.outbound_queue_len).unwrap_or(u32::MAX),
+            delay: gateway.settings.write_delay(),
+            framing: Framing::Sse,
+        },
     ));
     tokio::spawn(async move {
         session.serve(&mut Posted { secret, user }, writer).await;

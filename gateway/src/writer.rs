@@ -216,26 +216,12 @@ fn concat(frames: &mut Vec<Bytes>) -> Bytes {
 
 /// The connection's only writer to its transport. Pings come from the session (it owns the
 /// connection's one timer) through the queue, like every other frame.
-pub async fn run<E: Egress>(
-    mut socket: E,
-    conn: Arc<ConnHandle>,
-    limit: usize,
-    delay: Duration,
-    framing: Framing,
-) {
+pub async fn run<E: Egress>(mut socket: E, conn: Arc<ConnHandle>, settings: WriterSettings) {
     let mut batch = Vec::new();
     // What the socket has not taken yet. Kept across a close, so the close frame never lands
     // in the middle of a half-written frame.
     let mut pending = Bytes::new();
-    let served = serve(
-        &mut socket,
-        &conn,
-        limit,
-        delay,
-        framing,
-        &mut batch,
-        &mut pending,
-    );
+    let served = serve(&mut socket, &conn, &settings, &mut batch, &mut pending);
     if served.await == Ended::Gone {
         conn.shut();
         return;
@@ -246,9 +232,9 @@ pub async fn run<E: Egress>(
     let reader_done = std::future::poll_fn(|cx| conn.poll_reader_finished(cx));
     let _ = tokio::time::timeout(OWED_REPLY_WAIT, reader_done).await;
     conn.take_batch(&mut batch, usize::MAX);
-    let (owed, close_reply) = owed_replies(batch.drain(..), framing);
+    let (owed, close_reply) = owed_replies(batch.drain(..), settings.framing);
     let last = match conn.close_reason.get() {
-        Some((code, reason)) => framing.close(*code, reason),
+        Some((code, reason)) => settings.framing.close(*code, reason),
         // Closed by the client or the socket: tungstenite's reply to a close, if any.
         None => close_reply.unwrap_or_default(),
     };
@@ -265,6 +251,17 @@ pub async fn run<E: Egress>(
     let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
 }
 
+/// How a connection's writer bounds, paces and frames its output.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterSettings {
+    /// Most messages held while a join is in flight (`OUTBOUND_QUEUE_LEN`). 32 bits: this
+    /// struct lives in every connection's writer.
+    pub limit: u32,
+    /// How long broadcasts wait for more before a write (`WRITE_DELAY_MS`).
+    pub delay: Duration,
+    pub framing: Framing,
+}
+
 /// How serving a connection's queue ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
@@ -278,9 +275,7 @@ enum Ended {
 async fn serve<E: Egress>(
     socket: &mut E,
     conn: &ConnHandle,
-    limit: usize,
-    delay: Duration,
-    framing: Framing,
+    settings: &WriterSettings,
     batch: &mut Vec<Outbound>,
     pending: &mut Bytes,
 ) -> Ended {
@@ -292,8 +287,8 @@ async fn serve<E: Egress>(
         // With a write delay, broadcasts wait for the ones that follow, whether they arrived
         // while the writer was idle or while it was writing; the connection's own traffic (a
         // reply) ends the wait.
-        if !delay.is_zero() && !held && conn.holds_only_broadcasts() {
-            if Box::pin(hold_broadcasts(conn, delay)).await {
+        if !settings.delay.is_zero() && !held && conn.holds_only_broadcasts() {
+            if Box::pin(hold_broadcasts(conn, settings.delay)).await {
                 return Ended::Closing;
             }
             held = true;
@@ -313,7 +308,7 @@ async fn serve<E: Egress>(
         }
         let mut ok = true;
         for item in batch.drain(..) {
-            ok &= holds.apply(item, &mut out, limit, framing);
+            ok &= holds.apply(item, &mut out, settings.limit as usize, settings.framing);
         }
         if !ok {
             conn.close(
