@@ -482,9 +482,16 @@ start_cluster idle1 1 1
 # their own: together they are the set-up cost of a connection.
 RUN_FRONT="${GW_PIDS[*]}"
 RUN_GROUPS=("gateway:${GW_PIDS[*]}" "auth:$AUTH_PID" "roomservice:${RS_PIDS[*]}")
+# Gateway + auth-service ticks at 10 Hz: their CPU over the ramp alone is the set-up cost
+# (the report cuts the series at the load generator's ramp_seconds).
+( while :; do printf '%s %s\n' "$EPOCHREALTIME" "$(ticks "${GW_PIDS[@]}" "$AUTH_PID")"; sleep 0.1; done ) \
+  >"$WORK/idle-1gw.setup" 2>/dev/null &
+SETUP_SAMPLER=$!
 run idle-1gw "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 240 -- \
   "$BIN/loadgen" connections --url "$GW_URLS" --secret "$SECRET" --count 19000 --rate 0 \
   --concurrency 100 --hold 10s --duration 180s --gateway-pid "${GW_PIDS[0]}" --json
+kill "$SETUP_SAMPLER" 2>/dev/null || true
+wait "$SETUP_SAMPLER" 2>/dev/null || true
 RUN_FRONT="" RUN_GROUPS=()
 log "idle-1gw: connected $(jget idle-1gw connected), $(jget idle-1gw rss_per_connection_bytes) B RSS per connection, $(jget idle-1gw connect_rate) conn/s"
 stop_cluster

@@ -18,7 +18,6 @@
 //! - [`state`] — what the connections of one gateway share (`Gateway`);
 //! - [`lease`] — the gateway's lease heartbeat with the room-service;
 //! - [`limits`] — publish token bucket, connections per user;
-//! - [`memory`] — gives freed heap back to the OS after connection churn;
 //! - [`backend`] — gRPC clients for room-service and auth-service with failover;
 //! - [`batcher`] — handshakes' and closes' backend calls of the moment sent as one;
 //! - [`config`] — settings from flags and environment;
@@ -32,7 +31,6 @@ pub mod config;
 pub mod hub;
 pub mod lease;
 pub mod limits;
-pub mod memory;
 pub mod outbound;
 pub mod pipeline;
 pub mod protocol;

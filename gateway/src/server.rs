@@ -123,7 +123,6 @@ pub async fn serve(
         max_pending: gateway.settings.max_pending_handshakes,
     };
     let server = tokio::spawn(accept_loop(listener, app, limits, tls, accepting_stopped));
-    tokio::spawn(crate::memory::trim_loop(gateway.clone()));
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
     gateway.readiness.start_draining();

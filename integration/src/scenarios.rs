@@ -1559,10 +1559,9 @@ pub async fn handshake_burst(sys: &mut System) -> Result<()> {
                 open.push(client);
             }
             ("crowd", Err(ConnectError::Http { status: 429, .. })) => crowd_429 += 1,
-            ("junk", Err(ConnectError::Http { status: 401, body })) => ensure!(
-                !body.trim().is_empty(),
-                "a refused token gets a reason"
-            ),
+            ("junk", Err(ConnectError::Http { status: 401, body })) => {
+                ensure!(!body.trim().is_empty(), "a refused token gets a reason")
+            }
             (kind, Ok(_)) => bail!("{kind} handshake accepted"),
             (kind, Err(e)) => bail!("{kind} handshake: unexpected answer {e}"),
         }
@@ -1572,9 +1571,10 @@ pub async fn handshake_burst(sys: &mut System) -> Result<()> {
         "one user's {CROWD} handshakes at once with a limit of 2: {crowd_in} accepted, \
          {crowd_429} refused with 429"
     );
-    let calls = gateway_counter(sys, 0, "roomcast_gateway_batched_calls_total").await? - calls_before;
-    let requests = gateway_counter(sys, 0, "roomcast_gateway_batched_requests_total").await?
-        - requests_before;
+    let calls =
+        gateway_counter(sys, 0, "roomcast_gateway_batched_calls_total").await? - calls_before;
+    let requests =
+        gateway_counter(sys, 0, "roomcast_gateway_batched_requests_total").await? - requests_before;
     let total = attempts.len() as f64;
     ensure!(
         requests >= total && calls < requests,
@@ -1585,7 +1585,10 @@ pub async fn handshake_burst(sys: &mut System) -> Result<()> {
     // can open two connections again, on any gateway.
     futures_util::future::join_all(open.into_iter().map(|c| c.close())).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    for user in (0..USERS).map(|u| format!("burst-{u}")).chain(["crowd".to_owned()]) {
+    for user in (0..USERS)
+        .map(|u| format!("burst-{u}"))
+        .chain(["crowd".to_owned()])
+    {
         let mut again = Vec::new();
         for gateway in 0..2 {
             loop {

@@ -7,6 +7,13 @@ mod standalone;
 use clap::{Parser, Subcommand};
 use standalone::StandaloneConfig;
 
+// jemalloc rather than glibc's malloc: a connection's set-up allocates and frees far more than
+// the connection keeps, and glibc spent about a fifth of the gateway's CPU there and held freed
+// pages between the live ones. Measured with `loadgen connections` (19,000 connections, one
+// gateway): set-up CPU 103-118 -> 69-80 µs per connection, idle RSS per connection no higher.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "roomcast",
