@@ -12,6 +12,11 @@ use roomcast_common::ops::{self, Readiness};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+// jemalloc, as in the gateway: a gRPC call allocates and frees many small buffers, which
+// glibc's malloc serves more slowly.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "auth-service",

@@ -14,6 +14,11 @@ use roomcast_room::store::{Backend, RedisStore};
 use roomcast_room::{RoomServiceImpl, SharedStore};
 use tokio::sync::watch;
 
+// jemalloc, as in the gateway: a gRPC call allocates and frees many small buffers, which
+// glibc's malloc serves more slowly.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// How often readiness re-checks that Redis answers.
 const READINESS_CHECK_EVERY: Duration = Duration::from_secs(2);
 
