@@ -399,150 +399,116 @@ where
     }
 }
 
-/// The single `VerifyToken` of `pool`.
-async fn verify_one(
-    pool: &Pool<AuthServiceClient<Internal>>,
-    request: pb::VerifyTokenRequest,
-) -> Result<pb::VerifyTokenResponse, Status> {
-    pool.call(|mut client| {
-        let request = request.clone();
-        async move { client.verify_token(request).await }
+/// A batcher of one kind of call on `pool`: `one` is the single RPC, `many` the batch RPC,
+/// `gather` builds the batch request and `spread` splits its answer, one result per request.
+fn batcher<C, Req, Resp, BatchReq, BatchResp, One, OneFut, Many, ManyFut>(
+    name: &'static str,
+    pool: Arc<Pool<C>>,
+    one: One,
+    many: Many,
+    gather: fn(&[Req]) -> BatchReq,
+    spread: fn(BatchResp) -> Results<Resp>,
+) -> Batcher<Req, Resp>
+where
+    C: Clone + Send + Sync + 'static,
+    Req: Clone + Send + Sync + 'static,
+    Resp: Send + 'static,
+    BatchReq: Clone + Send + Sync + 'static,
+    BatchResp: Send + 'static,
+    One: Fn(C, Req) -> OneFut + Copy + Send + Sync + 'static,
+    OneFut: Future<Output = Result<Response<Resp>, Status>> + Send,
+    Many: Fn(C, BatchReq) -> ManyFut + Copy + Send + Sync + 'static,
+    ManyFut: Future<Output = Result<Response<BatchResp>, Status>> + Send,
+{
+    Batcher::new(name, BATCH_MAX, BATCH_IN_FLIGHT, move |batch| {
+        let pool = pool.clone();
+        async move {
+            let pool = &pool;
+            let single = |request: Req| async move {
+                pool.call(|client| one(client, request.clone())).await
+            };
+            let batched = |batch: &[Req]| {
+                let request = gather(batch);
+                async move {
+                    let response = pool.call(|client| many(client, request.clone())).await?;
+                    Ok(spread(response))
+                }
+            };
+            one_or_batch(batch, single, batched).await
+        }
     })
-    .await
 }
 
 fn verify_batcher(
     pool: Arc<Pool<AuthServiceClient<Internal>>>,
 ) -> Batcher<pb::VerifyTokenRequest, pb::VerifyTokenResponse> {
-    Batcher::new("verify_token", BATCH_MAX, BATCH_IN_FLIGHT, move |batch| {
-        let pool = pool.clone();
-        async move {
-            let many = |batch: &[pb::VerifyTokenRequest]| {
-                let request = pb::VerifyTokensRequest {
-                    tokens: batch.iter().map(|r| r.token.clone()).collect(),
-                };
-                let pool = &pool;
-                async move {
-                    let response = pool
-                        .call(|mut client| {
-                            let request = request.clone();
-                            async move { client.verify_tokens(request).await }
-                        })
-                        .await?;
-                    Ok(response
-                        .results
-                        .into_iter()
-                        .map(|verified| {
-                            verified.status.unwrap_or_default().into_result()?;
-                            Ok(pb::VerifyTokenResponse {
-                                claims: verified.claims,
-                            })
-                        })
-                        .collect())
-                }
-            };
-            one_or_batch(batch, |request| verify_one(&pool, request), many).await
-        }
-    })
-}
-
-async fn opened_one(
-    pool: &Pool<RoomServiceClient<Internal>>,
-    request: pb::ConnectionOpenedRequest,
-) -> Result<pb::ConnectionOpenedResponse, Status> {
-    pool.call(|mut client| {
-        let request = request.clone();
-        async move { client.connection_opened(request).await }
-    })
-    .await
+    batcher(
+        "verify_token",
+        pool,
+        |mut client, request| async move { client.verify_token(request).await },
+        |mut client, request| async move { client.verify_tokens(request).await },
+        |batch| pb::VerifyTokensRequest {
+            tokens: batch.iter().map(|r| r.token.clone()).collect(),
+        },
+        |response| {
+            let results = response.results.into_iter();
+            results
+                .map(|verified| {
+                    verified.status.unwrap_or_default().into_result()?;
+                    Ok(pb::VerifyTokenResponse {
+                        claims: verified.claims,
+                    })
+                })
+                .collect()
+        },
+    )
 }
 
 fn opened_batcher(
     pool: Arc<Pool<RoomServiceClient<Internal>>>,
 ) -> Batcher<pb::ConnectionOpenedRequest, pb::ConnectionOpenedResponse> {
-    Batcher::new(
+    batcher(
         "connection_opened",
-        BATCH_MAX,
-        BATCH_IN_FLIGHT,
-        move |batch| {
-            let pool = pool.clone();
-            async move {
-                let many = |batch: &[pb::ConnectionOpenedRequest]| {
-                    let request = pb::ConnectionsOpenedRequest {
-                        connections: batch.to_vec(),
-                    };
-                    let pool = &pool;
-                    async move {
-                        let response = pool
-                            .call(|mut client| {
-                                let request = request.clone();
-                                async move { client.connections_opened(request).await }
-                            })
-                            .await?;
-                        Ok(response
-                            .outcomes
-                            .into_iter()
-                            .map(|outcome| {
-                                outcome.status.unwrap_or_default().into_result()?;
-                                Ok(pb::ConnectionOpenedResponse {
-                                    connections: outcome.connections,
-                                })
-                            })
-                            .collect())
-                    }
-                };
-                one_or_batch(batch, |request| opened_one(&pool, request), many).await
-            }
+        pool,
+        |mut client, request| async move { client.connection_opened(request).await },
+        |mut client, request| async move { client.connections_opened(request).await },
+        |batch| pb::ConnectionsOpenedRequest {
+            connections: batch.to_vec(),
+        },
+        |response| {
+            let outcomes = response.outcomes.into_iter();
+            outcomes
+                .map(|outcome| {
+                    outcome.status.unwrap_or_default().into_result()?;
+                    Ok(pb::ConnectionOpenedResponse {
+                        connections: outcome.connections,
+                    })
+                })
+                .collect()
         },
     )
-}
-
-async fn closed_one(
-    pool: &Pool<RoomServiceClient<Internal>>,
-    request: pb::ConnectionClosedRequest,
-) -> Result<pb::ConnectionClosedResponse, Status> {
-    pool.call(|mut client| {
-        let request = request.clone();
-        async move { client.connection_closed(request).await }
-    })
-    .await
 }
 
 fn closed_batcher(
     pool: Arc<Pool<RoomServiceClient<Internal>>>,
 ) -> Batcher<pb::ConnectionClosedRequest, pb::ConnectionClosedResponse> {
-    Batcher::new(
+    batcher(
         "connection_closed",
-        BATCH_MAX,
-        BATCH_IN_FLIGHT,
-        move |batch| {
-            let pool = pool.clone();
-            async move {
-                let many = |batch: &[pb::ConnectionClosedRequest]| {
-                    let request = pb::ConnectionsClosedRequest {
-                        connections: batch.to_vec(),
-                    };
-                    let pool = &pool;
-                    async move {
-                        let response = pool
-                            .call(|mut client| {
-                                let request = request.clone();
-                                async move { client.connections_closed(request).await }
-                            })
-                            .await?;
-                        Ok(response
-                            .outcomes
-                            .into_iter()
-                            .map(|status| {
-                                status
-                                    .into_result()
-                                    .map(|()| pb::ConnectionClosedResponse {})
-                            })
-                            .collect())
-                    }
-                };
-                one_or_batch(batch, |request| closed_one(&pool, request), many).await
-            }
+        pool,
+        |mut client, request| async move { client.connection_closed(request).await },
+        |mut client, request| async move { client.connections_closed(request).await },
+        |batch| pb::ConnectionsClosedRequest {
+            connections: batch.to_vec(),
+        },
+        |response| {
+            let outcomes = response.outcomes.into_iter();
+            outcomes
+                .map(|status| {
+                    status
+                        .into_result()
+                        .map(|()| pb::ConnectionClosedResponse {})
+                })
+                .collect()
         },
     )
 }
