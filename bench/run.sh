@@ -200,7 +200,7 @@ try_start_cluster() { # name gateways room-services [more roomcast-cluster optio
   local name=$1 gws=$2 rss=$3 out="$WORK/$1.cluster.out" i
   shift 3
   "$BIN/roomcast-cluster" --gateways "$gws" --room-services "$rss" --secret "$SECRET" \
-    --log-dir "$WORK/$name-logs" "$@" >"$out" 2>&1 &
+    --worker-threads 1 --log-dir "$WORK/$name-logs" "$@" >"$out" 2>&1 &
   CLUSTER_PID=$!
   for i in $(seq 600); do
     grep -q 'Ctrl-C or SIGTERM stops everything' "$out" 2>/dev/null && break
@@ -291,8 +291,9 @@ stop_socketio() {
 
 # The floor reference: N processes of bench/floor on free ports, with T runtime threads each.
 # The floor gets as many runtime threads as the gateways it stands beside have together (two
-# gateways of two threads for one floor process), so that on a shared machine, where the
-# scheduler shares the cores out by thread, neither side gets more of them for having more.
+# gateways of one worker each, `--worker-threads 1`, for one floor process of two), so that on
+# a shared machine, where the scheduler shares the cores out by thread, neither side gets more
+# of them for having more.
 start_floor() { # processes threads
   local n=${1:-1} threads=${2:-2} k port i
   FLOOR_PIDS=() FLOOR_URLS=()
@@ -527,7 +528,7 @@ round_start fanout
 start_cluster fanout 2 2 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 \
   --gateway-env WRITE_DELAY_MS=0
 start_socketio 2
-start_floor 1 4
+start_floor 1 2
 SIO_PIDS_S="${SIO_PIDS[*]}"
 RC_PIDS_S="${ROOMCAST_PIDS[*]}"
 RC_GW_S="${GW_PIDS[*]}"
@@ -697,7 +698,7 @@ if [ $MANY = 1 ]; then
   stop_socketio
 
   round_start many-floor
-  start_floor "$MANY_FRONTS" 2
+  start_floor "$MANY_FRONTS" 1
   MANY_SERVER="${FLOOR_PIDS[*]}" MANY_REDIS=""
   RUN_FRONT="${FLOOR_PIDS[*]}"
   many_rooms many-floor --url "$FLOOR_URLS_CSV" --placement room \

@@ -106,8 +106,11 @@ struct MintArgs {
     secret: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    roomcast_common::runtime::build()?.block_on(auth_main())
+}
+
+async fn auth_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MintToken(args)) => mint(args),

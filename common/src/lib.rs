@@ -13,6 +13,7 @@
 //!   ask for, and whether a client should reconnect after each.
 //! - [`error_code`] — the one error-code enum shared by the wire protocol and gRPC statuses.
 //! - [`room`] — room-name rules.
+//! - [`runtime`] — the tokio runtime of each binary (`WORKER_THREADS`).
 //! - [`ops`] — `/healthz`, `/readyz`, `/metrics` for every binary.
 //! - [`tls`] — TLS material from PEM files (gRPC servers and clients, the gateway's listener,
 //!   `rediss://`), checked at start-up.
@@ -31,6 +32,7 @@ pub mod namespace;
 pub mod ops;
 pub mod propagation;
 pub mod room;
+pub mod runtime;
 pub mod telemetry;
 pub mod tls;
 

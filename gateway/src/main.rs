@@ -37,8 +37,11 @@ struct Cli {
     drain_window_ms: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    roomcast_common::runtime::build()?.block_on(gateway_main())
+}
+
+async fn gateway_main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("standalone") {
         eprintln!("error: `gateway standalone` is now `roomcast standalone` (the roomcast binary)");
         std::process::exit(2);

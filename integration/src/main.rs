@@ -72,6 +72,11 @@ struct Args {
     /// Extra setting for every room-service, `KEY=VALUE` (e.g. `BROKER_URL=nats://…`).
     #[arg(long = "room-env", value_parser = key_value)]
     room_env: Vec<(String, String)>,
+    /// Runtime worker threads of every gateway, room-service and auth-service
+    /// (`WORKER_THREADS`); default one per CPU. Every process of this cluster shares the
+    /// machine's cores, so fewer (1 on a small machine) costs less CPU per message.
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 /// `KEY=VALUE` into its parts.
@@ -80,6 +85,12 @@ fn key_value(text: &str) -> std::result::Result<(String, String), String> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
+}
+
+/// `env` with `WORKER_THREADS` set first (so an explicit `--*-env WORKER_THREADS=` wins).
+fn with_workers(env: &[(String, String)], workers: Option<usize>) -> Vec<(String, String)> {
+    let threads = workers.map(|n| ("WORKER_THREADS".to_owned(), n.to_string()));
+    threads.into_iter().chain(env.iter().cloned()).collect()
 }
 
 #[tokio::main]
@@ -101,8 +112,9 @@ async fn main() -> Result<()> {
         secret: args.secret.clone(),
         allowed_origins: args.allowed_origins.clone(),
         ports: args.base_port.map_or(PortPlan::Free, PortPlan::Base),
-        gateway_env: args.gateway_env.clone(),
-        room_env: args.room_env.clone(),
+        gateway_env: with_workers(&args.gateway_env, args.worker_threads),
+        room_env: with_workers(&args.room_env, args.worker_threads),
+        auth_env: with_workers(&[], args.worker_threads),
         redis_cluster: args.redis_cluster,
         ..ClusterOptions::default()
     };

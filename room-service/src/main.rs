@@ -25,7 +25,7 @@ const READINESS_CHECK_EVERY: Duration = Duration::from_secs(2);
 fn main() -> ExitCode {
     roomcast_common::telemetry::init_with_service("room-service");
     let config = Config::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match roomcast_common::runtime::build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("room-service: cannot start the runtime: {error}");

@@ -34,8 +34,11 @@ enum Command {
     Standalone(StandaloneConfig),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    roomcast_common::runtime::build()?.block_on(standalone_main())
+}
+
+async fn standalone_main() -> anyhow::Result<()> {
     // The embedded services' spans carry service.name "gateway", as they always have.
     roomcast_common::telemetry::init_with_service("gateway");
     let cli = Cli::parse();
