@@ -511,7 +511,7 @@ p(`| capacity: highest per-room rate, 1000 subscribers, zero loss, p99 ≤ 50 ms
   p(`| many small rooms (${int(Number(machine.many_rooms || 10000))} × 5 members): highest rate with zero loss and p99 ≤ 50 ms | ${maxText(mr)} | ${maxText(ms)} | ${maxText(mf)} | | |`);
 }
 p();
-p('Connection set-up (one gateway, ~19,000 connections, `roomcast-cluster --gateways 1 --worker-threads 1`): ' +
+p('Connection set-up (one gateway, ~19,000 connections, `roomcast-cluster --gateways 1`): ' +
   (idle1 && idle1.r
     ? `${int(idle1.r.connect_rate)} connections/s, ${rampCpu(idle1) != null ? `${f(rampCpu(idle1), 0)} µs of gateway + auth-service CPU per connection over the ramp (` : ''}` +
       `${f(setupCpu(idle1, ['gateway', 'auth']), 0)} µs over the whole run with the 10 s hold and the close${rampCpu(idle1) != null ? ')' : ''}, ` +
@@ -683,7 +683,7 @@ p();
 p('Roomcast: `roomcast-cluster --gateways 2 --room-services 2 --worker-threads 1 --gateway-env WRITE_DELAY_MS=0` (redis-server, ' +
   'auth-service, 2 room-services, 2 gateways, one runtime worker each: five server processes share the two cores; write coalescing off), `loadgen fanout`. Socket.IO: two ' +
   '`bench/socketio/server.js` instances on one private redis-server, `bench/socketio/loadgen.js`. Floor: one ' +
-  '`bench/floor` process with two runtime threads (as many as the two gateways have together), `loadgen fanout`. Subscribers and publishers are spread round-robin over the two ' +
+  '`bench/floor` process with four runtime threads (the gateways have one worker each), `loadgen fanout`. Subscribers and publishers are spread round-robin over the two ' +
   'gateways / instances. Each system first had one 3 s warm-up run (connection pools, JIT), not counted ' +
   '(it is in the raw results). Rows are in the order they ran.');
 p();
@@ -905,7 +905,7 @@ p();
     p();
     p('Roomcast: `roomcast-cluster --gateways 3 --room-services 2 --worker-threads 1`; Socket.IO: three instances on one Redis; ' +
       'both with each room\'s members spread over the three (connection n to front n mod 3, as a load balancer ' +
-      'would). Floor: three processes of one runtime thread each, each room whole on one of them (`--placement room`: the floor has no ' +
+      'would). Floor: three processes of two runtime threads each, each room whole on one of them (`--placement room`: the floor has no ' +
       'cross-process fan-out). CPU per step from `/proc/PID/stat` at the step\'s edges (publishing + drain), Redis ' +
       'CPU from `INFO cpu` (`used_cpu_user + used_cpu_sys`) at the same edges. At the low steps CPU per delivery ' +
       'is mostly the upkeep of 50,000 idle connections (pings, timers, leases), spread over few deliveries; the ' +
@@ -968,8 +968,8 @@ p();
 p('```sh');
 p('cargo build --release --workspace');
 p('(cd bench/socketio && npm ci)    # only when node_modules is missing');
-p('target/release/roomcast-cluster --gateways 1 --room-services 1 --worker-threads 1 --secret "$SECRET"   # idle, 1 gateway');
-if (idle6) p('target/release/roomcast-cluster --gateways 6 --room-services 2 --worker-threads 1 --secret "$SECRET"   # idle, 6 gateways');
+p('target/release/roomcast-cluster --gateways 1 --room-services 1 --secret "$SECRET"   # idle, 1 gateway');
+if (idle6) p('target/release/roomcast-cluster --gateways 6 --room-services 2 --secret "$SECRET"   # idle, 6 gateways');
 p('target/release/roomcast-cluster --gateways 2 --room-services 2 --worker-threads 1 --secret "$SECRET" \\');
 p('  --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 --gateway-env WRITE_DELAY_MS=0   # fan-out and capacity');
 if (coalesced.length > 0) {
@@ -978,7 +978,7 @@ if (coalesced.length > 0) {
 }
 p('redis-server --port $PORT --bind 127.0.0.1 --save \'\' --appendonly no --maxclients 10000');
 p('PORT=$P0 REDIS_URL=redis://127.0.0.1:$PORT JWT_SECRET=$SECRET node bench/socketio/server.js   # one per instance');
-p('target/release/floor --addr 127.0.0.1:$PF --threads T   # the floor reference, one per process: T = 2 beside two gateways, 1 per process beside three');
+p('target/release/floor --addr 127.0.0.1:$PF --threads T   # the floor reference, one per process: T = 4 beside two gateways, 2 per process beside three');
 if (MANY.some((m) => m.run)) {
   p('target/release/roomcast-cluster --gateways 3 --room-services 2 --worker-threads 1 --secret "$SECRET"   # many small rooms');
 }

@@ -200,7 +200,7 @@ try_start_cluster() { # name gateways room-services [more roomcast-cluster optio
   local name=$1 gws=$2 rss=$3 out="$WORK/$1.cluster.out" i
   shift 3
   "$BIN/roomcast-cluster" --gateways "$gws" --room-services "$rss" --secret "$SECRET" \
-    --worker-threads 1 --log-dir "$WORK/$name-logs" "$@" >"$out" 2>&1 &
+    --log-dir "$WORK/$name-logs" "$@" >"$out" 2>&1 &
   CLUSTER_PID=$!
   for i in $(seq 600); do
     grep -q 'Ctrl-C or SIGTERM stops everything' "$out" 2>/dev/null && break
@@ -290,10 +290,12 @@ stop_socketio() {
 }
 
 # The floor reference: N processes of bench/floor on free ports, with T runtime threads each.
-# The floor gets as many runtime threads as the gateways it stands beside have together (two
-# gateways of one worker each, `--worker-threads 1`, for one floor process of two), so that on
-# a shared machine, where the scheduler shares the cores out by thread, neither side gets more
-# of them for having more.
+# The floor gets as many runtime threads as two-worker gateways would have together (four for
+# one process beside two gateways, two per process beside three): on a shared machine the
+# scheduler shares the cores out by thread, so the floor is given the larger share. The fan-out and many-rooms clusters run one
+# worker per process (`--worker-threads 1`: five or six server processes share two cores,
+# and that costs less CPU per message); the idle rounds keep the default, since one gateway
+# alone accepts connections faster with a worker per core.
 start_floor() { # processes threads
   local n=${1:-1} threads=${2:-2} k port i
   FLOOR_PIDS=() FLOOR_URLS=()
@@ -525,10 +527,10 @@ pubs_for() { echo $(( ($1 + 49) / 50 )); }
 # publish rate (100/s); the other rounds publish 50/s per connection. Write coalescing is off
 # (WRITE_DELAY_MS=0, the default, given explicitly): one write per delivery, as the floor does.
 round_start fanout
-start_cluster fanout 2 2 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 \
+start_cluster fanout 2 2 --worker-threads 1 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 \
   --gateway-env WRITE_DELAY_MS=0
 start_socketio 2
-start_floor 1 2
+start_floor 1 4
 SIO_PIDS_S="${SIO_PIDS[*]}"
 RC_PIDS_S="${ROOMCAST_PIDS[*]}"
 RC_GW_S="${GW_PIDS[*]}"
@@ -637,7 +639,7 @@ stop_floor
 # The fan-out again with write coalescing on (WRITE_DELAY_MS=5: a connection's writer waits
 # up to 5 ms for more frames before its write call), against the floor's rounds above.
 round_start coalesce
-start_cluster coalesce 2 2 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 \
+start_cluster coalesce 2 2 --worker-threads 1 --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 \
   --gateway-env WRITE_DELAY_MS=5
 RC_PIDS_S="${ROOMCAST_PIDS[*]}"
 RC_GW_S="${GW_PIDS[*]}"
@@ -678,7 +680,7 @@ many_rooms() { # name [loadgen fanout options…]
 }
 if [ $MANY = 1 ]; then
   round_start many-roomcast
-  start_cluster many "$MANY_FRONTS" 2
+  start_cluster many "$MANY_FRONTS" 2 --worker-threads 1
   MANY_SERVER="${ROOMCAST_PIDS[*]}" MANY_REDIS="$CREDIS_PID"
   RUN_FRONT="${GW_PIDS[*]}"
   many_rooms many-roomcast --url "$GW_URLS" \
@@ -698,7 +700,7 @@ if [ $MANY = 1 ]; then
   stop_socketio
 
   round_start many-floor
-  start_floor "$MANY_FRONTS" 1
+  start_floor "$MANY_FRONTS" 2
   MANY_SERVER="${FLOOR_PIDS[*]}" MANY_REDIS=""
   RUN_FRONT="${FLOOR_PIDS[*]}"
   many_rooms many-floor --url "$FLOOR_URLS_CSV" --placement room \
@@ -732,7 +734,7 @@ if [ $MANY = 1 ]; then
     sleep 0.1
   done
   CLUSTER_URL="redis+cluster://$(IFS=,; echo "${RC_NODES[*]}")"
-  if try_start_cluster many-cluster "$MANY_FRONTS" 2 --gateway-env "REDIS_URL=$CLUSTER_URL" --room-env "REDIS_URL=$CLUSTER_URL"; then
+  if try_start_cluster many-cluster "$MANY_FRONTS" 2 --worker-threads 1 --gateway-env "REDIS_URL=$CLUSTER_URL" --room-env "REDIS_URL=$CLUSTER_URL"; then
     MANY_SERVER="${ROOMCAST_PIDS[*]}" MANY_REDIS="${RC_NODE_PIDS[*]}"
     RUN_FRONT="${GW_PIDS[*]}"
     shards=()
