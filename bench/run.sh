@@ -292,10 +292,10 @@ stop_socketio() {
 # The floor reference: N processes of bench/floor on free ports, with T runtime threads each.
 # The floor gets as many runtime threads as two-worker gateways would have together (four for
 # one process beside two gateways, two per process beside three): on a shared machine the
-# scheduler shares the cores out by thread, so the floor is given the larger share. The fan-out and many-rooms clusters run one
-# worker per process (`--worker-threads 1`: five or six server processes share two cores,
-# and that costs less CPU per message); the idle rounds keep the default, since one gateway
-# alone accepts connections faster with a worker per core.
+# scheduler shares the cores out by thread, so the floor is given the larger share. The
+# fan-out and many-rooms clusters run one worker per process (`--worker-threads 1`: five or
+# six server processes share two cores, and that costs less CPU per message); the idle rounds
+# keep the default, since one gateway alone accepts connections faster with a worker per core.
 start_floor() { # processes threads
   local n=${1:-1} threads=${2:-2} k port i
   FLOOR_PIDS=() FLOOR_URLS=()
