@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::outbound::{ConnHandle, Delivery, Outbound, RoomEvent};
+use crate::outbound::{ConnHandle, Delivery, RoomEvent};
 
 /// A message as it came from the broker (or from history).
 pub struct Message {
@@ -163,7 +163,7 @@ impl RoomStream {
             .iter()
             .filter(|m| *m.conn.client_id != *exclude)
         {
-            member.conn.deliver(Outbound::Event(event.clone()));
+            member.conn.deliver_event(event);
         }
     }
 
@@ -240,7 +240,7 @@ impl RoomStream {
                 }
                 member.covered = None;
             }
-            member.conn.deliver(Outbound::Message(delivery.clone()));
+            member.conn.deliver_message(delivery);
             delivered += 1;
         }
         metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);

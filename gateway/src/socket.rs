@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use roomcast_common::close_code::CloseCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 
 use crate::outbound::ConnHandle;
 
@@ -83,12 +83,14 @@ pub enum Upgraded {
 }
 
 impl Upgraded {
-    /// The read and write halves, owned by the reader and the writer.
-    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+    /// The read and write halves, owned by the reader and the writer. A TCP write half goes
+    /// to `conn`, so that the fan-out can write to it too (see [`crate::outbound`]).
+    pub fn into_split(self, conn: &Arc<ConnHandle>) -> (ReadHalf, WriteHalf) {
         match self {
             Upgraded::Tcp(tcp) => {
                 let (read, write) = tcp.into_split();
-                (ReadHalf::Tcp(read), WriteHalf::Tcp(write))
+                conn.attach_tcp(write);
+                (ReadHalf::Tcp(read), WriteHalf::Tcp(conn.clone()))
             }
             Upgraded::Tls(tls) => {
                 let (read, write) = tokio::io::split(*tls);
@@ -138,7 +140,8 @@ impl AsyncRead for ReadHalf {
 
 /// The socket's write half.
 pub enum WriteHalf {
-    Tcp(OwnedWriteHalf),
+    /// The connection whose handle holds the TCP write half.
+    Tcp(Arc<ConnHandle>),
     Tls(tokio::io::WriteHalf<TlsStream>),
 }
 
@@ -147,6 +150,20 @@ impl WriteHalf {
     /// goes straight to the kernel).
     pub fn buffers(&self) -> bool {
         matches!(self, WriteHalf::Tls(_))
+    }
+
+    /// Whether the fan-out may write broadcasts to it itself.
+    pub fn direct(&self) -> bool {
+        matches!(self, WriteHalf::Tcp(_))
+    }
+}
+
+impl Drop for WriteHalf {
+    fn drop(&mut self) {
+        // The writer is done: the handle, which the hub may keep a while, lets the socket go.
+        if let WriteHalf::Tcp(conn) = self {
+            conn.release_tcp();
+        }
     }
 }
 
@@ -157,21 +174,21 @@ impl AsyncWrite for WriteHalf {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            WriteHalf::Tcp(write) => Pin::new(write).poll_write(cx, buf),
+            WriteHalf::Tcp(conn) => conn.poll_tcp(|half| half.poll_write(cx, buf)),
             WriteHalf::Tls(write) => Pin::new(write).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            WriteHalf::Tcp(write) => Pin::new(write).poll_flush(cx),
+            WriteHalf::Tcp(conn) => conn.poll_tcp(|half| half.poll_flush(cx)),
             WriteHalf::Tls(write) => Pin::new(write).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            WriteHalf::Tcp(write) => Pin::new(write).poll_shutdown(cx),
+            WriteHalf::Tcp(conn) => conn.poll_tcp(|half| half.poll_shutdown(cx)),
             WriteHalf::Tls(write) => Pin::new(write).poll_shutdown(cx),
         }
     }

@@ -88,7 +88,7 @@ async fn start(
     // which it would keep alive for the connection's lifetime.
     let pre_read_copy = pre_read[..].to_vec();
     drop(pre_read);
-    let (read, write) = socket.into_split();
+    let (read, write) = socket.into_split(&conn);
     let max = gateway.settings.max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)

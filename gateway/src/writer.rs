@@ -23,11 +23,21 @@ pub trait Egress: AsyncWrite + Unpin + Send + 'static {
     fn buffers(&self) -> bool {
         false
     }
+
+    /// Whether the fan-out may write broadcasts to it while the writer is idle (a plain TCP
+    /// socket: a write either takes bytes or says it would block).
+    fn direct(&self) -> bool {
+        false
+    }
 }
 
 impl Egress for socket::WriteHalf {
     fn buffers(&self) -> bool {
         socket::WriteHalf::buffers(self)
+    }
+
+    fn direct(&self) -> bool {
+        socket::WriteHalf::direct(self)
     }
 }
 
@@ -195,6 +205,7 @@ impl JoinHolds {
                     out.push(framing.text(reply.as_bytes()));
                 }
                 Local::Left { reply, .. } => out.push(framing.text(reply.as_bytes())),
+                Local::Rest(rest) => out.push(rest),
             },
         }
         true
@@ -281,6 +292,10 @@ async fn serve<E: Egress>(
 ) -> Ended {
     let mut holds = JoinHolds::default();
     let mut out = Vec::new();
+    // Broadcasts may skip the queue only when nothing here would treat them differently: no
+    // write delay to wait out, WebSocket frames as they are.
+    let direct =
+        socket.direct() && settings.delay.is_zero() && settings.framing == Framing::WebSocket;
     // Whether the broadcasts now queued were already held for the write delay.
     let mut held = false;
     loop {
@@ -299,6 +314,9 @@ async fn serve<E: Egress>(
         if conn.take_batch(batch, MAX_BATCH) == 0 {
             if conn.is_closed() {
                 return Ended::Closing;
+            }
+            if direct && holds.rooms.is_empty() {
+                conn.writer_idle();
             }
             std::future::poll_fn(|cx| conn.poll_writer_woken(cx)).await;
             continue;
@@ -404,6 +422,7 @@ fn owed_replies(
             | Local::JoinFailed { reply, .. }
             | Local::Left { reply, .. } => owed.push(framing.text(reply.as_bytes())),
             // Pings and pongs are moot now; a close frame (opcode 8) is the client's answer.
+            Local::Rest(rest) => owed.push(rest),
             Local::Raw(bytes) if bytes.first() == Some(&0x88) => close_reply = Some(bytes),
             Local::Raw(_) | Local::JoinStart { .. } => {}
         }
