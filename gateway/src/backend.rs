@@ -30,7 +30,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Response, Status};
 
-use crate::batcher::{Batcher, Results};
+use crate::batcher::{Batcher, Pending, Results};
 
 /// Most requests in one batch call (see [`Batcher`]).
 const BATCH_MAX: usize = 256;
@@ -370,6 +370,7 @@ pub struct Backends {
     verify: Batcher<pb::VerifyTokenRequest, pb::VerifyTokenResponse>,
     opened: Batcher<pb::ConnectionOpenedRequest, pb::ConnectionOpenedResponse>,
     closed: Batcher<pb::ConnectionClosedRequest, pb::ConnectionClosedResponse>,
+    publishes: Batcher<pb::PublishBatchRequest, pb::PublishBatchResponse>,
 }
 
 /// A batch of one goes as the single call (the same trace as without batching; services of
@@ -513,6 +514,66 @@ fn closed_batcher(
     )
 }
 
+/// Most publishes, and payload bytes / 1 KiB, in one `PublishBatch` (the room-service takes
+/// up to 1024 publishes, and 1 MiB keeps a call well inside a 4 MiB gRPC message). One
+/// connection's batch never weighs more (`pipeline.rs`), so it always fits alone.
+const PUBLISH_BATCH_WEIGHT: usize = 1024;
+
+/// `PublishBatch` calls in flight at once: more than for the other batched calls, so that one
+/// slow call holds up fewer publishes; batches still form under load, when they matter.
+const PUBLISH_IN_FLIGHT: usize = 4;
+
+/// How much of a combined `PublishBatch` a connection's batch takes.
+fn publish_weight(request: &pb::PublishBatchRequest) -> usize {
+    let bytes: usize = request.publishes.iter().map(|p| p.data_json.len()).sum();
+    request.publishes.len().max(bytes.div_ceil(1024))
+}
+
+/// Connections' publish batches of the moment as one `PublishBatch` call. Each connection's
+/// publishes stay together and in order in it (the room-service stores a batch in order), and
+/// a connection has one batch in flight at a time, so its order holds across calls too.
+fn publish_batcher(
+    pool: Arc<Pool<RoomServiceClient<Internal>>>,
+) -> Batcher<pb::PublishBatchRequest, pb::PublishBatchResponse> {
+    Batcher::weighted(
+        "publish_batch",
+        publish_weight,
+        PUBLISH_BATCH_WEIGHT,
+        PUBLISH_IN_FLIGHT,
+        move |batch: Vec<pb::PublishBatchRequest>| {
+            let pool = pool.clone();
+            async move {
+                let counts: Vec<usize> = batch.iter().map(|r| r.publishes.len()).collect();
+                let request = pb::PublishBatchRequest {
+                    publishes: batch.into_iter().flat_map(|r| r.publishes).collect(),
+                };
+                let response = pool
+                    .call(|mut client| {
+                        let request = request.clone();
+                        async move { client.publish_batch(request).await }
+                    })
+                    .await;
+                match response {
+                    Ok(response) => {
+                        // Each connection gets its own slice of the answer, in order; one the
+                        // answer falls short of reports the missing results itself.
+                        let mut results = response.results.into_iter();
+                        counts
+                            .iter()
+                            .map(|&n| {
+                                Ok(pb::PublishBatchResponse {
+                                    results: results.by_ref().take(n).collect(),
+                                })
+                            })
+                            .collect()
+                    }
+                    Err(status) => counts.iter().map(|_| Err(status.clone())).collect(),
+                }
+            }
+        },
+    )
+}
+
 impl Backends {
     /// Every call carries `internal_token`, the credential the services require. `tls`
     /// applies to `https://` URLs (default: the system's roots, no client certificate).
@@ -534,6 +595,7 @@ impl Backends {
             verify: verify_batcher(auth.clone()),
             opened: opened_batcher(room.clone()),
             closed: closed_batcher(room.clone()),
+            publishes: publish_batcher(room.clone()),
             room,
             auth,
         })
@@ -568,6 +630,16 @@ impl Backends {
     rpc!(room.leave(pb::LeaveRequest) -> pb::LeaveResponse);
     rpc!(room.publish(pb::PublishRequest) -> pb::PublishResponse);
     rpc!(room.publish_batch(pb::PublishBatchRequest) -> pb::PublishBatchResponse);
+
+    /// One connection's ordered `PublishBatch`, sent together with other connections' batches
+    /// of the moment: the call is made even if the receiver is dropped.
+    pub fn submit_publishes(
+        &self,
+        request: pb::PublishBatchRequest,
+        span: tracing::Span,
+    ) -> Pending<pb::PublishBatchResponse> {
+        self.publishes.submit(request, span)
+    }
     rpc!(room.presence(pb::PresenceRequest) -> pb::PresenceResponse);
     rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);
     rpc!(room.gateway_heartbeat(pb::GatewayHeartbeatRequest) -> pb::GatewayHeartbeatResponse);

@@ -30,6 +30,8 @@ pub struct Batcher<Req, Resp> {
     /// The call's name in the metrics.
     name: &'static str,
     send: SendBatch<Req, Resp>,
+    /// How much of a batch a request takes, and how much one batch may carry.
+    weight: fn(&Req) -> usize,
     max_batch: usize,
     max_in_flight: usize,
     /// Started by the first call (it needs a runtime).
@@ -44,10 +46,27 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Results<Resp>> + Send + 'static,
     {
+        Self::weighted(name, |_| 1, max_batch, max_in_flight, send)
+    }
+
+    /// Like [`Batcher::new`], with batches bounded by the sum of `weight` over their requests
+    /// rather than by their count (a request heavier than `max_weight` goes alone).
+    pub fn weighted<F, Fut>(
+        name: &'static str,
+        weight: fn(&Req) -> usize,
+        max_weight: usize,
+        max_in_flight: usize,
+        send: F,
+    ) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Results<Resp>> + Send + 'static,
+    {
         Self {
             name,
             send: Arc::new(move |batch| Box::pin(send(batch))),
-            max_batch: max_batch.max(1),
+            weight,
+            max_batch: max_weight.max(1),
             max_in_flight: max_in_flight.max(1),
             queue: OnceLock::new(),
         }
@@ -55,12 +74,19 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
 
     /// Sends `request` with the others waiting now, and returns its own result.
     pub async fn call(&self, request: Req) -> Result<Resp, Status> {
+        outcome(self.submit(request, tracing::Span::current())).await
+    }
+
+    /// Hands `request` over without waiting for it: the call is made whether or not the
+    /// returned receiver is kept, inside `span`'s trace when it leads its batch.
+    pub fn submit(&self, request: Req, span: tracing::Span) -> Pending<Resp> {
         let queue = self.queue.get_or_init(|| {
             let (queue, waiting) = mpsc::unbounded_channel();
             tokio::spawn(run(
                 self.name,
                 waiting,
                 self.send.clone(),
+                self.weight,
                 self.max_batch,
                 self.max_in_flight,
             ));
@@ -69,36 +95,66 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         let (reply, result) = oneshot::channel();
         let waiting = Waiting {
             request,
-            span: tracing::Span::current(),
+            span,
             reply,
         };
-        if queue.send(waiting).is_err() {
-            return Err(Status::unavailable("gateway shutting down"));
+        if let Err(refused) = queue.send(waiting) {
+            let _ = refused
+                .0
+                .reply
+                .send(Err(Status::unavailable("gateway shutting down")));
         }
         result
-            .await
-            .unwrap_or_else(|_| Err(Status::internal("batched call dropped")))
     }
 }
+
+/// The result a [`Batcher::submit`] receiver gives.
+pub async fn outcome<Resp>(pending: Pending<Resp>) -> Result<Resp, Status> {
+    pending
+        .await
+        .unwrap_or_else(|_| Err(Status::internal("batched call dropped")))
+}
+
+/// A submitted request's result, to come.
+pub type Pending<Resp> = oneshot::Receiver<Result<Resp, Status>>;
 
 /// Takes what is waiting whenever a call slot is free, and sends it as one call.
 async fn run<Req: Send + 'static, Resp: Send + 'static>(
     name: &'static str,
     mut waiting: mpsc::UnboundedReceiver<Waiting<Req, Resp>>,
     send: SendBatch<Req, Resp>,
-    max_batch: usize,
+    weight: fn(&Req) -> usize,
+    max_weight: usize,
     max_in_flight: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_in_flight));
-    while let Some(first) = waiting.recv().await {
+    // A request that did not fit the previous batch: it leads the next one.
+    let mut carried = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match waiting.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
         // While every slot is busy, requests pile up in the queue: that is the batch.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        let mut load = weight(&first.request);
         let mut batch = vec![first];
-        while batch.len() < max_batch {
+        while load < max_weight {
             match waiting.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    let more = weight(&next.request);
+                    if load + more > max_weight {
+                        carried = Some(next);
+                        break;
+                    }
+                    load += more;
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }
@@ -182,6 +238,58 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 21, "{sizes:?}");
         assert!(sizes.len() <= 5, "the burst was batched: {sizes:?}");
         assert!(sizes.iter().all(|&s| s <= 8), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn weighted_batches_stay_under_their_weight_and_keep_the_order() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let seen = batches.clone();
+        let batcher: Batcher<u32, u32> = Batcher::weighted(
+            "weights",
+            |n| *n as usize,
+            10,
+            1,
+            move |batch: Vec<u32>| {
+                seen.lock().unwrap().push(batch.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    batch.into_iter().map(Ok).collect()
+                }
+            },
+        );
+        // The first goes alone (this test's runtime has one thread: the batcher takes it while
+        // this task sleeps); the rest queue behind its call, in this order.
+        let first = batcher.submit(1, tracing::Span::none());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let rest: Vec<_> = [6, 3, 2, 9, 20, 4]
+            .into_iter()
+            .map(|n| (n, batcher.submit(n, tracing::Span::none())))
+            .collect();
+        assert_eq!(outcome(first).await.unwrap(), 1);
+        for (n, pending) in rest {
+            assert_eq!(outcome(pending).await.unwrap(), n);
+        }
+        let batches = batches.lock().unwrap().clone();
+        // 6+3 fit (2 would make 11), 2 leads the next, 9 does not fit with it, 20 goes alone.
+        assert_eq!(
+            batches,
+            [vec![1], vec![6, 3], vec![2], vec![9], vec![20], vec![4]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_receiver_does_not_stop_the_call() {
+        let (tx, rx) = oneshot::channel();
+        let tx = Mutex::new(Some(tx));
+        let batcher: Batcher<u32, u32> = Batcher::new("dropped", 4, 1, move |batch: Vec<u32>| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(batch.clone());
+            }
+            async move { batch.into_iter().map(Ok).collect() }
+        });
+        drop(batcher.submit(7, tracing::Span::none()));
+        let made = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        assert_eq!(made.unwrap().unwrap(), [7]);
     }
 
     #[tokio::test]

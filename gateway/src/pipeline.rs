@@ -3,7 +3,8 @@
 //! in flight queue up and go together as one ordered `PublishBatch` when it returns. So one
 //! connection's publish rate is bounded by batch size / round trip, not 1 / round trip, and
 //! its messages are still stored in the order it sent them (one batch at a time, each stored
-//! in order).
+//! in order). Batches of different connections that are ready at the same moment go to the
+//! room-service as one call (the gateway's publish batcher, `backend.rs`).
 //!
 //! Replies keep the order of the commands: a publish the gateway refuses itself (not joined,
 //! rate limit) while others are pending is answered in its place in the queue. Any other
@@ -15,11 +16,10 @@ use std::sync::Arc;
 
 use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tonic::Status;
-use tracing::Instrument as _;
 
+use crate::batcher::Pending;
 use crate::outbound::{ConnHandle, Outbound};
 use crate::protocol::ServerFrame;
 use crate::state::Gateway;
@@ -61,9 +61,9 @@ pub struct Publishes {
     /// Replies owed: entries queued or in flight.
     owed: usize,
     queued: VecDeque<Entry>,
-    /// What the batch in flight answers, and its call: a task of its own, so it finishes
-    /// storing what it carries even if the connection ends.
-    in_flight: Option<(Vec<Slot>, JoinHandle<BatchResult>)>,
+    /// What the batch in flight answers, and its call: handed to the gateway's publish
+    /// batcher, which finishes storing what it carries even if the connection ends.
+    in_flight: Option<(Vec<Slot>, Pending<pb::PublishBatchResponse>)>,
 }
 
 impl Publishes {
@@ -110,8 +110,8 @@ impl Publishes {
         };
         let result = match call.await {
             Ok(result) => result,
-            // The task panicked: nothing can say which of its publishes were stored.
-            Err(error) => Err(Status::internal(format!("publish task failed: {error}"))),
+            // The call was dropped: nothing can say which of its publishes were stored.
+            Err(_) => Err(Status::internal("publish call dropped")),
         };
         let slots = self
             .in_flight
@@ -208,14 +208,9 @@ impl Publishes {
             publishes = publishes.len(),
             user = %publishes[0].user,
         );
-        let gateway = gateway.clone();
-        let call = tokio::spawn(
-            async move {
-                let request = pb::PublishBatchRequest { publishes };
-                gateway.backends.publish_batch(request).await
-            }
-            .instrument(span),
-        );
+        let call = gateway
+            .backends
+            .submit_publishes(pb::PublishBatchRequest { publishes }, span);
         self.in_flight = Some((slots, call));
     }
 }
