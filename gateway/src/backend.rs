@@ -629,7 +629,6 @@ impl Backends {
     rpc!(room.join(pb::JoinRequest) -> pb::JoinResponse);
     rpc!(room.leave(pb::LeaveRequest) -> pb::LeaveResponse);
     rpc!(room.publish(pb::PublishRequest) -> pb::PublishResponse);
-    rpc!(room.publish_batch(pb::PublishBatchRequest) -> pb::PublishBatchResponse);
 
     /// One connection's ordered `PublishBatch`, sent together with other connections' batches
     /// of the moment: the call is made even if the receiver is dropped.

@@ -43,17 +43,7 @@ pub struct Hub {
     link_lost: AtomicBool,
     connections: Mutex<HashMap<Arc<str>, Arc<ConnHandle>>>,
     connection_count: AtomicUsize,
-    /// Broadcasts a room's fan-out may write to sockets itself, per message (see
-    /// [`Hub::direct_writes`]).
-    direct_budget: usize,
 }
-
-/// Direct writes per message and room when the runtime has several workers: none. Measured
-/// with 2 workers (`loadgen fanout`, 1000 × 200 msg/s, two gateways): direct writes cut
-/// gateway user CPU per delivery from 0.85-0.90 to 0.47-0.55 µs but raised the p99 from
-/// 12-14 ms to 455-579 ms (148-648 ms with 64 per message), which is not understood yet; with
-/// one worker the p99 stays as it was. Several workers keep the writers.
-pub const DIRECT_WRITES_MULTI_WORKER: usize = 0;
 
 impl Hub {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<RepairRequest>) {
@@ -61,17 +51,9 @@ impl Hub {
         let hub = Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             repairs: Some(repairs),
-            direct_budget: usize::MAX,
             ..Default::default()
         };
         (hub, requests)
-    }
-
-    /// Bounds the broadcasts a room's fan-out writes itself per message, for rooms created from
-    /// now on (set before the first connection).
-    pub fn direct_writes(mut self, per_message: usize) -> Self {
-        self.direct_budget = per_message;
-        self
     }
 
     fn shard(&self, room: &str) -> std::sync::MutexGuard<'_, Rooms> {
@@ -124,8 +106,7 @@ impl Hub {
             return stream.name().clone();
         }
         let name: Arc<str> = Arc::from(room);
-        let stream = RoomStream::new(name.clone(), conn, self.direct_budget);
-        shard.insert(name.clone(), stream);
+        shard.insert(name.clone(), RoomStream::new(name.clone(), conn));
         name
     }
 
@@ -369,42 +350,6 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(rc.try_recv().is_none());
-    }
-
-    /// A connection on a loopback socket whose writer is idle, and the socket's client end
-    /// (kept open).
-    async fn idle_on_socket(id: &str) -> (Arc<ConnHandle>, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let (_read, write) = server.into_split();
-        let conn = Arc::new(ConnHandle::new(id.into(), "u".into(), 8));
-        conn.attach_tcp(write);
-        conn.writer_idle();
-        (conn, client)
-    }
-
-    #[tokio::test]
-    async fn a_message_is_written_directly_to_at_most_the_budget_of_members() {
-        let (hub, _repairs) = Hub::new();
-        let hub = hub.direct_writes(2);
-        let mut members = Vec::new();
-        for id in ["a", "b", "c", "d"] {
-            let (conn, client) = idle_on_socket(id).await;
-            hub.add_member("r", conn.clone());
-            members.push((conn, client));
-        }
-        hub.joined("r", "-", "e", 0);
-        hub.dispatch(message("r", 1, "x"));
-        let queued = members
-            .iter()
-            .filter(|(conn, _)| conn.try_recv().is_some())
-            .count();
-        assert_eq!(
-            queued, 2,
-            "two written at once, the other two through their writers"
-        );
     }
 
     #[test]

@@ -395,40 +395,34 @@ impl ConnHandle {
     /// Delivers a broadcast without waiting; a full queue closes the connection with 4008.
     pub fn deliver(&self, item: Outbound) {
         match item {
-            Outbound::Message(delivery) => {
-                self.deliver_message(&delivery, true);
-            }
-            Outbound::Event(event) => self.deliver_event(&event, true),
+            Outbound::Message(delivery) => self.deliver_message(&delivery),
+            Outbound::Event(event) => self.deliver_event(&event),
             Outbound::Local(_) => self.push(item, self.capacity()),
         }
     }
 
-    /// Delivers a room message: written at once while the writer is idle and `direct`
-    /// allows, queued otherwise. Returns whether it was written whole.
-    pub fn deliver_message(&self, delivery: &Arc<Delivery>, direct: bool) -> bool {
-        self.broadcast(&delivery.wire, direct, || {
-            Outbound::Message(delivery.clone())
-        })
+    /// Delivers a room message: written at once while the writer lets it, queued otherwise.
+    pub fn deliver_message(&self, delivery: &Arc<Delivery>) {
+        self.broadcast(&delivery.wire, || Outbound::Message(delivery.clone()));
     }
 
     /// Delivers a presence event, like a message.
-    pub fn deliver_event(&self, event: &Arc<RoomEvent>, direct: bool) {
-        self.broadcast(&event.wire, direct, || Outbound::Event(event.clone()));
+    pub fn deliver_event(&self, event: &Arc<RoomEvent>) {
+        self.broadcast(&event.wire, || Outbound::Event(event.clone()));
     }
 
-    /// A broadcast whose frame is `wire`: written by the caller when `direct` and the writer
-    /// let it ([`ConnHandle::writer_idle`]), otherwise `item()` is queued (made only then, so a
+    /// A broadcast whose frame is `wire`: written by the caller when the writer lets it ([`ConnHandle::writer_idle`]), otherwise `item()` is queued (made only then, so a
     /// direct write costs no reference count).
-    fn broadcast(&self, wire: &Bytes, direct: bool, item: impl FnOnce() -> Outbound) -> bool {
+    fn broadcast(&self, wire: &Bytes, item: impl FnOnce() -> Outbound) {
         if self.is_closed() {
-            return false;
+            return;
         }
-        if direct {
+        {
             let mut queue = self.queue();
             if queue.is_empty() && self.direct.load(Ordering::Relaxed) {
                 let written = self.write_now(wire);
                 if written == wire.len() {
-                    return true;
+                    return;
                 }
                 // The writer is in charge again.
                 self.direct.store(false, Ordering::Relaxed);
@@ -439,12 +433,11 @@ impl ConnHandle {
                     self.set_own(own + 1);
                     drop(queue);
                     self.wake_writer();
-                    return false;
+                    return;
                 }
             }
         }
         self.push(item(), self.capacity());
-        false
     }
 
     /// Queues a reply. Replies may go past the broadcast capacity (each answers one of the

@@ -54,13 +54,11 @@ pub struct RoomStream {
     last: u64,
     /// Some while waiting for a base or a gap fill: what arrived meanwhile, in order.
     held: Option<Vec<Message>>,
-    /// Members a message may be written to directly (the rest go through their writers).
-    direct_budget: usize,
 }
 
 impl RoomStream {
     /// A room with its first member; its messages are held until [`RoomStream::joined`].
-    pub fn new(name: Arc<str>, first: Arc<ConnHandle>, direct_budget: usize) -> Self {
+    pub fn new(name: Arc<str>, first: Arc<ConnHandle>) -> Self {
         Self {
             name,
             members: vec![Member {
@@ -70,7 +68,6 @@ impl RoomStream {
             epoch: None,
             last: 0,
             held: Some(Vec::new()),
-            direct_budget,
         }
     }
 
@@ -166,7 +163,7 @@ impl RoomStream {
             .iter()
             .filter(|m| *m.conn.client_id != *exclude)
         {
-            member.conn.deliver_event(event, self.direct_budget > 0);
+            member.conn.deliver_event(event);
         }
     }
 
@@ -232,7 +229,6 @@ impl RoomStream {
         }
         self.last = delivery.offset;
         let mut delivered = 0u64;
-        let mut direct = self.direct_budget;
         for member in &mut self.members {
             if *member.conn.client_id == *message.sender {
                 continue;
@@ -244,9 +240,7 @@ impl RoomStream {
                 }
                 member.covered = None;
             }
-            if member.conn.deliver_message(delivery, direct > 0) {
-                direct -= 1;
-            }
+            member.conn.deliver_message(delivery);
             delivered += 1;
         }
         metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);

@@ -54,12 +54,6 @@ where
     F: Future<Output = anyhow::Result<Broker>>,
 {
     let (hub, repairs) = Hub::new();
-    // Broadcasts written straight from the fan-out: only on a one-worker runtime (see
-    // DIRECT_WRITES_MULTI_WORKER).
-    let hub = match tokio::runtime::Handle::current().metrics().num_workers() {
-        1 => hub,
-        _ => hub.direct_writes(crate::hub::DIRECT_WRITES_MULTI_WORKER),
-    };
     let hub = Arc::new(hub);
     let sink: Sink = {
         let hub = hub.clone();

@@ -153,6 +153,7 @@ pub async fn stream(
             limit: u32::try_from(gateway.settings.outbound_queue_len).unwrap_or(u32::MAX),
             delay: gateway.settings.write_delay(),
             framing: Framing::Sse,
+            direct: false,
         },
     ));
     tokio::spawn(async move {

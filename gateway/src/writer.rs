@@ -271,6 +271,9 @@ pub struct WriterSettings {
     /// How long broadcasts wait for more before a write (`WRITE_DELAY_MS`).
     pub delay: Duration,
     pub framing: Framing,
+    /// Whether the fan-out may write broadcasts itself while this writer is idle
+    /// (`Gateway::direct_writes`).
+    pub direct: bool,
 }
 
 /// How serving a connection's queue ended.
@@ -294,8 +297,10 @@ async fn serve<E: Egress>(
     let mut out = Vec::new();
     // Broadcasts may skip the queue only when nothing here would treat them differently: no
     // write delay to wait out, WebSocket frames as they are.
-    let direct =
-        socket.direct() && settings.delay.is_zero() && settings.framing == Framing::WebSocket;
+    let direct = settings.direct
+        && socket.direct()
+        && settings.delay.is_zero()
+        && settings.framing == Framing::WebSocket;
     // Whether the broadcasts now queued were already held for the write delay.
     let mut held = false;
     loop {
