@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use roomcast_common::close_code::CloseCode;
 
+use crate::burst::Bursts;
 use crate::outbound::{ConnHandle, Delivery, RoomEvent, ServerCommand};
 use crate::room_stream::{Filled, Message, Repair, RoomStream};
 use crate::socket;
@@ -43,6 +44,8 @@ pub struct Hub {
     link_lost: AtomicBool,
     connections: Mutex<HashMap<Arc<str>, Arc<ConnHandle>>>,
     connection_count: AtomicUsize,
+    /// Whether the fan-out is behind (see [`crate::burst`]).
+    bursts: Bursts,
 }
 
 impl Hub {
@@ -163,6 +166,7 @@ impl Hub {
                     tracing::warn!(%channel, "dropping non-utf-8 message frame");
                     return;
                 }
+                let burst = self.bursts.begin();
                 let mut shard = self.shard(room);
                 let Some(stream) = shard.get_mut(room) else {
                     return;
@@ -173,11 +177,14 @@ impl Hub {
                         epoch: stream.epoch_of(&epoch),
                         offset,
                         wire: socket::text(&frame),
+                        direct: stream.direct_in(burst),
                     }),
                     sender,
                 };
                 let repair = stream.accept(message);
                 self.repair(stream.name(), repair);
+                drop(shard);
+                self.bursts.end();
             }
             Envelope::Event { exclude, frame } => {
                 let Some(room) = envelope::room_of_channel(&channel) else {
@@ -186,15 +193,19 @@ impl Hub {
                 if std::str::from_utf8(&frame).is_err() {
                     return;
                 }
-                let shard = self.shard(room);
-                let Some(stream) = shard.get(room) else {
+                let burst = self.bursts.begin();
+                let mut shard = self.shard(room);
+                let Some(stream) = shard.get_mut(room) else {
                     return;
                 };
                 let event = Arc::new(RoomEvent {
                     room: stream.name().clone(),
                     wire: socket::text(&frame),
+                    direct: stream.direct_in(burst),
                 });
                 stream.event(&exclude, &event);
+                drop(shard);
+                self.bursts.end();
             }
         }
     }
@@ -350,6 +361,43 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(rc.try_recv().is_none());
+    }
+
+    fn direct(item: Outbound) -> bool {
+        match item {
+            Outbound::Message(d) => d.direct,
+            Outbound::Event(e) => e.direct,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn payloads_back_to_back_leave_all_but_a_rooms_first_to_the_writers() {
+        let (mut hub, _repairs) = Hub::new();
+        let gap = std::time::Duration::from_millis(300);
+        hub.bursts = Bursts::with_gap(gap);
+        let (a, ra) = conn("a", "u", 8);
+        let (b, rb) = conn("b", "u", 8);
+        hub.add_member("r", a);
+        hub.add_member("other", b);
+        hub.joined("r", "-", "e", 0);
+        hub.joined("other", "-", "e", 0);
+        // One burst: "r" twice, an event of "r", then "other" once.
+        hub.dispatch(message("r", 1, "x"));
+        hub.dispatch(message("r", 2, "x"));
+        hub.dispatch(BrokerEvent::Message {
+            channel: room_channel("r").into(),
+            payload: encode_event("-", "{\"type\":\"member_joined\"}"),
+        });
+        hub.dispatch(message("other", 1, "x"));
+        assert!(direct(ra.try_recv().unwrap()), "a room's first of a burst");
+        assert!(!direct(ra.try_recv().unwrap()), "the rest is the writer's");
+        assert!(!direct(ra.try_recv().unwrap()), "events too");
+        assert!(direct(rb.try_recv().unwrap()), "another room's first");
+        // After a pause, a new burst.
+        std::thread::sleep(gap + gap / 2);
+        hub.dispatch(message("r", 3, "x"));
+        assert!(direct(ra.try_recv().unwrap()));
     }
 
     #[test]

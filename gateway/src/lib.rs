@@ -12,6 +12,7 @@
 //! - [`pipeline`] — a connection's publishes, pipelined in ordered batches;
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — the registry of connections and rooms, fan-out of broker payloads;
+//! - [`burst`] — whether the fan-out is behind, so it leaves writing to the writers;
 //! - [`room_stream`] — one room's order: epoch, offsets, duplicates, gap holds, join floors;
 //! - [`repair`] — fills gaps in a room's offsets from history;
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
@@ -27,6 +28,7 @@
 pub mod admission;
 pub mod backend;
 pub mod batcher;
+pub mod burst;
 pub mod config;
 pub mod hub;
 pub mod lease;

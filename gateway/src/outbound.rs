@@ -31,6 +31,9 @@ pub struct Delivery {
     pub offset: u64,
     /// The whole WebSocket frame, header included: the same bytes go to every recipient.
     pub wire: Bytes,
+    /// Whether the fan-out may write it to idle sockets itself: not when the fan-out is behind
+    /// ([`crate::burst`]), nor for gap fills.
+    pub direct: bool,
 }
 
 /// A presence event of a room, shared like a [`Delivery`].
@@ -39,6 +42,8 @@ pub struct RoomEvent {
     pub room: Arc<str>,
     /// The whole WebSocket frame.
     pub wire: Bytes,
+    /// As [`Delivery::direct`].
+    pub direct: bool,
 }
 
 /// What a connection's writer task receives. Two words: every connection's queue allocates
@@ -403,23 +408,26 @@ impl ConnHandle {
 
     /// Delivers a room message: written at once while the writer lets it, queued otherwise.
     pub fn deliver_message(&self, delivery: &Arc<Delivery>) {
-        self.broadcast(&delivery.wire, || Outbound::Message(delivery.clone()));
+        self.broadcast(&delivery.wire, delivery.direct, || {
+            Outbound::Message(delivery.clone())
+        });
     }
 
     /// Delivers a presence event, like a message.
     pub fn deliver_event(&self, event: &Arc<RoomEvent>) {
-        self.broadcast(&event.wire, || Outbound::Event(event.clone()));
+        self.broadcast(&event.wire, event.direct, || Outbound::Event(event.clone()));
     }
 
-    /// A broadcast whose frame is `wire`: written by the caller when the writer lets it ([`ConnHandle::writer_idle`]), otherwise `item()` is queued (made only then, so a
-    /// direct write costs no reference count).
-    fn broadcast(&self, wire: &Bytes, item: impl FnOnce() -> Outbound) {
+    /// A broadcast whose frame is `wire`: written by the caller when `direct` and the writer
+    /// lets it ([`ConnHandle::writer_idle`]), otherwise `item()` is queued (made only then, so
+    /// a direct write costs no reference count).
+    fn broadcast(&self, wire: &Bytes, direct: bool, item: impl FnOnce() -> Outbound) {
         if self.is_closed() {
             return;
         }
         {
             let mut queue = self.queue();
-            if queue.is_empty() && self.direct.load(Ordering::Relaxed) {
+            if direct && queue.is_empty() && self.direct.load(Ordering::Relaxed) {
                 let written = self.write_now(wire);
                 if written == wire.len() {
                     return;
@@ -531,6 +539,7 @@ mod tests {
             epoch: Arc::from("e"),
             offset,
             wire: Bytes::from(vec![b'0' + (offset % 10) as u8; size]),
+            direct: true,
         }))
     }
 
@@ -563,6 +572,24 @@ mod tests {
         conn.take_batch(&mut Vec::new(), 1);
         conn.deliver(message(3, 10));
         assert!(conn.try_recv().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_broadcast_not_marked_direct_is_queued_even_for_an_idle_writer() {
+        let (conn, _client) = attached().await;
+        conn.writer_idle();
+        let Outbound::Message(delivery) = message(1, 10) else {
+            unreachable!()
+        };
+        let mut behind = Arc::into_inner(delivery).unwrap();
+        // The fan-out is behind: the writer coalesces.
+        behind.direct = false;
+        conn.deliver(Outbound::Message(Arc::new(behind)));
+        assert!(conn.try_recv().is_some(), "queued");
+        // Still idle: a direct one is written.
+        conn.writer_idle();
+        conn.deliver(message(2, 10));
+        assert!(conn.try_recv().is_none(), "written without the queue");
     }
 
     #[tokio::test]

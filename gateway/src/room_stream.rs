@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use crate::burst::DirectMark;
 use crate::outbound::{ConnHandle, Delivery, RoomEvent};
 
 /// A message as it came from the broker (or from history).
@@ -54,6 +55,8 @@ pub struct RoomStream {
     last: u64,
     /// Some while waiting for a base or a gap fill: what arrived meanwhile, in order.
     held: Option<Vec<Message>>,
+    /// The burst of broker payloads in which the room last let the fan-out write directly.
+    direct: DirectMark,
 }
 
 impl RoomStream {
@@ -68,7 +71,14 @@ impl RoomStream {
             epoch: None,
             last: 0,
             held: Some(Vec::new()),
+            direct: DirectMark::default(),
         }
+    }
+
+    /// Whether a payload of broker burst `burst` may be written directly (see
+    /// [`crate::burst`]): only the room's first of the burst.
+    pub fn direct_in(&mut self, burst: u32) -> bool {
+        self.direct.take(burst)
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -199,6 +209,8 @@ impl RoomStream {
                     epoch: epoch.clone(),
                     offset,
                     wire: crate::socket::text(frame.as_bytes()),
+                    // A fill comes as a batch: the writers coalesce it.
+                    direct: false,
                 });
                 self.deliver(Message { delivery, sender });
             }

@@ -34,12 +34,6 @@ pub struct Gateway {
     next_client: AtomicU64,
     /// `NAMESPACES_FILE`: which client commands each room's namespace allows.
     pub namespaces: Arc<Namespaces>,
-    /// Whether the fan-out may write broadcasts to idle WebSockets itself
-    /// ([`crate::outbound`]): only on a one-worker runtime. With 2 workers (`loadgen fanout`,
-    /// 1000 × 200 msg/s, two gateways) it cut gateway user CPU per delivery from 0.85-0.90 to
-    /// 0.47-0.55 µs but raised the p99 from 12-14 ms to 455-579 ms, which is not understood
-    /// yet; with one worker the p99 stays as it was.
-    pub direct_writes: bool,
 }
 
 impl Gateway {
@@ -64,8 +58,6 @@ impl Gateway {
             users: UserConnections::default(),
             next_client: AtomicU64::new(1),
             namespaces: Arc::default(),
-            direct_writes: tokio::runtime::Handle::try_current()
-                .is_ok_and(|runtime| runtime.metrics().num_workers() == 1),
         }
     }
 

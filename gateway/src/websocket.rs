@@ -109,7 +109,7 @@ async fn start(
             limit: u32::try_from(gateway.settings.outbound_queue_len).unwrap_or(u32::MAX),
             delay: gateway.settings.write_delay(),
             framing: Framing::WebSocket,
-            direct: gateway.direct_writes,
+            direct: true,
         },
     ));
     Some((session, Frames(stream), writer))

@@ -271,8 +271,8 @@ pub struct WriterSettings {
     /// How long broadcasts wait for more before a write (`WRITE_DELAY_MS`).
     pub delay: Duration,
     pub framing: Framing,
-    /// Whether the fan-out may write broadcasts itself while this writer is idle
-    /// (`Gateway::direct_writes`).
+    /// Whether the fan-out may write broadcasts itself while this writer is idle (a plain
+    /// WebSocket; see [`crate::outbound`] and [`crate::burst`]).
     pub direct: bool,
 }
 
@@ -446,6 +446,7 @@ mod tests {
             epoch: Arc::from("e"),
             offset,
             wire: socket::text(offset.to_string().as_bytes()),
+            direct: true,
         }))
     }
 
