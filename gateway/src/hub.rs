@@ -166,25 +166,20 @@ impl Hub {
                     tracing::warn!(%channel, "dropping non-utf-8 message frame");
                     return;
                 }
-                let burst = self.bursts.begin();
-                let mut shard = self.shard(room);
-                let Some(stream) = shard.get_mut(room) else {
-                    return;
-                };
-                let message = Message {
-                    delivery: Arc::new(Delivery {
-                        room: stream.name().clone(),
-                        epoch: stream.epoch_of(&epoch),
-                        offset,
-                        wire: socket::text(&frame),
-                        direct: stream.direct_in(burst),
-                    }),
-                    sender,
-                };
-                let repair = stream.accept(message);
-                self.repair(stream.name(), repair);
-                drop(shard);
-                self.bursts.end();
+                self.fan_out(room, |stream, direct| {
+                    let message = Message {
+                        delivery: Arc::new(Delivery {
+                            room: stream.name().clone(),
+                            epoch: stream.epoch_of(&epoch),
+                            offset,
+                            wire: socket::text(&frame),
+                            direct,
+                        }),
+                        sender,
+                    };
+                    let repair = stream.accept(message);
+                    self.repair(stream.name(), repair);
+                });
             }
             Envelope::Event { exclude, frame } => {
                 let Some(room) = envelope::room_of_channel(&channel) else {
@@ -193,21 +188,29 @@ impl Hub {
                 if std::str::from_utf8(&frame).is_err() {
                     return;
                 }
-                let burst = self.bursts.begin();
-                let mut shard = self.shard(room);
-                let Some(stream) = shard.get_mut(room) else {
-                    return;
-                };
-                let event = Arc::new(RoomEvent {
-                    room: stream.name().clone(),
-                    wire: socket::text(&frame),
-                    direct: stream.direct_in(burst),
+                self.fan_out(room, |stream, direct| {
+                    let event = Arc::new(RoomEvent {
+                        room: stream.name().clone(),
+                        wire: socket::text(&frame),
+                        direct,
+                    });
+                    stream.event(&exclude, &event);
                 });
-                stream.event(&exclude, &event);
-                drop(shard);
-                self.bursts.end();
             }
         }
+    }
+
+    /// Runs `deliver` on `room`'s stream, if the room has local members, with whether the
+    /// payload may be written directly (the room's first of a burst, [`crate::burst`]).
+    fn fan_out(&self, room: &str, deliver: impl FnOnce(&mut RoomStream, bool)) {
+        let mut shard = self.shard(room);
+        let Some(stream) = shard.get_mut(room) else {
+            return;
+        };
+        let direct = stream.direct_in(self.bursts.begin());
+        deliver(stream, direct);
+        drop(shard);
+        self.bursts.end();
     }
 
     /// Whether the broker link was lost since the last [`Hub::check_after_link_loss`].
