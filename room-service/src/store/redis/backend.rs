@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{RedisError, RedisResult};
 use roomcast_common::envelope::{cluster_channel, room_channel};
 
@@ -107,8 +107,14 @@ impl Backend for ClusterConnection {
     async fn scan(&self, pattern: &str) -> RedisResult<Vec<String>> {
         let mut connection = self.clone();
         let mut keys = Vec::new();
-        for (host, port) in masters(self).await? {
-            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let mut seen = std::collections::HashSet::new();
+        // Routed by one slot of each shard rather than by address: the client connects to
+        // a slot's master on demand, but only routes by address to nodes it already holds
+        // a connection to (ClusterConnectionNotFound right after start or a failover).
+        for slot in shard_slots(&shards(self).await?) {
+            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                Route::with_slot(slot, SlotAddr::Master),
+            ));
             let mut cursor = 0u64;
             loop {
                 let reply = connection
@@ -116,7 +122,8 @@ impl Backend for ClusterConnection {
                     .await?;
                 let (next, batch): (u64, Vec<String>) =
                     redis::from_redis_value(reply).map_err(RedisError::from)?;
-                keys.extend(batch);
+                // A stale slot map can send two shards' scans to one node: keep each key once.
+                keys.extend(batch.into_iter().filter(|key| seen.insert(key.clone())));
                 if next == 0 {
                     break;
                 }
@@ -135,18 +142,18 @@ impl Backend for ClusterConnection {
     }
 }
 
-/// The masters of the cluster now, as `CLUSTER SHARDS` tells them: (host, port).
-async fn masters(connection: &ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
+/// The cluster's `CLUSTER SHARDS` reply now.
+async fn shards(connection: &ClusterConnection) -> RedisResult<redis::Value> {
     let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-    let reply = connection
+    connection
         .clone()
         .route_command(redis::cmd("CLUSTER").arg("SHARDS").to_owned(), any)
-        .await?;
-    Ok(shard_masters(&reply))
+        .await
 }
 
-/// The (host, port) of each shard's master in a `CLUSTER SHARDS` reply.
-fn shard_masters(reply: &redis::Value) -> Vec<(String, u16)> {
+/// One slot of each shard that serves slots and has a healthy master, from a
+/// `CLUSTER SHARDS` reply: routing a keyless command by it reaches that shard's master.
+fn shard_slots(reply: &redis::Value) -> Vec<Slot> {
     fn field<'v>(map: &'v redis::Value, name: &str) -> Option<&'v redis::Value> {
         // RESP2 answers flat arrays of name, value; RESP3 maps.
         match map {
@@ -169,22 +176,24 @@ fn shard_masters(reply: &redis::Value) -> Vec<(String, u16)> {
     };
     let mut out = Vec::new();
     for shard in shards {
+        // `slots` is a flat list of range bounds: start, end, start, end, …
+        let first = match field(shard, "slots") {
+            Some(redis::Value::Array(bounds)) => bounds
+                .first()
+                .and_then(|b| redis::from_redis_value_ref::<u16>(b).ok())
+                .and_then(Slot::new),
+            _ => None,
+        };
+        let Some(slot) = first else { continue };
         let Some(redis::Value::Array(nodes)) = field(shard, "nodes") else {
             continue;
         };
-        for node in nodes {
-            let role = field(node, "role").and_then(text);
-            let health = field(node, "health").and_then(text);
-            let host = field(node, "ip")
-                .or_else(|| field(node, "endpoint"))
-                .and_then(text);
-            let port = field(node, "port").and_then(|p| redis::from_redis_value_ref::<u16>(p).ok());
-            if role.as_deref() == Some("master")
-                && health.as_deref() != Some("fail")
-                && let (Some(host), Some(port)) = (host, port)
-            {
-                out.push((host, port));
-            }
+        let healthy_master = nodes.iter().any(|node| {
+            field(node, "role").and_then(text).as_deref() == Some("master")
+                && field(node, "health").and_then(text).as_deref() != Some("fail")
+        });
+        if healthy_master {
+            out.push(slot);
         }
     }
     out
@@ -211,5 +220,50 @@ mod tests {
             room_slot("r")
         );
         assert_eq!(ConnectionManager::room_channel("r"), "rc:room:r");
+    }
+
+    #[test]
+    fn scans_route_by_a_slot_of_each_shard_with_a_healthy_master() {
+        use redis::Value::{Array, BulkString, Int};
+        let text = |s: &str| BulkString(s.as_bytes().to_vec());
+        let node = |role: &str, health: &str| {
+            Array(vec![
+                text("ip"),
+                text("127.0.0.1"),
+                text("role"),
+                text(role),
+                text("health"),
+                text(health),
+            ])
+        };
+        let shard = |slots: Vec<i64>, nodes: Vec<redis::Value>| {
+            Array(vec![
+                text("slots"),
+                Array(slots.into_iter().map(Int).collect()),
+                text("nodes"),
+                Array(nodes),
+            ])
+        };
+        let reply = Array(vec![
+            shard(
+                vec![0, 5460],
+                vec![node("master", "online"), node("replica", "online")],
+            ),
+            shard(
+                vec![5461, 9000, 9500, 10922],
+                vec![node("master", "online")],
+            ),
+            // A failed master whose replica has not taken over yet: nothing to scan there.
+            shard(
+                vec![10923, 16383],
+                vec![node("master", "fail"), node("replica", "online")],
+            ),
+            // A master without slots (being added to the cluster).
+            shard(vec![], vec![node("master", "online")]),
+        ]);
+        assert_eq!(
+            shard_slots(&reply),
+            vec![Slot::new(0).unwrap(), Slot::new(5461).unwrap()]
+        );
     }
 }
