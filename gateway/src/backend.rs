@@ -519,9 +519,13 @@ fn closed_batcher(
 /// connection's batch never weighs more (`pipeline.rs`), so it always fits alone.
 const PUBLISH_BATCH_WEIGHT: usize = 1024;
 
-/// `PublishBatch` calls in flight at once: more than for the other batched calls, so that one
-/// slow call holds up fewer publishes; batches still form under load, when they matter.
-const PUBLISH_IN_FLIGHT: usize = 4;
+/// `PublishBatch` calls in flight at once. Two, like the other batched calls: with four, many
+/// small rooms (10,000 × 5 members, 3 gateways, 2 room-services) sent one call per publish up
+/// to 6,000 publishes/s, and the calls' writes and wake-ups were most of the room-services' CPU
+/// (42 µs per publish at 6,000/s; 35 with two, 24-31 with one), and the ramp failed at 6,000/s
+/// instead of passing 8,000-10,000. Two rather than one so that a slow call (an instance being
+/// killed, a call waiting out its timeout) does not hold up all of a gateway's publishes.
+const PUBLISH_IN_FLIGHT: usize = 2;
 
 /// How much of a combined `PublishBatch` a connection's batch takes.
 fn publish_weight(request: &pb::PublishBatchRequest) -> usize {
