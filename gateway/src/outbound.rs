@@ -8,14 +8,16 @@
 //! nothing half-written, no join in flight, no write delay) is written to the socket from the
 //! fan-out at once, with one non-blocking write: no queue item, no wake-up of the writer task,
 //! which was most of the gateway's own CPU per delivery. Whatever the socket does not take goes
-//! through the queue as before, and the writer is in charge again until it is idle.
+//! through the queue as before, and the writer is in charge again until it is idle. The
+//! connection's own task writes its pings and a returned publish batch's replies the same way.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use roomcast_common::close_code::CloseCode;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -389,8 +391,15 @@ impl ConnHandle {
         }
     }
 
-    /// Queues bytes that already are a WebSocket frame; limited like a reply.
+    /// Queues bytes that already are a WebSocket frame; limited like a reply. The session's
+    /// ping (one per interval) is written at once while the writer lets it, like a batch of
+    /// replies ([`ConnHandle::reply_texts`]). Pongs, which a client's burst of pings can pile
+    /// up, and close frames, which end the connection, go through the writer.
     pub fn send_raw(&self, bytes: Bytes) {
+        let ping = bytes.first() == Some(&0x89);
+        if ping && !self.is_closed() && self.write_if_idle(|| Cow::Borrowed(&bytes)) {
+            return;
+        }
         self.push(
             Outbound::local(Local::Raw(bytes)),
             self.capacity().saturating_mul(2),
@@ -425,27 +434,71 @@ impl ConnHandle {
         if self.is_closed() {
             return;
         }
-        {
-            let mut queue = self.queue();
-            if direct && queue.is_empty() && self.direct.load(Ordering::Relaxed) {
-                let written = self.write_now(wire);
-                if written == wire.len() {
-                    return;
-                }
-                // The writer is in charge again.
-                self.direct.store(false, Ordering::Relaxed);
-                if written > 0 {
-                    // The rest stands for the whole broadcast; it is owed like a reply.
-                    queue.push_back(Outbound::local(Local::Rest(wire.slice(written..))));
-                    let own = self.own();
-                    self.set_own(own + 1);
-                    drop(queue);
-                    self.wake_writer();
-                    return;
-                }
-            }
+        if direct && self.write_if_idle(|| Cow::Borrowed(wire)) {
+            return;
         }
         self.push(item(), self.capacity());
+    }
+
+    /// Writes the frame `wire()` makes (called only then) to the socket at once if the writer
+    /// lets it ([`ConnHandle::writer_idle`]); whatever the socket does not take is queued first.
+    /// Returns whether the frame was dealt with; if not, the caller queues it.
+    fn write_if_idle<'w>(&self, wire: impl FnOnce() -> Cow<'w, Bytes>) -> bool {
+        let mut queue = self.queue();
+        if !queue.is_empty() || !self.direct.load(Ordering::Relaxed) {
+            return false;
+        }
+        let wire = wire();
+        let written = self.write_now(&wire);
+        if written == wire.len() {
+            return true;
+        }
+        // The writer is in charge again.
+        self.direct.store(false, Ordering::Relaxed);
+        if written == 0 {
+            return false;
+        }
+        // The rest stands for the whole frame; it is owed like a reply.
+        queue.push_back(Outbound::local(Local::Rest(wire.slice(written..))));
+        let own = self.own();
+        self.set_own(own + 1);
+        drop(queue);
+        self.wake_writer();
+        true
+    }
+
+    /// Queues the connection's own text frames `jsons` (replies), limited like
+    /// [`reply_owed`]; or, while the writer lets it, writes them at once, all in one write, as
+    /// the WebSocket frames `encode` makes. That saves the writer task a wake-up per returned
+    /// publish batch. Only for replies that come together (a batch's): replies written one by
+    /// one would each cost a write where the writer sends whatever piled up in one. The writer
+    /// only lets it on WebSocket connections, so `encode` is always the WebSocket text framing.
+    ///
+    /// [`reply_owed`]: ConnHandle::reply_owed
+    pub fn reply_texts(&self, jsons: Vec<Utf8Bytes>, encode: fn(&[u8]) -> Bytes, owed: usize) {
+        if jsons.is_empty() {
+            return;
+        }
+        let written = !self.is_closed()
+            && self.write_if_idle(|| {
+                Cow::Owned(match jsons.as_slice() {
+                    [one] => encode(one.as_bytes()),
+                    many => {
+                        let mut out = BytesMut::new();
+                        for json in many {
+                            out.extend_from_slice(&encode(json.as_bytes()));
+                        }
+                        out.freeze()
+                    }
+                })
+            });
+        if written {
+            return;
+        }
+        let limit = self.capacity().saturating_mul(2).saturating_add(owed);
+        for json in jsons {
+            self.push(Outbound::local(Local::Frame(json)), limit);
+        }
     }
 
     /// Queues a reply. Replies may go past the broadcast capacity (each answers one of the
@@ -628,6 +681,50 @@ mod tests {
         )
         .await;
         assert!(more.is_err(), "only the written part of the frame arrived");
+    }
+
+    fn framed(json: &[u8]) -> Bytes {
+        [b"#".as_slice(), json].concat().into()
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_lets_a_batch_of_replies_and_a_ping_be_written_at_once_but_not_a_pong_or_close()
+     {
+        let (conn, mut client) = attached().await;
+        // A busy writer gets the reply through the queue, as it was.
+        conn.reply_texts(vec!["{\"a\":1}".into()], framed, 0);
+        let Some(Outbound::Local(local)) = conn.try_recv() else {
+            panic!("queued while the writer is busy");
+        };
+        assert!(matches!(*local, Local::Frame(ref f) if f.as_str() == "{\"a\":1}"));
+        conn.writer_idle();
+        conn.reply_texts(vec!["{\"b\":2}".into(), "{}".into()], framed, 0);
+        conn.send_raw(Bytes::from_static(&[0x89, 0]));
+        assert!(conn.try_recv().is_none(), "written without the queue");
+        let mut got = [0u8; 13];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            &got, b"#{\"b\":2}#{}\x89\x00",
+            "the replies framed, in one piece, then the ping"
+        );
+        // A pong (a client's burst of pings) and a close frame are the writer's to send.
+        conn.send_raw(Bytes::from_static(&[0x8a, 0]));
+        assert!(conn.try_recv().is_some(), "a pong is queued");
+        conn.writer_idle();
+        conn.send_raw(Bytes::from_static(&[0x88, 0]));
+        assert!(conn.try_recv().is_some(), "a close frame is queued");
+    }
+
+    #[tokio::test]
+    async fn a_reply_owed_by_a_closing_connection_goes_to_the_writer() {
+        let (conn, _client) = attached().await;
+        conn.writer_idle();
+        conn.close(CloseCode::NORMAL, "bye");
+        conn.reply_texts(vec!["{}".into()], framed, 0);
+        assert!(
+            matches!(conn.try_recv(), Some(Outbound::Local(_))),
+            "queued, to go before the close frame"
+        );
     }
 
     /// Every connection has a handle, behind an `Arc` (16 bytes more): 240 bytes keep it in

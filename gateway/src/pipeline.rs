@@ -20,8 +20,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tonic::Status;
 
 use crate::batcher::Pending;
-use crate::outbound::{ConnHandle, Outbound};
+use crate::outbound::ConnHandle;
 use crate::protocol::ServerFrame;
+use crate::socket;
 use crate::state::Gateway;
 
 /// Most publishes in one batch (the room-service accepts up to 1024).
@@ -128,6 +129,8 @@ impl Publishes {
             Ok(response) => Ok(response.results.into_iter()),
             Err(status) => Err(status),
         };
+        // A batch's replies go out together: one write when the writer is idle.
+        let mut replies = Vec::with_capacity(slots.len());
         for slot in slots {
             let reply = match slot {
                 Slot::Answered(reply) => reply,
@@ -142,16 +145,16 @@ impl Publishes {
                     reply_for(id, &room, outcome)
                 }
             };
-            conn.reply_owed(Outbound::frame(reply), MAX_OWED).await;
-            self.owed = self.owed.saturating_sub(1);
+            replies.push(reply);
         }
         // Replies decided while nothing was left to store go out now.
         while let Some(Entry::Answered(_)) = self.queued.front() {
             if let Some(Entry::Answered(reply)) = self.queued.pop_front() {
-                conn.reply_owed(Outbound::frame(reply), MAX_OWED).await;
-                self.owed = self.owed.saturating_sub(1);
+                replies.push(reply);
             }
         }
+        self.owed = self.owed.saturating_sub(replies.len());
+        conn.reply_texts(replies, socket::text, MAX_OWED);
         if !self.queued.is_empty() {
             self.start(gateway);
         }
