@@ -333,6 +333,7 @@ mod tests {
     use bytes::Bytes;
     use roomcast_common::close_code::CloseCode;
     use roomcast_common::envelope::{encode_event, encode_message, room_channel};
+    use tokio_tungstenite::tungstenite::Utf8Bytes;
 
     fn conn(id: &str, user: &str, capacity: usize) -> (Arc<ConnHandle>, Arc<ConnHandle>) {
         let conn = Arc::new(ConnHandle::new(id.into(), user.into(), capacity));
@@ -423,9 +424,8 @@ mod tests {
         hub.add_member("r", a.clone());
         hub.joined("r", "-", "e", 0);
         // A returned publish batch: more replies than the broadcast capacity.
-        for _ in 0..20 {
-            a.reply_owed(Outbound::frame("published"), 64).await;
-        }
+        let replies = vec![Utf8Bytes::from_static("published"); 20];
+        a.reply_texts(replies, socket::text, 64);
         hub.dispatch(message("r", 1, "x"));
         hub.dispatch(message("r", 2, "x"));
         assert!(!a.is_closed(), "two broadcasts fit a capacity of 2");

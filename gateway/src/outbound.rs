@@ -467,14 +467,16 @@ impl ConnHandle {
         true
     }
 
-    /// Queues the connection's own text frames `jsons` (replies), limited like
-    /// [`reply_owed`]; or, while the writer lets it, writes them at once, all in one write, as
-    /// the WebSocket frames `encode` makes. That saves the writer task a wake-up per returned
-    /// publish batch. Only for replies that come together (a batch's): replies written one by
-    /// one would each cost a write where the writer sends whatever piled up in one. The writer
-    /// only lets it on WebSocket connections, so `encode` is always the WebSocket text framing.
+    /// Queues the replies of a returned publish batch, `jsons`; or, while the writer lets it,
+    /// writes them at once, all in one write, as the WebSocket frames `encode` makes, which
+    /// saves the writer task a wake-up per batch. Only for replies that come together: replies
+    /// written one by one would each cost a write where the writer sends whatever piled up in
+    /// one. The writer only lets it on WebSocket connections, so `encode` is always the
+    /// WebSocket text framing.
     ///
-    /// [`reply_owed`]: ConnHandle::reply_owed
+    /// A batch answers many publishes at once, so these may go past the reply limit by `owed`,
+    /// as many as the pipeline lets a connection owe (`pipeline::MAX_OWED`); that bound is what
+    /// keeps a client that never reads in check.
     pub fn reply_texts(&self, jsons: Vec<Utf8Bytes>, encode: fn(&[u8]) -> Bytes, owed: usize) {
         if jsons.is_empty() {
             return;
@@ -505,13 +507,6 @@ impl ConnHandle {
     /// client's own commands), up to twice it.
     pub async fn reply(&self, item: Outbound) {
         self.push(item, self.capacity().saturating_mul(2));
-    }
-
-    /// Queues the reply to a pipelined publish. A returned batch answers many at once, so these
-    /// may go past the reply limit by as many as the pipeline lets a connection owe
-    /// (`pipeline::MAX_OWED`); that bound is what keeps a client that never reads in check.
-    pub async fn reply_owed(&self, item: Outbound, owed: usize) {
-        self.push(item, self.capacity().saturating_mul(2).saturating_add(owed));
     }
 
     /// Moves up to `max` queued items into `batch`; returns how many.
@@ -716,7 +711,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reply_owed_by_a_closing_connection_goes_to_the_writer() {
+    async fn replies_owed_by_a_closing_connection_go_to_the_writer() {
         let (conn, _client) = attached().await;
         conn.writer_idle();
         conn.close(CloseCode::NORMAL, "bye");
