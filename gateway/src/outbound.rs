@@ -486,7 +486,9 @@ impl ConnHandle {
                 Cow::Owned(match jsons.as_slice() {
                     [one] => encode(one.as_bytes()),
                     many => {
-                        let mut out = BytesMut::new();
+                        // Each frame's header is at most 10 bytes.
+                        let size = many.iter().map(|json| json.len() + 10).sum();
+                        let mut out = BytesMut::with_capacity(size);
                         for json in many {
                             out.extend_from_slice(&encode(json.as_bytes()));
                         }

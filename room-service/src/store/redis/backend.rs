@@ -26,7 +26,8 @@ pub trait Backend: ConnectionLike + Clone + Send + Sync + 'static {
     /// per hash slot.
     fn call_groups(rooms: &[&str]) -> Vec<Vec<usize>>;
 
-    /// Every key matching `pattern`, from every master.
+    /// Every key matching `pattern`, from every master (on a cluster whose slot map is stale,
+    /// a key may come twice).
     fn scan(&self, pattern: &str) -> impl Future<Output = RedisResult<Vec<String>>> + Send;
 
     /// One round trip to the store (any node of a cluster: one master failing over does not
@@ -107,7 +108,6 @@ impl Backend for ClusterConnection {
     async fn scan(&self, pattern: &str) -> RedisResult<Vec<String>> {
         let mut connection = self.clone();
         let mut keys = Vec::new();
-        let mut seen = std::collections::HashSet::new();
         // Routed by one slot of each shard rather than by address: the client connects to
         // a slot's master on demand, but only routes by address to nodes it already holds
         // a connection to (ClusterConnectionNotFound right after start or a failover).
@@ -122,8 +122,9 @@ impl Backend for ClusterConnection {
                     .await?;
                 let (next, batch): (u64, Vec<String>) =
                     redis::from_redis_value(reply).map_err(RedisError::from)?;
-                // A stale slot map can send two shards' scans to one node: keep each key once.
-                keys.extend(batch.into_iter().filter(|key| seen.insert(key.clone())));
+                // A stale slot map can send two shards' scans to one node, so a key may come
+                // twice; the one caller (`rooms`) keeps names in a set.
+                keys.extend(batch);
                 if next == 0 {
                     break;
                 }
