@@ -132,13 +132,7 @@ async fn dial(url: &WsUrl, source: IpAddr) -> Result<TcpStream, String> {
 
 async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
     let stream = dial(url, source).await?;
-    let (mut ws, _response) = tokio_tungstenite::client_async_with_config(
-        url.with_token(token),
-        stream,
-        Some(ws_config()),
-    )
-    .await
-    .map_err(|e| ws_reason(&e))?;
+    let mut ws = upgrade(url, stream, token).await?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
@@ -159,6 +153,84 @@ async fn open(url: &WsUrl, source: IpAddr, token: &str) -> Result<Ws, String> {
             Some(Err(e)) => return Err(ws_reason(&e)),
             None => return Err("closed".to_owned()),
         }
+    }
+}
+
+/// The WebSocket upgrade, written and read by hand: one write, usually one read. The load
+/// generator shares the cores with the servers it measures, and tungstenite's client handshake
+/// (a `Request`, its own 4 KiB read buffer, a full response parse) cost about as much user CPU
+/// as the rest of opening a connection. The `Sec-WebSocket-Accept` check stays.
+async fn upgrade(url: &WsUrl, mut stream: TcpStream, token: &str) -> Result<Ws, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let key = generate_key();
+    let target = url.with_token(token);
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
+        request_target(&target),
+        url.addr,
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| io_reason(&e))?;
+    let mut buf = Vec::with_capacity(512);
+    let head_len = loop {
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err("ws_protocol".into());
+        }
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).await.map_err(|e| io_reason(&e))?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| "ws_protocol".to_owned())?;
+    check_upgrade_response(head, &derive_accept_key(key.as_bytes()))?;
+    let rest = buf.split_off(head_len);
+    Ok(WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(ws_config())).await)
+}
+
+/// A response head longer than this is not a gateway's `101`.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+
+/// The path and query of a `ws://host:port/path?query` URL.
+fn request_target(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    after_scheme
+        .find('/')
+        .map_or("/", |slash| &after_scheme[slash..])
+}
+
+/// Checks a response head (status line and headers, CRLF-separated): `101` with the expected
+/// `Sec-WebSocket-Accept`; another status is the failure `http_<status>`.
+fn check_upgrade_response(head: &str, accept: &str) -> Result<(), String> {
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| "ws_protocol".to_owned())?;
+    if status != 101 {
+        return Err(format!("http_{status}"));
+    }
+    let accepted = lines
+        .filter_map(|line| line.split_once(':'))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == accept
+        });
+    if accepted {
+        Ok(())
+    } else {
+        Err("ws_protocol".into())
     }
 }
 
@@ -569,6 +641,34 @@ mod tests {
             publish_frame(Protocol::Socketio, "\"r\"", 4, "{}"),
             r#"424["publish",{"room":"r","data":{}}]"#
         );
+    }
+
+    #[test]
+    fn the_upgrade_response_is_checked() {
+        let accept = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+        let ok = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-accept: {accept}\r\n\r\n"
+        );
+        assert_eq!(check_upgrade_response(&ok, accept), Ok(()));
+        assert_eq!(
+            check_upgrade_response(&ok, "something else"),
+            Err("ws_protocol".into())
+        );
+        let refused = "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            check_upgrade_response(refused, accept),
+            Err("http_401".into())
+        );
+        assert_eq!(
+            check_upgrade_response("garbage\r\n\r\n", accept),
+            Err("ws_protocol".into())
+        );
+        assert_eq!(
+            request_target("ws://127.0.0.1:9000/ws?token=t"),
+            "/ws?token=t"
+        );
+        assert_eq!(request_target("ws://127.0.0.1:9000"), "/");
     }
 
     #[test]
