@@ -113,7 +113,9 @@ async fn redis_store_on_a_cluster() -> anyhow::Result<()> {
     use roomcast_common::envelope::{Envelope, decode, room_channel};
     use roomcast_integration::logs::LogDir;
     use roomcast_integration::redis_cluster::{RedisCluster, cli};
-    use roomcast_room::store::{HistoryLimits, Joiner, PublishItem, RedisStore, Store};
+    use roomcast_room::store::{
+        ConnectionOpening, HistoryLimits, Joiner, PublishItem, RedisStore, Store,
+    };
 
     let logs = LogDir::for_test("redis-cluster-store")?;
     let cluster = RedisCluster::start(logs.path(), 3, 1).await?;
@@ -249,6 +251,28 @@ async fn redis_store_on_a_cluster() -> anyhow::Result<()> {
             .await?
             .is_ok(),
         "the dead gateway's connection still counts"
+    );
+    // A batch of connections whose users live on different shards: one script call per slot.
+    let users: Vec<String> = (0..12).map(|i| format!("batch-user-{i}")).collect();
+    let openings: Vec<ConnectionOpening<'_>> = users
+        .iter()
+        .flat_map(|user| {
+            ["x", "y"].map(|client| ConnectionOpening {
+                user,
+                client_id: client,
+                gateway: "gw-live",
+                limit: 1,
+            })
+        })
+        .collect();
+    let counted: Vec<Result<u64, u64>> = store
+        .connections_opened(&openings)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        counted == [Ok(1), Err(1)].repeat(users.len()),
+        "batch counts: {counted:?}"
     );
     store.ping().await.context("ping")?;
     Ok(())

@@ -13,7 +13,8 @@ use serde_json::value::RawValue;
 use tonic::{Request, Response, Status};
 
 use crate::store::{
-    Joiner, Once, Position, PublishItem, SharedStore, Store, StoreError, StoredMessage,
+    ConnectionOpening, Joiner, Once, Position, PublishItem, SharedStore, Store, StoreError,
+    StoredMessage,
 };
 
 /// Longest accepted client id, in bytes.
@@ -60,6 +61,25 @@ impl Default for ServiceOptions {
     }
 }
 
+/// The checks of one `ConnectionOpened`, before the store counts it.
+fn check_connection_opened(request: &pb::ConnectionOpenedRequest) -> Result<(), Status> {
+    check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
+    check_user(&request.user, true)?;
+    check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)
+}
+
+/// The answer to one `ConnectionOpened` from the store's count.
+fn connection_counted(
+    counted: Result<Result<u64, u64>, StoreError>,
+) -> Result<pb::ConnectionOpenedResponse, Status> {
+    match counted.map_err(store_status)? {
+        Ok(connections) => Ok(pb::ConnectionOpenedResponse { connections }),
+        Err(held) => Err(ErrorCode::RateLimited.status(format!(
+            "user holds {held} connections, the limit across the cluster"
+        ))),
+    }
+}
+
 /// The internal `RoomService` implementation; cheap to clone. The server API
 /// ([`crate::server_api::ServerApiImpl`]) is built on the same parts.
 #[derive(Clone)]
@@ -73,9 +93,7 @@ impl RoomServiceImpl {
         &self,
         request: pb::ConnectionOpenedRequest,
     ) -> Result<pb::ConnectionOpenedResponse, Status> {
-        check_id("client_id", &request.client_id, MAX_CLIENT_ID_LEN, true)?;
-        check_user(&request.user, true)?;
-        check_id("gateway_id", &request.gateway_id, MAX_GATEWAY_ID_LEN, true)?;
+        check_connection_opened(&request)?;
         let counted = self
             .store
             .connection_opened(
@@ -84,14 +102,8 @@ impl RoomServiceImpl {
                 &request.gateway_id,
                 request.max_per_user,
             )
-            .await
-            .map_err(store_status)?;
-        match counted {
-            Ok(connections) => Ok(pb::ConnectionOpenedResponse { connections }),
-            Err(held) => Err(ErrorCode::RateLimited.status(format!(
-                "user holds {held} connections, the limit across the cluster"
-            ))),
-        }
+            .await;
+        connection_counted(counted)
     }
 
     async fn connection_closed_one(
@@ -530,13 +542,32 @@ impl RoomService for RoomServiceImpl {
     ) -> Result<Response<pb::ConnectionsOpenedResponse>, Status> {
         let connections = request.into_inner().connections;
         check_batch(connections.len())?;
-        // Concurrently: the store's calls share one pipelined connection.
-        let results = futures_util::future::join_all(
-            connections
-                .into_iter()
-                .map(|c| self.connection_opened_one(c)),
-        )
-        .await;
+        // The valid ones are counted together: one round trip to the store for the batch.
+        let checked: Vec<Result<(), Status>> =
+            connections.iter().map(check_connection_opened).collect();
+        let openings: Vec<ConnectionOpening<'_>> = connections
+            .iter()
+            .zip(&checked)
+            .filter(|(_, check)| check.is_ok())
+            .map(|(c, _)| ConnectionOpening {
+                user: &c.user,
+                client_id: &c.client_id,
+                gateway: &c.gateway_id,
+                limit: c.max_per_user,
+            })
+            .collect();
+        let mut counted = self.store.connections_opened(&openings).await.into_iter();
+        let results: Vec<Result<pb::ConnectionOpenedResponse, Status>> = checked
+            .into_iter()
+            .map(|check| {
+                check?;
+                connection_counted(
+                    counted
+                        .next()
+                        .unwrap_or_else(|| Err(StoreError::Malformed("a count short".into()))),
+                )
+            })
+            .collect();
         let outcomes = results
             .into_iter()
             .map(|result| pb::ConnectionOpenedOutcome {

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use roomcast_common::broker::{BrokerEvent, RedisSubscriber, Sink, Subscriber};
 use roomcast_common::envelope::{Envelope, decode, encode_message, member_event, room_message};
 use roomcast_common::frame::{MemberEvent, message_frame};
-use roomcast_room::store::{HistoryLimits, Joiner, Position, PublishItem, RedisStore, Store};
+use roomcast_room::store::{
+    ConnectionOpening, HistoryLimits, Joiner, Position, PublishItem, RedisStore, Store,
+};
 
 /// A `redis-server` child process on its own port.
 struct RedisServer {
@@ -971,4 +973,80 @@ async fn publish_many_keeps_order_even_after_redis_forgot_the_script() {
         .collect();
     let want: Vec<String> = (0..=50).map(|n| n.to_string()).collect();
     assert_eq!(got, want);
+}
+
+fn opening<'a>(user: &'a str, client_id: &'a str, gateway: &'a str) -> ConnectionOpening<'a> {
+    ConnectionOpening {
+        user,
+        client_id,
+        gateway,
+        limit: 2,
+    }
+}
+
+/// A batch of connections is counted as one by one would: in order, a connection counted
+/// once however often it comes, the limit refusing the rest, and a refused one counted after
+/// all when a dead gateway held the slot.
+#[tokio::test]
+async fn a_batch_of_connections_counts_as_one_by_one() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    store
+        .gateway_heartbeat("gw-dead", 1, Duration::from_millis(200), "")
+        .await
+        .unwrap();
+    store
+        .gateway_heartbeat("gw", 1, Duration::from_secs(60), "")
+        .await
+        .unwrap();
+    let counts = |results: Vec<Result<Result<u64, u64>, _>>| -> Vec<Result<u64, u64>> {
+        results.into_iter().map(Result::unwrap).collect()
+    };
+    let first = store
+        .connections_opened(&[
+            opening("alice", "a1", "gw"),
+            opening("bob", "b1", "gw-dead"),
+            opening("alice", "a1", "gw"),
+            opening("alice", "a2", "gw"),
+            opening("alice", "a3", "gw"),
+            opening("bob", "b2", "gw-dead"),
+        ])
+        .await;
+    assert_eq!(
+        counts(first),
+        [Ok(1), Ok(1), Ok(1), Ok(2), Err(2), Ok(2)],
+        "a1 twice counts once; a3 is over alice's limit"
+    );
+    // One by one agrees, and the batch recorded each user under its gateway for the sweeper.
+    assert_eq!(
+        store
+            .connection_opened("alice", "a4", "gw", 2)
+            .await
+            .unwrap(),
+        Err(2)
+    );
+    let mut redis = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let users: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("rc:gw:{gw}:users")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(users, ["alice"]);
+    let users: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("rc:gw:{gw-dead}:users")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(users, ["bob"]);
+    // gw-dead's lease runs out: bob's slots there are given to a new connection in a batch.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after = store
+        .connections_opened(&[opening("bob", "b3", "gw"), opening("carol", "c1", "gw")])
+        .await;
+    assert_eq!(counts(after), [Ok(1), Ok(1)]);
+    assert!(store.connections_opened(&[]).await.is_empty());
 }

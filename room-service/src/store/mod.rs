@@ -338,6 +338,23 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Result<u64, u64>, StoreError>;
 
+    /// [`Store::connection_opened`] for each of `openings`, one result each, in order. A store
+    /// that can count many connections in one round trip does (a reconnect storm arrives in
+    /// batches).
+    async fn connections_opened(
+        &self,
+        openings: &[ConnectionOpening<'_>],
+    ) -> Vec<Result<Result<u64, u64>, StoreError>> {
+        let mut results = Vec::with_capacity(openings.len());
+        for o in openings {
+            results.push(
+                self.connection_opened(o.user, o.client_id, o.gateway, o.limit)
+                    .await,
+            );
+        }
+        results
+    }
+
     /// Stops counting `client_id` for `user`.
     async fn connection_closed(&self, user: &str, client_id: &str) -> Result<(), StoreError>;
 
@@ -363,6 +380,16 @@ pub trait Store: Send + Sync + 'static {
 
 /// A store shared by the services and background tasks of one process.
 pub type SharedStore = Arc<dyn Store>;
+
+/// One connection to count against its user's limit ([`Store::connections_opened`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionOpening<'a> {
+    pub user: &'a str,
+    pub client_id: &'a str,
+    pub gateway: &'a str,
+    /// 0: no limit.
+    pub limit: u32,
+}
 
 /// A fresh random epoch: 16 hex digits, so two epochs of one room practically never collide.
 pub(crate) fn new_epoch() -> String {

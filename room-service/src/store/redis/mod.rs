@@ -35,9 +35,9 @@ use roomcast_common::namespace::Namespaces;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined, Joiner, Member,
-    Once, Position, PublishItem, Published, RoomStats, RoomSummary, Store, StoreError,
-    StoredMessage, new_epoch, recover,
+    ConnectionOpening, GATEWAY_RECORD_RETENTION, GatewayInfo, HistoryLimits, HistoryPage, Joined,
+    Joiner, Member, Once, Position, PublishItem, Published, RoomStats, RoomSummary, Store,
+    StoreError, StoredMessage, new_epoch, recover,
 };
 
 /// Upper bound on one store operation, reconnection included: callers fail fast instead of
@@ -437,11 +437,46 @@ impl<C: Backend> RedisStore<C> {
         gateway: &str,
         limit: u32,
     ) -> Result<i64, StoreError> {
+        let opening = ConnectionOpening {
+            user: "",
+            client_id,
+            gateway,
+            limit,
+        };
+        let counts = self
+            .count_connections(&[key.to_owned()], &[&opening])
+            .await?;
+        counts
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Malformed("connect reply".into()))
+    }
+
+    /// Runs `connect.lua` once for `openings` (whose `keys` share a slot on a cluster): per
+    /// connection the count with it, negative when refused.
+    async fn count_connections(
+        &self,
+        keys: &[String],
+        openings: &[&ConnectionOpening<'_>],
+    ) -> Result<Vec<i64>, StoreError> {
         let mut invocation = self.scripts.connect.prepare_invoke();
-        invocation.key(key).arg(client_id).arg(gateway).arg(limit);
+        invocation.arg(openings.len());
+        for (key, o) in keys.iter().zip(openings) {
+            invocation
+                .key(key)
+                .arg(o.client_id)
+                .arg(o.gateway)
+                .arg(o.limit);
+        }
         let mut connection = self.connection.clone();
-        self.run(async move { invocation.invoke_async(&mut connection).await })
-            .await
+        let counts: Vec<i64> = self
+            .run(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        if counts.len() == openings.len() {
+            Ok(counts)
+        } else {
+            Err(StoreError::Malformed("connect reply".into()))
+        }
     }
 
     /// Stops counting `user`'s connections on `gateway` (a dead one).
@@ -842,6 +877,96 @@ impl<C: Backend> Store for RedisStore<C> {
         })
         .await?;
         Ok(Ok(count.unsigned_abs()))
+    }
+
+    /// One `connect.lua` call per hash slot (one on a single Redis) and one `SADD` per gateway
+    /// for the whole batch; a refused connection takes [`Store::connection_opened`]'s way
+    /// (dead gateways' connections dropped, then counted once more).
+    async fn connections_opened(
+        &self,
+        openings: &[ConnectionOpening<'_>],
+    ) -> Vec<Result<Result<u64, u64>, StoreError>> {
+        let users: Vec<&str> = openings.iter().map(|o| o.user).collect();
+        let groups = C::call_groups(&users);
+        let calls = groups.iter().map(|group| {
+            let keys: Vec<String> = group
+                .iter()
+                .map(|&i| user_connections_key(openings[i].user))
+                .collect();
+            let members: Vec<&ConnectionOpening<'_>> =
+                group.iter().map(|&i| &openings[i]).collect();
+            async move { self.count_connections(&keys, &members).await }
+        });
+        let replies = futures_util::future::join_all(calls).await;
+        let mut counts: Vec<Result<i64, StoreError>> = openings
+            .iter()
+            .map(|_| Err(StoreError::Malformed("connect reply".into())))
+            .collect();
+        for (group, reply) in groups.iter().zip(replies) {
+            match reply {
+                Ok(values) => {
+                    for (&i, count) in group.iter().zip(values) {
+                        counts[i] = Ok(count);
+                    }
+                }
+                Err(error) => {
+                    for &i in group {
+                        counts[i] = Err(error.clone());
+                    }
+                }
+            }
+        }
+        // The counted connections' users, by gateway, for the sweeper.
+        let mut by_gateway: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, count) in counts.iter().enumerate() {
+            if matches!(count, Ok(c) if *c > 0) {
+                by_gateway.entry(openings[i].gateway).or_default().push(i);
+            }
+        }
+        let recorded = futures_util::future::join_all(by_gateway.iter().map(|(gateway, items)| {
+            let mut command = redis::cmd("SADD");
+            command.arg(gateway_users_key(gateway));
+            for &i in items {
+                command.arg(openings[i].user);
+            }
+            let mut connection = self.connection.clone();
+            async move {
+                self.run(async move { command.query_async::<()>(&mut connection).await })
+                    .await
+            }
+        }))
+        .await;
+        for ((_, items), result) in by_gateway.iter().zip(recorded) {
+            if let Err(error) = result {
+                for &i in items {
+                    counts[i] = Err(error.clone());
+                }
+            }
+        }
+        // Refused ones: the single path, which may make room by dropping dead gateways'.
+        let retried = futures_util::future::join_all(counts.iter().enumerate().map(|(i, c)| {
+            let o = openings[i];
+            let refused = matches!(c, Ok(count) if *count <= 0);
+            async move {
+                if refused {
+                    Some(
+                        self.connection_opened(o.user, o.client_id, o.gateway, o.limit)
+                            .await,
+                    )
+                } else {
+                    None
+                }
+            }
+        }))
+        .await;
+        counts
+            .into_iter()
+            .zip(retried)
+            .map(|(count, retry)| match retry {
+                Some(result) => result,
+                None => count.map(|c| Ok(c.unsigned_abs())),
+            })
+            .collect()
     }
 
     /// Stops counting `client_id` for `user`.
