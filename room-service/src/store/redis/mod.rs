@@ -886,6 +886,9 @@ impl<C: Backend> Store for RedisStore<C> {
         &self,
         openings: &[ConnectionOpening<'_>],
     ) -> Vec<Result<Result<u64, u64>, StoreError>> {
+        if openings.is_empty() {
+            return Vec::new();
+        }
         let users: Vec<&str> = openings.iter().map(|o| o.user).collect();
         let groups = C::call_groups(&users);
         let calls = groups.iter().map(|group| {
