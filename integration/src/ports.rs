@@ -36,6 +36,15 @@ pub fn free_port() -> Result<u16> {
     bail!("no fresh free port after 100 attempts")
 }
 
+/// Marks `port` as handed out (a port a process will bind besides the one it was given, such
+/// as a Redis Cluster node's bus port); false when it already was.
+pub fn reserve(port: u16) -> bool {
+    handed_out()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(port)
+}
+
 /// Where the processes of a system listen: fresh free ports (tests) or a fixed layout from a
 /// base port (the `roomcast-cluster` command, so URLs stay the same between runs).
 #[derive(Debug, Clone, Copy, Default)]
@@ -89,6 +98,20 @@ mod tests {
         let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
         let unique: HashSet<u16> = ports.iter().copied().collect();
         assert_eq!(unique.len(), ports.len());
+    }
+
+    #[test]
+    fn a_reserved_port_is_not_handed_out_again() {
+        let given = free_port().unwrap();
+        assert!(!reserve(given), "a port free_port gave is reserved already");
+        let other = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if reserve(other) {
+            assert!(!reserve(other));
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::ports::free_port;
+use crate::ports::{free_port, reserve};
 use crate::process::{ChildProcess, Spawn};
 
 /// How long the cluster gets to form, and a failover to complete.
@@ -21,11 +21,12 @@ pub struct RedisCluster {
     log_dir: PathBuf,
 }
 
-/// A port whose cluster bus port (+ 10000) is free too.
+/// A port whose cluster bus port (+ 10000) is free too. The bus port is reserved as well, so
+/// that no other node or process of this test run is handed it before its node binds it.
 fn cluster_port() -> Result<u16> {
     for _ in 0..200 {
         let port = free_port()?;
-        if port > 55_000 {
+        if port > 55_000 || !reserve(port + 10_000) {
             continue;
         }
         if TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
