@@ -30,6 +30,7 @@ pub mod backend;
 pub mod batcher;
 pub mod burst;
 pub mod config;
+pub mod handshake;
 pub mod hub;
 pub mod lease;
 pub mod limits;

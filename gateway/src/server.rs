@@ -17,16 +17,15 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::ops;
-use roomcast_common::telemetry::TRACING_ONLY;
-use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument as _;
 
 use crate::admission::{StreamStarted, authenticate, refuse};
+use crate::handshake::{self, WsQuery, handshake_span};
 use crate::socket;
 use crate::sse;
 use crate::state::Gateway;
-use crate::websocket;
+use crate::websocket::{self, Handoff};
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -42,26 +41,14 @@ async fn index() -> Html<&'static str> {
     Html(include_str!("index.html"))
 }
 
-#[derive(Deserialize)]
-struct WsQuery {
-    token: Option<String>,
-}
-
-/// The WebSocket handshake, as one span when spans are exported: its token check
-/// (auth-service `VerifyToken`) and per-user count (room-service `ConnectionOpened`) are its
-/// children; the connection that follows is not part of it.
+/// The `/ws` route: a WebSocket handshake that [`handshake::answer`] left to hyper (over TLS,
+/// or a request it does not take).
 async fn websocket(
     State(gateway): State<Arc<Gateway>>,
     Query(query): Query<WsQuery>,
     request: Request,
 ) -> Response {
-    let span = tracing::info_span!(
-        target: TRACING_ONLY,
-        "gateway.handshake",
-        otel.kind = "server",
-        user = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-    );
+    let span = handshake_span();
     let response = handshake(gateway, query, request)
         .instrument(span.clone())
         .await;
@@ -91,7 +78,7 @@ async fn handshake(gateway: Arc<Gateway>, query: WsQuery, mut request: Request) 
         Ok(auth) => auth,
         Err(refused) => return refused,
     };
-    tokio::spawn(websocket::run(on_upgrade, gateway, auth));
+    tokio::spawn(websocket::run(Handoff::Hyper(on_upgrade), gateway, auth));
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -122,7 +109,14 @@ pub async fn serve(
         timeout: gateway.settings.handshake_timeout(),
         max_pending: gateway.settings.max_pending_handshakes,
     };
-    let server = tokio::spawn(accept_loop(listener, app, limits, tls, accepting_stopped));
+    let server = tokio::spawn(accept_loop(
+        listener,
+        gateway.clone(),
+        app,
+        limits,
+        tls,
+        accepting_stopped,
+    ));
     shutdown.await;
     tracing::info!(connections = gateway.hub.connection_count(), "draining");
     gateway.readiness.start_draining();
@@ -155,7 +149,8 @@ impl Drop for PendingSlot {
     }
 }
 
-/// Accepts connections and serves HTTP/1.1 on each until `stop` fires. HTTP/1.1 only, served
+/// Accepts connections and serves HTTP/1.1 on each until `stop` fires: a plain WebSocket
+/// handshake by hand ([`handshake`]), anything else with hyper. HTTP/1.1 only, served
 /// straight on the `TcpStream` (or on the TLS stream over it, with `tls`), so that an upgraded
 /// connection gives its socket back (see [`socket::upgraded`]).
 ///
@@ -166,6 +161,7 @@ impl Drop for PendingSlot {
 /// descriptors.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
+    gateway: Arc<Gateway>,
     app: Router,
     limits: HandshakeLimits,
     tls: Option<TlsAcceptor>,
@@ -211,10 +207,14 @@ async fn accept_loop(
             tower_service::Service::call(&mut app.clone(), request)
         });
         let tls = tls.clone();
+        let gateway = gateway.clone();
         tokio::spawn(async move {
             let phase = async move {
                 match tls {
-                    None => http_phase(tcp, service).await,
+                    None => match handshake::answer(tcp, &gateway).await {
+                        Ok(()) => Ok(()),
+                        Err(tcp) => http_phase(tcp, service).await,
+                    },
                     Some(acceptor) => match acceptor.accept(tcp).await {
                         Ok(stream) => http_phase(stream, service).await,
                         Err(error) => {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use roomcast_common::close_code::CloseCode;
 use roomcast_common::error_code::ErrorCode;
 use roomcast_common::telemetry::TRACING_ONLY;
@@ -151,7 +152,14 @@ fn on_heartbeat_tick(at: Instant, interval: Duration) -> Instant {
 impl Session {
     /// Registers the connection with the hub and queues its `connected` frame (`session`:
     /// the SSE session name). The transport then starts the writer and calls [`Session::serve`].
-    pub async fn open(gateway: Arc<Gateway>, auth: Authenticated, session: Option<&str>) -> Self {
+    /// `head` goes out before the `connected` frame, as it is: the 101 of a handshake answered
+    /// by hand ([`crate::handshake`]), so both leave in one write.
+    pub async fn open(
+        gateway: Arc<Gateway>,
+        auth: Authenticated,
+        session: Option<&str>,
+        head: Option<Bytes>,
+    ) -> Self {
         let user: Arc<str> = Arc::from(auth.user.as_str());
         let conn = Arc::new(ConnHandle::new(
             auth.client_id.clone(),
@@ -170,6 +178,9 @@ impl Session {
             },
             session,
         };
+        if let Some(head) = head {
+            conn.reply(Outbound::local(Local::Raw(head))).await;
+        }
         conn.reply(Outbound::frame(connected.to_json())).await;
         let settings = &gateway.settings;
         Session {

@@ -143,7 +143,7 @@ pub async fn stream(
     let secret = format!("{:032x}", rand::random::<u128>());
     let user = auth.user.clone();
     let name = format!("{}~{}~{secret}", auth.client_id, user_tag(&user));
-    let mut session = Session::open(gateway.clone(), auth, Some(&name)).await;
+    let mut session = Session::open(gateway.clone(), auth, Some(&name), None).await;
     let conn = session.conn().clone();
     let (output, body) = tokio::io::duplex(STREAM_BUFFER);
     let writer = tokio::spawn(writer::run(

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use roomcast_common::close_code::CloseCode;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -31,11 +33,11 @@ const READ_BUFFER_BYTES: usize = 256;
 /// arguments sit in one box (an async function's arguments would keep their space for its
 /// whole run).
 pub fn run(
-    on_upgrade: OnUpgrade,
+    handoff: Handoff,
     gateway: Arc<Gateway>,
     auth: Authenticated,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let setup = Box::new((on_upgrade, gateway, auth));
+    let setup = Box::new((handoff, gateway, auth));
     async move {
         let Some((mut session, mut stream, writer)) = Box::pin(start(setup)).await else {
             return;
@@ -44,6 +46,15 @@ pub fn run(
         drop(session);
         Box::pin(linger(stream.0.into_inner())).await;
     }
+}
+
+/// How the socket reaches the connection.
+pub enum Handoff {
+    /// From hyper, once it has written the 101 (its response to the `/ws` route).
+    Hyper(OnUpgrade),
+    /// Straight from the accept loop ([`crate::handshake`]): the request head is read, the 101
+    /// head not yet written; it goes out first, in one write with the `connected` frame.
+    Direct { tcp: TcpStream, head: Bytes },
 }
 
 /// The session's input: tungstenite's frames.
@@ -69,25 +80,26 @@ impl Source for Frames {
 
 /// Waits for the upgrade, opens the session and starts the writer.
 async fn start(
-    setup: Box<(OnUpgrade, Arc<Gateway>, Authenticated)>,
+    setup: Box<(Handoff, Arc<Gateway>, Authenticated)>,
 ) -> Option<(Session, Frames, tokio::task::JoinHandle<()>)> {
-    let (on_upgrade, gateway, auth) = *setup;
-    let (socket, pre_read) = match socket::upgraded(on_upgrade).await {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade failed");
-            if auth.counted {
-                session::report_closed(&gateway, &auth.client_id, &auth.user, Vec::new());
+    let (handoff, gateway, auth) = *setup;
+    let (socket, pre_read, head) = match handoff {
+        Handoff::Hyper(on_upgrade) => match socket::upgraded(on_upgrade).await {
+            // A copy of just these bytes: `pre_read` is a slice of the HTTP layer's 8 KiB read
+            // buffer, which it would keep alive for the connection's lifetime.
+            Ok((socket, pre_read)) => (socket, pre_read[..].to_vec(), None),
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                if auth.counted {
+                    session::report_closed(&gateway, &auth.client_id, &auth.user, Vec::new());
+                }
+                return None;
             }
-            return None;
-        }
+        },
+        Handoff::Direct { tcp, head } => (socket::Upgraded::Tcp(tcp), Vec::new(), Some(head)),
     };
-    let session = Session::open(gateway.clone(), auth, None).await;
+    let session = Session::open(gateway.clone(), auth, None, head).await;
     let conn = session.conn().clone();
-    // A copy of just these bytes: `pre_read` is a slice of the HTTP layer's 8 KiB read buffer,
-    // which it would keep alive for the connection's lifetime.
-    let pre_read_copy = pre_read[..].to_vec();
-    drop(pre_read);
     let (read, write) = socket.into_split(&conn);
     let max = gateway.settings.max_frame_bytes;
     let config = WebSocketConfig::default()
@@ -97,7 +109,7 @@ async fn start(
         .max_message_size(Some(max));
     let stream = WebSocketStream::from_partially_read(
         ReadSide::new(read, conn.clone()),
-        pre_read_copy,
+        pre_read,
         Role::Server,
         Some(config),
     )

@@ -300,6 +300,117 @@ async fn reads_are_rate_limited_without_closing() {
 // ---------------------------------------------------------------------------------------------
 // Invalid frames
 
+/// Reads from `tcp` until the `connected` frame and a pong have arrived (the 101 first);
+/// returns the server frames.
+async fn connected_and_pong(tcp: &mut TcpStream) -> Result<Vec<ServerFrame>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            ensure!(
+                got.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"),
+                "expected 101, got {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            let frames = parse_frames(&got[end + 4..]);
+            let text = |prefix: &[u8]| {
+                frames
+                    .iter()
+                    .any(|f| f.opcode == 1 && f.payload.starts_with(prefix))
+            };
+            if text(br#"{"type":"connected""#) && text(br#"{"type":"pong""#) {
+                return Ok(frames);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut buf))
+            .await
+            .with_context(|| {
+                format!(
+                    "no connected + pong in time: {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            })??;
+        ensure!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A handshake is upgraded however its bytes arrive: whole, in pieces (the head split over
+/// segments goes through the HTTP server), or with the client's first frame right behind the
+/// head in the same segment (that frame is read, not lost with the head). A refused one gets
+/// its status and reason, then the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_work_however_their_bytes_arrive() {
+    run(
+        "handshakes_work_however_their_bytes_arrive",
+        Flavor::Cluster,
+        small(),
+        async |sys: &mut System| {
+            let ping = masked_frame(0x1, br#"{"type":"ping","id":1}"#);
+            let addr = gateway_addr(sys, 0);
+
+            // The head and a frame in one write.
+            let mut tcp = TcpStream::connect(&addr).await?;
+            let mut bytes = handshake_request(&sys.token("eager")?).into_bytes();
+            bytes.extend_from_slice(&ping);
+            tcp.write_all(&bytes).await?;
+            let frames = connected_and_pong(&mut tcp).await.context("head + frame")?;
+            ensure!(
+                frames[0].payload.starts_with(br#"{"type":"connected""#),
+                "the connected frame comes first: {frames:?}"
+            );
+
+            // The head in three pieces, apart in time, then a frame.
+            let mut tcp = TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let head = handshake_request(&sys.token("trickle")?);
+            let (a, rest) = head.split_at(9);
+            let (b, c) = rest.split_at(rest.len() / 2);
+            for piece in [a, b, c] {
+                tcp.write_all(piece.as_bytes()).await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tcp.write_all(&ping).await?;
+            connected_and_pong(&mut tcp)
+                .await
+                .context("head in pieces")?;
+
+            // A bad token, with a frame behind the head: 401 with the reason, then the close.
+            let mut tcp = TcpStream::connect(&addr).await?;
+            let mut bytes = handshake_request("not-a-jwt").into_bytes();
+            bytes.extend_from_slice(&ping);
+            tcp.write_all(&bytes).await?;
+            let mut got = Vec::new();
+            ensure!(
+                closed_within(&mut tcp, T, &mut got).await,
+                "a refused handshake's connection stays open"
+            );
+            let got = String::from_utf8_lossy(&got);
+            let (head, body) = got.split_once("\r\n\r\n").context("no response head")?;
+            ensure!(
+                head.starts_with("HTTP/1.1 401 "),
+                "expected 401, got {got:?}"
+            );
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .context("no content-length")?;
+            ensure!(
+                length.parse::<usize>()? == body.len() && body.ends_with('\n') && body.len() > 1,
+                "the reason is the body: {got:?}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
 /// A client frame with `opcode` around `payload`, masked as RFC 6455 requires of clients.
 fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37u8, 0xfa, 0x21, 0x3d];
