@@ -11,7 +11,7 @@ use anyhow::Context;
 use roomcast_common::broker::{Broker, Sink};
 use roomcast_common::envelope::{CONTROL_CHANNEL, gateway_channel};
 use roomcast_common::ops::Readiness;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
 use crate::backend::Backends;
@@ -90,9 +90,8 @@ where
         )
         .with_namespaces(config.namespaces),
     );
-    let listener = TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;
+    let listener =
+        listen(config.addr).with_context(|| format!("binding GATEWAY_ADDR {}", config.addr))?;
     Ok(Bound {
         gateway,
         repairs,
@@ -100,6 +99,22 @@ where
         drain_window: config.drain_window,
         tls: config.tls,
     })
+}
+
+/// The gateway's listener, as tokio's `TcpListener::bind` makes it (address reuse, a backlog
+/// of 1024) and with `TCP_NODELAY`, which Linux copies to every accepted socket: frames are
+/// small and latency matters more than packet count (without it a `published` reply waits for
+/// the client's next frame or a delayed ACK), and no connection needs its own system call.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 impl Bound {
@@ -144,4 +159,20 @@ where
     F: Future<Output = anyhow::Result<Broker>>,
 {
     bind(config, broker, backends).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection `set_nodelay` call is gone: accepted sockets must inherit it.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        assert!(!client.nodelay().unwrap());
+    }
 }

@@ -193,10 +193,7 @@ async fn accept_loop(
         }
         pending.fetch_add(1, Ordering::Relaxed);
         let slot = PendingSlot(pending.clone());
-        // Frames are small and latency matters more than packet count: no Nagle delay
-        // (without this a `published` reply waits for the client's next frame or a delayed
-        // ACK).
-        let _ = tcp.set_nodelay(true);
+        // No Nagle delay: set on the listener, which the socket inherits (`run::listen`).
         // Every request of this connection can tell the loop that it became a long-lived
         // stream (SSE): its HTTP phase is then over.
         let streaming = StreamStarted(Arc::new(tokio::sync::Notify::new()));
