@@ -101,7 +101,7 @@ function writesBetween(series, t0, t1) {
 // which starts publishing 200 ms after set-up).
 function publishWindow(run, tck) {
   const r = run.r;
-  if (!r || r.scenario !== 'fanout') return null;
+  if (!r || (r.scenario !== 'fanout' && r.scenario !== 'publish-api')) return null;
   const file = path.join(work, `${run.name}.samples`);
   if (!fs.existsSync(file)) return null;
   const s = fs
@@ -494,6 +494,23 @@ function figure(file, svg, alt) {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+// Publishes through the server API (run.sh section 6): one run per offered rate.
+const papiRuns = Object.values(runs)
+  .filter((r) => /^papi-\d+$/.test(r.name))
+  .sort((a, b) => Number(a.name.slice(5)) - Number(b.name.slice(5)));
+const papiPassed = (run) => {
+  const r = run.r;
+  return !!r && r.published_per_sec >= 0.95 * r.rate_target && r.loss <= 0 && r.out_of_order === 0 &&
+    r.gaps === 0 && emptyObj(r.publish_errors) && emptyObj(r.setup_failures) && r.latency_ms.p99 <= 50;
+};
+const papiBest = papiRuns.filter(papiPassed).map((run) => run.r.rate_target).reduce((a, b) => Math.max(a, b), 0) || null;
+const papiText = papiRuns.length
+  ? `${papiBest != null ? `${int(papiBest)} publishes/s passed` : 'no rate passed'} (${papiRuns
+    .map((run) => (run.r ? `${int(run.r.rate_target)} offered: ${int(run.r.published_per_sec)}/s, p99 ${f(run.r.latency_ms.p99, 1)} ms` : `${run.name}: no result`))
+    .join('; ')})`
+  : 'not measured by this run';
+
 p('## Summary');
 p();
 p('Same machine, same runs, fan-out scenario 1000 subscribers in 1 room, 200 msg/s total, 100-byte filler, ' +
@@ -621,6 +638,7 @@ p(`| ≤ 4 KiB gateway RSS per idle connection (~19,000 on one gateway; 100,000 
   }
   p(`| Redis Cluster: per-shard Redis CPU within ±20% of each other, many small rooms | ${clusterText} | ${met(clusterOk)} |`);
 }
+p(`| ≥ 30,000 publishes/s through the server API, zero loss, p99 ≤ 50 ms, one Redis | ${papiText} | ${met(papiRuns.length ? (papiBest || 0) >= 30000 : null)} |`);
 p(`| (earlier) server CPU per delivery ≤ 1/5 of Socket.IO's | Roomcast ${f(RC.cpu, 2)} µs vs ${f(SIO.cpu, 2)} µs: ${f(ratio(SIO.cpu, RC.cpu), 2)}× less ` +
   `(publishing window: ${f(ratio(SIO.win, RC.win), 2)}×) | ${met(ratio(SIO.cpu, RC.cpu) == null ? null : ratio(SIO.cpu, RC.cpu) >= 5)} |`);
 p(`| (earlier) capacity ≥ 2× Socket.IO's, one 1000-subscriber room | ${capText(RC.cap)} vs ${capText(SIO.cap)}: ${f(capRatio, 2)}× | ${met(capRatio == null ? null : capRatio >= 2)} |`);
@@ -975,6 +993,40 @@ p();
 }
 
 // ---------------------------------------------------------------------------------------------
+p('## Publishes through the server API');
+p();
+if (!papiRuns.length) {
+  p('(not run)');
+  p();
+} else {
+  p('`loadgen publish-api` into `roomcast-cluster --gateways 2 --room-services 2` (one Redis): 1,000 rooms of one ' +
+    'WebSocket subscriber each, one `ServerApi.Publish` call per message to room-service 0, at most 1,024 calls in ' +
+    'flight, 10 s per offered rate, each rate on a fresh cluster. A rate passes when at least 95% of it was ' +
+    'published with no loss, no error and p99 ≤ 50 ms from publish to delivery. CPU per publish over the publishing ' +
+    'window (publishing + drain), per process group; the load generator, which shares the two cores, is listed too.');
+  p();
+  p('| offered/s | published/s | deliveries/s | loss | p50 (ms) | p99 (ms) | ack p99 (ms) | room-services µs/publish | gateways µs/publish | Redis µs/publish | all servers + Redis µs/publish | load generator CPU (s) | |');
+  p('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|');
+  for (const run of papiRuns) {
+    const r = run.r;
+    if (!r) {
+      p(`| ${run.name.slice(5)} | | | | | | | | | | | | no result (exit ${run.exit}) |`);
+      continue;
+    }
+    const n = r.published;
+    const g = (k) => (run.groups[k] ? us(run.groups[k].user + run.groups[k].sys, n) : null);
+    const w = run.window;
+    p(`| ${int(r.rate_target)} | ${int(r.published_per_sec)} | ${int(r.deliveries_per_sec)} | ${int(r.loss)} | ${f(r.latency_ms.p50, 1)} | ` +
+      `${f(r.latency_ms.p99, 1)} | ${f(r.ack_latency_ms && r.ack_latency_ms.p99, 1)} | ${f(g('roomservice'), 1)} | ${f(g('gateway'), 1)} | ` +
+      `${f(w ? us(w.redis, n) : us(run.redisCpu, n), 1)} | ${f(w ? us(w.server + w.redis, n) : us(run.serverCpu + run.redisCpu, n), 1)} | ` +
+      `${f(run.loadgenCpu, 1)} | ${papiPassed(run) ? 'pass' : '**fail**'}${r.unacked ? `, ${int(r.unacked)} in flight at the end` : ''}${emptyObj(r.publish_errors) ? '' : `, errors ${brief(r.publish_errors)}`} |`);
+  }
+  p();
+  p('Room-service and gateway CPU are over the whole run (including the subscribers\' set-up); Redis and the ' +
+    'all-process figure over the publishing window.');
+  p();
+}
+
 p('## Command lines');
 p();
 p('As run by `bench/run.sh` (`$SECRET` is a per-run HS256 secret; URLs are the free ports of that run):');
