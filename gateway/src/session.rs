@@ -166,6 +166,11 @@ impl Session {
             user.clone(),
             gateway.settings.outbound_queue_len,
         ));
+        // Queued before the hub knows the connection: nothing it sends (a close on drain or
+        // `Disconnect`) can go out ahead of the 101.
+        if let Some(head) = head {
+            conn.reply(Outbound::local(Local::Raw(head))).await;
+        }
         gateway.hub.add_connection(conn.clone());
         metrics::gauge!("roomcast_gateway_connections").increment(1);
         let connected = ServerFrame::Connected {
@@ -178,9 +183,6 @@ impl Session {
             },
             session,
         };
-        if let Some(head) = head {
-            conn.reply(Outbound::local(Local::Raw(head))).await;
-        }
         conn.reply(Outbound::frame(connected.to_json())).await;
         let settings = &gateway.settings;
         Session {
