@@ -13,7 +13,6 @@
 //! two writes, each waking the client.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Query;
@@ -156,24 +155,16 @@ pub fn switching_protocols(accept: &str) -> Bytes {
     Bytes::from(head)
 }
 
-/// Writes a refusal and closes: the status, the response's headers, its body. The client's
-/// unread input (if it sent more than the head) is drained for up to a second first, so that
-/// the close is not a reset that could discard the answer.
+/// Writes a refusal and closes: the status, the response's headers, its body. What the client
+/// sent past the head is drained first ([`socket::drain_input`]), so that the close is not a
+/// reset that could discard the answer.
 async fn refuse(mut tcp: TcpStream, refusal: Response) {
     let bytes = encode(refusal).await;
     if tcp.write_all(&bytes).await.is_err() {
         return;
     }
     let _ = tcp.shutdown().await;
-    let mut sink = [0u8; 512];
-    let drained = async {
-        while let Ok(n) = tcp.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+    socket::drain_input(&mut tcp).await;
 }
 
 /// A refusal as HTTP/1.1 bytes, with `content-length` and `connection: close`.

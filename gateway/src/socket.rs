@@ -280,6 +280,22 @@ impl AsyncWrite for ReadSide {
     }
 }
 
+/// Reads and discards what the client still sends until it closes too, for at most a second,
+/// once the server has said its last word (a close frame, a refusal) and shut its side. Closing
+/// a socket with unread input makes the kernel send a reset, which can overtake that last word.
+pub async fn drain_input(read: &mut (impl AsyncRead + Unpin)) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 512];
+    let drained = async {
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
+}
+
 /// The payload of a frame made by this module (an SSE connection re-frames broadcasts).
 pub fn payload_of(frame: &[u8]) -> &[u8] {
     match frame[1] {

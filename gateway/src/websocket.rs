@@ -3,7 +3,6 @@
 //! writer on the write half, and lingers for the client's close at the end.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -127,22 +126,10 @@ async fn start(
     Some((session, Frames(stream), writer))
 }
 
-/// After the writer sent its last frame and shut its half: read and discard what the client
-/// still sends (pongs, its close reply) until it closes too, for at most a second. Closing a
-/// socket with unread input makes the kernel send a reset, which can overtake the close frame
-/// and the last messages still on their way to the client.
+/// After the writer sent its last frame and shut its half: the client's pongs and close reply
+/// are read until it closes too ([`socket::drain_input`]), so the last frames are not reset.
 async fn linger(read: ReadSide) {
-    use tokio::io::AsyncReadExt;
-    let mut read = read.into_inner();
-    let mut sink = [0u8; 512];
-    let drained = async {
-        while let Ok(n) = read.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+    socket::drain_input(&mut read.into_inner()).await;
 }
 
 /// The close frame owed for a read error, if the client is still there to get one.
