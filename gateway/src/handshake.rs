@@ -1,12 +1,13 @@
 //! The WebSocket handshake of a plain TCP connection, answered without the HTTP server.
 //!
 //! Nearly every connection a gateway accepts is a `GET /ws` upgrade whose request head arrives
-//! whole in its first segment. That head is peeked at; when it is such an upgrade, this module
-//! reads it, makes the same checks as the `/ws` route ([`socket::accept_key`],
+//! whole in its first segment. The connection's first read is made here; when it holds such an
+//! upgrade, this module makes the same checks as the `/ws` route ([`socket::accept_key`],
 //! [`admission::authenticate`]) and hands the socket to the connection with its 101 head, which
 //! the writer sends in one write with the `connected` frame. Anything else (another path or
 //! method, a head split over segments or larger than [`HEAD_MAX`], a malformed or refused
-//! handshake header, a TLS connection) is left unread for hyper, which answers as before.
+//! handshake header) goes to hyper with the bytes read ([`Rewind`]), which answers as before;
+//! TLS connections go to hyper untouched.
 //!
 //! Why: hyper's HTTP/1 connection, the router and the upgrade hand-over were about a fifth of
 //! a gateway's CPU per connection in a connect ramp, and the 101 and `connected` frame left in
@@ -26,7 +27,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use crate::admission::authenticate;
-use crate::socket;
+use crate::socket::{self, Rewind};
 use crate::state::Gateway;
 use crate::websocket::{self, Handoff};
 
@@ -89,21 +90,20 @@ pub fn parse(bytes: &[u8]) -> Option<Upgrade> {
     })
 }
 
-/// Answers the connection's handshake if it is one [`parse`] takes; otherwise gives the socket
-/// back with nothing read from it.
-pub async fn answer(tcp: TcpStream, gateway: &Arc<Gateway>) -> Result<(), TcpStream> {
+/// Reads the start of the connection and answers its handshake if it is one [`parse`] takes;
+/// otherwise gives the socket back with what was read, for hyper to read first.
+pub async fn answer(mut tcp: TcpStream, gateway: &Arc<Gateway>) -> Result<(), Rewind> {
     let mut buf = vec![0u8; HEAD_MAX];
-    let Ok(peeked) = tcp.peek(&mut buf).await else {
-        return Err(tcp);
+    let read = match tcp.read(&mut buf).await {
+        Ok(0) | Err(_) => return Ok(()),
+        Ok(read) => read,
     };
-    let Some(upgrade) = parse(&buf[..peeked]) else {
-        return Err(tcp);
+    buf.truncate(read);
+    let Some(upgrade) = parse(&buf) else {
+        return Err(Rewind::new(tcp, Bytes::from(buf)));
     };
-    let mut tcp = tcp;
-    // The head is in the socket's buffer: this returns at once and leaves what follows it.
-    if tcp.read_exact(&mut buf[..upgrade.head_len]).await.is_err() {
-        return Ok(());
-    }
+    // The client's first frames, when it sent them right behind the head.
+    let pre_read = buf[upgrade.head_len..].to_vec();
     drop(buf);
     let span = handshake_span();
     let status = async {
@@ -111,7 +111,11 @@ pub async fn answer(tcp: TcpStream, gateway: &Arc<Gateway>) -> Result<(), TcpStr
             Ok(auth) => {
                 let head = switching_protocols(&upgrade.accept);
                 tokio::spawn(websocket::run(
-                    Handoff::Direct { tcp, head },
+                    Handoff::Direct {
+                        tcp,
+                        head,
+                        pre_read,
+                    },
                     gateway.clone(),
                     auth,
                 ));

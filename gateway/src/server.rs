@@ -150,9 +150,10 @@ impl Drop for PendingSlot {
 }
 
 /// Accepts connections and serves HTTP/1.1 on each until `stop` fires: a plain WebSocket
-/// handshake by hand ([`handshake`]), anything else with hyper. HTTP/1.1 only, served
-/// straight on the `TcpStream` (or on the TLS stream over it, with `tls`), so that an upgraded
-/// connection gives its socket back (see [`socket::upgraded`]).
+/// handshake by hand ([`handshake`]), anything else with hyper. HTTP/1.1 only, served on the
+/// `TcpStream` (behind the bytes already read, [`socket::Rewind`]) or on the TLS stream over it
+/// (with `tls`), so that an upgraded connection gives its socket back (see
+/// [`socket::upgraded`]).
 ///
 /// A connection's HTTP phase (TLS handshake included) ends when it is upgraded (the hyper
 /// connection then resolves and hands the socket over) or closed. It is bounded in time and in
@@ -210,7 +211,7 @@ async fn accept_loop(
                 match tls {
                     None => match handshake::answer(tcp, &gateway).await {
                         Ok(()) => Ok(()),
-                        Err(tcp) => http_phase(tcp, service).await,
+                        Err(rewind) => http_phase(rewind, service).await,
                     },
                     Some(acceptor) => match acceptor.accept(tcp).await {
                         Ok(stream) => http_phase(stream, service).await,
@@ -248,7 +249,8 @@ async fn accept_loop(
 }
 
 /// Serves HTTP/1.1 on one connection until it closes or is upgraded. `io` is the
-/// `TcpStream` or the TLS stream: exactly the types [`socket::upgraded`] takes back.
+/// plain socket (with what was read of it already) or the TLS stream: exactly the types
+/// [`socket::upgraded`] takes back.
 async fn http_phase<I, S>(io: I, service: S) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

@@ -101,12 +101,23 @@ impl Upgraded {
 }
 
 /// Waits for the HTTP connection to hand over its socket after the 101 response. Returns the
-/// socket and whatever the HTTP layer had already read past the request (the client's first
-/// frames, if it did not wait for the 101).
+/// socket and whatever had already been read past the request (the client's first frames, if
+/// it did not wait for the 101).
 pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<(Upgraded, Bytes), UpgradeError> {
     let upgraded = on_upgrade.await?;
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Ok((Upgraded::Tcp(parts.io.into_inner()), parts.read_buf)),
+    match upgraded.downcast::<TokioIo<Rewind>>() {
+        Ok(parts) => {
+            let (tcp, unread) = parts.io.into_inner().into_parts();
+            // What hyper read and did not parse comes first, then what it never read.
+            let rest = if unread.is_empty() {
+                parts.read_buf
+            } else {
+                let mut rest = BytesMut::from(&parts.read_buf[..]);
+                rest.extend_from_slice(&unread);
+                rest.freeze()
+            };
+            Ok((Upgraded::Tcp(tcp), rest))
+        }
         Err(upgraded) => {
             let parts = upgraded
                 .downcast::<TokioIo<TlsStream>>()
@@ -116,6 +127,71 @@ pub async fn upgraded(on_upgrade: OnUpgrade) -> Result<(Upgraded, Bytes), Upgrad
                 parts.read_buf,
             ))
         }
+    }
+}
+
+/// A plain connection handed to hyper with the bytes already read from it (by
+/// [`crate::handshake`], to see whether it could answer without hyper): reads return those
+/// first, then the socket's.
+pub struct Rewind {
+    unread: Bytes,
+    tcp: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(tcp: TcpStream, read: Bytes) -> Self {
+        Rewind { unread: read, tcp }
+    }
+
+    /// The socket, and what of the bytes read before was not read again.
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.tcp, self.unread)
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.unread.is_empty() {
+            return Pin::new(&mut this.tcp).poll_read(cx, buf);
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 
@@ -309,6 +385,33 @@ pub fn payload_of(frame: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
     use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+
+    /// Reads give the bytes read before first, then the socket's; what was not read again is
+    /// given back with the socket.
+    #[tokio::test]
+    async fn rewind_replays_what_was_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        client.write_all(b" world").await.unwrap();
+        let mut rewind = Rewind::new(tcp, Bytes::from_static(b"hello"));
+        let mut got = [0u8; 3];
+        rewind.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hel");
+        let (mut tcp, unread) = rewind.into_parts();
+        assert_eq!(&unread[..], b"lo");
+        let mut rest = [0u8; 6];
+        tcp.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b" world");
+        let mut rewind = Rewind::new(tcp, Bytes::from_static(b"ab"));
+        client.write_all(b"cd").await.unwrap();
+        let mut all = [0u8; 4];
+        rewind.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all, b"abcd");
+    }
 
     fn parse(bytes: &[u8]) -> (FrameHeader, usize, Vec<u8>) {
         let mut cursor = std::io::Cursor::new(bytes);

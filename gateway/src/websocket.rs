@@ -53,7 +53,12 @@ pub enum Handoff {
     Hyper(OnUpgrade),
     /// Straight from the accept loop ([`crate::handshake`]): the request head is read, the 101
     /// head not yet written; it goes out first, in one write with the `connected` frame.
-    Direct { tcp: TcpStream, head: Bytes },
+    /// `pre_read`: what the client sent behind its request head.
+    Direct {
+        tcp: TcpStream,
+        head: Bytes,
+        pre_read: Vec<u8>,
+    },
 }
 
 /// The session's input: tungstenite's frames.
@@ -95,7 +100,11 @@ async fn start(
                 return None;
             }
         },
-        Handoff::Direct { tcp, head } => (socket::Upgraded::Tcp(tcp), Vec::new(), Some(head)),
+        Handoff::Direct {
+            tcp,
+            head,
+            pre_read,
+        } => (socket::Upgraded::Tcp(tcp), pre_read, Some(head)),
     };
     let session = Session::open(gateway.clone(), auth, None, head).await;
     let conn = session.conn().clone();
