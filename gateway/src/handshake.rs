@@ -93,12 +93,11 @@ pub fn parse(bytes: &[u8]) -> Option<Upgrade> {
 /// Reads the start of the connection and answers its handshake if it is one [`parse`] takes;
 /// otherwise gives the socket back with what was read, for hyper to read first.
 pub async fn answer(mut tcp: TcpStream, gateway: &Arc<Gateway>) -> Result<(), Rewind> {
-    let mut buf = vec![0u8; HEAD_MAX];
-    let read = match tcp.read(&mut buf).await {
-        Ok(0) | Err(_) => return Ok(()),
-        Ok(read) => read,
-    };
-    buf.truncate(read);
+    // Read into spare capacity: nothing to zero first, on every connection.
+    let mut buf = Vec::with_capacity(HEAD_MAX);
+    if let Ok(0) | Err(_) = tcp.read_buf(&mut buf).await {
+        return Ok(());
+    }
     let Some(upgrade) = parse(&buf) else {
         return Err(Rewind::new(tcp, Bytes::from(buf)));
     };
