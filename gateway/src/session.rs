@@ -132,6 +132,12 @@ fn instant_of_unix(secs: i64) -> Instant {
     Instant::now() + left
 }
 
+/// Whether a token that expires at `secs` (unix seconds) has expired.
+fn token_expired(secs: i64) -> bool {
+    let now = i64::try_from(roomcast_common::unix_millis()).unwrap_or(i64::MAX);
+    now >= secs.saturating_mul(1000)
+}
+
 /// `at`, rounded up to the gateway's heartbeat tick: a five-hundredth of the ping interval, at
 /// most 20 ms. Every connection's pings land on the same ticks, so one wake-up of
 /// a runtime worker sends a batch of pings (and reads the batch of pongs that follows) instead
@@ -228,7 +234,6 @@ impl Session {
     async fn read_loop(&mut self, source: &mut impl Source) {
         // The settings are read where needed rather than kept in locals: this future lives
         // as long as the connection, and 32 bytes less puts its task in a smaller size class.
-        let heartbeats = source.expects_heartbeats();
         // One timer for the three deadlines (the token's expiry, the heartbeat timeout, the
         // next server ping), re-armed rather than made anew: a timer is 112 bytes, kept for
         // as long as the connection is open.
@@ -243,7 +248,7 @@ impl Session {
         let mut next_ping = self.next_ping(Instant::now());
         loop {
             let expiry = instant_of_unix(self.expires_at);
-            if !heartbeats {
+            if !source.expects_heartbeats() {
                 silent_until = expiry.max(next_ping) + self.gateway.settings.heartbeat_timeout();
             }
             // Only pings are on the tick: a timeout is rare, and this runs for every frame.
@@ -256,17 +261,9 @@ impl Session {
                     if self.conn.is_closed() {
                         return;
                     }
-                    for command in self.conn.take_server_commands() {
-                        if let ServerCommand::Frames { secret, user, frames } = command {
-                            if source.accepts_posted(&secret, &user) {
-                                for frame in frames {
-                                    Box::pin(self.handle_text(&frame)).await;
-                                }
-                            }
-                            continue;
-                        }
-                        Box::pin(self.server_command(command)).await;
-                    }
+                    // Boxed, like every command: an idle connection should not carry the
+                    // space of this loop's state.
+                    Box::pin(self.server_commands(source)).await;
                     continue;
                 }
                 done = self.publishes.next_done(), if self.publishes.has_in_flight() => {
@@ -276,7 +273,9 @@ impl Session {
                 next = source.next() => next,
                 () = &mut timer => {
                     let now = Instant::now();
-                    if now >= expiry {
+                    // Not an `Instant` kept across the wait: 16 bytes less in a future kept
+                    // for as long as the connection is open.
+                    if token_expired(self.expires_at) {
                         self.conn.close(CloseCode::TOKEN_EXPIRED, "token expired");
                         return;
                     }
@@ -317,6 +316,26 @@ impl Session {
                     return;
                 }
             }
+        }
+    }
+
+    /// Carries out the server commands waiting, in order.
+    async fn server_commands(&mut self, source: &mut impl Source) {
+        for command in self.conn.take_server_commands() {
+            if let ServerCommand::Frames {
+                secret,
+                user,
+                frames,
+            } = command
+            {
+                if source.accepts_posted(&secret, &user) {
+                    for frame in frames {
+                        Box::pin(self.handle_text(&frame)).await;
+                    }
+                }
+                continue;
+            }
+            self.server_command(command).await;
         }
     }
 
@@ -842,6 +861,17 @@ mod tests {
             );
         }
         assert!(instant_of_unix(0) <= Instant::now());
+    }
+
+    #[test]
+    fn expiry_is_read_off_the_clock() {
+        let now = i64::try_from(roomcast_common::unix_millis() / 1000).unwrap();
+        for past in [i64::MIN, 0, now - 1, now] {
+            assert!(token_expired(past), "{past}");
+        }
+        for future in [now + 2, i64::MAX / 1000, i64::MAX] {
+            assert!(!token_expired(future), "{future}");
+        }
     }
 
     #[test]
