@@ -303,6 +303,51 @@ async fn publish_api_reaches_the_websocket_subscribers() {
     assert!(stderr.contains("Unauthenticated"), "{stderr}");
 }
 
+/// Offered more than one call at a time can carry, the lanes fall behind their schedule: what
+/// was not sent by the window's end is not sent at all, so every publish counted was sent in
+/// the window and answered, and the run does not wait out its drain for a backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_api_sends_nothing_after_its_window() {
+    let system = standalone().await;
+    let opts = system.options();
+    let started = std::time::Instant::now();
+    let r = report(&strings(&[
+        "publish-api",
+        "--json",
+        "--url",
+        &system.ws_url(),
+        "--secret",
+        &opts.secret,
+        "--grpc",
+        &system.room_service_grpc(),
+        "--api-key",
+        &opts.api_key,
+        "--subscribers",
+        "2",
+        "--rooms",
+        "2",
+        "--rate",
+        "100000",
+        "--max-in-flight",
+        "1",
+        "--duration",
+        "1s",
+        "--drain",
+        "20s",
+    ]))
+    .await;
+    let sent = u(&r, "sent");
+    assert!(sent > 0 && sent < 100_000, "{r}");
+    assert_eq!(u(&r, "published"), sent, "{r}");
+    assert_eq!(u(&r, "unacked"), 0, "{r}");
+    assert_eq!(r["loss"], 0, "{r}");
+    assert!(r["drain_seconds"].as_f64().unwrap() < 5.0, "{r}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{r}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_secret_fails_the_handshakes() {
     let system = standalone().await;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
@@ -140,9 +140,13 @@ async fn lane(
     let mut seq = 0u64;
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    // Set once the window is over by the clock: a lane that fell behind its schedule does not
+    // send the rest after the window (counted as published in it, they would overstate the
+    // rate the servers kept up with); they are never sent, which `sent` shows.
+    let mut over = false;
     loop {
         let due = pacer.due();
-        let publishing = due < window.end;
+        let publishing = !over && due < window.end;
         if !publishing && calls.is_empty() {
             break;
         }
@@ -169,6 +173,10 @@ async fn lane(
                 target.in_flight.clone().acquire_owned().await
             }, if publishing => {
                 let Ok(permit) = permit else { break };
+                if Instant::now() >= window.end {
+                    over = true;
+                    continue;
+                }
                 seq += 1;
                 let t = unix_ns();
                 let data_json = if ctx.tag_steps {
