@@ -53,6 +53,26 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// A `publish-api --json` run against `system` with its secret and API key, plus `more`.
+async fn publish_api(system: &Standalone, more: &[&str]) -> Value {
+    let opts = system.options();
+    let (ws, grpc) = (system.ws_url(), system.room_service_grpc());
+    let mut args = vec![
+        "publish-api",
+        "--json",
+        "--url",
+        &ws,
+        "--secret",
+        &opts.secret,
+        "--grpc",
+        &grpc,
+        "--api-key",
+        &opts.api_key,
+    ];
+    args.extend_from_slice(more);
+    report(&strings(&args)).await
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -251,26 +271,19 @@ async fn fanout_steps_over_worker_processes() {
 async fn publish_api_reaches_the_websocket_subscribers() {
     let system = standalone().await;
     let opts = system.options();
-    let r = report(&strings(&[
-        "publish-api",
-        "--json",
-        "--url",
-        &system.ws_url(),
-        "--secret",
-        &opts.secret,
-        "--grpc",
-        &system.room_service_grpc(),
-        "--api-key",
-        &opts.api_key,
-        "--subscribers",
-        "20",
-        "--rooms",
-        "2",
-        "--rate",
-        "100",
-        "--duration",
-        "1s",
-    ]))
+    let r = publish_api(
+        &system,
+        &[
+            "--subscribers",
+            "20",
+            "--rooms",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+        ],
+    )
     .await;
     assert_eq!(r["scenario"], "publish-api");
     assert_eq!(u(&r, "members"), 20, "{r}");
@@ -309,32 +322,24 @@ async fn publish_api_reaches_the_websocket_subscribers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_api_sends_nothing_after_its_window() {
     let system = standalone().await;
-    let opts = system.options();
     let started = std::time::Instant::now();
-    let r = report(&strings(&[
-        "publish-api",
-        "--json",
-        "--url",
-        &system.ws_url(),
-        "--secret",
-        &opts.secret,
-        "--grpc",
-        &system.room_service_grpc(),
-        "--api-key",
-        &opts.api_key,
-        "--subscribers",
-        "2",
-        "--rooms",
-        "2",
-        "--rate",
-        "100000",
-        "--max-in-flight",
-        "1",
-        "--duration",
-        "1s",
-        "--drain",
-        "20s",
-    ]))
+    let r = publish_api(
+        &system,
+        &[
+            "--subscribers",
+            "2",
+            "--rooms",
+            "2",
+            "--rate",
+            "100000",
+            "--max-in-flight",
+            "1",
+            "--duration",
+            "1s",
+            "--drain",
+            "20s",
+        ],
+    )
     .await;
     let sent = u(&r, "sent");
     assert!(sent > 0 && sent < 100_000, "{r}");
