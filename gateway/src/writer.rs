@@ -244,7 +244,7 @@ pub async fn run<E: Egress>(mut socket: E, conn: Arc<ConnHandle>, settings: Writ
     let _ = tokio::time::timeout(OWED_REPLY_WAIT, reader_done).await;
     conn.take_batch(&mut batch, usize::MAX);
     let (owed, close_reply) = owed_replies(batch.drain(..), settings.framing);
-    let last = match conn.close_reason.get() {
+    let last = match conn.close_reason.get().map(|reason| &**reason) {
         Some((code, reason)) => settings.framing.close(*code, reason),
         // Closed by the client or the socket: tungstenite's reply to a close, if any.
         None => close_reply.unwrap_or_default(),
