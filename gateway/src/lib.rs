@@ -9,6 +9,7 @@
 //! - [`writer`] — a connection's only writer: join holds, transport framing, one write call;
 //! - [`outbound`] — a connection's queue and what goes in it (`ConnHandle`, `Outbound`);
 //! - [`socket`] — the WebSocket upgrade, frame encoding, the read side tungstenite parses;
+//! - [`ping`] — server pings carried by writes going out anyway, late in their interval;
 //! - [`pipeline`] — a connection's publishes, pipelined in ordered batches;
 //! - [`protocol`] — client frames in, server frames out;
 //! - [`hub`] — the registry of connections and rooms, fan-out of broker payloads;
@@ -35,6 +36,7 @@ pub mod hub;
 pub mod lease;
 pub mod limits;
 pub mod outbound;
+pub mod ping;
 pub mod pipeline;
 pub mod protocol;
 pub mod repair;

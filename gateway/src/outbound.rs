@@ -22,6 +22,9 @@ use futures_util::task::AtomicWaker;
 use roomcast_common::close_code::CloseCode;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::ping::{self, PingSlot};
+
 /// A room message as queued for its recipients: built once per broadcast and shared, so a
 /// delivery costs one reference-count increment.
 #[derive(Debug)]
@@ -135,6 +138,8 @@ pub struct ConnHandle {
     /// takes work. Changed only under the queue's lock, and the fan-out writes under that lock,
     /// so its writes and the writer's never overlap.
     direct: AtomicBool,
+    /// The server ping that may go along with the next write ([`crate::ping`]).
+    pub pings: PingSlot,
 }
 
 /// Posted frames that may wait for an SSE session at most (see [`ConnHandle::push_posted`]).
@@ -177,6 +182,7 @@ impl ConnHandle {
             close_reason: OnceLock::new(),
             server_commands: Mutex::new(Vec::new()),
             tcp: Mutex::new(None),
+            pings: PingSlot::default(),
             direct: AtomicBool::new(false),
         }
     }
@@ -454,7 +460,14 @@ impl ConnHandle {
         if !queue.is_empty() || !self.direct.load(Ordering::Relaxed) {
             return false;
         }
-        let wire = wire();
+        let mut wire = wire();
+        if self.pings.take() {
+            // The frame is whole: a ping may follow it in the same write.
+            let mut both = Vec::with_capacity(wire.len() + 2);
+            both.extend_from_slice(&wire);
+            both.extend_from_slice(ping::FRAME);
+            wire = Cow::Owned(both.into());
+        }
         let written = self.write_now(&wire);
         if written == wire.len() {
             return true;
@@ -716,6 +729,41 @@ mod tests {
         conn.writer_idle();
         conn.send_raw(Bytes::from_static(&[0x88, 0]));
         assert!(conn.try_recv().is_some(), "a close frame is queued");
+    }
+
+    #[tokio::test]
+    async fn a_due_ping_follows_a_direct_write_in_the_same_write() {
+        let (conn, mut client) = attached().await;
+        conn.writer_idle();
+        // Not opened (or not yet due): a delivery goes alone.
+        conn.deliver(message(1, 3));
+        conn.pings
+            .open(tokio::time::Instant::now() + std::time::Duration::from_secs(60));
+        conn.deliver(message(2, 3));
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"111222");
+        // Due: the next write carries it, once.
+        conn.pings.open(tokio::time::Instant::now());
+        conn.deliver(message(3, 3));
+        conn.deliver(message(4, 3));
+        let mut got = [0u8; 8];
+        let read = client.read_exact(&mut got);
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the ping was written")
+            .unwrap();
+        assert_eq!(
+            &got, b"333\x89\x00444",
+            "the ping right behind the frame, once"
+        );
+        let mut extra = [0u8; 1];
+        let more = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            client.read(&mut extra),
+        )
+        .await;
+        assert!(more.is_err(), "nothing more was written");
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 
 use crate::limits::{TokenBucket, UserSlot};
 use crate::outbound::{ConnHandle, Local, Outbound, ServerCommand};
+use crate::ping::{self, Due};
 use crate::pipeline::Publishes;
 use crate::protocol::{self, Command, Heartbeat, Member, Position, ServerFrame};
 use crate::socket;
@@ -246,6 +247,14 @@ impl Session {
         tokio::pin!(timer);
         let mut silent_until = Instant::now() + self.gateway.settings.heartbeat_timeout();
         let mut next_ping = self.next_ping(Instant::now());
+        // A WebSocket's writes may carry its pings; an SSE stream's pings are comments that
+        // no client answers, sent by the timer alone.
+        if source.expects_heartbeats() {
+            let interval = self.gateway.settings.heartbeat_interval();
+            self.conn
+                .pings
+                .open(ping::window_start(Instant::now(), interval));
+        }
         loop {
             let expiry = instant_of_unix(self.expires_at);
             if !source.expects_heartbeats() {
@@ -286,8 +295,7 @@ impl Session {
                         return;
                     }
                     if now >= next_ping {
-                        self.conn.send_raw(socket::ping());
-                        next_ping = self.next_ping(now);
+                        next_ping = self.ping(now, source.expects_heartbeats());
                     }
                     continue;
                 }
@@ -337,6 +345,19 @@ impl Session {
             }
             self.server_command(command).await;
         }
+    }
+
+    /// At the ping deadline `now`: sends the ping unless a write carried it already
+    /// (`carried`: writes may), and returns the next deadline, an interval after the ping.
+    fn ping(&self, now: Instant, carried: bool) -> Instant {
+        if carried {
+            let interval = self.gateway.settings.heartbeat_interval();
+            if let Due::Carried(ago) = self.conn.pings.settle(now, interval) {
+                return self.next_ping(now.checked_sub(ago).unwrap_or(now));
+            }
+        }
+        self.conn.send_raw(socket::ping());
+        self.next_ping(now)
     }
 
     /// When to ping after `now`: an interval later, on the heartbeat tick.

@@ -295,7 +295,7 @@ pub fn text(payload: &[u8]) -> Bytes {
 
 /// An empty ping.
 pub fn ping() -> Bytes {
-    Bytes::from_static(&[0x89, 0x00])
+    Bytes::from_static(crate::ping::FRAME)
 }
 
 /// A close frame with `code` and `reason` (cut to fit a control frame's 125 bytes).

@@ -226,7 +226,8 @@ fn concat(frames: &mut Vec<Bytes>) -> Bytes {
 }
 
 /// The connection's only writer to its transport. Pings come from the session (it owns the
-/// connection's one timer) through the queue, like every other frame.
+/// connection's one timer) through the queue, like every other frame, unless a write carried
+/// them first ([`crate::ping`]).
 pub async fn run<E: Egress>(mut socket: E, conn: Arc<ConnHandle>, settings: WriterSettings) {
     let mut batch = Vec::new();
     // What the socket has not taken yet. Kept across a close, so the close frame never lands
@@ -344,6 +345,10 @@ async fn serve<E: Egress>(
         }
         if out.is_empty() {
             continue;
+        }
+        // Every frame in `out` ends whole: a due ping goes after them, in the same write.
+        if settings.framing == Framing::WebSocket && conn.pings.take() {
+            out.push(socket::ping());
         }
         *pending = concat(&mut out);
         if let Err(ended) = write_out(socket, pending, conn).await {
@@ -463,6 +468,42 @@ mod tests {
             offset,
             reply: "joined".into(),
         })
+    }
+
+    #[tokio::test]
+    async fn a_due_ping_goes_after_the_frames_of_a_write() {
+        use tokio::io::AsyncReadExt;
+        let (egress, mut client) = tokio::io::duplex(1 << 16);
+        let conn = Arc::new(ConnHandle::new(Arc::from("c"), Arc::from("u"), 16));
+        let settings = WriterSettings {
+            limit: 16,
+            delay: Duration::ZERO,
+            framing: Framing::WebSocket,
+            direct: false,
+        };
+        let writer = tokio::spawn(run(egress, conn.clone(), settings));
+        let room: Arc<str> = Arc::from("r");
+        let mut got = vec![0u8; 64];
+        // Not due: the frame alone.
+        conn.pings
+            .open(tokio::time::Instant::now() + Duration::from_secs(60));
+        conn.deliver(message(&room, 1));
+        let n = client.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], &socket::text(b"1")[..]);
+        // Due: behind the frames of the next write, once.
+        conn.pings.open(tokio::time::Instant::now());
+        conn.deliver(message(&room, 2));
+        let n = client.read(&mut got).await.unwrap();
+        assert_eq!(
+            &got[..n],
+            &[&socket::text(b"2")[..], crate::ping::FRAME].concat()[..]
+        );
+        conn.deliver(message(&room, 3));
+        let n = client.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], &socket::text(b"3")[..]);
+        conn.reader_finished();
+        conn.shut();
+        writer.await.unwrap();
     }
 
     #[test]

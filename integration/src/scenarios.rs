@@ -881,6 +881,178 @@ pub async fn heartbeat_drops_silent_client(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// 8b. With traffic going out anyway, the server's pings ride along with it: each comes in the
+///     same write as a message (read here in the same chunk, right behind it), in the last
+///     quarter of its interval, so never later than the interval and never more often than
+///     one per three quarters of it. Run with a 200 ms interval. A raw socket, because a
+///     WebSocket library hides how frames arrived.
+pub async fn pings_ride_along_with_deliveries(sys: &mut System) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let room = "ride";
+    let interval = Duration::from_millis(sys.options().heartbeat_interval_ms);
+    let mut publisher = sys.client(0, "alice").await?;
+    join(&mut publisher, room).await?;
+
+    let token = sys.token("bob")?;
+    let http = sys.http_url(0);
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: roomcast\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    let mut stream = ServerFrames::default();
+    let mut buf = vec![0u8; 1 << 16];
+    // The 101's head, then frames.
+    let head_end = loop {
+        let n = tokio::time::timeout(T, tcp.read(&mut buf)).await??;
+        ensure!(
+            n > 0,
+            "the gateway closed the connection during the handshake"
+        );
+        stream.pending.extend_from_slice(&buf[..n]);
+        if let Some(at) = stream.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    ensure!(
+        stream.pending.starts_with(b"HTTP/1.1 101"),
+        "expected 101, got {:?}",
+        String::from_utf8_lossy(&stream.pending)
+    );
+    stream.pending.drain(..head_end);
+    tcp.write_all(&masked_text(&format!(
+        r#"{{"type":"join","room":"{room}","id":1}}"#
+    )))
+    .await?;
+    let joined = Instant::now() + T;
+    'join: loop {
+        let left = joined.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut buf))
+            .await
+            .context("no join reply")??;
+        ensure!(
+            n > 0,
+            "the gateway closed the connection before the join reply"
+        );
+        for (opcode, payload, _) in stream.push(&buf[..n]) {
+            if opcode == 0x1 && payload.windows(8).any(|w| w == b"\"joined\"") {
+                break 'join;
+            }
+        }
+    }
+
+    // Messages every 10 ms for 8 intervals, read as they come.
+    let send_for = interval * 8;
+    let sender = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < send_for {
+            publisher
+                .send_command(json!({"type": "publish", "room": room, "data": {"n": n}}))
+                .await?;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(n)
+    });
+    let until = Instant::now() + send_for;
+    let mut pings: Vec<(Instant, bool)> = Vec::new();
+    let mut messages = 0;
+    while Instant::now() < until {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok(read) = tokio::time::timeout(left, tcp.read(&mut buf)).await else {
+            break;
+        };
+        let n = read?;
+        ensure!(n > 0, "the gateway closed the connection");
+        let at = Instant::now();
+        for (opcode, _, behind_text) in stream.push(&buf[..n]) {
+            match opcode {
+                0x1 => messages += 1,
+                0x9 => {
+                    pings.push((at, behind_text));
+                    // Answered, as every client does.
+                    tcp.write_all(&[0x8a, 0x80, 1, 2, 3, 4]).await?;
+                }
+                _ => {}
+            }
+        }
+    }
+    let sent = sender.await??;
+    ensure!(messages > 0, "no message arrived of the {sent} published");
+    ensure!(
+        pings.len() >= 5,
+        "{} pings in {send_for:?} at a {interval:?} interval",
+        pings.len()
+    );
+    let carried = pings.iter().filter(|(_, behind)| *behind).count();
+    ensure!(
+        carried * 5 >= pings.len() * 4,
+        "only {carried} of {} pings came in the same write as a message ({messages} messages \
+         arrived)",
+        pings.len()
+    );
+    // Lateness of a loaded test machine: the bound is the interval, give or take its half.
+    for pair in pings.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        ensure!(
+            gap <= interval + interval / 2 && gap >= interval / 2,
+            "pings {gap:?} apart at a {interval:?} interval"
+        );
+    }
+    Ok(())
+}
+
+/// Server frames (unmasked) parsed from a byte stream read in chunks.
+#[derive(Default)]
+struct ServerFrames {
+    pending: Vec<u8>,
+}
+
+impl ServerFrames {
+    /// The whole frames that `chunk` completes: opcode, payload, and whether a text frame came
+    /// right before it in the same chunk.
+    fn push(&mut self, chunk: &[u8]) -> Vec<(u8, Vec<u8>, bool)> {
+        let first_new = self.pending.len();
+        self.pending.extend_from_slice(chunk);
+        let mut frames = Vec::new();
+        let mut at = 0;
+        let mut last_text_end = None;
+        while self.pending.len() >= at + 2 {
+            let opcode = self.pending[at] & 0x0f;
+            let (len, header) = match self.pending[at + 1] & 0x7f {
+                126 if self.pending.len() >= at + 4 => (
+                    u16::from_be_bytes([self.pending[at + 2], self.pending[at + 3]]) as usize,
+                    4,
+                ),
+                127 if self.pending.len() >= at + 10 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&self.pending[at + 2..at + 10]);
+                    (u64::from_be_bytes(b) as usize, 10)
+                }
+                126 | 127 => break,
+                len => (len as usize, 2),
+            };
+            let end = at + header + len;
+            if self.pending.len() < end {
+                break;
+            }
+            // Right behind a text frame whose end was read in this chunk.
+            let behind_text = last_text_end == Some(at) && at >= first_new;
+            frames.push((opcode, self.pending[at + header..end].to_vec(), behind_text));
+            if opcode == 0x1 && end > first_new {
+                last_text_end = Some(end);
+            }
+            at = end;
+        }
+        self.pending.drain(..at);
+        frames
+    }
+}
+
 /// 10a. Presence lists members; joins and leaves (and disconnects) reach the other members.
 pub async fn presence_and_member_events(sys: &mut System) -> Result<()> {
     let room = "lobby";

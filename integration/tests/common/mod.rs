@@ -17,6 +17,7 @@ macro_rules! client_visible_tests {
             bad_requests_keep_connection => ClusterOptions::default(),
             oversized_frame_closes_1009 => ClusterOptions::default().max_frame_bytes(4096),
             heartbeat_drops_silent_client => ClusterOptions::default().heartbeat(200, 600),
+            pings_ride_along_with_deliveries => ClusterOptions::default().heartbeat(200, 600),
             presence_and_member_events => ClusterOptions::default(),
             history_oldest_first => ClusterOptions::default(),
             history_window_bounds => ClusterOptions::default().history(3, 2),
