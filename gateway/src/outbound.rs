@@ -461,7 +461,8 @@ impl ConnHandle {
             return false;
         }
         let mut wire = wire();
-        if self.pings.take() {
+        let ping = self.pings.take();
+        if ping {
             // The frame is whole: a ping may follow it in the same write.
             let mut both = Vec::with_capacity(wire.len() + 2);
             both.extend_from_slice(&wire);
@@ -475,6 +476,16 @@ impl ConnHandle {
         // The writer is in charge again.
         self.direct.store(false, Ordering::Relaxed);
         if written == 0 {
+            if ping {
+                // Nothing went, and the session counts on this write for its ping: the
+                // writer sends it, ahead of the frame the caller queues.
+                let raw = Bytes::from_static(ping::FRAME);
+                queue.push_back(Outbound::local(Local::Raw(raw)));
+                let own = self.own();
+                self.set_own(own + 1);
+                drop(queue);
+                self.wake_writer();
+            }
             return false;
         }
         // The rest stands for the whole frame; it is owed like a reply.
@@ -625,6 +636,33 @@ mod tests {
         (conn, client)
     }
 
+    /// Whether the client's end stays silent for 50 ms.
+    async fn nothing_more(client: &mut TcpStream) -> bool {
+        let mut extra = [0u8; 1];
+        let wait = std::time::Duration::from_millis(50);
+        tokio::time::timeout(wait, client.read(&mut extra))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn a_ping_taken_by_a_write_that_wrote_nothing_goes_to_the_writer() {
+        let (conn, _client) = attached().await;
+        conn.writer_idle();
+        // A frame the socket cannot take at once: the rest is queued.
+        conn.deliver(message(1, 64 << 20));
+        while conn.try_recv().is_some() {}
+        conn.writer_idle();
+        conn.pings.open(tokio::time::Instant::now());
+        conn.deliver(message(2, 3));
+        let queued: Vec<Outbound> = std::iter::from_fn(|| conn.try_recv()).collect();
+        assert!(
+            matches!(&queued[..], [Outbound::Local(ping), Outbound::Message(m)]
+                if matches!(**ping, Local::Raw(ref b) if &b[..] == ping::FRAME) && m.offset == 2),
+            "the ping, then the frame, for the writer: {queued:?}"
+        );
+    }
+
     #[tokio::test]
     async fn an_idle_writer_lets_the_fan_out_write_and_a_busy_one_gets_the_queue() {
         let (conn, mut client) = attached().await;
@@ -690,13 +728,10 @@ mod tests {
         client.read_exact(&mut head).await.unwrap();
         assert!(head.iter().all(|b| *b == b'4'));
         // And nothing else was written meanwhile.
-        let mut extra = [0u8; 1];
-        let more = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            client.read(&mut extra),
-        )
-        .await;
-        assert!(more.is_err(), "only the written part of the frame arrived");
+        assert!(
+            nothing_more(&mut client).await,
+            "only the written part of the frame arrived"
+        );
     }
 
     fn framed(json: &[u8]) -> Bytes {
@@ -757,13 +792,7 @@ mod tests {
             &got, b"333\x89\x00444",
             "the ping right behind the frame, once"
         );
-        let mut extra = [0u8; 1];
-        let more = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            client.read(&mut extra),
-        )
-        .await;
-        assert!(more.is_err(), "nothing more was written");
+        assert!(nothing_more(&mut client).await, "nothing more was written");
     }
 
     #[tokio::test]

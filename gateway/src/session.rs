@@ -347,10 +347,11 @@ impl Session {
         }
     }
 
-    /// At the ping deadline `now`: sends the ping unless a write carried it already
-    /// (`carried`: writes may), and returns the next deadline, an interval after the ping.
-    fn ping(&self, now: Instant, carried: bool) -> Instant {
-        if carried {
+    /// At the ping deadline `now`: sends the ping unless a write carried it already (where
+    /// writes may carry pings: `may_ride`), and returns the next deadline, an interval after
+    /// the ping.
+    fn ping(&self, now: Instant, may_ride: bool) -> Instant {
+        if may_ride {
             let interval = self.gateway.settings.heartbeat_interval();
             if let Due::Carried(ago) = self.conn.pings.settle(now, interval) {
                 return self.next_ping(now.checked_sub(ago).unwrap_or(now));
