@@ -46,8 +46,9 @@ impl Default for PingSlot {
 pub enum Due {
     /// No write carried the ping: the session sends it now; the window is reopened.
     Send,
-    /// A write carried one, this long ago; the window is reopened from then.
-    Carried(Duration),
+    /// A write carried one, at this instant (at most an interval ago); the window is
+    /// reopened from then.
+    Carried(Instant),
 }
 
 impl PingSlot {
@@ -81,7 +82,7 @@ impl PingSlot {
             let ago = Duration::from_millis(u64::from(stamp(now).wrapping_sub(state) & TIME));
             let went = now.checked_sub(ago.min(interval)).unwrap_or(now);
             self.open(window_start(went, interval));
-            return Due::Carried(ago);
+            return Due::Carried(went);
         }
         let next = stamp(window_start(now, interval));
         match self
@@ -140,10 +141,11 @@ mod tests {
         slot.open(start);
         assert!(slot.take());
         // The session comes by 2 s later, at its deadline.
-        let Due::Carried(ago) = slot.settle(Instant::now() + Duration::from_secs(2), INTERVAL)
-        else {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let Due::Carried(went) = slot.settle(deadline, INTERVAL) else {
             panic!("the ping went along");
         };
+        let ago = deadline - went;
         assert!(
             ago >= Duration::from_millis(1_999) && ago <= Duration::from_millis(2_100),
             "{ago:?}"

@@ -353,8 +353,8 @@ impl Session {
     fn ping(&self, now: Instant, may_ride: bool) -> Instant {
         if may_ride {
             let interval = self.gateway.settings.heartbeat_interval();
-            if let Due::Carried(ago) = self.conn.pings.settle(now, interval) {
-                return self.next_ping(now.checked_sub(ago).unwrap_or(now));
+            if let Due::Carried(went) = self.conn.pings.settle(now, interval) {
+                return self.next_ping(went);
             }
         }
         self.conn.send_raw(socket::ping());
