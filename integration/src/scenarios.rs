@@ -8,10 +8,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use roomcast_proto::publish_result::Outcome;
 use roomcast_proto::server_api_client::ServerApiClient;
 use roomcast_proto::{
-    DisconnectRequest, HistoryRequest, PresenceRequest, ServerPublishRequest, SubscribeRequest,
-    UnsubscribeRequest,
+    BroadcastRequest, DisconnectRequest, HistoryRequest, PresenceRequest, PublishResponse,
+    ServerPublishBatchRequest, ServerPublishRequest, SubscribeRequest, UnsubscribeRequest,
 };
 use serde_json::{Value, json};
 
@@ -1453,6 +1454,166 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
         "ServerHistory should hold offset {}: {history:?}",
         published.offset
     );
+    Ok(())
+}
+
+/// `PublishBatch` and `Broadcast`: one call, many publishes, each stored and delivered as a
+/// `Publish` would be, in the call's order; an invalid one fails alone, a repeated idempotency
+/// key answers the first position, and more than 1024 publishes are refused.
+pub async fn server_api_batches(sys: &mut System) -> Result<()> {
+    let key = sys.options().api_key.clone();
+    let mut api = server_api_client(sys, 1).await?;
+    let mut a = sys.client(0, "alice").await?;
+    join(&mut a, "batch-1").await?;
+    join(&mut a, "batch-2").await?;
+    let publish = |room: &str, data: &str, idempotency_key: &str| ServerPublishRequest {
+        room: room.into(),
+        data_json: data.into(),
+        user: String::new(),
+        idempotency_key: idempotency_key.into(),
+    };
+    let batch = ServerPublishBatchRequest {
+        publishes: vec![
+            publish("batch-1", r#"{"n":1}"#, ""),
+            publish("batch-2", r#"{"n":2}"#, ""),
+            publish("bad room", r#"{"n":0}"#, ""),
+            publish("batch-1", r#"{"n":"#, ""),
+            publish("batch-1", r#"{"n":3}"#, "k"),
+            publish("batch-1", r#"{"n":4}"#, "k"),
+        ],
+    };
+    match api.publish_batch(tonic::Request::new(batch.clone())).await {
+        Ok(r) => bail!("PublishBatch without the API key succeeded: {r:?}"),
+        Err(s) => ensure!(
+            matches!(
+                s.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ),
+            "PublishBatch without the API key: got {s:?}"
+        ),
+    }
+    let results = api
+        .publish_batch(with_key(batch, &key)?)
+        .await
+        .context("PublishBatch")?
+        .into_inner()
+        .results;
+    ensure!(results.len() == 6, "6 results expected: {results:?}");
+    let published = |i: usize| -> Result<PublishResponse> {
+        match &results[i].outcome {
+            Some(Outcome::Published(p)) => Ok(p.clone()),
+            other => bail!("publish {i} of the batch: expected published, got {other:?}"),
+        }
+    };
+    for i in [2, 3] {
+        match &results[i].outcome {
+            Some(Outcome::Error(e)) if e.code == tonic::Code::InvalidArgument as i32 => {}
+            other => bail!("publish {i} of the batch: expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+    let (first, third, repeat) = (published(0)?, published(4)?, published(5)?);
+    ensure!(
+        third.epoch == first.epoch && third.offset == first.offset + 1,
+        "batch-1 offsets out of the call's order: {first:?} then {third:?}"
+    );
+    ensure!(
+        repeat == third,
+        "a repeated idempotency key got {repeat:?}, not the first position {third:?}"
+    );
+    let second = published(1)?;
+
+    // Delivered in the call's order, each once; the repeat and the refused ones not at all.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = a.expect("message", T).await?;
+        got.push((
+            m["room"].as_str().unwrap_or_default().to_owned(),
+            m["offset"].as_u64().unwrap_or_default(),
+            m["data"]["n"].clone(),
+            m["user"].clone(),
+        ));
+    }
+    got.sort_by(|x, y| (&x.0, x.1).cmp(&(&y.0, y.1)));
+    let want = vec![
+        (
+            "batch-1".to_owned(),
+            first.offset,
+            json!(1),
+            json!("server"),
+        ),
+        (
+            "batch-1".to_owned(),
+            third.offset,
+            json!(3),
+            json!("server"),
+        ),
+        (
+            "batch-2".to_owned(),
+            second.offset,
+            json!(2),
+            json!("server"),
+        ),
+    ];
+    ensure!(
+        got == want,
+        "batch deliveries: expected {want:?}, got {got:?}"
+    );
+    a.expect_none(Some("message"), SILENCE)
+        .await
+        .context("a refused or repeated publish of the batch was delivered")?;
+
+    let too_many = ServerPublishBatchRequest {
+        publishes: vec![publish("batch-1", "1", ""); 1025],
+    };
+    match api.publish_batch(with_key(too_many, &key)?).await {
+        Ok(r) => bail!(
+            "a batch of 1025 publishes succeeded: {} results",
+            r.into_inner().results.len()
+        ),
+        Err(s) => ensure!(
+            s.code() == tonic::Code::InvalidArgument,
+            "a batch of 1025 publishes: expected INVALID_ARGUMENT, got {s:?}"
+        ),
+    }
+
+    // Broadcast goes the same way: one result per room, a bad room failing alone.
+    let broadcast = BroadcastRequest {
+        rooms: vec!["batch-1".into(), "bad room".into(), "batch-2".into()],
+        data_json: r#"{"all":true}"#.into(),
+        user: "ops".into(),
+        idempotency_key: String::new(),
+    };
+    let results = api
+        .broadcast(with_key(broadcast, &key)?)
+        .await
+        .context("Broadcast")?
+        .into_inner()
+        .results;
+    let rooms: Vec<_> = results.iter().map(|r| r.room.as_str()).collect();
+    ensure!(
+        rooms == ["batch-1", "bad room", "batch-2"],
+        "broadcast results out of order: {results:?}"
+    );
+    ensure!(
+        results[1].published.is_none() && !results[1].error.is_empty(),
+        "a bad room in a broadcast: expected an error, got {:?}",
+        results[1]
+    );
+    let offsets = [
+        results[0].published.as_ref().map(|p| p.offset),
+        results[2].published.as_ref().map(|p| p.offset),
+    ];
+    ensure!(
+        offsets == [Some(third.offset + 1), Some(second.offset + 1)],
+        "broadcast offsets: expected the rooms' next ones, got {results:?}"
+    );
+    for _ in 0..2 {
+        let m = a.expect("message", T).await?;
+        ensure!(
+            m["data"] == json!({"all": true}) && m["user"] == "ops",
+            "broadcast delivery: got {m}"
+        );
+    }
     Ok(())
 }
 

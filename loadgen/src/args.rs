@@ -233,9 +233,15 @@ pub struct PublishApiArgs {
     /// Publishing lanes (each owns one room round-robin); default one per room.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub publishers: Option<u32>,
-    /// ServerPublish calls in flight at once, over all lanes.
+    /// Publishes in flight at once, over all lanes.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// Up to this many publishes per call: above 1, the lanes' publishes go out in
+    /// `ServerApi.PublishBatch` calls of whatever piled up while earlier calls were in flight
+    /// (at most --max-in-flight / N calls at once), as a backend draining a queue would send
+    /// them; 1 sends each with `Publish`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch: u32,
 }
 
 /// A gateway WebSocket URL, checked: `ws://`, loopback host, explicit path.

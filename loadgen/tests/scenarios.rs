@@ -316,6 +316,39 @@ async fn publish_api_reaches_the_websocket_subscribers() {
     assert!(stderr.contains("Unauthenticated"), "{stderr}");
 }
 
+/// `--batch`: the same publishes go out in `PublishBatch` calls; every one is acknowledged and
+/// reaches every subscriber of its room, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_api_in_batches_reaches_the_websocket_subscribers() {
+    let system = standalone().await;
+    let r = publish_api(
+        &system,
+        &[
+            "--subscribers",
+            "20",
+            "--rooms",
+            "4",
+            "--rate",
+            "2000",
+            "--batch",
+            "64",
+            "--max-in-flight",
+            "128",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    let published = u(&r, "published");
+    assert!((1800..=2000).contains(&published), "{r}");
+    assert_eq!(r["publish_errors"], serde_json::json!({}), "{r}");
+    assert_eq!(u(&r, "unacked"), 0, "{r}");
+    assert_eq!(u(&r, "expected"), published * 5, "{r}");
+    assert_eq!(r["loss"], 0, "{r}");
+    assert_eq!(u(&r, "out_of_order"), 0, "{r}");
+    assert_eq!(u(&r, "gaps"), 0, "{r}");
+}
+
 /// Offered more than one call at a time can carry, the lanes fall behind their schedule: what
 /// was not sent by the window's end is not sent at all, so every publish counted was sent in
 /// the window and answered, and the run does not wait out its drain for a backlog.

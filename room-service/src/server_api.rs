@@ -11,8 +11,10 @@ use roomcast_proto::server_api_server::ServerApi;
 use tonic::{Request, Response, Status};
 
 use crate::service::{
-    MAX_CLIENT_ID_LEN, RoomServiceImpl, check_id, check_room, check_user, store_status,
+    MAX_BATCH_LEN, MAX_CLIENT_ID_LEN, RoomServiceImpl, check_id, check_room, check_user,
+    store_status,
 };
+use crate::store::PublishItem;
 
 /// Most rooms one `Broadcast` may name.
 pub const MAX_BROADCAST_ROOMS: usize = 1000;
@@ -92,6 +94,42 @@ impl ServerApi for ServerApiImpl {
             .map(Response::new)
     }
 
+    async fn publish_batch(
+        &self,
+        request: Request<pb::ServerPublishBatchRequest>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let publishes = request.into_inner().publishes;
+        if publishes.len() > MAX_BATCH_LEN {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH_LEN} publishes per batch"
+            )));
+        }
+        let keys: Vec<_> = publishes
+            .iter()
+            .map(|publish| Self::scoped_key(&publish.idempotency_key))
+            .collect();
+        let checked = publishes
+            .iter()
+            .zip(&keys)
+            .map(|(publish, key)| {
+                check_room(&publish.room)?;
+                check_user(&publish.user, false)?;
+                let data_json = self.rooms.check_data(&publish.data_json)?;
+                let key = key.as_ref().map_err(Clone::clone)?;
+                Ok(PublishItem {
+                    room: &publish.room,
+                    user: Self::publisher(&publish.user),
+                    client_id: "",
+                    data_json,
+                    once: self.rooms.once(key)?,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::PublishBatchResponse {
+            results: self.rooms.publish_items(checked).await,
+        }))
+    }
+
     async fn broadcast(
         &self,
         request: Request<pb::BroadcastRequest>,
@@ -106,28 +144,48 @@ impl ServerApi for ServerApiImpl {
             )));
         }
         check_user(&request.user, false)?;
-        let data = self.rooms.check_data(&request.data_json)?;
+        let data_json = self.rooms.check_data(&request.data_json)?;
         let key = Self::scoped_key(&request.idempotency_key)?;
+        let once = self.rooms.once(&key)?;
         let user = Self::publisher(&request.user);
-        let mut results = Vec::with_capacity(request.rooms.len());
-        for room in &request.rooms {
-            let outcome = match check_room(room) {
-                Ok(()) => self.rooms.publish_checked(room, user, "", data, &key).await,
-                Err(status) => Err(status),
-            };
-            results.push(match outcome {
-                Ok(published) => pb::BroadcastResult {
+        // One ordered store call for every room, as a batch.
+        let checked = request
+            .rooms
+            .iter()
+            .map(|room| {
+                check_room(room)?;
+                Ok(PublishItem {
+                    room,
+                    user,
+                    client_id: "",
+                    data_json,
+                    once,
+                })
+            })
+            .collect();
+        let outcomes = self.rooms.publish_items(checked).await;
+        let results = request
+            .rooms
+            .iter()
+            .zip(outcomes)
+            .map(|(room, outcome)| match outcome.outcome {
+                Some(pb::publish_result::Outcome::Published(published)) => pb::BroadcastResult {
                     room: room.clone(),
                     published: Some(published),
                     error: String::new(),
                 },
-                Err(status) => pb::BroadcastResult {
+                Some(pb::publish_result::Outcome::Error(error)) => pb::BroadcastResult {
                     room: room.clone(),
                     published: None,
-                    error: status.message().to_owned(),
+                    error: error.message,
                 },
-            });
-        }
+                None => pb::BroadcastResult {
+                    room: room.clone(),
+                    published: None,
+                    error: "no outcome".into(),
+                },
+            })
+            .collect();
         Ok(Response::new(pb::BroadcastResponse { results }))
     }
 

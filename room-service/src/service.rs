@@ -193,9 +193,52 @@ impl RoomServiceImpl {
         })
     }
 
+    /// Stores a batch's valid publishes in one ordered store call. `checked` holds, for each
+    /// publish in order, its item or why it was refused; one outcome each comes back, in order.
+    pub(crate) async fn publish_items(
+        &self,
+        checked: Vec<Result<PublishItem<'_>, Status>>,
+    ) -> Vec<pb::PublishResult> {
+        let items: Vec<PublishItem<'_>> = checked.iter().filter_map(|c| c.clone().ok()).collect();
+        let stored = if items.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.publish_many(&items).await.map_err(store_status)
+        };
+        if stored.is_ok() {
+            metrics::counter!("roomcast_room_published_total").increment(items.len() as u64);
+        }
+        let mut stored = stored.map(Vec::into_iter);
+        checked
+            .into_iter()
+            .map(|check| {
+                let outcome = match (check, &mut stored) {
+                    (Err(status), _) => Err(status),
+                    (Ok(_), Err(status)) => Err(status.clone()),
+                    (Ok(_), Ok(stored)) => stored
+                        .next()
+                        .map(|p| pb::PublishResponse {
+                            epoch: p.epoch,
+                            offset: p.offset,
+                        })
+                        .ok_or_else(|| Status::internal("the store gave fewer results")),
+                };
+                pb::PublishResult {
+                    outcome: Some(match outcome {
+                        Ok(published) => pb::publish_result::Outcome::Published(published),
+                        Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        }),
+                    }),
+                }
+            })
+            .collect()
+    }
+
     /// The idempotency of a publish with `key` (none when empty). Keys a gateway made up for
     /// its own retries are kept only as long as such a retry can come.
-    fn once<'k>(&self, key: &'k str) -> Result<Option<Once<'k>>, Status> {
+    pub(crate) fn once<'k>(&self, key: &'k str) -> Result<Option<Once<'k>>, Status> {
         if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(Status::invalid_argument(format!(
                 "idempotency key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
@@ -447,57 +490,27 @@ impl RoomService for RoomServiceImpl {
                 "at most {MAX_BATCH_LEN} publishes per batch"
             )));
         }
-        // Validate each; the valid ones go to the store in one ordered call.
-        let mut checked: Vec<Result<PublishItem<'_>, Status>> = Vec::new();
-        let mut keys = Vec::with_capacity(publishes.len());
-        for publish in &publishes {
-            keys.push(self.once(&publish.idempotency_key));
-        }
-        for (publish, once) in publishes.iter().zip(&keys) {
-            checked.push(self.check_publish(publish).and_then(|data| {
+        let keys: Vec<_> = publishes
+            .iter()
+            .map(|publish| self.once(&publish.idempotency_key))
+            .collect();
+        let checked = publishes
+            .iter()
+            .zip(keys)
+            .map(|(publish, once)| {
+                let data_json = self.check_publish(publish)?;
                 Ok(PublishItem {
                     room: &publish.room,
                     user: &publish.user,
                     client_id: &publish.client_id,
-                    data_json: data,
-                    once: once.clone()?,
+                    data_json,
+                    once: once?,
                 })
-            }));
-        }
-        let items: Vec<PublishItem<'_>> = checked.iter().filter_map(|c| c.clone().ok()).collect();
-        let stored = if items.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.store.publish_many(&items).await.map_err(store_status)
-        };
-        metrics::counter!("roomcast_room_published_total").increment(items.len() as u64);
-        let mut stored = stored.map(Vec::into_iter);
-        let results = checked
-            .into_iter()
-            .map(|check| {
-                let outcome = match (check, &mut stored) {
-                    (Err(status), _) => Err(status),
-                    (Ok(_), Err(status)) => Err(status.clone()),
-                    (Ok(_), Ok(stored)) => stored
-                        .next()
-                        .map(|p| pb::PublishResponse {
-                            epoch: p.epoch,
-                            offset: p.offset,
-                        })
-                        .ok_or_else(|| Status::internal("the store gave fewer results")),
-                };
-                pb::PublishResult {
-                    outcome: Some(match outcome {
-                        Ok(published) => pb::publish_result::Outcome::Published(published),
-                        Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
-                            code: status.code() as i32,
-                            message: status.message().to_owned(),
-                        }),
-                    }),
-                }
             })
             .collect();
-        Ok(Response::new(pb::PublishBatchResponse { results }))
+        Ok(Response::new(pb::PublishBatchResponse {
+            results: self.publish_items(checked).await,
+        }))
     }
 
     async fn presence(

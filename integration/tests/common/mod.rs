@@ -25,6 +25,7 @@ macro_rules! client_visible_tests {
             ops_endpoints => ClusterOptions::default(),
             refresh_token => ClusterOptions::default(),
             server_api => ClusterOptions::default(),
+            server_api_batches => ClusterOptions::default(),
             server_api_disconnect => ClusterOptions::default(),
             server_api_subscribe => ClusterOptions::default(),
             idempotent_client_publish => ClusterOptions::default(),

@@ -1,6 +1,7 @@
-//! `publish-api`: another backend publishing through RoomService.ServerPublish, into rooms of
-//! WebSocket subscribers. Calls are pipelined (up to --max-in-flight at once over one HTTP/2
-//! connection), so concurrent calls may be ordered either way by the server.
+//! `publish-api`: another backend publishing through the server API (`ServerApi.Publish`, or
+//! `PublishBatch` with `--batch`), into rooms of WebSocket subscribers. Calls are pipelined (up
+//! to --max-in-flight publishes at once over one HTTP/2 connection), so concurrent calls may be
+//! ordered either way by the server.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -9,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use roomcast_proto::publish_result::Outcome;
 use roomcast_proto::server_api_client::ServerApiClient;
-use roomcast_proto::{RoomStatsRequest, ServerPublishRequest};
-use tokio::sync::Semaphore;
+use roomcast_proto::{RoomStatsRequest, ServerPublishBatchRequest, ServerPublishRequest};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
@@ -29,6 +31,82 @@ pub struct ApiTarget {
     client: ServerApiClient<Channel>,
     auth: AsciiMetadataValue,
     in_flight: Arc<Semaphore>,
+    /// Set with `--batch` above 1: where the lanes' publishes go instead of `Publish`.
+    batcher: Option<Batcher>,
+}
+
+/// What a publish came to: `Err` holds the reason counted in the report.
+type CallOutcome = Result<(), String>;
+
+/// Hands publishes to the task that gathers them into `PublishBatch` calls.
+#[derive(Clone)]
+struct Batcher {
+    queue: mpsc::UnboundedSender<(ServerPublishRequest, oneshot::Sender<CallOutcome>)>,
+}
+
+impl Batcher {
+    /// Starts the gathering task: a call takes whatever piled up (up to `max`) once one of its
+    /// `calls` slots is free, so batches grow with the load and a lone publish goes at once.
+    fn start(
+        client: ServerApiClient<Channel>,
+        auth: AsciiMetadataValue,
+        max: usize,
+        calls: usize,
+    ) -> Self {
+        let (queue, mut pending) =
+            mpsc::unbounded_channel::<(ServerPublishRequest, oneshot::Sender<CallOutcome>)>();
+        let slots = Arc::new(Semaphore::new(calls.max(1)));
+        tokio::spawn(async move {
+            while let Some(first) = pending.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match pending.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let (publishes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let mut request = tonic::Request::new(ServerPublishBatchRequest { publishes });
+                request.metadata_mut().insert("authorization", auth.clone());
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let outcomes: Vec<CallOutcome> = match client.publish_batch(request).await {
+                        Ok(response) => response
+                            .into_inner()
+                            .results
+                            .into_iter()
+                            .map(|result| match result.outcome {
+                                Some(Outcome::Published(_)) => Ok(()),
+                                Some(Outcome::Error(error)) => {
+                                    Err(grpc_reason(tonic::Code::from(error.code)))
+                                }
+                                None => Err("no_outcome".into()),
+                            })
+                            .collect(),
+                        Err(status) => vec![Err(grpc_reason(status.code())); replies.len()],
+                    };
+                    drop(slot);
+                    let mut outcomes = outcomes.into_iter();
+                    for reply in replies {
+                        let outcome = outcomes.next().unwrap_or(Err("no_outcome".into()));
+                        let _ = reply.send(outcome);
+                    }
+                });
+            }
+        });
+        Batcher { queue }
+    }
+
+    async fn publish(&self, request: ServerPublishRequest) -> CallOutcome {
+        let (reply, outcome) = oneshot::channel();
+        if self.queue.send((request, reply)).is_err() {
+            return Err("batcher_gone".into());
+        }
+        outcome.await.unwrap_or(Err("batcher_gone".into()))
+    }
 }
 
 /// What one lane did.
@@ -42,13 +120,22 @@ pub struct LaneResult {
 
 pub async fn run(args: PublishApiArgs, interrupt: CancellationToken) -> Result<DeliveryReport> {
     let key = args.api_key.as_deref().unwrap_or_default();
-    let target = connect(
+    let mut target = connect(
         &args.grpc,
         key,
         args.max_in_flight,
         args.common.connect_timeout,
     )
     .await?;
+    if args.batch > 1 {
+        let calls = (args.max_in_flight / args.batch).max(1) as usize;
+        target.batcher = Some(Batcher::start(
+            target.client.clone(),
+            target.auth.clone(),
+            args.batch as usize,
+            calls,
+        ));
+    }
     let lanes = args.publishers.unwrap_or(args.rooms.rooms);
     delivery::run_once(
         "publish-api",
@@ -80,6 +167,7 @@ async fn connect(url: &str, key: &str, max_in_flight: u32, timeout: Duration) ->
         client: ServerApiClient::new(channel),
         auth,
         in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
+        batcher: None,
     };
     let mut request = tonic::Request::new(RoomStatsRequest {
         room: "loadgen-probe".into(),
@@ -184,20 +272,28 @@ async fn lane(
                 } else {
                     format!("{{\"t\":{t},\"q\":{seq},\"p\":\"{}\"}}", ctx.filler)
                 };
-                let mut request = tonic::Request::new(ServerPublishRequest {
+                let publish = ServerPublishRequest {
                     room: ctx.rooms[room].clone(),
                     data_json,
                     user: "loadgen".into(),
                     idempotency_key: String::new(),
-                });
-                request.metadata_mut().insert("authorization", target.auth.clone());
+                };
                 let mut client = target.client.clone();
+                let auth = target.auth.clone();
+                let batcher = target.batcher.clone();
                 calls.push(async move {
-                    let outcome = client
-                        .publish(request)
-                        .await
-                        .map(|_| ())
-                        .map_err(|s| grpc_reason(s.code()));
+                    let outcome = match batcher {
+                        Some(batcher) => batcher.publish(publish).await,
+                        None => {
+                            let mut request = tonic::Request::new(publish);
+                            request.metadata_mut().insert("authorization", auth);
+                            client
+                                .publish(request)
+                                .await
+                                .map(|_| ())
+                                .map_err(|s| grpc_reason(s.code()))
+                        }
+                    };
                     drop(permit);
                     (t, outcome)
                 });
