@@ -769,24 +769,35 @@ fi
 # 6. Publishes through the server API: `loadgen publish-api` at rising rates, one run each
 # ---------------------------------------------------------------------------------------------
 # 1,000 rooms of one subscriber each, 2 gateways and 2 room-services on one Redis; the load
-# generator calls room-service 0's ServerApi.Publish (one message per call, up to 1,024 calls in
-# flight). A rate passes when at least 95% of it was published with no loss, no publish error and
-# p99 ≤ 50 ms (publish to delivery).
+# generator calls room-service 0's server API with up to 1,024 publishes in flight: first one
+# message per ServerApi.Publish call (papi-RATE), then ServerApi.PublishBatch calls of up to 64
+# messages, whatever piled up while earlier calls were in flight (papib-RATE). A rate passes when
+# at least 95% of it was published with no loss, no publish error and p99 ≤ 50 ms (publish to
+# delivery).
 PAPI_RATES="10000 20000 30000"
-[ "$QUICK" = 1 ] && PAPI_RATES="10000 20000"
-printf 'papi_rates\t%s\n' "$PAPI_RATES" >>"$WORK/machine.tsv"
-for rate in $PAPI_RATES; do
-  round_start "papi-$rate"
-  start_cluster "papi$rate" 2 2
-  API_KEY_OF=$(awk '/API key:/ { print $3 }' "$WORK/papi$rate.cluster.out")
-  RS0=$(awk '/^  room-service 0:/ { print $4 }' "$WORK/papi$rate.cluster.out")
+PAPIB_RATES="20000 30000 40000"
+[ "$QUICK" = 1 ] && PAPI_RATES="10000 20000" && PAPIB_RATES="20000 30000"
+printf 'papi_rates\t%s\npapib_rates\t%s\n' "$PAPI_RATES" "$PAPIB_RATES" >>"$WORK/machine.tsv"
+papi_round() { # name rate [more loadgen options]
+  local name=$1 rate=$2
+  shift 2
+  round_start "$name"
+  start_cluster "${name//-/}" 2 2
+  API_KEY_OF=$(awk '/API key:/ { print $3 }' "$WORK/${name//-/}.cluster.out")
+  RS0=$(awk '/^  room-service 0:/ { print $4 }' "$WORK/${name//-/}.cluster.out")
   RUN_GROUPS=("gateway:${GW_PIDS[*]}" "roomservice:${RS_PIDS[*]}")
-  run "papi-$rate" "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 120 -- \
+  run "$name" "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 120 -- \
     "$BIN/loadgen" publish-api --url "$GW_URLS" --secret "$SECRET" --grpc "$RS0" --api-key "$API_KEY_OF" \
-    --rooms 1000 --subscribers 1000 --rate "$rate" --max-in-flight 1024 --duration 10s --json
+    --rooms 1000 --subscribers 1000 --rate "$rate" --max-in-flight 1024 --duration 10s --json "$@"
   RUN_GROUPS=()
-  log "papi-$rate: $(jget "papi-$rate" published_per_sec) publishes/s, loss $(jget "papi-$rate" loss), p99 $(jget "papi-$rate" latency_ms.p99) ms"
+  log "$name: $(jget "$name" published_per_sec) publishes/s, loss $(jget "$name" loss), p99 $(jget "$name" latency_ms.p99) ms"
   stop_cluster
+}
+for rate in $PAPI_RATES; do
+  papi_round "papi-$rate" "$rate"
+done
+for rate in $PAPIB_RATES; do
+  papi_round "papib-$rate" "$rate" --batch 64
 done
 
 printf 'loadavg_end\t%s\nelapsed_s\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" "$((SECONDS - T_START))" >>"$WORK/machine.tsv"
