@@ -3,7 +3,7 @@
 //   ROOMCAST_SERVER_API=127.0.0.1:50051 API_KEY=... node index.mjs
 //
 // It publishes to a room (twice, with one idempotency key: the second call answers the first
-// one's offset and delivers nothing), reads presence, presence stats, history, the rooms and
+// one's offset and delivers nothing), publishes three more in one PublishBatch call, reads presence, presence stats, history, the rooms and
 // the cluster info, then disconnects a user. Every step prints one JSON line; any failure
 // prints an `error` line on stderr and exits with status 1.
 //
@@ -67,6 +67,22 @@ async function main(api) {
   if (again.offset !== first.offset || again.epoch !== first.epoch) {
     throw new Error(`the repeated publish got offset ${again.offset}, not ${first.offset}`);
   }
+
+  // Many messages in one call (a feed bridge, a queue consumer): one result per message, in
+  // order; in one room they get consecutive offsets in the call's order. A message that fails
+  // (bad room, bad JSON) fails alone: check each result.
+  const batch = await unary(api, 'PublishBatch', {
+    publishes: [1, 2, 3].map((n) => ({
+      room,
+      dataJson: JSON.stringify({ text: `batch ${n}` }),
+      user: 'backend',
+    })),
+  });
+  const offsets = batch.results.map((result) => {
+    if (result.error) throw new Error(`a batched publish failed: ${result.error.message}`);
+    return result.published.offset;
+  });
+  log('publish_batch', { room, offsets });
 
   const { members } = await unary(api, 'Presence', { room });
   log('presence', { room, members });

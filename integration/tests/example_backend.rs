@@ -1,7 +1,7 @@
 //! `examples/node-backend` (the Node backend calling the server API) against a real cluster:
-//! it must run to the end, its idempotent publish must reach a member once, the presence it
-//! prints must list that member, and its disconnect must close the member's connection with
-//! the code it asked for.
+//! it must run to the end, its idempotent publish must reach a member once and its batch in
+//! order after it, the presence it prints must list that member, and its disconnect must close
+//! the member's connection with the code it asked for.
 //!
 //! Needs `node` on PATH and the example's dependencies (`npm ci --prefix
 //! examples/node-backend`, which `scripts/test.sh` runs); without them the test fails.
@@ -103,6 +103,17 @@ async fn example_backend(sys: &mut System) -> Result<()> {
         "the repeated publish got another offset: {again} vs {published}"
     );
 
+    let batch: Vec<u64> = step(&lines, "publish_batch")?["offsets"]
+        .as_array()
+        .context("publish_batch offsets")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    ensure!(
+        batch == [offset + 1, offset + 2, offset + 3],
+        "the batch should follow the publish in order: {batch:?} after {offset}"
+    );
+
     let members = step(&lines, "presence")?["members"]
         .as_array()
         .context("presence members")?;
@@ -132,8 +143,9 @@ async fn example_backend(sys: &mut System) -> Result<()> {
         .filter(|f| f["type"] == "message" && f["room"] == ROOM)
         .collect();
     ensure!(
-        messages.len() == 1,
-        "bob should get the example's message exactly once, got {}: {messages:?}",
+        messages.len() == 4,
+        "bob should get the example's message exactly once and the batch's three, got {}: \
+         {messages:?}",
         messages.len()
     );
     let message = messages[0];
@@ -143,6 +155,13 @@ async fn example_backend(sys: &mut System) -> Result<()> {
             && message["data"]["text"] == "hello from the backend",
         "unexpected message {message}"
     );
+    for (n, message) in messages[1..].iter().enumerate() {
+        let n = n as u64 + 1;
+        ensure!(
+            message["offset"] == offset + n && message["data"]["text"] == format!("batch {n}"),
+            "batch message {n}: unexpected {message}"
+        );
+    }
     Ok(())
 }
 
