@@ -1459,7 +1459,7 @@ pub async fn server_api(sys: &mut System) -> Result<()> {
 
 /// `PublishBatch` and `Broadcast`: one call, many publishes, each stored and delivered as a
 /// `Publish` would be, in the call's order; an invalid one fails alone, a repeated idempotency
-/// key answers the first position, and more than 1024 publishes are refused.
+/// key answers the first position, and more than 1024 publishes (or 4 MiB) are refused.
 pub async fn server_api_batches(sys: &mut System) -> Result<()> {
     let key = sys.options().api_key.clone();
     let mut api = server_api_client(sys, 1).await?;
@@ -1558,6 +1558,25 @@ pub async fn server_api_batches(sys: &mut System) -> Result<()> {
         got == want,
         "batch deliveries: expected {want:?}, got {got:?}"
     );
+
+    // A call above gRPC's 4 MiB message limit is refused whole, with a clear status.
+    let big = format!("\"{}\"", "x".repeat(60_000));
+    let huge = ServerPublishBatchRequest {
+        publishes: vec![publish("batch-1", &big, ""); 80],
+    };
+    match api.publish_batch(with_key(huge, &key)?).await {
+        Ok(r) => bail!(
+            "a 4.8 MB batch succeeded: {:?}",
+            r.into_inner().results.len()
+        ),
+        Err(s) => ensure!(
+            matches!(
+                s.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "a 4.8 MB batch: expected OUT_OF_RANGE or RESOURCE_EXHAUSTED, got {s:?}"
+        ),
+    }
     a.expect_none(Some("message"), SILENCE)
         .await
         .context("a refused or repeated publish of the batch was delivered")?;
