@@ -11,7 +11,7 @@ use roomcast_proto::server_api_server::ServerApi;
 use tonic::{Request, Response, Status};
 
 use crate::service::{
-    MAX_BATCH_LEN, MAX_CLIENT_ID_LEN, RoomServiceImpl, check_id, check_room, check_user,
+    MAX_CLIENT_ID_LEN, RoomServiceImpl, check_batch_len, check_id, check_room, check_user,
     store_status,
 };
 use crate::store::PublishItem;
@@ -99,11 +99,7 @@ impl ServerApi for ServerApiImpl {
         request: Request<pb::ServerPublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let publishes = request.into_inner().publishes;
-        if publishes.len() > MAX_BATCH_LEN {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_BATCH_LEN} publishes per batch"
-            )));
-        }
+        check_batch_len(publishes.len())?;
         let keys: Vec<_> = publishes
             .iter()
             .map(|publish| Self::scoped_key(&publish.idempotency_key))

@@ -351,6 +351,16 @@ pub(crate) fn paged(messages: Vec<StoredMessage>) -> (Vec<pb::Publication>, bool
     (page, more)
 }
 
+/// A publish batch holds at most [`MAX_BATCH_LEN`] publishes.
+pub(crate) fn check_batch_len(len: usize) -> Result<(), Status> {
+    if len > MAX_BATCH_LEN {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_BATCH_LEN} publishes per batch"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_room(room: &str) -> Result<(), Status> {
     validate_room_name(room).map_err(|e| Status::invalid_argument(format!("room {room:?}: {e}")))
 }
@@ -485,11 +495,7 @@ impl RoomService for RoomServiceImpl {
         request: Request<pb::PublishBatchRequest>,
     ) -> Result<Response<pb::PublishBatchResponse>, Status> {
         let publishes = request.into_inner().publishes;
-        if publishes.len() > MAX_BATCH_LEN {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_BATCH_LEN} publishes per batch"
-            )));
-        }
+        check_batch_len(publishes.len())?;
         let keys: Vec<_> = publishes
             .iter()
             .map(|publish| self.once(&publish.idempotency_key))
