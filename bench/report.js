@@ -196,6 +196,17 @@ const fanNames = (sys) =>
     .filter((n) => n.startsWith(`fanout-${sys}-`))
     .sort((a, b) => Number(a.split('-').pop()) - Number(b.split('-').pop()));
 const rcFan = fanNames('roomcast').map((n) => runs[n]);
+// One connection publishing into a small room (run.sh: onec-roomcast-RATE).
+const onecRuns = Object.values(runs)
+  .filter((r) => /^onec-roomcast-\d+$/.test(r.name))
+  .sort((a, b) => Number(a.name.split('-')[2]) - Number(b.name.split('-')[2]));
+// Sustained: at least 95% of the rate published in the window, every publish acknowledged, in
+// the connection's order, and delivered.
+const onecSustained = (run) => {
+  const r = run.r;
+  return !!r && r.published_per_sec >= 0.95 * r.rate_target && r.loss <= 0 && r.unacked === 0 &&
+    emptyObj(r.publish_errors) && r.publisher_order_violations === 0 && r.out_of_order === 0;
+};
 const sioFan = fanNames('socketio').map((n) => runs[n]);
 const cpuPer = (run) => (run.r ? us(run.serverCpu, run.r.received) : null);
 const redisPer = (run) => (run.r ? us(run.redisCpu, run.r.received) : null);
@@ -610,6 +621,15 @@ p('| with `WRITE_DELAY_MS` or adaptive coalescing: below the floor, p99 < 50 ms 
       `${met(coRatio == null || coP99 == null ? null : coRatio < 1 && coP99 < 50)}${floorNote ? ` (the CPU comparison${floorNote})` : ''} |`
     : 'not measured by this run | – |'));
 const idleCpu = setupCpu(idle1, ['gateway', 'auth']);
+{
+  // One connection's publishes (issue: pipelined, not serialized on the round trip).
+  const fourP99 = median(rcFan.map((run) => (run.r ? run.r.latency_ms.p99 : null)));
+  const one = Object.values(runs).find((r) => r.name === 'onepub-roomcast');
+  const oneP99 = one && one.r ? one.r.latency_ms.p99 : null;
+  p(`| the 1-publisher 1000 × 200 msg/s case has the p99 of the 4-publisher one | 1 publisher: p99 ${f(oneP99, 1)} ms; 4 publishers: ${f(fourP99, 1)} ms (median of the rounds) | ${met(oneP99 == null || fourP99 == null ? null : oneP99 <= fourP99)} |`);
+  const c = onecRuns.find((run) => run.r && run.r.rate_target === 20000);
+  p(`| one connection sustains ≥ 20,000 publishes/s to a small room | ${onecRuns.map((run) => (run.r ? `${int(run.r.rate_target)} offered: ${int(run.r.published_per_sec)}/s, loss ${int(run.r.loss)}, p99 ${f(run.r.latency_ms.p99, 1)} ms` : `${run.name}: no result`)).join('; ') || 'not measured by this run'} | ${met(c ? onecSustained(c) : null)} |`);
+}
 p(`| connection set-up ≥ 10,000/s on one gateway | ${connectRateText} | ${met(connectRate == null ? null : connectRate >= 10000)} |`);
 const idleRamp = rampCpu(idle1);
 p(`| server CPU per connection ≤ 100 µs (gateway + auth-service) | ` +
@@ -806,6 +826,27 @@ if (onePub.length > 0) {
     `publishing window (set-up of the ${rcFan[0] && rcFan[0].r ? int(rcFan[0].r.members) : '1000+'} members, closing them), per member: ` +
     `Roomcast ${f(setupPerMember(rcFan), 2)} ms, Socket.IO ${f(setupPerMember(sioFan), 2)} ms; Roomcast announces every join to ` +
     'the members already in the room (`member_joined`), so filling a 1000-member room costs about 500,000 such deliveries.');
+  p();
+}
+if (onecRuns.length > 0) {
+  p('### One connection publishing into a small room');
+  p();
+  p('One publisher connection, as fast as each rate asks (open loop), into a room of 10 subscribers, ' +
+    '5 s per rate, on `roomcast-cluster --gateways 2 --room-services 1` with the per-connection publish limit raised ' +
+    '(`PUBLISH_RATE=100000`): a connection\'s publishes are pipelined in order, not sent one round trip at a time. ' +
+    'Sustained: at least 95% of the rate published, all acknowledged, in the connection\'s order, none lost.');
+  p();
+  p('| offered/s | published/s | deliveries/s | loss | order violations | p50 (ms) | p99 (ms) | ack p99 (ms) | |');
+  p('|---:|---:|---:|---:|---:|---:|---:|---:|---|');
+  for (const run of onecRuns) {
+    const r = run.r;
+    if (!r) {
+      p(`| ${run.name.split('-')[2]} | | | | | | | | no result (exit ${run.exit}) |`);
+      continue;
+    }
+    p(`| ${int(r.rate_target)} | ${int(r.published_per_sec)} | ${int(r.deliveries_per_sec)} | ${int(r.loss)} | ${int(r.publisher_order_violations)} | ` +
+      `${f(r.latency_ms.p50, 1)} | ${f(r.latency_ms.p99, 1)} | ${f(r.ack_latency_ms && r.ack_latency_ms.p99, 1)} | ${onecSustained(run) ? 'sustained' : '**not sustained**'} |`);
+  }
   p();
 }
 const oddities = fanOrder.filter((run) => run.r && (!emptyObj(run.r.setup_failures) || !emptyObj(run.r.disconnected) || !emptyObj(run.r.publish_errors) || run.r.unacked > 0));

@@ -662,6 +662,21 @@ for round in $(seq "$PAIRS"); do
 done
 stop_cluster
 
+# One connection publishing as fast as it can into a small room (10 subscribers): its publishes
+# are pipelined, not serialized on their round trips. The per-connection limit is raised out of
+# the way; 5 s per rate, open loop.
+round_start onec
+start_cluster onec 2 1 --gateway-env PUBLISH_RATE=100000 --gateway-env PUBLISH_BURST=100000
+for rate in 10000 20000 30000; do
+  RUN_FRONT="${GW_PIDS[*]}"
+  run "onec-roomcast-$rate" "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 60 -- \
+    "$BIN/loadgen" fanout --url "$GW_URLS" --secret "$SECRET" --subscribers 10 --rooms 1 \
+    --publishers 1 --rate "$rate" --payload 100 --duration 5s --json
+  RUN_FRONT=""
+  log "onec-roomcast-$rate: $(jget "onec-roomcast-$rate" published_per_sec) publishes/s from one connection, $(summary "onec-roomcast-$rate")"
+done
+stop_cluster
+
 # ---------------------------------------------------------------------------------------------
 # 5. Many small rooms: ROOMS rooms of 4 subscribers + 1 publisher, a rising rate until loss or
 #    p99 > 50 ms, for each system on the same machine, one after the other
