@@ -2112,6 +2112,121 @@ pub async fn cluster_auth_service_down(sys: &mut System) -> Result<()> {
     Ok(())
 }
 
+/// A `PublishBatch` while the store is stalled (redis-server stopped with SIGSTOP): each valid
+/// publish gets UNAVAILABLE and the invalid one its own error. Retried with the same
+/// idempotency keys once Redis resumes, the batch is stored in its order and the member gets
+/// each message exactly once. (Whether the stalled call reached Redis before the stop, and so
+/// was stored anyway, is a race this test does not force; the keys cover both cases.)
+pub async fn cluster_publish_batch_store_stalled(sys: &mut System) -> Result<()> {
+    let room = "stalled";
+    let key = sys.options().api_key.clone();
+    let mut api = server_api_client(sys, 0).await?;
+    let mut a = sys.client(1, "alice").await?;
+    join(&mut a, room).await?;
+    let publish = |n: u32| ServerPublishRequest {
+        room: room.into(),
+        data_json: format!(r#"{{"n":{n}}}"#),
+        user: String::new(),
+        idempotency_key: format!("stalled-{n}"),
+    };
+    let batch = ServerPublishBatchRequest {
+        publishes: vec![
+            publish(1),
+            publish(2),
+            ServerPublishRequest {
+                data_json: "not json".into(),
+                ..publish(9)
+            },
+            publish(3),
+        ],
+    };
+    let pid = sys
+        .cluster()
+        .context("this scenario needs a cluster")?
+        .redis()
+        .process()
+        .pid()
+        .to_string();
+    let signal = |sig: &str| -> Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .context("running kill")?;
+        ensure!(status.success(), "kill {sig} {pid}: {status}");
+        Ok(())
+    };
+    signal("-STOP")?;
+    let stalled = api.publish_batch(with_key(batch.clone(), &key)?).await;
+    signal("-CONT")?;
+    let results = stalled
+        .context("PublishBatch with the store stalled")?
+        .into_inner()
+        .results;
+    let codes: Vec<_> = results
+        .iter()
+        .map(|r| match &r.outcome {
+            Some(Outcome::Error(e)) => tonic::Code::from(e.code),
+            _ => tonic::Code::Ok,
+        })
+        .collect();
+    let unavailable = tonic::Code::Unavailable;
+    ensure!(
+        codes
+            == [
+                unavailable,
+                unavailable,
+                tonic::Code::InvalidArgument,
+                unavailable
+            ],
+        "with the store stalled: expected UNAVAILABLE but for the bad JSON, got {results:?}"
+    );
+
+    // Retried with the same keys until the store answers.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let offsets = loop {
+        let results = api
+            .publish_batch(with_key(batch.clone(), &key)?)
+            .await
+            .context("PublishBatch retried")?
+            .into_inner()
+            .results;
+        let offsets: Vec<Option<u64>> = results
+            .iter()
+            .map(|r| match &r.outcome {
+                Some(Outcome::Published(p)) => Some(p.offset),
+                _ => None,
+            })
+            .collect();
+        if [0, 1, 3].iter().all(|&i| offsets[i].is_some()) {
+            break [offsets[0], offsets[1], offsets[3]].map(Option::unwrap_or_default);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the retried batch still fails: {results:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        offsets[1] == offsets[0] + 1 && offsets[2] == offsets[1] + 1,
+        "the batch's offsets are not consecutive in its order: {offsets:?}"
+    );
+    for (n, offset) in (1..=3).zip(offsets) {
+        let m = a
+            .expect_match(&format!("message {n}"), T, |v| {
+                v["type"] == "message" && v["room"] == room
+            })
+            .await?;
+        ensure!(
+            m["offset"] == offset && m["data"]["n"] == n,
+            "message {n}: expected offset {offset}, got {m}"
+        );
+    }
+    a.expect_none(Some("message"), SILENCE)
+        .await
+        .context("a retried publish was delivered twice")?;
+    Ok(())
+}
+
 /// The store restarts empty: the epoch changes, a join with the old position says
 /// `recovered: false`, and publishing works again.
 pub async fn cluster_store_restart_changes_epoch(sys: &mut System) -> Result<()> {

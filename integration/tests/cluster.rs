@@ -47,6 +47,17 @@ async fn store_restart_changes_epoch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_batch_store_stalled() {
+    run(
+        "publish_batch_store_stalled",
+        Flavor::Cluster,
+        ClusterOptions::default(),
+        scenarios::cluster_publish_batch_store_stalled,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_check() {
     let opts = ClusterOptions::default().allowed_origins("http://allowed.example");
     run(
