@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::service::{
     MAX_CLIENT_ID_LEN, RoomServiceImpl, check_batch_len, check_id, check_room, check_user,
-    store_status,
+    publish_result, store_status,
 };
 use crate::store::PublishItem;
 
@@ -121,8 +121,9 @@ impl ServerApi for ServerApiImpl {
                 })
             })
             .collect();
+        let outcomes = self.rooms.publish_items(checked).await;
         Ok(Response::new(pb::PublishBatchResponse {
-            results: self.rooms.publish_items(checked).await,
+            results: outcomes.into_iter().map(publish_result).collect(),
         }))
     }
 
@@ -164,21 +165,16 @@ impl ServerApi for ServerApiImpl {
             .rooms
             .iter()
             .zip(outcomes)
-            .map(|(room, outcome)| match outcome.outcome {
-                Some(pb::publish_result::Outcome::Published(published)) => pb::BroadcastResult {
+            .map(|(room, outcome)| match outcome {
+                Ok(published) => pb::BroadcastResult {
                     room: room.clone(),
                     published: Some(published),
                     error: String::new(),
                 },
-                Some(pb::publish_result::Outcome::Error(error)) => pb::BroadcastResult {
+                Err(status) => pb::BroadcastResult {
                     room: room.clone(),
                     published: None,
-                    error: error.message,
-                },
-                None => pb::BroadcastResult {
-                    room: room.clone(),
-                    published: None,
-                    error: "no outcome".into(),
+                    error: status.message().to_owned(),
                 },
             })
             .collect();

@@ -198,7 +198,7 @@ impl RoomServiceImpl {
     pub(crate) async fn publish_items(
         &self,
         checked: Vec<Result<PublishItem<'_>, Status>>,
-    ) -> Vec<pb::PublishResult> {
+    ) -> Vec<Result<pb::PublishResponse, Status>> {
         let items: Vec<PublishItem<'_>> = checked.iter().filter_map(|c| c.clone().ok()).collect();
         let stored = if items.is_empty() {
             Ok(Vec::new())
@@ -211,27 +211,16 @@ impl RoomServiceImpl {
         let mut stored = stored.map(Vec::into_iter);
         checked
             .into_iter()
-            .map(|check| {
-                let outcome = match (check, &mut stored) {
-                    (Err(status), _) => Err(status),
-                    (Ok(_), Err(status)) => Err(status.clone()),
-                    (Ok(_), Ok(stored)) => stored
-                        .next()
-                        .map(|p| pb::PublishResponse {
-                            epoch: p.epoch,
-                            offset: p.offset,
-                        })
-                        .ok_or_else(|| Status::internal("the store gave fewer results")),
-                };
-                pb::PublishResult {
-                    outcome: Some(match outcome {
-                        Ok(published) => pb::publish_result::Outcome::Published(published),
-                        Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
-                            code: status.code() as i32,
-                            message: status.message().to_owned(),
-                        }),
-                    }),
-                }
+            .map(|check| match (check, &mut stored) {
+                (Err(status), _) => Err(status),
+                (Ok(_), Err(status)) => Err(status.clone()),
+                (Ok(_), Ok(stored)) => stored
+                    .next()
+                    .map(|p| pb::PublishResponse {
+                        epoch: p.epoch,
+                        offset: p.offset,
+                    })
+                    .ok_or_else(|| Status::internal("the store gave fewer results")),
             })
             .collect()
     }
@@ -349,6 +338,19 @@ pub(crate) fn paged(messages: Vec<StoredMessage>) -> (Vec<pb::Publication>, bool
     }
     let more = page.len() < total;
     (page, more)
+}
+
+/// One outcome of a batch as `PublishBatchResponse` carries it.
+pub(crate) fn publish_result(outcome: Result<pb::PublishResponse, Status>) -> pb::PublishResult {
+    pb::PublishResult {
+        outcome: Some(match outcome {
+            Ok(published) => pb::publish_result::Outcome::Published(published),
+            Err(status) => pb::publish_result::Outcome::Error(pb::PublishError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            }),
+        }),
+    }
 }
 
 /// A publish batch holds at most [`MAX_BATCH_LEN`] publishes.
@@ -514,8 +516,9 @@ impl RoomService for RoomServiceImpl {
                 })
             })
             .collect();
+        let outcomes = self.publish_items(checked).await;
         Ok(Response::new(pb::PublishBatchResponse {
-            results: self.publish_items(checked).await,
+            results: outcomes.into_iter().map(publish_result).collect(),
         }))
     }
 
