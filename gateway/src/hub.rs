@@ -11,18 +11,22 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use roomcast_common::broker::BrokerEvent;
 use roomcast_common::envelope::{self, Control, Envelope};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use roomcast_common::close_code::CloseCode;
 
-use crate::burst::Bursts;
 use crate::outbound::{ConnHandle, Delivery, RoomEvent, ServerCommand};
 use crate::room_stream::{Filled, Message, Repair, RoomStream};
 use crate::socket;
 
 const SHARDS: usize = 32;
+
+/// Broker events the inbox holds at most while the fan-out task is busy (a few MB of small
+/// payloads). Redis would disconnect a subscriber that lags much more than this anyway.
+pub const MAX_INBOX: usize = 65_536;
 
 type Rooms = HashMap<Arc<str>, RoomStream>;
 
@@ -44,8 +48,31 @@ pub struct Hub {
     link_lost: AtomicBool,
     connections: Mutex<HashMap<Arc<str>, Arc<ConnHandle>>>,
     connection_count: AtomicUsize,
-    /// Whether the fan-out is behind (see [`crate::burst`]).
-    bursts: Bursts,
+    /// Broker events waiting for the fan-out task ([`Hub::receive`]).
+    inbox: Mutex<Vec<BrokerEvent>>,
+    inbox_ready: Notify,
+}
+
+/// A room payload taken from the broker, waiting for its room's stream.
+enum Payload {
+    Message {
+        offset: u64,
+        epoch: String,
+        sender: String,
+        frame: Bytes,
+    },
+    Event {
+        exclude: String,
+        frame: Bytes,
+    },
+}
+
+impl Payload {
+    fn frame(&self) -> &[u8] {
+        match self {
+            Payload::Message { frame, .. } | Payload::Event { frame, .. } => frame,
+        }
+    }
 }
 
 impl Hub {
@@ -137,80 +164,156 @@ impl Hub {
         }
     }
 
+    /// The broker sink: takes an event from the broker's receiving task without doing the
+    /// fan-out there. Payloads wait in the inbox for [`Hub::run_fan_out`], which takes
+    /// everything that piled up at once, so a room's run of payloads from one broker read goes
+    /// out to each member in one write. A lost link is noted at once.
+    pub fn receive(&self, event: BrokerEvent) {
+        if matches!(event, BrokerEvent::Disconnected) {
+            self.dispatch(event);
+            return;
+        }
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if inbox.len() >= MAX_INBOX {
+            // The fan-out is this far behind: drop, as a broker drops a subscriber that does not
+            // read, and say so. Rooms see the gap at their next offset, or are checked against
+            // history once the link check passes.
+            drop(inbox);
+            metrics::counter!("roomcast_gateway_broker_payloads_dropped_total").increment(1);
+            if !self.link_lost.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    waiting = MAX_INBOX,
+                    "fan-out behind: dropping broker payloads; rooms are repaired from history"
+                );
+            }
+            return;
+        }
+        inbox.push(event);
+        if inbox.len() == 1 {
+            drop(inbox);
+            self.inbox_ready.notify_one();
+        }
+    }
+
+    /// The fan-out task: dispatches what [`Hub::receive`] collected, run by run, until the
+    /// process ends.
+    pub async fn run_fan_out(self: Arc<Self>) {
+        let mut events = Vec::new();
+        loop {
+            self.inbox_ready.notified().await;
+            std::mem::swap(
+                &mut events,
+                &mut *self.inbox.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            self.dispatch_all(events.drain(..));
+        }
+    }
+
     /// Hands one broker event to the rooms (or, for control commands, the connections) it is for.
     pub fn dispatch(&self, event: BrokerEvent) {
-        let BrokerEvent::Message { channel, payload } = event else {
-            tracing::warn!("broker link lost; rooms are checked against history once it is back");
-            self.link_lost.store(true, Ordering::Relaxed);
+        self.dispatch_all(std::iter::once(event));
+    }
+
+    /// Hands broker events to the rooms or connections they are for. A room's payloads keep
+    /// their order and go to its stream together, flushed once (see [`RoomStream::flush`]).
+    pub fn dispatch_all(&self, events: impl Iterator<Item = BrokerEvent>) {
+        // Rooms in order of their first payload, each with its payloads in order.
+        let mut runs: Vec<(Arc<str>, Vec<Payload>)> = Vec::new();
+        let mut run_of: HashMap<Arc<str>, usize> = HashMap::new();
+        for event in events {
+            let BrokerEvent::Message { channel, payload } = event else {
+                tracing::warn!(
+                    "broker link lost; rooms are checked against history once it is back"
+                );
+                self.link_lost.store(true, Ordering::Relaxed);
+                continue;
+            };
+            let envelope = match envelope::decode(payload) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    tracing::warn!(%channel, %error, "dropping malformed broker payload");
+                    continue;
+                }
+            };
+            let payload = match envelope {
+                Envelope::Control(control) => {
+                    self.apply_control(control);
+                    continue;
+                }
+                Envelope::Message {
+                    offset,
+                    epoch,
+                    sender,
+                    frame,
+                } => Payload::Message {
+                    offset,
+                    epoch,
+                    sender,
+                    frame,
+                },
+                Envelope::Event { exclude, frame } => Payload::Event { exclude, frame },
+            };
+            if envelope::room_of_channel(&channel).is_none() {
+                continue;
+            }
+            if std::str::from_utf8(payload.frame()).is_err() {
+                tracing::warn!(%channel, "dropping non-utf-8 room frame");
+                continue;
+            }
+            match run_of.get(&channel) {
+                Some(&i) => runs[i].1.push(payload),
+                None => {
+                    run_of.insert(channel.clone(), runs.len());
+                    runs.push((channel, vec![payload]));
+                }
+            }
+        }
+        for (channel, run) in runs {
+            if let Some(room) = envelope::room_of_channel(&channel) {
+                self.fan_out(room, run);
+            }
+        }
+    }
+
+    /// Gives `room`'s stream a run of payloads, if the room has local members, then flushes it.
+    fn fan_out(&self, room: &str, run: Vec<Payload>) {
+        let mut shard = self.shard(room);
+        let Some(stream) = shard.get_mut(room) else {
             return;
         };
-        let envelope = match envelope::decode(payload) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                tracing::warn!(%channel, %error, "dropping malformed broker payload");
-                return;
-            }
-        };
-        match envelope {
-            Envelope::Control(control) => self.apply_control(control),
-            Envelope::Message {
-                offset,
-                epoch,
-                sender,
-                frame,
-            } => {
-                let Some(room) = envelope::room_of_channel(&channel) else {
-                    return;
-                };
-                if std::str::from_utf8(&frame).is_err() {
-                    tracing::warn!(%channel, "dropping non-utf-8 message frame");
-                    return;
-                }
-                self.fan_out(room, |stream, direct| {
+        let mut repair = None;
+        for payload in run {
+            match payload {
+                Payload::Message {
+                    offset,
+                    epoch,
+                    sender,
+                    frame,
+                } => {
                     let message = Message {
                         delivery: Arc::new(Delivery {
                             room: stream.name().clone(),
                             epoch: stream.epoch_of(&epoch),
                             offset,
                             wire: socket::text(&frame),
-                            direct,
+                            direct: true,
                         }),
                         sender,
                     };
-                    let repair = stream.accept(message);
-                    self.repair(stream.name(), repair);
-                });
-            }
-            Envelope::Event { exclude, frame } => {
-                let Some(room) = envelope::room_of_channel(&channel) else {
-                    return;
-                };
-                if std::str::from_utf8(&frame).is_err() {
-                    return;
+                    repair = repair.or(stream.accept(message));
                 }
-                self.fan_out(room, |stream, direct| {
+                Payload::Event { exclude, frame } => {
                     let event = Arc::new(RoomEvent {
                         room: stream.name().clone(),
                         wire: socket::text(&frame),
-                        direct,
+                        direct: true,
                     });
                     stream.event(&exclude, &event);
-                });
+                }
             }
         }
-    }
-
-    /// Runs `deliver` on `room`'s stream, if the room has local members, with whether the
-    /// payload may be written directly (the room's first of a burst, [`crate::burst`]).
-    fn fan_out(&self, room: &str, deliver: impl FnOnce(&mut RoomStream, bool)) {
-        let mut shard = self.shard(room);
-        let Some(stream) = shard.get_mut(room) else {
-            return;
-        };
-        let direct = stream.direct_in(self.bursts.begin());
-        deliver(stream, direct);
-        drop(shard);
-        self.bursts.end();
+        stream.flush();
+        self.repair(stream.name(), repair);
     }
 
     /// Whether the broker link was lost since the last [`Hub::check_after_link_loss`].
@@ -330,7 +433,6 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::outbound::Outbound;
-    use bytes::Bytes;
     use roomcast_common::close_code::CloseCode;
     use roomcast_common::envelope::{encode_event, encode_message, room_channel};
     use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -367,41 +469,111 @@ mod tests {
         assert!(rc.try_recv().is_none());
     }
 
-    fn direct(item: Outbound) -> bool {
-        match item {
-            Outbound::Message(d) => d.direct,
-            Outbound::Event(e) => e.direct,
-            other => panic!("{other:?}"),
-        }
+    /// What a test connection has queued: `m<offset>` for a message of `room`, `e` for an event.
+    fn queued(rx: &ConnHandle) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|item| match item {
+                Outbound::Message(d) => format!("{}{}", d.room, d.offset),
+                Outbound::Event(e) => format!("{}-event", e.room),
+                other => panic!("{other:?}"),
+            })
+            .collect()
     }
 
     #[test]
-    fn payloads_back_to_back_leave_all_but_a_rooms_first_to_the_writers() {
-        let (mut hub, _repairs) = Hub::new();
-        let gap = std::time::Duration::from_millis(300);
-        hub.bursts = Bursts::with_gap(gap);
-        let (a, ra) = conn("a", "u", 8);
-        let (b, rb) = conn("b", "u", 8);
+    fn a_run_of_payloads_keeps_its_order_and_skips_each_message_s_sender() {
+        let (hub, _repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 16);
+        let (b, rb) = conn("b", "u", 16);
+        let (c, rc) = conn("c", "u", 16);
         hub.add_member("r", a);
-        hub.add_member("other", b);
+        hub.add_member("r", b);
+        hub.add_member("s", c);
         hub.joined("r", "-", "e", 0);
-        hub.joined("other", "-", "e", 0);
-        // One burst: "r" twice, an event of "r", then "other" once.
-        hub.dispatch(message("r", 1, "x"));
-        hub.dispatch(message("r", 2, "x"));
-        hub.dispatch(BrokerEvent::Message {
-            channel: room_channel("r").into(),
-            payload: encode_event("-", "{\"type\":\"member_joined\"}"),
-        });
-        hub.dispatch(message("other", 1, "x"));
-        assert!(direct(ra.try_recv().unwrap()), "a room's first of a burst");
-        assert!(!direct(ra.try_recv().unwrap()), "the rest is the writer's");
-        assert!(!direct(ra.try_recv().unwrap()), "events too");
-        assert!(direct(rb.try_recv().unwrap()), "another room's first");
-        // After a pause, a new burst.
-        std::thread::sleep(gap + gap / 2);
-        hub.dispatch(message("r", 3, "x"));
-        assert!(direct(ra.try_recv().unwrap()));
+        hub.joined("s", "-", "e", 0);
+        hub.dispatch_all(
+            [
+                message("r", 1, "x"),
+                message("r", 2, "a"),
+                BrokerEvent::Message {
+                    channel: room_channel("r").into(),
+                    payload: encode_event("-", "{\"type\":\"member_joined\"}"),
+                },
+                message("s", 1, "x"),
+                message("r", 3, "x"),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(queued(&ra), ["r1", "r-event", "r3"], "a sent r2");
+        assert_eq!(queued(&rb), ["r1", "r2", "r-event", "r3"]);
+        assert_eq!(queued(&rc), ["s1"]);
+    }
+
+    #[test]
+    fn a_run_skips_what_a_members_join_covered() {
+        let (hub, _repairs) = Hub::new();
+        let (a, ra) = conn("a", "u", 16);
+        let (b, rb) = conn("b", "u", 16);
+        hub.add_member("r", a);
+        hub.add_member("r", b);
+        hub.joined("r", "-", "e", 0);
+        // a's join reply already held offsets 1 and 2.
+        hub.joined("r", "a", "e", 2);
+        hub.dispatch_all((1..=4).map(|offset| message("r", offset, "x")));
+        assert_eq!(queued(&ra), ["r3", "r4"]);
+        assert_eq!(queued(&rb), ["r1", "r2", "r3", "r4"]);
+        // The mark is cleared: a later run goes to a whole.
+        hub.dispatch_all((5..=6).map(|offset| message("r", offset, "x")));
+        assert_eq!(queued(&ra), ["r5", "r6"]);
+    }
+
+    #[tokio::test]
+    async fn received_payloads_reach_the_members_through_the_fan_out_task() {
+        let (hub, _repairs) = Hub::new();
+        let hub = Arc::new(hub);
+        let (a, ra) = conn("a", "u", 64);
+        hub.add_member("r", a);
+        hub.joined("r", "-", "e", 0);
+        for offset in 1..=3 {
+            hub.receive(message("r", offset, "x"));
+        }
+        // A lost link is noted at once, not behind the payloads waiting.
+        hub.receive(BrokerEvent::Disconnected);
+        assert!(hub.link_was_lost());
+        assert!(ra.try_recv().is_none(), "nothing is fanned out inline");
+        tokio::spawn(hub.clone().run_fan_out());
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            got.extend(queued(&ra));
+            if got.len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(got, ["r1", "r2", "r3"]);
+        // Later payloads wake the task again.
+        hub.receive(message("r", 4, "x"));
+        for _ in 0..200 {
+            got.extend(queued(&ra));
+            if got.len() >= 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(got, ["r1", "r2", "r3", "r4"]);
+    }
+
+    #[test]
+    fn a_full_inbox_drops_payloads_and_reports_a_lost_link() {
+        let (hub, _repairs) = Hub::new();
+        for offset in 0..MAX_INBOX as u64 {
+            hub.receive(message("r", offset + 1, "x"));
+        }
+        assert!(!hub.link_was_lost());
+        hub.receive(message("r", MAX_INBOX as u64 + 1, "x"));
+        assert!(hub.link_was_lost(), "the drop is reported");
+        let inbox = hub.inbox.lock().unwrap();
+        assert_eq!(inbox.len(), MAX_INBOX, "the newest payload was dropped");
     }
 
     #[test]

@@ -12,9 +12,9 @@
 //! - [`ping`] — server pings carried by writes going out anyway, late in their interval;
 //! - [`pipeline`] — a connection's publishes, pipelined in ordered batches;
 //! - [`protocol`] — client frames in, server frames out;
-//! - [`hub`] — the registry of connections and rooms, fan-out of broker payloads;
-//! - [`burst`] — whether the fan-out is behind, so it leaves writing to the writers;
+//! - [`hub`] — the registry of connections and rooms, fan-out of broker payloads, run by run;
 //! - [`room_stream`] — one room's order: epoch, offsets, duplicates, gap holds, join floors;
+//! - [`prefetch`] — cache hints for the fan-out's loop over members;
 //! - [`repair`] — fills gaps in a room's offsets from history;
 //! - [`subscriptions`] — the broker subscriptions this gateway needs, and only those;
 //! - [`state`] — what the connections of one gateway share (`Gateway`);
@@ -29,7 +29,6 @@
 pub mod admission;
 pub mod backend;
 pub mod batcher;
-pub mod burst;
 pub mod config;
 pub mod handshake;
 pub mod hub;
@@ -38,6 +37,7 @@ pub mod limits;
 pub mod outbound;
 pub mod ping;
 pub mod pipeline;
+pub mod prefetch;
 pub mod protocol;
 pub mod repair;
 pub mod room_stream;

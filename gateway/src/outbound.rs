@@ -35,8 +35,8 @@ pub struct Delivery {
     pub offset: u64,
     /// The whole WebSocket frame, header included: the same bytes go to every recipient.
     pub wire: Bytes,
-    /// Whether the fan-out may write it to idle sockets itself: not when the fan-out is behind
-    /// ([`crate::burst`]), nor for gap fills.
+    /// Whether the fan-out may write it to idle sockets itself: not for gap fills, which the
+    /// writers coalesce.
     pub direct: bool,
 }
 
@@ -434,6 +434,21 @@ impl ConnHandle {
         });
     }
 
+    /// Delivers a run of room messages whose frames, back to back, are `frames`: in one write
+    /// while the writer lets it and every one of them may be written directly, each queued
+    /// otherwise.
+    pub fn deliver_messages(&self, deliveries: &[&Arc<Delivery>], frames: &Bytes) {
+        if self.is_closed() {
+            return;
+        }
+        if deliveries.iter().all(|d| d.direct) && self.write_if_idle(|| Cow::Borrowed(frames)) {
+            return;
+        }
+        for delivery in deliveries {
+            self.push(Outbound::Message(Arc::clone(delivery)), self.capacity());
+        }
+    }
+
     /// Delivers a presence event, like a message.
     pub fn deliver_event(&self, event: &Arc<RoomEvent>) {
         self.broadcast(&event.wire, event.direct, || Outbound::Event(event.clone()));
@@ -679,6 +694,47 @@ mod tests {
         conn.take_batch(&mut Vec::new(), 1);
         conn.deliver(message(3, 10));
         assert!(conn.try_recv().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_run_goes_to_an_idle_writer_s_socket_in_one_write_and_is_queued_otherwise() {
+        let (conn, mut client) = attached().await;
+        let run: Vec<Arc<Delivery>> = (1..=3)
+            .map(|offset| match message(offset, 4) {
+                Outbound::Message(d) => d,
+                _ => unreachable!(),
+            })
+            .collect();
+        let refs: Vec<&Arc<Delivery>> = run.iter().collect();
+        let frames = Bytes::from_static(b"111122223333");
+        // Busy writer: each message is queued, in order.
+        conn.deliver_messages(&refs, &frames);
+        let offsets: Vec<u64> = std::iter::from_fn(|| conn.try_recv())
+            .map(|item| match item {
+                Outbound::Message(d) => d.offset,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(offsets, [1, 2, 3]);
+        // Idle writer: the joined frames go straight to the socket.
+        conn.writer_idle();
+        conn.deliver_messages(&refs, &frames);
+        assert!(conn.try_recv().is_none(), "written without the queue");
+        let mut got = [0u8; 12];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"111122223333");
+        // A run holding a gap fill's message is left to the writer.
+        conn.writer_idle();
+        let fill = Arc::new(Delivery {
+            room: Arc::from("r"),
+            epoch: Arc::from("e"),
+            offset: 4,
+            wire: Bytes::from_static(b"4444"),
+            direct: false,
+        });
+        conn.deliver_messages(&[&run[0], &fill], &Bytes::from_static(b"11114444"));
+        assert_eq!(std::iter::from_fn(|| conn.try_recv()).count(), 2);
+        assert!(nothing_more(&mut client).await);
     }
 
     #[tokio::test]

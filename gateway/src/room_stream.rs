@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use crate::burst::DirectMark;
+use bytes::{Bytes, BytesMut};
+
 use crate::outbound::{ConnHandle, Delivery, RoomEvent};
 
 /// A message as it came from the broker (or from history).
@@ -40,9 +41,51 @@ pub struct Repair {
 
 struct Member {
     conn: Arc<ConnHandle>,
+    /// [`id_hash`] of the member's client id: the per-message sender check compares this,
+    /// which sits beside `conn`, instead of reading the id's bytes from another allocation (a
+    /// cache miss per member per message).
+    id: u64,
     /// `(epoch, offset)` the member's join reply covered: it gets nothing up to there. Cleared
     /// by the first message past it, so a member's usual cost is one `None` check.
     covered: Option<(Arc<str>, u64)>,
+}
+
+impl Member {
+    fn new(conn: Arc<ConnHandle>) -> Self {
+        Self {
+            id: id_hash(&conn.client_id),
+            conn,
+            covered: None,
+        }
+    }
+
+    /// Whether the member is owed `delivery`: not when its join reply covered it. The first
+    /// message past what the join covered clears the mark.
+    fn owed(&mut self, delivery: &Delivery) -> bool {
+        if let Some((epoch, offset)) = &self.covered {
+            let same_epoch = Arc::ptr_eq(epoch, &delivery.epoch) || *epoch == delivery.epoch;
+            if same_epoch && delivery.offset <= *offset {
+                return false;
+            }
+            self.covered = None;
+        }
+        true
+    }
+}
+
+/// The frames of `deliveries`, back to back: what one write sends for all of them.
+fn joined_frames(deliveries: &[&Arc<Delivery>]) -> Bytes {
+    let mut joined = BytesMut::with_capacity(deliveries.iter().map(|d| d.wire.len()).sum());
+    for delivery in deliveries {
+        joined.extend_from_slice(&delivery.wire);
+    }
+    joined.freeze()
+}
+
+/// A client id's hash (equal ids, equal hashes).
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
 }
 
 /// One room with local members.
@@ -55,8 +98,8 @@ pub struct RoomStream {
     last: u64,
     /// Some while waiting for a base or a gap fill: what arrived meanwhile, in order.
     held: Option<Vec<Message>>,
-    /// The burst of broker payloads in which the room last let the fan-out write directly.
-    direct: DirectMark,
+    /// Messages taken in order since the last [`RoomStream::flush`]; empty in between.
+    outgoing: Vec<Message>,
 }
 
 impl RoomStream {
@@ -64,21 +107,12 @@ impl RoomStream {
     pub fn new(name: Arc<str>, first: Arc<ConnHandle>) -> Self {
         Self {
             name,
-            members: vec![Member {
-                conn: first,
-                covered: None,
-            }],
+            members: vec![Member::new(first)],
             epoch: None,
             last: 0,
             held: Some(Vec::new()),
-            direct: DirectMark::default(),
+            outgoing: Vec::new(),
         }
-    }
-
-    /// Whether a payload of broker burst `burst` may be written directly (see
-    /// [`crate::burst`]): only the room's first of the burst.
-    pub fn direct_in(&mut self, burst: u32) -> bool {
-        self.direct.take(burst)
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -86,10 +120,7 @@ impl RoomStream {
     }
 
     pub fn add(&mut self, conn: Arc<ConnHandle>) {
-        self.members.push(Member {
-            conn,
-            covered: None,
-        });
+        self.members.push(Member::new(conn));
     }
 
     /// Removes a member; returns whether the room is left without members.
@@ -135,10 +166,12 @@ impl RoomStream {
         for message in self.held.take().unwrap_or_default() {
             repair = repair.or(self.accept(message));
         }
+        self.flush();
         repair
     }
 
-    /// A message from the broker: delivered, held, or the start of a gap repair.
+    /// A message from the broker: taken for delivery at the next [`RoomStream::flush`] (the
+    /// caller's), held, or the start of a gap repair.
     pub fn accept(&mut self, message: Message) -> Option<Repair> {
         if let Some(held) = &mut self.held {
             held.push(message);
@@ -167,11 +200,14 @@ impl RoomStream {
     }
 
     /// A presence event: to every member but `exclude`, in the order events arrive.
-    pub fn event(&self, exclude: &str, event: &Arc<RoomEvent>) {
+    pub fn event(&mut self, exclude: &str, event: &Arc<RoomEvent>) {
+        // Messages taken before it go first.
+        self.flush();
+        let excluded = id_hash(exclude);
         for member in self
             .members
             .iter()
-            .filter(|m| *m.conn.client_id != *exclude)
+            .filter(|m| m.id != excluded || *m.conn.client_id != *exclude)
         {
             member.conn.deliver_event(event);
         }
@@ -226,10 +262,12 @@ impl RoomStream {
                 repair = repair.or(self.accept(message));
             }
         }
+        self.flush();
         repair
     }
 
-    /// Delivers in order: drops what was delivered already, restarts on a new epoch.
+    /// Takes a message in order: drops what was delivered already, restarts on a new epoch.
+    /// It goes out with the rest of the run at the next [`RoomStream::flush`].
     fn deliver(&mut self, message: Message) {
         let delivery = &message.delivery;
         if self.epoch.as_deref() == Some(&*delivery.epoch) {
@@ -240,20 +278,75 @@ impl RoomStream {
             self.epoch = Some(delivery.epoch.clone());
         }
         self.last = delivery.offset;
+        self.outgoing.push(message);
+    }
+
+    /// Hands what [`RoomStream::deliver`] took to the members. A run of several messages is
+    /// one frame sequence, joined once: a member that gets all of them and whose writer is
+    /// idle gets them in one write (the fan-out's own coalescing, so a fan-out that fell
+    /// behind catches up instead of paying a write per message). Others get each message
+    /// they are owed, as before.
+    pub fn flush(&mut self) {
+        let outgoing = std::mem::take(&mut self.outgoing);
+        match outgoing.len() {
+            0 => {}
+            1 => self.send_one(&outgoing[0]),
+            _ => self.send_run(&outgoing),
+        }
+        // Keep the allocation for the next run.
+        self.outgoing = outgoing;
+        self.outgoing.clear();
+    }
+
+    /// One message to every member but its sender and those whose join covered it.
+    fn send_one(&mut self, message: &Message) {
+        let delivery = &message.delivery;
+        let sender = id_hash(&message.sender);
         let mut delivered = 0u64;
-        for member in &mut self.members {
-            if *member.conn.client_id == *message.sender {
+        for i in 0..self.members.len() {
+            if let Some(next) = self.members.get(i + 1) {
+                crate::prefetch::handle(&next.conn);
+            }
+            let member = &mut self.members[i];
+            if member.id == sender && *member.conn.client_id == *message.sender {
                 continue;
             }
-            if let Some((epoch, offset)) = &member.covered {
-                let same_epoch = Arc::ptr_eq(epoch, &delivery.epoch) || *epoch == delivery.epoch;
-                if same_epoch && delivery.offset <= *offset {
-                    continue;
-                }
-                member.covered = None;
+            if !member.owed(delivery) {
+                continue;
             }
             member.conn.deliver_message(delivery);
             delivered += 1;
+        }
+        metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
+    }
+
+    /// Several messages, in order (see [`RoomStream::flush`]).
+    fn send_run(&mut self, run: &[Message]) {
+        let mut senders: Vec<u64> = run.iter().map(|m| id_hash(&m.sender)).collect();
+        senders.sort_unstable();
+        senders.dedup();
+        let deliveries: Vec<&Arc<Delivery>> = run.iter().map(|m| &m.delivery).collect();
+        let mut frames = None;
+        let mut delivered = 0u64;
+        for i in 0..self.members.len() {
+            if let Some(next) = self.members.get(i + 1) {
+                crate::prefetch::handle(&next.conn);
+            }
+            let member = &mut self.members[i];
+            // A hash match may be a collision: such a member takes the careful path.
+            if member.covered.is_none() && senders.binary_search(&member.id).is_err() {
+                let frames = frames.get_or_insert_with(|| joined_frames(&deliveries));
+                member.conn.deliver_messages(&deliveries, frames);
+                delivered += deliveries.len() as u64;
+                continue;
+            }
+            for message in run {
+                if *member.conn.client_id == *message.sender || !member.owed(&message.delivery) {
+                    continue;
+                }
+                member.conn.deliver_message(&message.delivery);
+                delivered += 1;
+            }
         }
         metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
     }

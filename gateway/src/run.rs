@@ -57,8 +57,9 @@ where
     let hub = Arc::new(hub);
     let sink: Sink = {
         let hub = hub.clone();
-        Arc::new(move |event| hub.dispatch(event))
+        Arc::new(move |event| hub.receive(event))
     };
+    tokio::spawn(hub.clone().run_fan_out());
     let readiness = Readiness::default();
     let Broker {
         subscriber,
