@@ -586,7 +586,7 @@ mod tests {
         assert!(!a.is_closed());
         hub.dispatch(message("r", 2, "x"));
         assert!(a.is_closed());
-        assert_eq!(a.close_reason.get().unwrap().0, CloseCode::SLOW_CONSUMER);
+        assert_eq!(a.close_reason().unwrap().0, CloseCode::SLOW_CONSUMER);
     }
 
     #[tokio::test]
@@ -891,6 +891,6 @@ mod tests {
         hub.apply_control(post(crate::outbound::MAX_POSTED_WAITING));
         hub.apply_control(post(1));
         assert!(a.is_closed(), "a flood of posts ends the connection");
-        assert_eq!(a.close_reason.get().unwrap().0, CloseCode::SLOW_CONSUMER);
+        assert_eq!(a.close_reason().unwrap().0, CloseCode::SLOW_CONSUMER);
     }
 }

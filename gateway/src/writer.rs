@@ -245,8 +245,8 @@ pub async fn run<E: Egress>(mut socket: E, conn: Arc<ConnHandle>, settings: Writ
     let _ = tokio::time::timeout(OWED_REPLY_WAIT, reader_done).await;
     conn.take_batch(&mut batch, usize::MAX);
     let (owed, close_reply) = owed_replies(batch.drain(..), settings.framing);
-    let last = match conn.close_reason.get().map(|reason| &**reason) {
-        Some((code, reason)) => settings.framing.close(*code, reason),
+    let last = match conn.close_reason() {
+        Some((code, reason)) => settings.framing.close(code, &reason),
         // Closed by the client or the socket: tungstenite's reply to a close, if any.
         None => close_reply.unwrap_or_default(),
     };
@@ -273,7 +273,7 @@ pub struct WriterSettings {
     pub delay: Duration,
     pub framing: Framing,
     /// Whether the fan-out may write broadcasts itself while this writer is idle (a plain
-    /// WebSocket; see [`crate::outbound`] and [`crate::burst`]).
+    /// WebSocket; see [`crate::outbound`]).
     pub direct: bool,
 }
 
@@ -468,6 +468,75 @@ mod tests {
             offset,
             reply: "joined".into(),
         })
+    }
+
+    /// The fan-out's direct writes go around tokio; when one fills the socket, the writer
+    /// must still see that it cannot write and wait for the socket, then send the rest.
+    #[tokio::test]
+    async fn the_writer_finishes_what_a_direct_write_left_on_a_full_socket() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_read, write) = server.into_split();
+        let conn = Arc::new(ConnHandle::new(Arc::from("c"), Arc::from("u"), 64));
+        conn.attach_tcp(write);
+        let settings = WriterSettings {
+            limit: 64,
+            delay: Duration::ZERO,
+            framing: Framing::WebSocket,
+            direct: true,
+        };
+        let writer = tokio::spawn(run(
+            socket::WriteHalf::Tcp(conn.clone()),
+            conn.clone(),
+            settings,
+        ));
+        // Wait until the writer lets the fan-out write: a small frame then skips the queue.
+        let room: Arc<str> = Arc::from("r");
+        let mut expected = Vec::new();
+        for offset in 1.. {
+            let Outbound::Message(small) = message(&room, offset) else {
+                unreachable!()
+            };
+            expected.extend_from_slice(&small.wire);
+            conn.deliver_message(&small);
+            if conn.try_recv().is_none() {
+                break;
+            }
+            // Queued: the writer sends it; take it back out and try again.
+            expected.truncate(expected.len() - small.wire.len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(offset < 200, "the writer never became idle");
+        }
+        // Far more than the socket takes while nobody reads: a partial direct write, the
+        // rest queued for the writer, and more frames behind it.
+        let big = Arc::new(Delivery {
+            room: room.clone(),
+            epoch: Arc::from("e"),
+            offset: 1000,
+            wire: Bytes::from(vec![b'x'; 32 << 20]),
+            direct: true,
+        });
+        conn.deliver_message(&big);
+        expected.extend_from_slice(&big.wire);
+        for offset in 1001..1004 {
+            let Outbound::Message(small) = message(&room, offset) else {
+                unreachable!()
+            };
+            conn.deliver_message(&small);
+            expected.extend_from_slice(&small.wire);
+        }
+        let mut got = vec![0u8; expected.len()];
+        tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut got))
+            .await
+            .expect("the writer sent the rest")
+            .unwrap();
+        assert!(got == expected, "every byte, in order");
+        conn.close(CloseCode::NORMAL, "done");
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     }
 
     #[tokio::test]
