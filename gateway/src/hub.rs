@@ -11,7 +11,6 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use roomcast_common::broker::BrokerEvent;
 use roomcast_common::envelope::{self, Control, Envelope};
 use tokio::sync::{Notify, mpsc};
@@ -51,28 +50,6 @@ pub struct Hub {
     /// Broker events waiting for the fan-out task ([`Hub::receive`]).
     inbox: Mutex<Vec<BrokerEvent>>,
     inbox_ready: Notify,
-}
-
-/// A room payload taken from the broker, waiting for its room's stream.
-enum Payload {
-    Message {
-        offset: u64,
-        epoch: String,
-        sender: String,
-        frame: Bytes,
-    },
-    Event {
-        exclude: String,
-        frame: Bytes,
-    },
-}
-
-impl Payload {
-    fn frame(&self) -> &[u8] {
-        match self {
-            Payload::Message { frame, .. } | Payload::Event { frame, .. } => frame,
-        }
-    }
 }
 
 impl Hub {
@@ -218,7 +195,7 @@ impl Hub {
     /// their order and go to its stream together, flushed once (see [`RoomStream::flush`]).
     pub fn dispatch_all(&self, events: impl Iterator<Item = BrokerEvent>) {
         // Rooms in order of their first payload, each with its payloads in order.
-        let mut runs: Vec<(Arc<str>, Vec<Payload>)> = Vec::new();
+        let mut runs: Vec<(Arc<str>, Vec<Envelope>)> = Vec::new();
         let mut run_of: HashMap<Arc<str>, usize> = HashMap::new();
         for event in events {
             let BrokerEvent::Message { channel, payload } = event else {
@@ -240,23 +217,15 @@ impl Hub {
                     self.apply_control(control);
                     continue;
                 }
-                Envelope::Message {
-                    offset,
-                    epoch,
-                    sender,
-                    frame,
-                } => Payload::Message {
-                    offset,
-                    epoch,
-                    sender,
-                    frame,
-                },
-                Envelope::Event { exclude, frame } => Payload::Event { exclude, frame },
+                room_payload => room_payload,
+            };
+            let (Envelope::Message { frame, .. } | Envelope::Event { frame, .. }) = &payload else {
+                continue;
             };
             if envelope::room_of_channel(&channel).is_none() {
                 continue;
             }
-            if std::str::from_utf8(payload.frame()).is_err() {
+            if std::str::from_utf8(frame).is_err() {
                 tracing::warn!(%channel, "dropping non-utf-8 room frame");
                 continue;
             }
@@ -276,7 +245,7 @@ impl Hub {
     }
 
     /// Gives `room`'s stream a run of payloads, if the room has local members, then flushes it.
-    fn fan_out(&self, room: &str, run: Vec<Payload>) {
+    fn fan_out(&self, room: &str, run: Vec<Envelope>) {
         let mut shard = self.shard(room);
         let Some(stream) = shard.get_mut(room) else {
             return;
@@ -284,7 +253,7 @@ impl Hub {
         let mut repair = None;
         for payload in run {
             match payload {
-                Payload::Message {
+                Envelope::Message {
                     offset,
                     epoch,
                     sender,
@@ -302,7 +271,7 @@ impl Hub {
                     };
                     repair = repair.or(stream.accept(message));
                 }
-                Payload::Event { exclude, frame } => {
+                Envelope::Event { exclude, frame } => {
                     let event = Arc::new(RoomEvent {
                         room: stream.name().clone(),
                         wire: socket::text(&frame),
@@ -310,6 +279,8 @@ impl Hub {
                     });
                     stream.event(&exclude, &event);
                 }
+                // `dispatch_all` applies these itself.
+                Envelope::Control(_) => {}
             }
         }
         stream.flush();
@@ -433,6 +404,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::outbound::Outbound;
+    use bytes::Bytes;
     use roomcast_common::close_code::CloseCode;
     use roomcast_common::envelope::{encode_event, encode_message, room_channel};
     use tokio_tungstenite::tungstenite::Utf8Bytes;
