@@ -326,23 +326,27 @@ impl ConnHandle {
         })
     }
 
-    /// Closes the connection with `code`; later calls keep the first reason.
-    pub fn close(&self, code: CloseCode, reason: &str) {
+    /// Closes the connection with `code`; later calls keep the first reason. Returns whether
+    /// this call closed it (false when it was closed already).
+    pub fn close(&self, code: CloseCode, reason: &str) -> bool {
         let mut mailbox = self.mailbox();
         if mailbox.close_reason.is_none() {
             mailbox.close_reason = Some(Box::new((code, reason.to_owned())));
         }
         drop(mailbox);
-        self.shut();
+        self.shut()
     }
 
     /// Ends the connection without a close frame (the socket is gone or silent).
-    pub fn shut(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            // The reader checks the flag after registering its waker: it cannot miss this.
-            self.reader_wake.wake();
-            self.wake_writer();
+    /// Returns whether this call ended it.
+    pub fn shut(&self) -> bool {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return false;
         }
+        // The reader checks the flag after registering its waker: it cannot miss this.
+        self.reader_wake.wake();
+        self.wake_writer();
+        true
     }
 
     pub fn is_closed(&self) -> bool {
@@ -411,11 +415,13 @@ impl ConnHandle {
             };
             if counted >= limit {
                 drop(queue);
-                metrics::counter!("roomcast_gateway_slow_consumers_total").increment(1);
-                self.close(
+                // Counted once per connection: replies owed after the close still come here.
+                if self.close(
                     CloseCode::SLOW_CONSUMER,
                     "slow consumer: outbound queue overflowed",
-                );
+                ) {
+                    metrics::counter!("roomcast_gateway_slow_consumers_total").increment(1);
+                }
                 return;
             }
             queue.push_back(item);
@@ -900,6 +906,28 @@ mod tests {
             size_of::<ConnHandle>() <= 208,
             "{} bytes",
             size_of::<ConnHandle>()
+        );
+    }
+
+    #[tokio::test]
+    async fn replies_past_the_limit_close_once_with_4008() {
+        let conn = ConnHandle::new(Arc::from("c"), Arc::from("u"), 2);
+        let reply = || Outbound::local(Local::Raw(Bytes::from_static(b"r")));
+        // Replies may reach twice the capacity; the next one closes the connection.
+        for _ in 0..4 {
+            conn.reply(reply()).await;
+        }
+        assert!(!conn.is_closed());
+        conn.reply(reply()).await;
+        assert!(conn.is_closed());
+        assert_eq!(conn.close_reason().unwrap().0, CloseCode::SLOW_CONSUMER);
+        // Owed replies still overflow, but only the first close counts as closing it.
+        assert!(!conn.close(CloseCode::SLOW_CONSUMER, "again"));
+        assert!(!conn.shut());
+        let other = ConnHandle::new(Arc::from("d"), Arc::from("u"), 2);
+        assert!(
+            other.close(CloseCode::NORMAL, "bye"),
+            "the first close closes it"
         );
     }
 
