@@ -6,8 +6,10 @@
 //! of a connection's set-up.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::Status;
 use tracing::Instrument as _;
 
@@ -34,6 +36,8 @@ pub struct Batcher<Req, Resp> {
     weight: fn(&Req) -> usize,
     max_batch: usize,
     max_in_flight: usize,
+    /// Least time between two calls, unless a full batch is waiting (see [`Batcher::paced`]).
+    pacing: Duration,
     /// Started by the first call (it needs a runtime).
     queue: OnceLock<mpsc::UnboundedSender<Waiting<Req, Resp>>>,
 }
@@ -68,8 +72,17 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
             weight,
             max_batch: max_weight.max(1),
             max_in_flight: max_in_flight.max(1),
+            pacing: Duration::ZERO,
             queue: OnceLock::new(),
         }
+    }
+
+    /// Spaces calls at least `pacing` apart unless a full batch is waiting: a request that
+    /// comes within `pacing` of the previous call waits for the rest of it, and the requests
+    /// that arrive meanwhile share its call. One after a quiet spell still goes at once.
+    pub fn paced(mut self, pacing: Duration) -> Self {
+        self.pacing = pacing;
+        self
     }
 
     /// Sends `request` with the others waiting now, and returns its own result.
@@ -89,6 +102,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 self.weight,
                 self.max_batch,
                 self.max_in_flight,
+                self.pacing,
             ));
             queue
         });
@@ -126,10 +140,12 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
     weight: fn(&Req) -> usize,
     max_weight: usize,
     max_in_flight: usize,
+    pacing: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(max_in_flight));
     // A request that did not fit the previous batch: it leads the next one.
     let mut carried = None;
+    let mut last_sent: Option<Instant> = None;
     loop {
         let first = match carried.take() {
             Some(first) => first,
@@ -144,19 +160,31 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
         };
         let mut load = weight(&first.request);
         let mut batch = vec![first];
-        while load < max_weight {
-            match waiting.try_recv() {
-                Ok(next) => {
-                    let more = weight(&next.request);
-                    if load + more > max_weight {
-                        carried = Some(next);
-                        break;
-                    }
-                    load += more;
-                    batch.push(next);
-                }
-                Err(_) => break,
-            }
+        take_waiting(
+            &mut waiting,
+            &mut batch,
+            &mut load,
+            &mut carried,
+            weight,
+            max_weight,
+        );
+        if let Some(due) = last_sent.map(|at| at + pacing)
+            && carried.is_none()
+            && load < max_weight
+            && Instant::now() < due
+        {
+            tokio::time::sleep_until(due).await;
+            take_waiting(
+                &mut waiting,
+                &mut batch,
+                &mut load,
+                &mut carried,
+                weight,
+                max_weight,
+            );
+        }
+        if !pacing.is_zero() {
+            last_sent = Some(Instant::now());
         }
         metrics::counter!("roomcast_gateway_batched_calls_total", "call" => name).increment(1);
         metrics::counter!("roomcast_gateway_batched_requests_total", "call" => name)
@@ -186,11 +214,34 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
     }
 }
 
+/// Adds what is waiting to `batch` up to `max_weight`; a request that does not fit is left in
+/// `carried` to lead the next batch.
+fn take_waiting<Req, Resp>(
+    waiting: &mut mpsc::UnboundedReceiver<Waiting<Req, Resp>>,
+    batch: &mut Vec<Waiting<Req, Resp>>,
+    load: &mut usize,
+    carried: &mut Option<Waiting<Req, Resp>>,
+    weight: fn(&Req) -> usize,
+    max_weight: usize,
+) {
+    while *load < max_weight && carried.is_none() {
+        let Ok(next) = waiting.try_recv() else {
+            return;
+        };
+        let more = weight(&next.request);
+        if *load + more > max_weight {
+            *carried = Some(next);
+            return;
+        }
+        *load += more;
+        batch.push(next);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
-    use std::time::Duration;
 
     /// A batch call that takes 20 ms and records the sizes it saw.
     fn slow_echo(sizes: Arc<Mutex<Vec<usize>>>) -> Batcher<u32, u32> {
@@ -274,6 +325,50 @@ mod tests {
         assert_eq!(
             batches,
             [vec![1], vec![6, 3], vec![2], vec![9], vec![20], vec![4]]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_calls_wait_out_the_pacing_unless_full_or_after_a_quiet_spell() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let batcher: Batcher<u32, u32> = Batcher::new("paced", 3, 2, move |batch: Vec<u32>| {
+            seen.lock().unwrap().push((batch.clone(), Instant::now()));
+            async move { batch.into_iter().map(Ok).collect() }
+        })
+        .paced(Duration::from_millis(50));
+        let start = Instant::now();
+        // A first call goes at once.
+        assert_eq!(batcher.call(1).await.unwrap(), 1);
+        // The next ones, within the pacing: they wait for its end and share one call.
+        let two = batcher.submit(2, tracing::Span::none());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let three = batcher.submit(3, tracing::Span::none());
+        assert_eq!(outcome(two).await.unwrap(), 2);
+        assert_eq!(outcome(three).await.unwrap(), 3);
+        // A full batch does not wait.
+        let full: Vec<_> = [4, 5, 6]
+            .into_iter()
+            .map(|n| batcher.submit(n, tracing::Span::none()))
+            .collect();
+        for pending in full {
+            outcome(pending).await.unwrap();
+        }
+        // After a quiet spell, a lone call goes at once again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let quiet = Instant::now();
+        assert_eq!(batcher.call(7).await.unwrap(), 7);
+
+        let calls = calls.lock().unwrap().clone();
+        let batches: Vec<Vec<u32>> = calls.iter().map(|(b, _)| b.clone()).collect();
+        assert_eq!(batches, [vec![1], vec![2, 3], vec![4, 5, 6], vec![7]]);
+        let at = |i: usize| calls[i].1 - start;
+        assert_eq!(at(0), Duration::ZERO);
+        assert_eq!(at(1), Duration::from_millis(50), "waited out the pacing");
+        assert_eq!(at(2), at(1), "a full batch went at once");
+        assert_eq!(
+            calls[3].1, quiet,
+            "a lone call after a quiet spell went at once"
         );
     }
 

@@ -9,6 +9,9 @@ use clap::Args;
 /// Above this, a held message would be late by any measure.
 pub const MAX_WRITE_DELAY_MS: u64 = 1000;
 
+/// Longer pacing would hold publishes past the latency any client expects.
+pub const MAX_PUBLISH_BATCH_MS: u64 = 100;
+
 /// Settings that shape every connection; shared by cluster and standalone mode.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionSettings {
@@ -77,6 +80,8 @@ pub enum ConfigError {
     TimeoutNotAboveInterval,
     #[error("WRITE_DELAY_MS may be at most {MAX_WRITE_DELAY_MS} (got {0})")]
     WriteDelay(u64),
+    #[error("PUBLISH_BATCH_MS may be at most {MAX_PUBLISH_BATCH_MS} (got {0})")]
+    PublishBatch(u64),
     #[error("GATEWAY_ID may only contain A-Z a-z 0-9 _ . : - (got {0:?})")]
     BadGatewayId(String),
 }
@@ -216,8 +221,23 @@ pub struct GatewayConfig {
     /// PEM private key of GATEWAY_TLS_CERT_FILE.
     #[arg(long, env = "GATEWAY_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// Least time between two `PublishBatch` calls to the room-service unless a full batch is
+    /// waiting: publishes arriving meanwhile share the next call and wait at most this long
+    /// (0: a call goes as soon as one of the two call slots is free).
+    #[arg(long, env = "PUBLISH_BATCH_MS", default_value_t = 5)]
+    pub publish_batch_ms: u64,
     #[command(flatten)]
     pub connection: ConnectionSettings,
+}
+
+impl GatewayConfig {
+    /// Least time between two `PublishBatch` calls, checked.
+    pub fn publish_pacing(&self) -> Result<Duration, ConfigError> {
+        if self.publish_batch_ms > MAX_PUBLISH_BATCH_MS {
+            return Err(ConfigError::PublishBatch(self.publish_batch_ms));
+        }
+        Ok(Duration::from_millis(self.publish_batch_ms))
+    }
 }
 
 /// The id to use: configured, or hostname + random suffix; checked because it becomes part of
@@ -293,6 +313,36 @@ mod tests {
         let mut s = settings();
         s.max_pending_handshakes = 0;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn publish_pacing_defaults_to_5_ms_and_is_bounded() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            gateway: GatewayConfig,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("gateway").chain(args.iter().copied()),
+            )
+            .unwrap()
+            .gateway
+        };
+        assert_eq!(
+            parse(&[]).publish_pacing().unwrap(),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            parse(&["--publish-batch-ms", "0"])
+                .publish_pacing()
+                .unwrap(),
+            Duration::ZERO
+        );
+        assert!(matches!(
+            parse(&["--publish-batch-ms", "101"]).publish_pacing(),
+            Err(ConfigError::PublishBatch(101))
+        ));
     }
 
     #[test]

@@ -102,7 +102,8 @@ async fn run_cluster_gateway(config: GatewayConfig, drain_window: Duration) -> a
         &config.auth_service_url,
         &internal_token,
         grpc_tls,
-    )?;
+    )?
+    .with_publish_pacing(config.publish_pacing()?);
     let run = RunConfig {
         id,
         addr: config.addr,
