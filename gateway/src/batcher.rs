@@ -158,34 +158,20 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut load = weight(&first.request);
-        let mut batch = vec![first];
-        take_waiting(
-            &mut waiting,
-            &mut batch,
-            &mut load,
-            &mut carried,
-            weight,
-            max_weight,
-        );
+        let mut batch = Gathered::new(first, weight, max_weight);
+        batch.take(&mut waiting, &mut carried);
         if let Some(due) = last_sent.map(|at| at + pacing)
             && carried.is_none()
-            && load < max_weight
+            && !batch.is_full()
             && Instant::now() < due
         {
             tokio::time::sleep_until(due).await;
-            take_waiting(
-                &mut waiting,
-                &mut batch,
-                &mut load,
-                &mut carried,
-                weight,
-                max_weight,
-            );
+            batch.take(&mut waiting, &mut carried);
         }
         if !pacing.is_zero() {
             last_sent = Some(Instant::now());
         }
+        let batch = batch.requests;
         metrics::counter!("roomcast_gateway_batched_calls_total", "call" => name).increment(1);
         metrics::counter!("roomcast_gateway_batched_requests_total", "call" => name)
             .increment(batch.len() as u64);
@@ -214,27 +200,47 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
     }
 }
 
-/// Adds what is waiting to `batch` up to `max_weight`; a request that does not fit is left in
-/// `carried` to lead the next batch.
-fn take_waiting<Req, Resp>(
-    waiting: &mut mpsc::UnboundedReceiver<Waiting<Req, Resp>>,
-    batch: &mut Vec<Waiting<Req, Resp>>,
-    load: &mut usize,
-    carried: &mut Option<Waiting<Req, Resp>>,
+/// A batch being gathered, and how much it weighs.
+struct Gathered<Req, Resp> {
+    requests: Vec<Waiting<Req, Resp>>,
+    load: usize,
     weight: fn(&Req) -> usize,
     max_weight: usize,
-) {
-    while *load < max_weight && carried.is_none() {
-        let Ok(next) = waiting.try_recv() else {
-            return;
-        };
-        let more = weight(&next.request);
-        if *load + more > max_weight {
-            *carried = Some(next);
-            return;
+}
+
+impl<Req, Resp> Gathered<Req, Resp> {
+    fn new(first: Waiting<Req, Resp>, weight: fn(&Req) -> usize, max_weight: usize) -> Self {
+        Self {
+            load: weight(&first.request),
+            requests: vec![first],
+            weight,
+            max_weight,
         }
-        *load += more;
-        batch.push(next);
+    }
+
+    fn is_full(&self) -> bool {
+        self.load >= self.max_weight
+    }
+
+    /// Adds what is waiting, up to the weight; a request that does not fit is left in
+    /// `carried` to lead the next batch.
+    fn take(
+        &mut self,
+        waiting: &mut mpsc::UnboundedReceiver<Waiting<Req, Resp>>,
+        carried: &mut Option<Waiting<Req, Resp>>,
+    ) {
+        while !self.is_full() && carried.is_none() {
+            let Ok(next) = waiting.try_recv() else {
+                return;
+            };
+            let more = (self.weight)(&next.request);
+            if self.load + more > self.max_weight {
+                *carried = Some(next);
+                return;
+            }
+            self.load += more;
+            self.requests.push(next);
+        }
     }
 }
 
