@@ -29,7 +29,10 @@ use tonic::{Request, Status};
 use tracing::Instrument as _;
 use tracing::instrument::Instrumented;
 
-use crate::telemetry::TRACING_ONLY;
+/// Target of spans that are only worth creating when they are exported
+/// ([`crate::telemetry`]). `RUST_LOG` applies to them as to any target, e.g.
+/// `info,roomcast::trace=off`.
+pub const TRACING_ONLY: &str = "roomcast::trace";
 
 /// Set once export is on; `None`: propagation is off.
 static PROPAGATOR: OnceLock<TraceContextPropagator> = OnceLock::new();

@@ -44,8 +44,9 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer as _, fmt};
 
 /// Target of spans that are only worth creating when they are exported (see the module).
-/// `RUST_LOG` applies to them as to any target, e.g. `info,roomcast::trace=off`.
-pub const TRACING_ONLY: &str = "roomcast::trace";
+/// Defined beside the gRPC span that uses it too, so that propagation does not import this
+/// module, which switches it on.
+pub use crate::propagation::TRACING_ONLY;
 
 /// Longest [`shutdown`] waits for the last spans to be sent.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
