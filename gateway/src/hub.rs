@@ -194,6 +194,7 @@ impl Hub {
     /// Hands broker events to the rooms or connections they are for. A room's payloads keep
     /// their order and go to its stream together, flushed once (see [`RoomStream::flush`]).
     pub fn dispatch_all(&self, events: impl Iterator<Item = BrokerEvent>) {
+        let _clock = crate::ping::RunClock::start();
         // Rooms in order of their first payload, each with its payloads in order.
         let mut runs: Vec<(Arc<str>, Vec<Envelope>)> = Vec::new();
         let mut run_of: HashMap<Arc<str>, usize> = HashMap::new();

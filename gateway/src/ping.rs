@@ -12,6 +12,7 @@
 //! (the writer task, the fan-out's direct write) take a ping that is due, and the session,
 //! at its ping deadline, reopens the window from the ping that went, or sends it itself.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -30,6 +31,46 @@ const SENT: u32 = 0x8000_0000;
 const OFF: u32 = u32::MAX;
 /// A time this far behind now, or less, has come; further is in the future (wrapped).
 const PAST: u32 = 1 << 30;
+
+/// Not a stamp (stamps use the low 31 bits): no run clock is set.
+const NO_RUN: u32 = u32::MAX;
+
+thread_local! {
+    /// While a fan-out writes a batch: its start, stamped ([`RunClock`]).
+    static RUN_NOW: Cell<u32> = const { Cell::new(NO_RUN) };
+}
+
+/// Lets the writes of one fan-out batch read the clock once: while it lives, this thread's
+/// ride-along checks take its start as now instead of reading the clock per recipient (about
+/// 30 ns per read here: ~5% of the gateway's user CPU per delivery at 1000 × 200 msg/s). A
+/// batch takes milliseconds against a window of a quarter of the interval, so a ping is at
+/// most that much later, never earlier. Hold it only across code that does not await (the
+/// task could move to another thread).
+pub struct RunClock {
+    outer: u32,
+}
+
+impl RunClock {
+    pub fn start() -> Self {
+        RunClock {
+            outer: RUN_NOW.replace(stamp(Instant::now())),
+        }
+    }
+}
+
+impl Drop for RunClock {
+    fn drop(&mut self) {
+        RUN_NOW.set(self.outer);
+    }
+}
+
+/// Now, stamped: the running batch's start under a [`RunClock`], the clock otherwise.
+fn now_stamp() -> u32 {
+    match RUN_NOW.get() {
+        NO_RUN => stamp(Instant::now()),
+        run => run,
+    }
+}
 
 /// A connection's ride-along ping: 4 bytes.
 #[derive(Debug)]
@@ -64,7 +105,7 @@ impl PingSlot {
         if state & SENT != 0 {
             return false;
         }
-        let now = stamp(Instant::now());
+        let now = now_stamp();
         if !has_come(state, now) {
             return false;
         }
@@ -122,6 +163,27 @@ mod tests {
     use super::*;
 
     const INTERVAL: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn under_a_run_clock_writes_take_the_batch_start_as_now() {
+        let slot = PingSlot::default();
+        let run = RunClock::start();
+        // The window opens just after the batch started: for its writes it has not come.
+        slot.open(Instant::now() + Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!slot.take(), "the batch started before the window");
+        drop(run);
+        assert!(slot.take(), "outside the batch the clock is read");
+        // Nested clocks restore the outer one.
+        let outer = RunClock::start();
+        let slot = PingSlot::default();
+        slot.open(Instant::now() + Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(40));
+        drop(RunClock::start());
+        assert!(!slot.take(), "the outer batch's start is back");
+        drop(outer);
+        assert!(slot.take());
+    }
 
     #[test]
     fn nothing_rides_along_until_the_session_opens_the_window() {
