@@ -80,6 +80,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Spaces calls at least `pacing` apart unless a full batch is waiting: a request that
     /// comes within `pacing` of the previous call waits for the rest of it, and the requests
     /// that arrive meanwhile share its call. One after a quiet spell still goes at once.
+    /// Set before the first call: the sending task takes the pacing when it starts.
     pub fn paced(mut self, pacing: Duration) -> Self {
         self.pacing = pacing;
         self
