@@ -130,8 +130,8 @@ pub struct ConnHandle {
     /// Server commands for the reader, and why the connection was closed (both rare: empty,
     /// no heap). One lock for both keeps the handle in its size class.
     mailbox: Mutex<Mailbox>,
-    /// A plain-TCP WebSocket connection's write half. The writer writes through it; so does the
-    /// fan-out while `direct` is set.
+    /// A plain-TCP WebSocket connection's write half. The writer writes through it; the
+    /// fan-out, while `direct` is set, writes to its descriptor (`fd`).
     tcp: Mutex<Option<OwnedWriteHalf>>,
     /// Whether the fan-out may write a broadcast itself: set by the idle writer, cleared when it
     /// takes work. Changed only under the queue's lock, and the fan-out writes under that lock,
@@ -139,9 +139,12 @@ pub struct ConnHandle {
     direct: AtomicBool,
     /// The server ping that may go along with the next write ([`crate::ping`]).
     pub pings: PingSlot,
-    /// The attached write half's file descriptor (-1 before): the fan-out's direct writes
-    /// use it without going through tokio's registration, which costs two cache misses per
-    /// recipient (the stream and its readiness) in a loop that is otherwise one system call.
+    /// The attached write half's file descriptor (-1 before and once released): the fan-out's
+    /// direct writes use it without going through tokio's registration, which costs two cache
+    /// misses per recipient (the stream and its readiness) in a loop that is otherwise one
+    /// system call. Set to -1 under the queue's lock before the half is released, and read
+    /// under that lock by the direct writes, so a descriptor they use is never closed under
+    /// them: they need no second lock.
     fd: AtomicI32,
 }
 
@@ -224,6 +227,11 @@ impl ConnHandle {
     /// For the writer, once it is done: releases the write half, which shuts the sending
     /// direction.
     pub fn release_tcp(&self) {
+        {
+            let _queue = self.queue();
+            self.direct.store(false, Ordering::Relaxed);
+            self.fd.store(-1, Ordering::Relaxed);
+        }
         let half = self.tcp().take();
         drop(half);
     }
@@ -237,28 +245,33 @@ impl ConnHandle {
         }
     }
 
-    /// Writes `wire` straight to the socket, without waiting; how many bytes it took.
-    fn write_now(&self, wire: &[u8]) -> usize {
-        let tcp = self.tcp();
-        if tcp.is_none() {
+    /// Writes `wire` straight to the socket, without waiting; how many bytes it took. The
+    /// caller holds the queue's lock (`_queue`), which keeps the descriptor open.
+    fn write_now(&self, _queue: &VecDeque<Outbound>, wire: &[u8]) -> usize {
+        let fd = self.fd.load(Ordering::Relaxed);
+        if fd < 0 {
             return 0;
         }
-        let fd = self.fd.load(Ordering::Relaxed);
-        // SAFETY: `fd` is the attached write half's descriptor, stored before the half was
-        // attached; the half is held (under the lock taken above) until after this call, so
-        // the descriptor is open and is this socket. `wire` is valid for `wire.len()` bytes.
-        // A non-blocking send does not change tokio's view of the socket: were it to block,
-        // tokio's next write sees that itself and waits for readiness.
+        // SAFETY: `fd` is the attached write half's descriptor: it is stored before the half
+        // is attached and set to -1, under the queue's lock that the caller holds, before the
+        // half is released, so the descriptor is open and is this socket for as long as this
+        // call. `wire` is valid for `wire.len()` bytes. The system call is made directly rather
+        // than through libc's `send`, a cancellation point that costs two more calls per
+        // recipient; no thread here is ever cancelled. A non-blocking send does not change
+        // tokio's view of the socket: were it to block, tokio's next write sees that itself
+        // and waits for readiness.
         #[allow(unsafe_code)]
         let sent = unsafe {
-            libc::send(
+            libc::syscall(
+                libc::SYS_sendto,
                 fd,
-                wire.as_ptr().cast(),
+                wire.as_ptr(),
                 wire.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                std::ptr::null::<libc::sockaddr>(),
+                0 as libc::socklen_t,
             )
         };
-        drop(tcp);
         // Not ready (or failed) reads as "took nothing": the writer takes over, waits for the
         // socket properly and meets any error itself.
         usize::try_from(sent).unwrap_or(0)
@@ -518,7 +531,7 @@ impl ConnHandle {
             both.extend_from_slice(ping::FRAME);
             wire = Cow::Owned(both.into());
         }
-        let written = self.write_now(&wire);
+        let written = self.write_now(&queue, &wire);
         if written == wire.len() {
             return true;
         }
