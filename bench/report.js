@@ -605,8 +605,20 @@ p(`| Roomcast server CPU per delivery (all its processes) ≤ 1.2× the floor's,
   `${lightRc && lightFl ? `. At 50 msg/s: ${f(winAllPer(lightRc), 2)} µs vs ${f(winAllPer(lightFl), 2)} µs, ${f(ratio(winAllPer(lightRc), winAllPer(lightFl)), 2)}× (${f(writesPer(lightRc), 2)} vs ${f(writesPer(lightFl), 2)} writes per delivery)` : ''} | ` +
   `${floorBehind > 0 ? '–' : met(rcFloorAll == null ? null : rcFloorAll <= 1.2)} at 200 msg/s${floorNote}` +
   `${lightRc && lightFl && ratio(winAllPer(lightRc), winAllPer(lightFl)) != null ? `; ${met(ratio(winAllPer(lightRc), winAllPer(lightFl)) <= 1.2)} at 50 msg/s` : ''} |`);
+// bench/fanout-instructions.sh lines: "<system>: <n> user-space instructions per delivery (…)".
+const instructions = {};
+if (fs.existsSync(path.join(work, 'instructions.txt'))) {
+  for (const line of fs.readFileSync(path.join(work, 'instructions.txt'), 'utf8').split('\n')) {
+    const m = line.match(/^(\w+): (\d+) user-space instructions per delivery \(([^,]+),/);
+    if (m) instructions[m[1]] = { n: Number(m[2]), load: m[3] };
+  }
+}
+const instr = instructions.roomcast && instructions.floor
+  ? `; user-space instructions per delivery under callgrind (\`bench/fanout-instructions.sh\`, ${instructions.roomcast.load}): ` +
+    `${int(instructions.roomcast.n)} vs the floor's ${int(instructions.floor.n)}, ${f(instructions.roomcast.n / instructions.floor.n, 2)}×`
+  : '';
 p(`| gateway user CPU per delivery ≤ 0.4 µs | ${f(RC.frontUser, 2)} µs at 200 msg/s (floor: ${f(FL.frontUser, 2)} µs)` +
-  `${lightRc ? `; ${f(frontUserPer(lightRc), 2)} µs at 50 msg/s (floor: ${f(lightFl ? frontUserPer(lightFl) : null, 2)} µs)` : ''} | ` +
+  `${lightRc ? `; ${f(frontUserPer(lightRc), 2)} µs at 50 msg/s (floor: ${f(lightFl ? frontUserPer(lightFl) : null, 2)} µs)` : ''}${instr} | ` +
   `${met(RC.frontUser == null ? null : RC.frontUser <= 0.4)} at 200 msg/s${lightRc && frontUserPer(lightRc) != null ? `; ${met(frontUserPer(lightRc) <= 0.4)} at 50 msg/s` : ''} |`);
 const coalesced = Object.values(runs)
   .filter((r) => r.name.startsWith('coalesce-roomcast-') && r.r)

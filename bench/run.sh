@@ -648,6 +648,20 @@ stop_cluster
 stop_socketio
 stop_floor
 
+# User-space instructions per delivery of the gateways and of the floor under callgrind
+# (bench/fanout-instructions.sh, 1000 subscribers x 20 msg/s): the user-CPU comparison without
+# the ±15% that CPU time swings by between runs here. Skipped without valgrind.
+if [ $PROFILE = 1 ] && command -v valgrind >/dev/null; then
+  round_start instructions
+  for sys in roomcast floor; do
+    if "$ROOT/bench/fanout-instructions.sh" --bin "$BIN" --system "$sys" >>"$WORK/instructions.txt" 2>"$WORK/instructions-$sys.err"; then
+      log "instructions: $(tail -1 "$WORK/instructions.txt")"
+    else
+      log "instructions ($sys) failed (see $WORK/instructions-$sys.err)"
+    fi
+  done
+fi
+
 # The fan-out again with write coalescing on (WRITE_DELAY_MS=5: a connection's writer waits
 # up to 5 ms for more frames before its write call), against the floor's rounds above.
 round_start coalesce

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# User-space instructions per delivery of the front processes (Roomcast's gateways, or the floor
+# reference) in a one-room fan-out, counted by valgrind's callgrind. CPU time per delivery swings
+# by ±15% between runs on a shared 2-core machine (/proc ticks, other load); on a quiet machine
+# the instruction count stays within about 1% from run to run (482-488 for one build, three runs),
+# so a change to the delivery path can be judged by a few instructions. A busy machine changes
+# how the work batches (506 for a build that counts 397 quietly): count on a quiet one. It leaves out the kernel (the write system calls themselves), which is
+# most of a delivery's cost: see docs/benchmarks.md for the time.
+#
+#   bench/fanout-instructions.sh [--bin DIR] [--system roomcast|floor] [--subscribers N]
+#                                [--rate R] [--window S]
+#
+# Roomcast: `roomcast-cluster` with 2 gateways (each started under callgrind through a wrapper),
+# 1 room-service, `WRITE_DELAY_MS=0` (one write per delivery, as the floor does); the floor: one
+# `floor` process under callgrind. Then `loadgen fanout` into one room (1 publisher, R msg/s,
+# 100-byte payloads); the counts are zeroed once the members are in and dumped S seconds later,
+# and their sum is divided by the deliveries of that window. Under callgrind the front runs
+# about 50 times slower: the default load (1000 subscribers x 20 msg/s) keeps it well within one
+# core. Everything runs on free loopback ports and is stopped on exit.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+BIN="$HERE/../target/release"
+SYSTEM=roomcast
+SUBSCRIBERS=1000
+RATE=20
+WINDOW=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) BIN="$2"; shift 2 ;;
+    --system) SYSTEM="$2"; shift 2 ;;
+    --subscribers) SUBSCRIBERS="$2"; shift 2 ;;
+    --rate) RATE="$2"; shift 2 ;;
+    --window) WINDOW="$2"; shift 2 ;;
+    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+command -v valgrind >/dev/null || { echo "fanout-instructions.sh: valgrind not found" >&2; exit 2; }
+BIN="$(cd "$BIN" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/fanout-instructions.XXXX")"
+SERVER=""
+LOADGEN=""
+cleanup() {
+  [ -n "$LOADGEN" ] && kill "$LOADGEN" 2>/dev/null
+  [ -n "$SERVER" ] && kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+case "$SYSTEM" in
+  roomcast)
+    # roomcast-cluster runs the binaries in ROOMCAST_BIN_DIR: there the gateway is a wrapper
+    # that starts the real one under callgrind.
+    mkdir -p "$WORK/bin"
+    for b in room-service auth-service; do ln -s "$BIN/$b" "$WORK/bin/$b"; done
+    printf '#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file=%s/cg.%%p %s/gateway "$@"\n' \
+      "$WORK" "$BIN" >"$WORK/bin/gateway"
+    chmod +x "$WORK/bin/gateway"
+    ROOMCAST_BIN_DIR="$WORK/bin" "$BIN/roomcast-cluster" --gateways 2 --room-services 1 --secret s --worker-threads 1 \
+      --log-dir "$WORK/logs" --gateway-env WRITE_DELAY_MS=0 >"$WORK/cluster.out" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 600); do
+      grep -q 'Ctrl-C or SIGTERM stops everything' "$WORK/cluster.out" && break
+      kill -0 "$SERVER" 2>/dev/null || { cat "$WORK/cluster.out" >&2; exit 1; }
+      sleep 0.2
+    done
+    URLS=$(awk '/^  gateway [0-9]+:/ { print $3 }' "$WORK/cluster.out" | paste -sd, -)
+    ;;
+  floor)
+    port=$(free_port)
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$BIN/floor" \
+      --addr "127.0.0.1:$port" --threads 1 >"$WORK/floor.log" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+    URLS="ws://127.0.0.1:$port/ws"
+    ;;
+  *) echo "--system roomcast or floor" >&2; exit 2 ;;
+esac
+[ -n "$URLS" ] || { echo "fanout-instructions.sh: no server address" >&2; exit 1; }
+PIDS=$(pgrep -f "callgrind-out-file=$WORK/" | paste -sd' ')
+[ -n "$PIDS" ] || { echo "fanout-instructions.sh: no process under callgrind" >&2; exit 1; }
+
+# Members join in the first seconds (slowly, under callgrind); the window starts after that.
+SETTLE=12
+"$BIN/loadgen" fanout --url "$URLS" --secret s --subscribers "$SUBSCRIBERS" --rooms 1 --publishers 1 \
+  --rate "$RATE" --payload 100 --duration "$((SETTLE + WINDOW + 3))s" --json >"$WORK/loadgen.json" 2>"$WORK/loadgen.err" &
+LOADGEN=$!
+sleep "$SETTLE"
+for p in $PIDS; do callgrind_control -z "$p" >/dev/null 2>&1; done
+sleep "$WINDOW"
+for p in $PIDS; do callgrind_control -d "$p" >/dev/null 2>&1; done
+wait "$LOADGEN" || { cat "$WORK/loadgen.err" >&2; exit 1; }
+LOADGEN=""
+total=0
+for f in "$WORK"/cg.*.1; do
+  n=$(awk '/^(summary|totals):/ { print $2; exit }' "$f")
+  total=$((total + n))
+done
+python3 - "$WORK/loadgen.json" "$total" "$WINDOW" "$SYSTEM" "$SUBSCRIBERS" "$RATE" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+total, window = int(sys.argv[2]), float(sys.argv[3])
+system, subscribers, rate = sys.argv[4], sys.argv[5], sys.argv[6]
+loss = r.get("loss")
+if loss:
+    sys.exit(f"fanout-instructions.sh: the run lost messages ({loss}): the front could not keep up")
+deliveries = r["deliveries_per_sec"] * window
+print(f"{system}: {total / deliveries:.0f} user-space instructions per delivery "
+      f"({subscribers} subscribers x {rate} msg/s, {window:.0f} s window, {total} instructions, "
+      f"p99 {r['latency_ms']['p99']} ms)")
+PY
