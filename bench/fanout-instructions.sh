@@ -40,10 +40,16 @@ BIN="$(cd "$BIN" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fanout-instructions.XXXX")"
 SERVER=""
 LOADGEN=""
+# Keeps the script's own exit status.
 cleanup() {
-  [ -n "$LOADGEN" ] && kill "$LOADGEN" 2>/dev/null
-  [ -n "$SERVER" ] && kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
+  local rc=$?
+  [ -z "$LOADGEN" ] || kill "$LOADGEN" 2>/dev/null || true
+  if [ -n "$SERVER" ]; then
+    kill -TERM "$SERVER" 2>/dev/null || true
+    wait "$SERVER" 2>/dev/null || true # 143 after SIGTERM: not this script's status
+  fi
   rm -rf "$WORK"
+  exit "$rc"
 }
 trap cleanup EXIT
 free_port() {
