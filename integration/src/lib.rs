@@ -20,6 +20,7 @@ pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod http;
+pub mod incoming;
 pub mod logs;
 pub mod nats;
 pub mod otlp;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{CloseInfo, ConnectError, Incoming};
+use crate::incoming::{CloseInfo, ConnectError, Incoming};
 
 /// `host:port` and the path prefix of an `http://` URL.
 fn authority(url: &str) -> Result<&str> {

@@ -71,7 +71,10 @@ async fn run(scenario: Scenario) -> anyhow::Result<()> {
             if let Some(first) = a.worker_first {
                 return worker::serve(a, first, interrupt).await;
             }
-            let r = scenarios::connections::run(a, interrupt).await?;
+            let r = match scenarios::connections::processes(&a) {
+                n if n > 1 => worker::run_parent(&a, n, interrupt).await?,
+                _ => scenarios::connections::run_single(&a, interrupt).await?,
+            };
             report::print(&r, &r.human(), json)
         }
         Scenario::Fanout(a) => {

@@ -23,13 +23,16 @@ use crate::report::{
     histogram_buckets, histogram_from_buckets, new_histogram, per_second,
 };
 use crate::scenarios::Pacer;
-use crate::{sys, worker};
+use crate::sys;
 
 /// Connections one worker process takes on, at most, under the 20,000 open-file limit these
 /// machines have (the rest is headroom for the runtime and stragglers in TIME_WAIT).
 pub const PER_PROCESS: u64 = 15_000;
 
-pub async fn run(args: ConnectionsArgs, interrupt: CancellationToken) -> Result<ConnectionsReport> {
+/// How many processes a run of `args` takes: one per [`PER_PROCESS`] connections (or fewer
+/// if the open-file limit is lower), unless `--workers` says. Above one, the caller runs
+/// `worker::run_parent`; otherwise [`run_single`].
+pub fn processes(args: &ConnectionsArgs) -> u32 {
     let limit = sys::raise_nofile_limit();
     let workers = match args.workers {
         Workers::Fixed(n) => n,
@@ -38,21 +41,18 @@ pub async fn run(args: ConnectionsArgs, interrupt: CancellationToken) -> Result<
             u32::try_from(args.count.div_ceil(per_process)).unwrap_or(u32::MAX)
         }
     };
-    if workers > 1 {
-        return worker::run_parent(&args, workers, interrupt).await;
-    }
-    if args.count + 100 > limit {
+    if workers <= 1 && args.count + 100 > limit {
         eprintln!(
             "warning: {} connections in one process, open-file limit {limit}: expect \
              too_many_open_files failures (use --workers)",
             args.count
         );
     }
-    run_single(&args, interrupt).await
+    workers
 }
 
 /// Everything in this process.
-async fn run_single(
+pub async fn run_single(
     args: &ConnectionsArgs,
     interrupt: CancellationToken,
 ) -> Result<ConnectionsReport> {

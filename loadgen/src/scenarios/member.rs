@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::args::Protocol;
 use crate::client::{self, Incoming, Payload, Ws};
-use crate::scenarios::delivery::{Ctx, Shared, Window, step_done};
+use crate::scenarios::context::{Ctx, Shared, Window, step_done};
 use crate::scenarios::{Pacer, unix_ns};
 
 /// Who a member is.

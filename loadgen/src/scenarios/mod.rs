@@ -1,6 +1,8 @@
 //! The scenarios, and the pacing and clock helpers they share.
 
+pub mod api_lane;
 pub mod connections;
+pub mod context;
 pub mod delivery;
 pub mod fanout;
 pub mod member;
