@@ -8,12 +8,14 @@
 # most of a delivery's cost: see docs/benchmarks.md for the time.
 #
 #   bench/fanout-instructions.sh [--bin DIR] [--system roomcast|floor] [--subscribers N]
-#                                [--rate R] [--window S]
+#                                [--rooms R] [--rate R] [--window S]
 #
 # Roomcast: `roomcast-cluster` with 2 gateways (each started under callgrind through a wrapper),
 # 1 room-service, `WRITE_DELAY_MS=0` (one write per delivery, as the floor does); the floor: one
 # `floor` process under callgrind. Then `loadgen fanout` into one room (1 publisher, R msg/s,
-# 100-byte payloads); the counts are zeroed once the members are in and dumped S seconds later,
+# 100-byte payloads), or with `--rooms` into that many rooms (one more member each, its
+# publisher; R msg/s in all), where the per-message work (the publish call, the broker's
+# delivery to each gateway) weighs as much as the fan-out; the counts are zeroed once the members are in and dumped S seconds later,
 # and their sum is divided by the deliveries of that window. Under callgrind the front runs
 # about 50 times slower: the default load (1000 subscribers x 20 msg/s) keeps it well within one
 # core. Everything runs on free loopback ports and is stopped on exit.
@@ -22,6 +24,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BIN="$HERE/../target/release"
 SYSTEM=roomcast
 SUBSCRIBERS=1000
+ROOMS=1
 RATE=20
 WINDOW=10
 while [ $# -gt 0 ]; do
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
     --bin) BIN="$2"; shift 2 ;;
     --system) SYSTEM="$2"; shift 2 ;;
     --subscribers) SUBSCRIBERS="$2"; shift 2 ;;
+    --rooms) ROOMS="$2"; shift 2 ;;
     --rate) RATE="$2"; shift 2 ;;
     --window) WINDOW="$2"; shift 2 ;;
     -h|--help) sed -n 2,17p "$0"; exit 0 ;;
@@ -91,7 +95,7 @@ PIDS=$(pgrep -f "callgrind-out-file=$WORK/" | paste -sd' ')
 
 # Members join in the first seconds (slowly, under callgrind); the window starts after that.
 SETTLE=12
-"$BIN/loadgen" fanout --url "$URLS" --secret s --subscribers "$SUBSCRIBERS" --rooms 1 --publishers 1 \
+"$BIN/loadgen" fanout --url "$URLS" --secret s --subscribers "$SUBSCRIBERS" --rooms "$ROOMS" --publishers "$ROOMS" \
   --rate "$RATE" --payload 100 --duration "$((SETTLE + WINDOW + 3))s" --json >"$WORK/loadgen.json" 2>"$WORK/loadgen.err" &
 LOADGEN=$!
 sleep "$SETTLE"
@@ -105,16 +109,19 @@ for f in "$WORK"/cg.*.1; do
   n=$(awk '/^(summary|totals):/ { print $2; exit }' "$f")
   total=$((total + n))
 done
-python3 - "$WORK/loadgen.json" "$total" "$WINDOW" "$SYSTEM" "$SUBSCRIBERS" "$RATE" <<'PY'
+python3 - "$WORK/loadgen.json" "$total" "$WINDOW" "$SYSTEM" "$SUBSCRIBERS" "$RATE" "$ROOMS" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 total, window = int(sys.argv[2]), float(sys.argv[3])
-system, subscribers, rate = sys.argv[4], sys.argv[5], sys.argv[6]
+system, subscribers, rate, rooms = sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
 loss = r.get("loss")
 if loss:
     sys.exit(f"fanout-instructions.sh: the run lost messages ({loss}): the front could not keep up")
 deliveries = r["deliveries_per_sec"] * window
-print(f"{system}: {total / deliveries:.0f} user-space instructions per delivery "
-      f"({subscribers} subscribers x {rate} msg/s, {window:.0f} s window, {total} instructions, "
+publishes = r["published_per_sec"] * window
+where = f"{subscribers} subscribers x {rate} msg/s" if rooms == 1 else \
+    f"{rooms} rooms, {subscribers} subscribers, {rate} msg/s in all"
+print(f"{system}: {total / deliveries:.0f} user-space instructions per delivery, "
+      f"{total / publishes:.0f} per message ({where}, {window:.0f} s window, {total} instructions, "
       f"p99 {r['latency_ms']['p99']} ms)")
 PY

@@ -605,11 +605,12 @@ p(`| Roomcast server CPU per delivery (all its processes) ≤ 1.2× the floor's,
   `${lightRc && lightFl ? `. At 50 msg/s: ${f(winAllPer(lightRc), 2)} µs vs ${f(winAllPer(lightFl), 2)} µs, ${f(ratio(winAllPer(lightRc), winAllPer(lightFl)), 2)}× (${f(writesPer(lightRc), 2)} vs ${f(writesPer(lightFl), 2)} writes per delivery)` : ''} | ` +
   `${floorBehind > 0 ? '–' : met(rcFloorAll == null ? null : rcFloorAll <= 1.2)} at 200 msg/s${floorNote}` +
   `${lightRc && lightFl && ratio(winAllPer(lightRc), winAllPer(lightFl)) != null ? `; ${met(ratio(winAllPer(lightRc), winAllPer(lightFl)) <= 1.2)} at 50 msg/s` : ''} |`);
-// bench/fanout-instructions.sh lines: "<system>: <n> user-space instructions per delivery (…)".
+// bench/fanout-instructions.sh lines: "<system>: <n> user-space instructions per delivery, <m> per
+// message (…)" (older ones have no per-message count).
 const instructions = {};
 if (fs.existsSync(path.join(work, 'instructions.txt'))) {
   for (const line of fs.readFileSync(path.join(work, 'instructions.txt'), 'utf8').split('\n')) {
-    const m = line.match(/^(\w+): (\d+) user-space instructions per delivery \(([^,]+),/);
+    const m = line.match(/^(\w+): (\d+) user-space instructions per delivery(?:, \d+ per message)? \(([^,]+),/);
     if (m) instructions[m[1]] = { n: Number(m[2]), load: m[3] };
   }
 }
