@@ -829,6 +829,29 @@ for rate in $PAPIB_RATES; do
   papi_round "papib-$rate" "$rate" --batch 64
 done
 
+# ---------------------------------------------------------------------------------------------
+# 7. Client publishes into the server-API rounds' rooms: 1,000 rooms of one subscriber each and a
+# publishing connection per room, rising rate (`loadgen fanout --steps`, a failing step tried
+# once more), on one cluster like the server-API rounds'
+# ---------------------------------------------------------------------------------------------
+CPUB_RATES="10000,20000,30000"
+CPUB_STEP=10
+[ "$QUICK" = 1 ] && CPUB_RATES="10000,20000" && CPUB_STEP=5
+printf 'cpub_step\t%s\n' "$CPUB_STEP" >>"$WORK/machine.tsv"
+round_start cpub-roomcast
+start_cluster cpub 2 2
+run cpub-roomcast "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" 240 -- \
+  "$BIN/loadgen" fanout --url "$GW_URLS" --secret "$SECRET" --subscribers 1000 --rooms 1000 --publishers 1000 \
+  --payload 100 --connect-rate 0 --steps "$CPUB_RATES" --step-duration "${CPUB_STEP}s" --json \
+  --measure-pid "server=$(IFS=,; echo "${ROOMCAST_PIDS[*]}")" \
+  --measure-pid "gateways=$(IFS=,; echo "${GW_PIDS[*]}")" \
+  --measure-redis "redis=127.0.0.1:$CREDIS_PORT"
+log "cpub-roomcast: $(node -e '
+  let r; try { r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); } catch { console.log("no result"); process.exit(0); }
+  console.log((r.steps || []).map((s) =>
+    `${s.rate_target}${s.attempt ? "(retry)" : ""}: ${s.published_per_sec}/s p99 ${s.latency_ms.p99}${s.passed ? "" : " FAIL"}`).join(", "));' "$WORK/cpub-roomcast.json")"
+stop_cluster
+
 printf 'loadavg_end\t%s\nelapsed_s\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" "$((SECONDS - T_START))" >>"$WORK/machine.tsv"
 
 # ---------------------------------------------------------------------------------------------
