@@ -28,6 +28,9 @@ fi
 # Exactly the locked versions, without the audit and funding notices.
 npm ci --prefix examples/node-backend --no-audit --no-fund --loglevel=error >/dev/null
 
+# ARCHITECTURE.md's invariant that no two modules of a crate import each other.
+python3 scripts/module-imports.py
+
 # One build of everything (the integration tests run the service binaries), then the tests.
 cargo build --workspace --all-targets --locked
 
