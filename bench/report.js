@@ -21,6 +21,8 @@ const tsv = (file) => {
   return o;
 };
 const machine = tsv(path.join(work, 'machine.tsv'));
+// Write coalescing of the coalesce rounds (older work directories: 5 ms).
+const coalesceMs = Number(machine.coalesce_ms || 5);
 
 function load(name) {
   const meta = tsv(path.join(work, `${name}.meta`));
@@ -634,7 +636,7 @@ const coP99 = coalesced.length ? Math.max(...coalesced.map((r) => r.r.latency_ms
 const coRatio = ratio(coWin, FL.winAll);
 p('| with `WRITE_DELAY_MS` or adaptive coalescing: below the floor, p99 < 50 ms | ' +
   (coalesced.length
-    ? `\`WRITE_DELAY_MS=5\`, 1000 × 200 msg/s: ${f(coWin, 2)} µs per delivery with Redis, publishing window (median of ${coalesced.length}), vs the floor's ${f(FL.winAll, 2)} µs: ${f(coRatio, 2)}×; ` +
+    ? `\`WRITE_DELAY_MS=${coalesceMs}\`, 1000 × 200 msg/s: ${f(coWin, 2)} µs per delivery with Redis, publishing window (median of ${coalesced.length}), vs the floor's ${f(FL.winAll, 2)} µs: ${f(coRatio, 2)}×; ` +
       `p99 ${coalesced.map((r) => f(r.r.latency_ms.p99, 1)).join(', ')} ms; ${f(median(coalesced.map(writesPer)), 3)} write calls per delivery | ` +
       `${met(coRatio == null || coP99 == null ? null : coRatio < 1 && coP99 < 50)}${floorNote ? ` (the CPU comparison${floorNote})` : ''} |`
     : 'not measured by this run | – |'));
@@ -642,9 +644,13 @@ const idleCpu = setupCpu(idle1, ['gateway', 'auth']);
 {
   // One connection's publishes (issue: pipelined, not serialized on the round trip).
   const fourP99 = median(rcFan.map((run) => (run.r ? run.r.latency_ms.p99 : null)));
-  const one = Object.values(runs).find((r) => r.name === 'onepub-roomcast');
-  const oneP99 = one && one.r ? one.r.latency_ms.p99 : null;
-  p(`| the 1-publisher 1000 × 200 msg/s case has the p99 of the 4-publisher one | 1 publisher: p99 ${f(oneP99, 1)} ms; 4 publishers: ${f(fourP99, 1)} ms (median of the rounds) | ${met(oneP99 == null || fourP99 == null ? null : oneP99 <= fourP99)} |`);
+  // onepub-roomcast-N (older work directories: one onepub-roomcast round).
+  const ones = Object.values(runs).filter((r) => /^onepub-roomcast(-\d+)?$/.test(r.name) && r.r);
+  const oneP99 = median(ones.map((run) => run.r.latency_ms.p99));
+  p(`| the 1-publisher 1000 × 200 msg/s case has the p99 of the 4-publisher one | 1 publisher: p99 ${f(oneP99, 1)} ms` +
+    `${ones.length > 1 ? ` (median; rounds ${ones.map((run) => f(run.r.latency_ms.p99, 1)).join(', ')})` : ''}; ` +
+    `4 publishers: ${f(fourP99, 1)} ms (median; rounds ${rcFan.map((run) => (run.r ? f(run.r.latency_ms.p99, 1) : '–')).join(', ')}) | ` +
+    `${met(oneP99 == null || fourP99 == null ? null : oneP99 <= fourP99)} |`);
   const c = onecRuns.find((run) => run.r && run.r.rate_target === 20000);
   p(`| one connection sustains ≥ 20,000 publishes/s to a small room | ${onecRuns.map((run) => (run.r ? `${int(run.r.rate_target)} offered: ${int(run.r.published_per_sec)}/s, loss ${int(run.r.loss)}, p99 ${f(run.r.latency_ms.p99, 1)} ms` : `${run.name}: no result`)).join('; ') || 'not measured by this run'} | ${met(c ? onecSustained(c) : null)} |`);
 }
@@ -818,10 +824,10 @@ if (light.length > 0) {
   p();
 }
 if (coalesced.length > 0) {
-  p('### With write coalescing: `WRITE_DELAY_MS=5`');
+  p(`### With write coalescing: \`WRITE_DELAY_MS=${coalesceMs}\``);
   p();
-  p('The 1000 × 200 msg/s fan-out on a cluster started with `--gateway-env WRITE_DELAY_MS=5`: a ' +
-    'connection\'s writer waits up to 5 ms for more frames and sends what it has in one write call. ' +
+  p(`The 1000 × 200 msg/s fan-out on a cluster started with \`--gateway-env WRITE_DELAY_MS=${coalesceMs}\`: a ` +
+    `connection's writer waits up to ${coalesceMs} ms for more frames and sends what it has in one write call. ` +
     'Compare with the floor\'s rounds above (one write per delivery by construction).');
   p();
   fanHeader();
@@ -1149,7 +1155,7 @@ p('target/release/roomcast-cluster --gateways 2 --room-services 2 --worker-threa
 p('  --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 --gateway-env WRITE_DELAY_MS=0   # fan-out and capacity');
 if (coalesced.length > 0) {
   p('target/release/roomcast-cluster --gateways 2 --room-services 2 --worker-threads 1 --secret "$SECRET" \\');
-  p('  --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 --gateway-env WRITE_DELAY_MS=5   # fan-out, coalescing on');
+  p(`  --gateway-env PUBLISH_RATE=1000 --gateway-env PUBLISH_BURST=2000 --gateway-env WRITE_DELAY_MS=${coalesceMs}   # fan-out, coalescing on`);
 }
 p('redis-server --port $PORT --bind 127.0.0.1 --save \'\' --appendonly no --maxclients 10000');
 p('PORT=$P0 REDIS_URL=redis://127.0.0.1:$PORT JWT_SECRET=$SECRET node bench/socketio/server.js   # one per instance');
