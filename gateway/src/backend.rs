@@ -651,12 +651,19 @@ impl Backends {
 
     /// One connection's ordered `PublishBatch`, sent together with other connections' batches
     /// of the moment: the call is made even if the receiver is dropped.
+    /// `next`: the connection's previous batch was in flight when these publishes came, so
+    /// they do not wait out the call pacing as well ([`crate::batcher::Batcher::submit_next`]).
     pub fn submit_publishes(
         &self,
         request: pb::PublishBatchRequest,
         span: tracing::Span,
+        next: bool,
     ) -> Pending<pb::PublishBatchResponse> {
-        self.publishes.submit(request, span)
+        if next {
+            self.publishes.submit_next(request, span)
+        } else {
+            self.publishes.submit(request, span)
+        }
     }
     rpc!(room.presence(pb::PresenceRequest) -> pb::PresenceResponse);
     rpc!(room.history(pb::HistoryRequest) -> pb::HistoryResponse);

@@ -25,6 +25,8 @@ struct Waiting<Req, Resp> {
     /// continues into the service.
     span: tracing::Span,
     reply: oneshot::Sender<Result<Resp, Status>>,
+    /// Goes without waiting out the pacing ([`Batcher::submit_next`]).
+    urgent: bool,
 }
 
 /// Batches calls of one kind; see the module docs.
@@ -94,6 +96,19 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Hands `request` over without waiting for it: the call is made whether or not the
     /// returned receiver is kept, inside `span`'s trace when it leads its batch.
     pub fn submit(&self, request: Req, span: tracing::Span) -> Pending<Resp> {
+        self.enqueue(request, span, false)
+    }
+
+    /// Like [`Batcher::submit`], for a request that already waited for a call of its own
+    /// (the next batch of a connection whose previous batch was in flight): its call goes as
+    /// soon as a slot is free, without waiting out the pacing a second time. A single busy
+    /// publisher's messages would otherwise wait for their connection's batch and then for
+    /// the pacing, where several publishers' messages wait for the pacing alone.
+    pub fn submit_next(&self, request: Req, span: tracing::Span) -> Pending<Resp> {
+        self.enqueue(request, span, true)
+    }
+
+    fn enqueue(&self, request: Req, span: tracing::Span, urgent: bool) -> Pending<Resp> {
         let queue = self.queue.get_or_init(|| {
             let (queue, waiting) = mpsc::unbounded_channel();
             tokio::spawn(run(
@@ -112,6 +127,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
             request,
             span,
             reply,
+            urgent,
         };
         if let Err(refused) = queue.send(waiting) {
             let _ = refused
@@ -164,9 +180,25 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
         if let Some(due) = last_sent.map(|at| at + pacing)
             && carried.is_none()
             && !batch.is_full()
+            && !batch.requests.iter().any(|w| w.urgent)
             && Instant::now() < due
         {
-            tokio::time::sleep_until(due).await;
+            // Wait out the pacing, gathering what comes; a connection's next batch ends the
+            // wait, and so does a batch that fills up.
+            let pause = tokio::time::sleep_until(due);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    next = waiting.recv() => {
+                        let Some(next) = next else { break };
+                        let urgent = next.urgent;
+                        if !batch.offer(next, &mut carried) || urgent || batch.is_full() {
+                            break;
+                        }
+                    }
+                }
+            }
             batch.take(&mut waiting, &mut carried);
         }
         if !pacing.is_zero() {
@@ -223,6 +255,23 @@ impl<Req, Resp> Gathered<Req, Resp> {
         self.load >= self.max_weight
     }
 
+    /// Adds `next` if it fits; if not, leaves it in `carried` to lead the next batch and
+    /// returns false.
+    fn offer(
+        &mut self,
+        next: Waiting<Req, Resp>,
+        carried: &mut Option<Waiting<Req, Resp>>,
+    ) -> bool {
+        let more = (self.weight)(&next.request);
+        if self.load + more > self.max_weight {
+            *carried = Some(next);
+            return false;
+        }
+        self.load += more;
+        self.requests.push(next);
+        true
+    }
+
     /// Adds what is waiting, up to the weight; a request that does not fit is left in
     /// `carried` to lead the next batch.
     fn take(
@@ -234,13 +283,9 @@ impl<Req, Resp> Gathered<Req, Resp> {
             let Ok(next) = waiting.try_recv() else {
                 return;
             };
-            let more = (self.weight)(&next.request);
-            if self.load + more > self.max_weight {
-                *carried = Some(next);
+            if !self.offer(next, carried) {
                 return;
             }
-            self.load += more;
-            self.requests.push(next);
         }
     }
 }
@@ -377,6 +422,31 @@ mod tests {
             calls[3].1, quiet,
             "a lone call after a quiet spell went at once"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_next_batch_is_not_paced_and_takes_along_what_waits() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let batcher: Batcher<u32, u32> = Batcher::new("next", 8, 2, move |batch: Vec<u32>| {
+            seen.lock().unwrap().push((batch.clone(), Instant::now()));
+            async move { batch.into_iter().map(Ok).collect() }
+        })
+        .paced(Duration::from_millis(50));
+        let start = Instant::now();
+        assert_eq!(batcher.call(1).await.unwrap(), 1);
+        // Within the pacing: a plain request waits, a connection's next batch does not, and
+        // the plain one waiting goes along with it.
+        let plain = batcher.submit(2, tracing::Span::none());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let next = batcher.submit_next(3, tracing::Span::none());
+        assert_eq!(outcome(next).await.unwrap(), 3);
+        assert_eq!(outcome(plain).await.unwrap(), 2);
+
+        let calls = calls.lock().unwrap().clone();
+        let batches: Vec<Vec<u32>> = calls.iter().map(|(b, _)| b.clone()).collect();
+        assert_eq!(batches, [vec![1], vec![2, 3]]);
+        assert_eq!(calls[1].1 - start, Duration::from_millis(10), "not paced");
     }
 
     #[tokio::test]

@@ -93,7 +93,7 @@ impl Publishes {
         self.queued.push_back(Entry::Publish { id, room, request });
         self.owed += 1;
         if self.in_flight.is_none() {
-            self.start(gateway);
+            self.start(gateway, false);
         }
     }
 
@@ -156,7 +156,8 @@ impl Publishes {
         self.owed = self.owed.saturating_sub(replies.len());
         conn.reply_texts(replies, socket::text, MAX_OWED);
         if !self.queued.is_empty() {
-            self.start(gateway);
+            // These waited for the batch just returned: their call is not paced again.
+            self.start(gateway, true);
         }
     }
 
@@ -168,8 +169,8 @@ impl Publishes {
         }
     }
 
-    /// Sends the front of the queue as one batch.
-    fn start(&mut self, gateway: &Arc<Gateway>) {
+    /// Sends the front of the queue as one batch; `next` when it waited for the batch before.
+    fn start(&mut self, gateway: &Arc<Gateway>, next: bool) {
         let mut slots = Vec::new();
         let mut publishes = Vec::new();
         let mut bytes = 0usize;
@@ -211,9 +212,10 @@ impl Publishes {
             publishes = publishes.len(),
             user = %publishes[0].user,
         );
-        let call = gateway
-            .backends
-            .submit_publishes(pb::PublishBatchRequest { publishes }, span);
+        let call =
+            gateway
+                .backends
+                .submit_publishes(pb::PublishBatchRequest { publishes }, span, next);
         self.in_flight = Some((slots, call));
     }
 }
