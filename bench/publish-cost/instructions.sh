@@ -3,24 +3,33 @@
 # valgrind's callgrind: unlike CPU time, the count is the same from run to run whatever else
 # the machine does, so a change to the script can be judged by a few hundred instructions.
 #
-#   bench/publish-cost/instructions.sh [SCRIPT.lua] [--batch N] [--rooms R]
+#   bench/publish-cost/instructions.sh [SCRIPT.lua] [--batch N] [--rooms R] [--idem [+]MS]
+#                                      [--lasting]
 #
 # SCRIPT.lua is the script as Redis runs it (default: this checkout's prelude.lua followed by
 # publish.lua). For each of two message counts it starts a redis-server of its own under
 # callgrind (on a free loopback port), runs script_bench.py (batches of N messages round-robin
 # into R rooms, one subscriber on every room channel) and stops it; the difference between
 # the two totals, divided by the difference in messages, leaves out start-up and set-up.
+# --idem MS: every message carries an idempotency record kept MS ms, as client publishes do
+# (the gateway's retry key, 30000); +MS as the gateway's first try sends it (nothing to look
+# up). --lasting: after its first publish a room is sent as refreshed lately, as a
+# room-service does; see script_bench.py.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STORE="$HERE/../../room-service/src/store/redis"
 SCRIPT=""
 BATCH=32
 ROOMS=1000
+IDEM=0
+LASTING=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --batch) BATCH="$2"; shift 2 ;;
     --rooms) ROOMS="$2"; shift 2 ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    --idem) IDEM="$2"; shift 2 ;;
+    --lasting) LASTING=1; shift ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) SCRIPT="$1"; shift ;;
   esac
 done
@@ -48,7 +57,7 @@ total() {
     redis-cli -p "$port" ping >/dev/null 2>&1 && break
     sleep 0.2
   done
-  python3 "$HERE/script_bench.py" "$port" "$SCRIPT" batch "$BATCH" "$messages" "$ROOMS" >/dev/null
+  python3 "$HERE/script_bench.py" "$port" "$SCRIPT" batch "$BATCH" "$messages" "$ROOMS" "$IDEM" "$LASTING" >/dev/null
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
   wait "$REDIS" 2>/dev/null || true
   REDIS=""
@@ -61,4 +70,4 @@ many=$(((10000 + BATCH - 1) / BATCH * BATCH))
 a=$(total "$few")
 b=$(total "$many")
 echo "$(basename "$SCRIPT"): $(((b - a) / (many - few))) instructions per message" \
-  "(batches of $BATCH, $ROOMS rooms; $few and $many messages)"
+  "(batches of $BATCH, $ROOMS rooms, idempotency records: ${IDEM} ms, lasting: $LASTING; $few and $many messages)"

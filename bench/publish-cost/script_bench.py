@@ -4,11 +4,18 @@ messages each, one at a time (EVALSHA, waiting for each reply), round-robin into
 one subscriber connection subscribed to every room channel (like a gateway) and drained. Prints
 Redis's own CPU (used_cpu_user + used_cpu_sys) per message.
 
-    script_bench.py PORT SCRIPT.lua LAYOUT N MESSAGES [ROOMS]
+    script_bench.py PORT SCRIPT.lua LAYOUT N MESSAGES [ROOMS] [IDEM_MS] [LASTING]
 
 SCRIPT.lua: the script as Redis runs it (prelude.lua followed by publish.lua).
 LAYOUT: `batch` (publish.lua's arguments since the batched version) or `single` (the earlier
-one-message-per-call arguments; N is then 1)."""
+one-message-per-call arguments; N is then 1).
+IDEM_MS: with `batch`, every message carries an idempotency record kept this long, as a
+client publish does (the gateway numbers each connection's publishes for its retries; 30000
+there); 0 or absent: none, as a server-API publish without a key. With a leading '+' (as the
+gateway's first try sends it: a key never used before) the script does not look it up.
+LASTING: 1 to mark a room `lasting` after its first publish, as a room-service does for the
+rooms whose lifetimes it refreshed lately. Both are publish.lua's per-message flags (ARGV[4]),
+so this runs scripts since those only."""
 import os
 import random
 import socket
@@ -72,6 +79,9 @@ def main():
     n = 1 if layout == "single" else int(sys.argv[4])
     total = int(sys.argv[5])
     rooms = int(sys.argv[6]) if len(sys.argv) > 6 else 1000
+    idem = sys.argv[7] if len(sys.argv) > 7 and sys.argv[7] not in ("", "0") else ""
+    lasting = len(sys.argv) > 8 and sys.argv[8] == "1"
+    refreshed = set()
     client = Connection(port)
     sha = client.call("SCRIPT", "LOAD", open(path).read()).decode()
     names = ["bench-%d-%d" % (os.getpid(), i) for i in range(rooms)]
@@ -107,11 +117,25 @@ def main():
         return encode("EVALSHA", sha, 3, *keys(room), "%016x" % random.getrandbits(64),
                       3600000, 1000, "rc:room:" + room, '"%s"' % room, client_id, user, data, tail)
 
+    numbered = 0
+
     def batch(batch_rooms):
-        ks, args = [], [len(batch_rooms), "%016x" % random.getrandbits(64), "PUBLISH"]
+        nonlocal numbered
+        ks, args, flags = [], [], ""
         for room in batch_rooms:
             ks += keys(room)
-            args += [3600000, 1000, "rc:room:" + room, '"%s"' % room, client_id, user, data, sender, ""]
+            window, flag = "", 0
+            if idem:
+                numbered += 1
+                ks.append("rc:{%s}:idem:retry:%s:%d" % (room, client_id, numbered))
+                window = idem.lstrip("+")
+                flag += 2 if idem.startswith("+") else 0
+            flag += 1 if lasting and room in refreshed else 0
+            refreshed.add(room)
+            flags += str(flag)
+            args += [3600000, 1000, "rc:room:" + room, '"%s"' % room, client_id, user, data, sender,
+                     window]
+        args = [len(batch_rooms), "%016x" % random.getrandbits(64), "PUBLISH", flags] + args
         return encode("EVALSHA", sha, len(ks), *ks, *args)
 
     sent = 0

@@ -540,6 +540,18 @@ fn publish_weight(request: &pb::PublishBatchRequest) -> usize {
     request.publishes.len().max(bytes.div_ceil(1024))
 }
 
+/// `request` as the next try sends it (`tries` counts them): a try after the first may find
+/// the first one's results stored, so it must not say `first_try`.
+fn publish_try(request: &pb::PublishBatchRequest, tries: &AtomicUsize) -> pb::PublishBatchRequest {
+    let mut request = request.clone();
+    if tries.fetch_add(1, Ordering::Relaxed) > 0 {
+        for publish in &mut request.publishes {
+            publish.first_try = false;
+        }
+    }
+    request
+}
+
 /// Connections' publish batches of the moment as one `PublishBatch` call. Each connection's
 /// publishes stay together and in order in it (the room-service stores a batch in order), and
 /// a connection has one batch in flight at a time, so its order holds across calls too.
@@ -558,9 +570,10 @@ fn publish_batcher(
                 let request = pb::PublishBatchRequest {
                     publishes: batch.into_iter().flat_map(|r| r.publishes).collect(),
                 };
+                let tries = AtomicUsize::new(0);
                 let response = pool
                     .call(|mut client| {
-                        let request = request.clone();
+                        let request = publish_try(&request, &tries);
                         async move { client.publish_batch(request).await }
                     })
                     .await;
@@ -769,6 +782,29 @@ mod tests {
             .call(|_c| async { Err(Status::invalid_argument("bad")) })
             .await;
         assert_eq!(result.unwrap_err().code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_publish_failed_over_is_no_longer_a_first_try() {
+        let pool = Pool::new("http://127.0.0.1:1, http://127.0.0.1:2", None, |c| c).unwrap();
+        let request = pb::PublishBatchRequest {
+            publishes: vec![pb::PublishRequest {
+                idempotency_key: "retry:c:1".into(),
+                first_try: true,
+                ..Default::default()
+            }],
+        };
+        let tries = AtomicUsize::new(0);
+        let sent = std::sync::Mutex::new(Vec::new());
+        let result: Result<(), Status> = pool
+            .call(|_c| {
+                let request = publish_try(&request, &tries);
+                sent.lock().unwrap().push(request.publishes[0].first_try);
+                async { Err(Status::unavailable("down")) }
+            })
+            .await;
+        assert!(result.is_err());
+        assert_eq!(*sent.lock().unwrap(), [true, false]);
     }
 
     #[test]

@@ -705,6 +705,9 @@ impl Session {
                 key,
                 self.publish_count,
             ),
+            // A key the gateway numbers itself was never used: nothing for room-service to
+            // look up unless this is a retry (the backend pool clears it then).
+            first_try: key.is_none(),
         };
         // The reader goes on reading (unless the connection owes too many replies already);
         // the reply comes when the batch returns.

@@ -102,3 +102,67 @@ async fn pipelined_publishes_keep_their_order_standalone() {
     )
     .await;
 }
+
+/// What one connection's publishes cost Redis, counted by command: each reads the room's epoch
+/// once (`GETEX` when its room-service refreshes the room, a plain `GET` for a fifth of a TTL
+/// after that) and none looks up its retry record, which only a retry can find.
+async fn client_publishes_read_the_epoch_once_and_look_up_nothing(sys: &mut System) -> Result<()> {
+    use roomcast_integration::redis_cluster::cli;
+    let room = "cost";
+    let n = 400u64;
+    let port = sys.cluster().context("needs a cluster")?.redis().port();
+    let mut publisher = sys.client(0, "host").await?;
+    publisher.join(room).await?;
+    cli(port, &["CONFIG", "RESETSTAT"])?;
+    for seq in 1..=n {
+        publisher
+            .send_command(json!({"type": "publish", "room": room, "data": {"seq": seq}}))
+            .await?;
+    }
+    let mut acked = 0;
+    while acked < n {
+        match publisher.recv(T).await? {
+            Incoming::Json(v) if v["type"] == "published" => acked += 1,
+            Incoming::Json(v) if v["type"] == "error" => anyhow::bail!("error: {v}"),
+            Incoming::Json(_) => {}
+            other => anyhow::bail!("publisher: {other}"),
+        }
+    }
+    let stats = cli(port, &["INFO", "commandstats"])?;
+    let calls = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (get, getex, incr, set) = (calls("get"), calls("getex"), calls("incr"), calls("set"));
+    ensure!(
+        incr == n && set == n,
+        "{n} publishes: {incr} INCR, {set} SET (retry records)\n{stats}"
+    );
+    ensure!(
+        get + getex == n,
+        "{n} publishes read the epoch {getex} + {get} times: a retry record was looked up\n{stats}"
+    );
+    // The first batch of each room-service refreshes; the rest are within a fifth of a TTL.
+    ensure!(
+        getex < n / 4,
+        "{getex} of {n} publishes refreshed the room\n{stats}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_publishes_read_the_epoch_once_and_look_up_nothing_cluster() {
+    let opts = ClusterOptions::default()
+        .gateway_env("PUBLISH_RATE", 100_000)
+        .gateway_env("PUBLISH_BURST", 100_000);
+    run(
+        "publish_redis_calls",
+        Flavor::Cluster,
+        opts,
+        client_publishes_read_the_epoch_once_and_look_up_nothing,
+    )
+    .await;
+}

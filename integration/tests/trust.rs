@@ -107,6 +107,7 @@ async fn outsider_calls_everything(
         user: "admin".into(),
         data_json: r#"{"evil":true}"#.into(),
         idempotency_key: String::new(),
+        first_try: false,
     };
     outcomes.push((
         "Publish",

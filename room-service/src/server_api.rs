@@ -89,7 +89,7 @@ impl ServerApi for ServerApiImpl {
         let key = Self::scoped_key(&request.idempotency_key)?;
         let user = Self::publisher(&request.user);
         self.rooms
-            .publish_checked(&request.room, user, "", data, &key)
+            .publish_checked(&request.room, user, "", data, &key, false)
             .await
             .map(Response::new)
     }
@@ -117,7 +117,7 @@ impl ServerApi for ServerApiImpl {
                     user: Self::publisher(&publish.user),
                     client_id: "",
                     data_json,
-                    once: self.rooms.once(key)?,
+                    once: self.rooms.once(key, false)?,
                 })
             })
             .collect();
@@ -143,7 +143,7 @@ impl ServerApi for ServerApiImpl {
         check_user(&request.user, false)?;
         let data_json = self.rooms.check_data(&request.data_json)?;
         let key = Self::scoped_key(&request.idempotency_key)?;
-        let once = self.rooms.once(&key)?;
+        let once = self.rooms.once(&key, false)?;
         let user = Self::publisher(&request.user);
         // One ordered store call for every room, as a batch.
         let checked = request

@@ -179,8 +179,9 @@ impl RoomServiceImpl {
         client_id: &str,
         data_json: &str,
         idempotency_key: &str,
+        first_try: bool,
     ) -> Result<pb::PublishResponse, Status> {
-        let once = self.once(idempotency_key)?;
+        let once = self.once(idempotency_key, first_try)?;
         let published = self
             .store
             .publish_once(room, user, client_id, data_json, once)
@@ -226,21 +227,31 @@ impl RoomServiceImpl {
     }
 
     /// The idempotency of a publish with `key` (none when empty). Keys a gateway made up for
-    /// its own retries are kept only as long as such a retry can come.
-    pub(crate) fn once<'k>(&self, key: &'k str) -> Result<Option<Once<'k>>, Status> {
+    /// its own retries are kept only as long as such a retry can come; on its `first_try` such
+    /// a key was never used, so there is nothing to look up.
+    pub(crate) fn once<'k>(
+        &self,
+        key: &'k str,
+        first_try: bool,
+    ) -> Result<Option<Once<'k>>, Status> {
         if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(Status::invalid_argument(format!(
                 "idempotency key is longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"
             )));
         }
-        let window = if key.starts_with(roomcast_common::RETRY_KEY_PREFIX) {
+        let retry_key = key.starts_with(roomcast_common::RETRY_KEY_PREFIX);
+        let window = if retry_key {
             self.options
                 .idempotency_window
                 .min(roomcast_common::RETRY_KEY_WINDOW)
         } else {
             self.options.idempotency_window
         };
-        Ok((!key.is_empty()).then_some(Once { key, window }))
+        Ok((!key.is_empty()).then_some(Once {
+            key,
+            window,
+            unused: retry_key && first_try,
+        }))
     }
 
     pub(crate) async fn presence_of(
@@ -303,6 +314,7 @@ impl RoomServiceImpl {
             &request.client_id,
             data,
             &request.idempotency_key,
+            request.first_try,
         )
         .await
     }
@@ -500,7 +512,7 @@ impl RoomService for RoomServiceImpl {
         check_batch_len(publishes.len())?;
         let keys: Vec<_> = publishes
             .iter()
-            .map(|publish| self.once(&publish.idempotency_key))
+            .map(|publish| self.once(&publish.idempotency_key, publish.first_try))
             .collect();
         let checked = publishes
             .iter()
@@ -674,6 +686,7 @@ pub(crate) mod tests {
             user: "alice".into(),
             data_json: data_json.into(),
             idempotency_key: String::new(),
+            first_try: false,
         })
     }
 

@@ -35,6 +35,7 @@ fn publish(data: &str) -> pb::PublishRequest {
         user: "alice".into(),
         data_json: data.into(),
         idempotency_key: String::new(),
+        first_try: false,
     }
 }
 

@@ -448,11 +448,34 @@ async fn history_never_serves_more_than_its_size_though_the_stream_holds_more() 
     assert_eq!(store.room_stats("r").await.unwrap().history_len, 5);
 }
 
-/// A publish keeps the room alive without refreshing three TTLs: the epoch's life is extended
-/// with the read that fetches it (`GETEX`), offset and stream only when less than a TTL is left
-/// of their 1.5 TTL. The epoch still expires exactly a TTL after the last publish.
+/// The commands Redis ran since the last `CONFIG RESETSTAT`, by name.
+fn command_calls(server: &RedisServer) -> impl Fn(&str) -> u64 {
+    let stats = match server.command(&["INFO", "commandstats"]) {
+        redis::Value::VerbatimString { text, .. } => text,
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+        other => panic!("INFO answered {other:?}"),
+    };
+    move |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    }
+}
+
+fn pttl(server: &RedisServer, key: &str) -> i64 {
+    match server.command(&["PTTL", key]) {
+        redis::Value::Int(ms) => ms,
+        other => panic!("PTTL answered {other:?}"),
+    }
+}
+
+/// A publish keeps the room alive without refreshing three TTLs: the first refreshes the
+/// epoch (1.25 TTL, by the `GETEX` that reads it) and checks the offset's and stream's expiry
+/// (pushed to 1.75 TTL when less than 1.25 is left); for a fifth of a TTL after that, this
+/// instance's publishes to the room only read the epoch. It still lives a TTL after the last.
 #[tokio::test]
-async fn publishes_refresh_offset_and_stream_expiry_only_every_half_ttl() {
+async fn publishes_refresh_the_room_only_every_fifth_of_a_ttl() {
     let server = RedisServer::start();
     let ttl = Duration::from_secs(100);
     let store = RedisStore::new(&server.url(), limits(10, ttl)).unwrap();
@@ -460,27 +483,49 @@ async fn publishes_refresh_offset_and_stream_expiry_only_every_half_ttl() {
     for n in 1..=50 {
         store.publish("r", "u", "c", &n.to_string()).await.unwrap();
     }
-    let stats = match server.command(&["INFO", "commandstats"]) {
-        redis::Value::VerbatimString { text, .. } => text,
-        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
-        other => panic!("INFO answered {other:?}"),
-    };
-    let calls = |command: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
-    };
-    assert_eq!(calls("getex"), 50, "{stats}");
+    let calls = command_calls(&server);
+    assert_eq!(calls("getex"), 1);
+    assert_eq!(calls("pttl"), 1);
     // Once, for the first publish: offset and stream each.
-    assert_eq!(calls("pexpire"), 2, "{stats}");
-    let pttl = |key: &str| match server.command(&["PTTL", key]) {
-        redis::Value::Int(ms) => ms,
-        other => panic!("PTTL answered {other:?}"),
-    };
-    assert!(pttl("rc:{r}:epoch") <= 100_000);
-    assert!(pttl("rc:{r}:seq") > 100_000 && pttl("rc:{r}:seq") <= 150_000);
-    assert!(pttl("rc:{r}:hist") > 100_000 && pttl("rc:{r}:hist") <= 150_000);
+    assert_eq!(calls("pexpire"), 2);
+    assert_eq!(calls("incr"), 50);
+    let epoch = pttl(&server, "rc:{r}:epoch");
+    assert!(epoch > 100_000 && epoch <= 125_000, "{epoch}");
+    for key in ["rc:{r}:seq", "rc:{r}:hist"] {
+        let left = pttl(&server, key);
+        assert!(left > 125_000 && left <= 175_000, "{key}: {left}");
+    }
+}
+
+/// A room whose keys were dropped (and made again by a read) while this instance still counts
+/// it as refreshed gets its lifetimes from the next publish all the same: nothing is left
+/// without an expiry.
+#[tokio::test]
+async fn a_room_made_again_gets_its_lifetimes_from_a_lasting_publish() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(&server.url(), limits(10, Duration::from_secs(100))).unwrap();
+    let first = store.publish("r", "u", "c", "1").await.unwrap();
+    server.command(&["DEL", "rc:{r}:epoch", "rc:{r}:seq", "rc:{r}:hist"]);
+    // The read starts a new epoch with no offset yet.
+    let page = store.history("r", None, 0).await.unwrap();
+    assert_ne!(page.epoch, first.epoch);
+    server.command(&["CONFIG", "RESETSTAT"]);
+    let next = store.publish("r", "u", "c", "2").await.unwrap();
+    assert_eq!((next.epoch.as_str(), next.offset), (page.epoch.as_str(), 1));
+    let calls = command_calls(&server);
+    assert_eq!(calls("getex"), 0, "the publish went lasting");
+    assert!(pttl(&server, "rc:{r}:epoch") > 100_000);
+    for key in ["rc:{r}:seq", "rc:{r}:hist"] {
+        assert!(pttl(&server, key) > 125_000, "{key} has no expiry");
+    }
+    // Keys dropped with nothing reading them: the lasting publish makes the room itself.
+    server.command(&["DEL", "rc:{r}:epoch", "rc:{r}:seq", "rc:{r}:hist"]);
+    let again = store.publish("r", "u", "c", "3").await.unwrap();
+    assert_eq!(again.offset, 1);
+    assert_ne!(again.epoch, page.epoch);
+    for key in ["rc:{r}:epoch", "rc:{r}:seq", "rc:{r}:hist"] {
+        assert!(pttl(&server, key) > 100_000, "{key} has no expiry");
+    }
 }
 
 #[tokio::test]
@@ -508,9 +553,9 @@ async fn history_is_bounded_by_age() {
         .await
         .unwrap();
     assert_eq!(recovered.recovered, Some(false));
-    // Idle past the TTL: everything is gone and offsets restart under a new epoch. (The join
-    // above refreshed the keys, so wait a full TTL from now.)
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Idle past the epoch's life: everything is gone and offsets restart under a new epoch.
+    // (The join above refreshed the room, so wait 1.25 TTL from now.)
+    tokio::time::sleep(Duration::from_millis(2800)).await;
     let next = store.publish("r", "u", "c", "3").await.unwrap();
     assert_eq!(next.offset, 1);
     assert_ne!(next.epoch, first.epoch);
@@ -879,6 +924,7 @@ async fn an_idempotency_key_publishes_once_within_its_window() {
         Some(Once {
             key,
             window: Duration::from_millis(400),
+            unused: false,
         })
     };
     let first = store
@@ -910,6 +956,39 @@ async fn an_idempotency_key_publishes_once_within_its_window() {
         .await
         .unwrap();
     assert_eq!(later.offset, 3);
+}
+
+/// The gateway's first try with a key of its own is not looked up, and its result is kept:
+/// the retry (which goes without the flag) gets it and is neither stored nor sent again.
+#[tokio::test]
+async fn a_first_try_is_not_looked_up_and_its_retry_finds_it() {
+    use roomcast_room::store::Once;
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    let (_subscriber, seen) = listen(&server, "rc:room:r").await;
+    let once = |unused| {
+        Some(Once {
+            key: "retry:c:1",
+            window: Duration::from_secs(30),
+            unused,
+        })
+    };
+    server.command(&["CONFIG", "RESETSTAT"]);
+    let first = store
+        .publish_once("r", "u", "c", "1", once(true))
+        .await
+        .unwrap();
+    assert_eq!(command_calls(&server)("get"), 0);
+    let retry = store
+        .publish_once("r", "u", "c", "1", once(false))
+        .await
+        .unwrap();
+    assert_eq!(retry, first);
+    assert_eq!(command_calls(&server)("get"), 1);
+    wait_for(&seen, 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "the retry was not broadcast");
+    assert_eq!(store.history("r", None, 0).await.unwrap().messages.len(), 1);
 }
 
 #[tokio::test]

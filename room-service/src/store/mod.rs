@@ -149,6 +149,9 @@ pub struct Once<'a> {
     /// Scoped by the caller (see `service::idempotency_scope`), at most a few hundred bytes.
     pub key: &'a str,
     pub window: Duration,
+    /// The key was never used before (the gateway's first try with a key of its own), so there
+    /// is no earlier result to look up; the result is still kept for a retry.
+    pub unused: bool,
 }
 
 /// One publish of a batch ([`Store::publish_many`]).

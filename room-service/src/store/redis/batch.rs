@@ -22,6 +22,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::super::{Published, StoreError};
+use super::lifetimes::Lifetimes;
 use super::{Backend, OP_TIMEOUT, Scripts};
 
 /// Most messages in one script call.
@@ -50,6 +51,8 @@ pub(super) struct Message {
     pub sender: String,
     /// With an idempotency record: how long it is kept.
     pub window_ms: Option<u64>,
+    /// Its idempotency key was never used before: nothing to look up.
+    pub key_unused: bool,
     /// The room, for a broadcast on another broker.
     pub room: String,
 }
@@ -75,6 +78,7 @@ pub(super) struct Sender<C> {
     pub external: Option<Arc<dyn Publisher>>,
     /// Least time between two script calls, unless a full batch is waiting.
     pub interval: Duration,
+    pub lifetimes: Lifetimes,
 }
 
 /// The queue of publishes; the sending task ends when the last handle is dropped.
@@ -158,8 +162,14 @@ impl<C: Backend> Sender<C> {
         let messages: Vec<&Message> = batch.iter().flat_map(|job| &job.messages).collect();
         let rooms: Vec<&str> = messages.iter().map(|m| m.room.as_str()).collect();
         let groups = C::call_groups(&rooms);
+        let sent_at = Instant::now();
+        let lasting = self.lifetimes.lasting(
+            messages.iter().map(|m| (m.room.as_str(), m.ttl_ms)),
+            sent_at,
+        );
         let calls = groups.iter().map(|group| {
-            let group: Vec<&Message> = group.iter().map(|&i| messages[i]).collect();
+            let group: Vec<(&Message, bool)> =
+                group.iter().map(|&i| (messages[i], lasting[i])).collect();
             self.call(group)
         });
         let replies =
@@ -188,20 +198,40 @@ impl<C: Backend> Sender<C> {
                 }
             }
         }
+        // A message stored by a call that was not `lasting` refreshed its room.
+        self.lifetimes.refreshed(
+            messages
+                .iter()
+                .zip(&lasting)
+                .zip(&results)
+                .filter(|((_, lasting), result)| {
+                    !**lasting && matches!(result, Some(Ok((_, true))))
+                })
+                .map(|((m, _), _)| (m.room.as_str(), m.ttl_ms)),
+            sent_at,
+        );
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(StoreError::Malformed("publish reply".into()))))
             .collect()
     }
 
-    /// One script call for `messages`, whose keys share a slot on a cluster.
-    async fn call(&self, messages: Vec<&Message>) -> Result<Vec<Value>, StoreError> {
+    /// One script call for `messages` (each with whether it is `lasting`), whose keys share a
+    /// slot on a cluster.
+    async fn call(&self, messages: Vec<(&Message, bool)>) -> Result<Vec<Value>, StoreError> {
         let mut invocation = self.scripts.publish.prepare_invoke();
+        let flags: String = messages
+            .iter()
+            .map(|&(message, lasting)| {
+                char::from(b'0' + u8::from(lasting) + 2 * u8::from(message.key_unused))
+            })
+            .collect();
         invocation
             .arg(messages.len())
             .arg(super::super::new_epoch())
-            .arg(C::BROADCAST);
-        for message in &messages {
+            .arg(C::BROADCAST)
+            .arg(flags);
+        for (message, _) in &messages {
             for key in &message.keys {
                 invocation.key(key);
             }

@@ -4,12 +4,16 @@
 //! concurrently. Publishes go in batches, one script call each (`batch.rs`).
 //!
 //! Key layout (a room's keys share the `{<room>}` hash tag, so they live in one slot):
-//! - `rc:{<room>}:epoch` string: expires `HISTORY_TTL_SECONDS` after the room's last publish or
-//!   join; a missing epoch means the history is lost and a new epoch starts.
+//! - `rc:{<room>}:epoch` string: expires 1 to 1.25 × `HISTORY_TTL_SECONDS` after the room's
+//!   last publish or join (a refresh gives it 1.25 TTL, and is skipped for a fifth of a TTL
+//!   after one: `lifetimes.rs`); a missing epoch means the history is lost and a new epoch
+//!   starts.
 //! - `rc:{<room>}:seq` latest offset, `rc:{<room>}:hist` stream with ids `<offset>-0`, trimmed
 //!   approximately by count (every read enforces the exact bounds): they outlive the epoch by
-//!   at most half a TTL, so their expiry is refreshed only every half TTL, not per publish.
-//! - `rc:{<room>}:idem:<key>` the first result of an idempotent publish, for its window.
+//!   at most half a TTL, so their expiry is checked only on a refresh and moved at most every
+//!   half TTL.
+//! - `rc:{<room>}:idem:<key>` the first result of an idempotent publish, for its window (not
+//!   looked up on the gateway's first try with a key of its own: `Once::unused`).
 //! - `rc:{<room>}:members` hash client id -> `{"user":…,"gateway":…}`; no expiry: members
 //!   leave explicitly or drop out when their gateway's lease runs out.
 //! - `rc:gw:{<gateway>}:rooms` set of the rooms a gateway had members in, for the sweeper.
@@ -53,6 +57,7 @@ const PRELUDE: &str = include_str!("prelude.lua");
 
 mod backend;
 mod batch;
+mod lifetimes;
 
 pub use backend::Backend;
 use batch::{Batcher, Message};
@@ -344,6 +349,7 @@ impl<C: Backend> RedisStore<C> {
                 scripts: self.scripts.clone(),
                 external: self.external.clone(),
                 interval: self.batch_interval,
+                lifetimes: Default::default(),
             })
         })
     }
@@ -377,6 +383,7 @@ impl<C: Backend> RedisStore<C> {
             data_json: item.data_json.to_owned(),
             sender: message_frame_sender(item.user, item.client_id),
             window_ms: None,
+            key_unused: false,
             room: item.room.to_owned(),
         };
         if let Some(once) = item.once {
@@ -389,6 +396,7 @@ impl<C: Backend> RedisStore<C> {
                     .unwrap_or(u64::MAX)
                     .max(1),
             );
+            message.key_unused = once.unused;
         }
         Ok(message)
     }

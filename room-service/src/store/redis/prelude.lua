@@ -2,9 +2,12 @@
 -- rc:{<room>}:epoch, rc:{<room>}:seq, rc:{<room>}:hist (a stream with ids <offset>-0 and fields
 -- u = user, c = client id, d = data json, t = unix ms), rc:{<room>}:members.
 --
--- Lifetimes: the epoch key alone expires exactly ttl after the room's last publish or join
--- (GETEX on every one). Offset and stream outlive it (their expiry is pushed to 1.5 ttl when
--- less than ttl is left, so at most every ttl/2); a missing epoch makes them start over.
+-- Lifetimes: a publish or join that refreshes the room sets the epoch key to expire
+-- epoch_life(ttl) = 1.25 ttl later (GETEX). A room-service that refreshed a room lately skips
+-- the refresh for a fifth of a ttl (publish.lua, `lasting`: a GET instead, and no PTTL), so the
+-- epoch still lives at least ttl after the last publish, at most 1.25 ttl. Offset and stream
+-- outlive it (their expiry is pushed to epoch_life + ttl/2 when less than epoch_life is left);
+-- a missing epoch makes them start over.
 -- History bounds: the stream is trimmed approximately (XADD MAXLEN ~: whole nodes only, so it
 -- may hold a few more entries than the size) and aged entries are deleted lazily; every read
 -- enforces both bounds exactly (read_floor, trim_aged).
@@ -21,10 +24,25 @@ local function valid_epoch(epoch)
   return epoch and string.match(epoch, '^[0-9a-f]+$')
 end
 
+-- How long the epoch lives after a refresh (see the top): as a command argument, and in ms.
+-- Made once per script call and ttl: turning numbers into strings and back costs more than
+-- the commands using them.
+local lives, lives_ms = {}, {}
+local function epoch_life(ttl_ms)
+  local life = lives[ttl_ms]
+  if not life then
+    local ttl = tonumber(ttl_ms)
+    lives_ms[ttl_ms] = ttl + math.floor(ttl / 4)
+    life = string.format('%d', lives_ms[ttl_ms])
+    lives[ttl_ms] = life
+  end
+  return life, lives_ms[ttl_ms]
+end
+
 -- Starts the room over under new_epoch: offset and stream are dropped with the old epoch.
 local function new_room(epoch_key, seq_key, hist_key, new_epoch, ttl_ms)
   call('DEL', seq_key, hist_key)
-  call('SET', epoch_key, new_epoch, 'PX', ttl_ms)
+  call('SET', epoch_key, new_epoch, 'PX', (epoch_life(ttl_ms)))
   return new_epoch
 end
 
@@ -37,10 +55,10 @@ local function ensure_epoch(epoch_key, seq_key, hist_key, new_epoch, ttl_ms)
   return new_room(epoch_key, seq_key, hist_key, new_epoch, ttl_ms)
 end
 
--- The room's epoch, its life extended to ttl_ms from now (a publish or a join); created when
--- missing.
+-- The room's epoch, its life extended to epoch_life from now (a publish or a join); created
+-- when missing.
 local function touch_epoch(epoch_key, seq_key, hist_key, new_epoch, ttl_ms)
-  local epoch = call('GETEX', epoch_key, 'PX', ttl_ms)
+  local epoch = call('GETEX', epoch_key, 'PX', (epoch_life(ttl_ms)))
   if valid_epoch(epoch) then
     return epoch
   end
@@ -84,12 +102,13 @@ local function trim_aged(hist_key, cutoff_ms)
 end
 
 -- Keeps the offset and the stream alive past the epoch (see the top), touching them only when
--- probe_key (the stream, or the offset for a room without history) has less than ttl left;
--- aged entries go at the same time.
+-- probe_key (the stream, or the offset for a room without history) has less than the epoch's
+-- life left; aged entries go at the same time.
 local function keep_alive(seq_key, hist_key, probe_key, ttl_ms, now)
-  local ttl = tonumber(ttl_ms)
-  if call('PTTL', probe_key) < ttl then
-    local life = ttl + math.floor(ttl / 2)
+  local _, life = epoch_life(ttl_ms)
+  if call('PTTL', probe_key) < life then
+    local ttl = tonumber(ttl_ms)
+    life = life + math.floor(ttl / 2)
     call('PEXPIRE', seq_key, life)
     call('PEXPIRE', hist_key, life)
     trim_aged(hist_key, now - ttl)

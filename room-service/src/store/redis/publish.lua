@@ -1,7 +1,12 @@
 -- Publish a batch of messages, in order: for each, assign the offset, append it to history and
 -- broadcast it, atomically, so publish order on a room's channel is offset order.
 -- ARGV: 1 message count, 2 new epoch (for a room that has none), 3 the broadcast command
---       (PUBLISH, or SPUBLISH on a Redis Cluster), then 9 per message:
+--       (PUBLISH, or SPUBLISH on a Redis Cluster), 4 one digit per message, the sum of
+--       1: `lasting`, the caller refreshed the room lately: the epoch is read, not refreshed,
+--          and the offset's and stream's expiry is not checked (see prelude.lua);
+--       2: its idempotency key was never used before (the gateway's first try with a key of
+--          its own): nothing to look up, the record is only written;
+--       then 9 per message:
 --       +1 ttl ms, +2 history size (0: keep none),
 --       +3 channel ('' when another broker, NATS, carries the broadcast: the caller publishes),
 --       +4 room as a JSON string, +5 sender client id, +6 user, +7 data json,
@@ -13,20 +18,24 @@
 local n = tonumber(ARGV[1])
 local new_epoch = ARGV[2]
 local broadcast = ARGV[3]
+local flags = ARGV[4]
 local now = now_ms()
 local stamp = string.format('%d', now)
 local out = {}
 local k = 0
 for i = 0, n - 1 do
-  local a = 3 + i * 9
+  local a = 4 + i * 9
+  local flag = string.byte(flags, i + 1) - 48
   local epoch_key, seq_key, hist_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   k = k + 3
-  local idem_key = nil
+  local idem_key, seen = nil, nil
   if ARGV[a + 9] ~= '' then
     k = k + 1
     idem_key = KEYS[k]
+    if flag < 2 then
+      seen = call('GET', idem_key)
+    end
   end
-  local seen = idem_key and call('GET', idem_key)
   local space = seen and string.find(seen, ' ', 1, true)
   if space then
     out[#out + 1] = string.sub(seen, 1, space - 1)
@@ -34,8 +43,23 @@ for i = 0, n - 1 do
     out[#out + 1] = 0
   else
     local ttl, size, channel = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-    local epoch = touch_epoch(epoch_key, seq_key, hist_key, new_epoch, ttl)
+    local lasting = flag % 2 == 1
+    local epoch
+    if lasting then
+      epoch = call('GET', epoch_key)
+      if not valid_epoch(epoch) then
+        epoch = new_room(epoch_key, seq_key, hist_key, new_epoch, ttl)
+      end
+    else
+      epoch = touch_epoch(epoch_key, seq_key, hist_key, new_epoch, ttl)
+    end
     local offset = call('INCR', seq_key)
+    if offset == 1 and lasting then
+      -- New keys (the room started over, maybe on a read): whatever the caller knew, they
+      -- need their lifetimes.
+      call('PEXPIRE', epoch_key, (epoch_life(ttl)))
+      lasting = false
+    end
     local off = string.format('%d', offset)
     local client_id = ARGV[a + 5]
     local probe = seq_key
@@ -51,7 +75,9 @@ for i = 0, n - 1 do
         '{"type":"message","room":' .. ARGV[a + 4] .. ',"offset":' .. off ..
         ',"epoch":"' .. epoch .. '"' .. ARGV[a + 8] .. ARGV[a + 7] .. '}')
     end
-    keep_alive(seq_key, hist_key, probe, ttl, now)
+    if not lasting then
+      keep_alive(seq_key, hist_key, probe, ttl, now)
+    end
     if idem_key then
       call('SET', idem_key, epoch .. ' ' .. off, 'PX', ARGV[a + 9])
     end
