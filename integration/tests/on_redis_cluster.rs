@@ -114,7 +114,7 @@ async fn redis_store_on_a_cluster() -> anyhow::Result<()> {
     use roomcast_integration::logs::LogDir;
     use roomcast_integration::redis_cluster::{RedisCluster, cli};
     use roomcast_room::store::{
-        ConnectionOpening, HistoryLimits, Joiner, PublishItem, RedisStore, Store,
+        ConnectionOpening, HistoryLimits, Joiner, Once, PublishItem, RedisStore, Store,
     };
 
     let logs = LogDir::for_test("redis-cluster-store")?;
@@ -273,6 +273,34 @@ async fn redis_store_on_a_cluster() -> anyhow::Result<()> {
     ensure!(
         counted == [Ok(1), Err(1)].repeat(users.len()),
         "batch counts: {counted:?}"
+    );
+
+    // The cluster client sends a command again after losing its connection (a failover), so
+    // a script may run twice: even the gateway's first try looks its retry record up here.
+    let master = cluster.master_of("rc:{cl-once}:seq")?;
+    cli(master, &["CONFIG", "RESETSTAT"])?;
+    let once = Once {
+        key: "retry:c:1",
+        window: Duration::from_secs(30),
+        unused: true,
+    };
+    let item = |data_json| PublishItem {
+        room: "cl-once",
+        user: "u",
+        client_id: "c",
+        data_json,
+        once: Some(once),
+    };
+    let first = store.publish_many(&[item("1")]).await?;
+    let stats = cli(master, &["INFO", "commandstats"])?;
+    ensure!(
+        stats.lines().any(|l| l.starts_with("cmdstat_get:calls=1,")),
+        "the record was not looked up:\n{stats}"
+    );
+    let again = store.publish_many(&[item("1")]).await?;
+    ensure!(
+        again == first,
+        "a script run twice stored twice: {first:?}, {again:?}"
     );
     store.ping().await.context("ping")?;
     Ok(())

@@ -18,6 +18,11 @@ pub trait Backend: ConnectionLike + Clone + Send + Sync + 'static {
     /// room channel then lives in the room's slot).
     const BROADCAST: &'static str;
 
+    /// Whether the client sends a command again by itself after losing the connection it went
+    /// on (the cluster client does, after a reconnect or a failover), so a script may run twice
+    /// for one call: its publishes must then always look their idempotency records up.
+    const MAY_RESEND: bool;
+
     /// The channel the scripts broadcast `room`'s messages and member events on.
     fn room_channel(room: &str) -> String;
 
@@ -49,6 +54,7 @@ fn scan_step(cursor: u64, pattern: &str) -> redis::Cmd {
 
 impl Backend for ConnectionManager {
     const BROADCAST: &'static str = "PUBLISH";
+    const MAY_RESEND: bool = false;
 
     fn room_channel(room: &str) -> String {
         room_channel(room)
@@ -87,6 +93,7 @@ fn room_slot(room: &str) -> Slot {
 
 impl Backend for ClusterConnection {
     const BROADCAST: &'static str = "SPUBLISH";
+    const MAY_RESEND: bool = true;
 
     fn room_channel(room: &str) -> String {
         cluster_channel(&room_channel(room)).into_owned()

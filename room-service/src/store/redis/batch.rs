@@ -223,7 +223,8 @@ impl<C: Backend> Sender<C> {
         let flags: String = messages
             .iter()
             .map(|&(message, lasting)| {
-                char::from(b'0' + u8::from(lasting) + 2 * u8::from(message.key_unused))
+                let unused = message.key_unused && !C::MAY_RESEND;
+                char::from(b'0' + u8::from(lasting) + 2 * u8::from(unused))
             })
             .collect();
         invocation

@@ -13,7 +13,8 @@
 //!   at most half a TTL, so their expiry is checked only on a refresh and moved at most every
 //!   half TTL.
 //! - `rc:{<room>}:idem:<key>` the first result of an idempotent publish, for its window (not
-//!   looked up on the gateway's first try with a key of its own: `Once::unused`).
+//!   looked up on the gateway's first try with a key of its own, `Once::unused`, except on a
+//!   cluster: `Backend::MAY_RESEND`).
 //! - `rc:{<room>}:members` hash client id -> `{"user":…,"gateway":…}`; no expiry: members
 //!   leave explicitly or drop out when their gateway's lease runs out.
 //! - `rc:gw:{<gateway>}:rooms` set of the rooms a gateway had members in, for the sweeper.
