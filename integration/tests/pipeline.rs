@@ -1,6 +1,6 @@
 //! One connection's publishes are pipelined (the gateway keeps reading while they are stored)
 //! and still stored in the order sent, answered in the order sent, and a command after them
-//! sees them.
+//! sees them; and what they cost Redis, counted by command.
 
 use std::time::Duration;
 
