@@ -52,6 +52,15 @@ pub fn cli(port: u16, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// How many times `command` ran, from `INFO commandstats` output (0 when it never did).
+pub fn command_calls(stats: &str, command: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 impl RedisCluster {
     /// Starts `masters` masters with `replicas` replicas each and waits until every node
     /// says the cluster is ok.

@@ -107,7 +107,7 @@ async fn pipelined_publishes_keep_their_order_standalone() {
 /// once (`GETEX` when its room-service refreshes the room, a plain `GET` for a fifth of a TTL
 /// after that) and none looks up its retry record, which only a retry can find.
 async fn client_publishes_read_the_epoch_once_and_look_up_nothing(sys: &mut System) -> Result<()> {
-    use roomcast_integration::redis_cluster::cli;
+    use roomcast_integration::redis_cluster::{cli, command_calls};
     let room = "cost";
     let n = 400u64;
     let port = sys.cluster().context("needs a cluster")?.redis().port();
@@ -129,13 +129,7 @@ async fn client_publishes_read_the_epoch_once_and_look_up_nothing(sys: &mut Syst
         }
     }
     let stats = cli(port, &["INFO", "commandstats"])?;
-    let calls = |command: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let calls = |command| command_calls(&stats, command);
     let (get, getex, incr, set) = (calls("get"), calls("getex"), calls("incr"), calls("set"));
     ensure!(
         incr == n && set == n,
