@@ -4,7 +4,7 @@
 # the machine does, so a change to the script can be judged by a few hundred instructions.
 #
 #   bench/publish-cost/instructions.sh [SCRIPT.lua] [--batch N] [--rooms R] [--idem [+]MS]
-#                                      [--lasting]
+#                                      [--lasting] [--layout records|batch]
 #
 # SCRIPT.lua is the script as Redis runs it (default: this checkout's prelude.lua followed by
 # publish.lua). For each of two message counts it starts a redis-server of its own under
@@ -14,7 +14,8 @@
 # --idem MS: every message carries an idempotency record kept MS ms, as client publishes do
 # (the gateway's retry key, 30000); +MS as the gateway's first try sends it (nothing to look
 # up). --lasting: after its first publish a room is sent as refreshed lately, as a
-# room-service does; see script_bench.py.
+# room-service does. --layout: the script's arguments, for scripts older than this checkout's
+# (`batch`: before history entries held the retry records); see script_bench.py.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STORE="$HERE/../../room-service/src/store/redis"
@@ -23,13 +24,15 @@ BATCH=32
 ROOMS=1000
 IDEM=0
 LASTING=0
+LAYOUT=records
 while [ $# -gt 0 ]; do
   case "$1" in
     --batch) BATCH="$2"; shift 2 ;;
     --rooms) ROOMS="$2"; shift 2 ;;
     --idem) IDEM="$2"; shift 2 ;;
     --lasting) LASTING=1; shift ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    --layout) LAYOUT="$2"; shift 2 ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) SCRIPT="$1"; shift ;;
   esac
 done
@@ -57,7 +60,7 @@ total() {
     redis-cli -p "$port" ping >/dev/null 2>&1 && break
     sleep 0.2
   done
-  python3 "$HERE/script_bench.py" "$port" "$SCRIPT" batch "$BATCH" "$messages" "$ROOMS" "$IDEM" "$LASTING" >/dev/null
+  python3 "$HERE/script_bench.py" "$port" "$SCRIPT" "$LAYOUT" "$BATCH" "$messages" "$ROOMS" "$IDEM" "$LASTING" >/dev/null
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
   wait "$REDIS" 2>/dev/null || true
   REDIS=""

@@ -7,12 +7,14 @@ Redis's own CPU (used_cpu_user + used_cpu_sys) per message.
     script_bench.py PORT SCRIPT.lua LAYOUT N MESSAGES [ROOMS] [IDEM_MS] [LASTING]
 
 SCRIPT.lua: the script as Redis runs it (prelude.lua followed by publish.lua).
-LAYOUT: `batch` (publish.lua's arguments since the batched version) or `single` (the earlier
-one-message-per-call arguments; N is then 1).
+LAYOUT: `records` (publish.lua's arguments since history entries hold the gateway's retry
+records: a 5th header argument, the retry window, and flag 4), `batch` (the batched version's
+arguments before that) or `single` (the earlier one-message-per-call arguments; N is then 1).
 IDEM_MS: with `batch`, every message carries an idempotency record kept this long, as a
 client publish does (the gateway numbers each connection's publishes for its retries; 30000
 there); 0 or absent: none, as a server-API publish without a key. With a leading '+' (as the
-gateway's first try sends it: a key never used before) the script does not look it up.
+gateway's first try sends it: a key never used before) the script does not look it up. With
+`records`, the record is the message's history entry, as for the gateway's keys.
 LASTING: 1 to mark a room `lasting` after its first publish, as a room-service does for the
 rooms whose lifetimes it refreshed lately. Both are publish.lua's per-message flags (ARGV[4]),
 so this runs scripts since those only."""
@@ -122,20 +124,27 @@ def main():
     def batch(batch_rooms):
         nonlocal numbered
         ks, args, flags = [], [], ""
+        records = layout == "records"
         for room in batch_rooms:
             ks += keys(room)
             window, flag = "", 0
             if idem:
                 numbered += 1
-                ks.append("rc:{%s}:idem:retry:%s:%d" % (room, client_id, numbered))
-                window = idem.lstrip("+")
-                flag += 2 if idem.startswith("+") else 0
+                unused = idem.startswith("+")
+                if not (records and unused):
+                    ks.append("rc:{%s}:idem:retry:%s:%d" % (room, client_id, numbered))
+                window = str(numbered) if records else idem.lstrip("+")
+                flag += 2 if unused else 0
+                flag += 4 if records else 0
             flag += 1 if lasting and room in refreshed else 0
             refreshed.add(room)
             flags += str(flag)
             args += [3600000, 1000, "rc:room:" + room, '"%s"' % room, client_id, user, data, sender,
                      window]
-        args = [len(batch_rooms), "%016x" % random.getrandbits(64), "PUBLISH", flags] + args
+        header = [len(batch_rooms), "%016x" % random.getrandbits(64), "PUBLISH", flags]
+        if records:
+            header.append(idem.lstrip("+") or 0)
+        args = header + args
         return encode("EVALSHA", sha, len(ks), *ks, *args)
 
     sent = 0

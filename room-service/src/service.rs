@@ -411,7 +411,12 @@ pub(crate) fn check_user(user: &str, required: bool) -> Result<(), Status> {
 }
 
 pub(crate) fn store_status(error: StoreError) -> Status {
-    if error.is_transient() {
+    if matches!(error, StoreError::Unsure) {
+        // Not retried by the gateway (a transport failure is): the client hears `unavailable`,
+        // as when every try failed, and the outcome is unknown either way.
+        tracing::warn!(%error, "publish not retried");
+        Status::aborted(error.to_string())
+    } else if error.is_transient() {
         metrics::counter!("roomcast_room_store_errors_total", "kind" => "unavailable").increment(1);
         tracing::warn!(%error, "store unavailable");
         Status::unavailable(error.to_string())
@@ -662,6 +667,15 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::store::{HistoryLimits, MemoryStore, RedisStore};
+
+    /// A publish history cannot settle is not retried by the gateway (ABORTED is not a
+    /// transport failure) and reaches the client as `unavailable`.
+    #[test]
+    fn an_unsure_retry_is_aborted() {
+        let status = store_status(StoreError::Unsure);
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(ErrorCode::from_grpc(status.code()), ErrorCode::Unavailable);
+    }
 
     pub(crate) fn service(api_key: Option<&str>) -> (RoomServiceImpl, MemoryBroker) {
         let broker = MemoryBroker::new();

@@ -958,37 +958,124 @@ async fn an_idempotency_key_publishes_once_within_its_window() {
     assert_eq!(later.offset, 3);
 }
 
-/// The gateway's first try with a key of its own is not looked up, and its result is kept:
-/// the retry (which goes without the flag) gets it and is neither stored nor sent again.
+/// The gateway's first try with a key of its own is not looked up, and its record is its
+/// history entry (no record key written): the retry (which goes without the flag) finds it
+/// there, among other connections' publishes and tries, and is neither stored nor sent again.
 #[tokio::test]
-async fn a_first_try_is_not_looked_up_and_its_retry_finds_it() {
-    use roomcast_room::store::Once;
+async fn a_first_try_is_not_looked_up_and_its_retry_finds_it_in_history() {
     let server = RedisServer::start();
     let store = store(&server, 10);
     let (_subscriber, seen) = listen(&server, "rc:room:r").await;
-    let once = |unused| {
-        Some(Once {
-            key: "retry:c:1",
-            window: Duration::from_secs(30),
-            unused,
-        })
-    };
     server.command(&["CONFIG", "RESETSTAT"]);
     let first = store
-        .publish_once("r", "u", "c", "1", once(true))
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:7", true))
         .await
         .unwrap();
     assert_eq!(command_calls(&server)("get"), 0);
+    // The new room's epoch; no record key.
+    assert_eq!(command_calls(&server)("set"), 1);
+    // Later publishes: another connection's try with the same number, and this one's next.
+    for (client, key) in [("d", "retry:d:7"), ("c", "retry:c:8")] {
+        store
+            .publish_once("r", "u", client, "2", retry_once(key, true))
+            .await
+            .unwrap();
+    }
     let retry = store
-        .publish_once("r", "u", "c", "1", once(false))
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:7", false))
         .await
         .unwrap();
     assert_eq!(retry, first);
-    assert_eq!(command_calls(&server)("get"), 1);
-    wait_for(&seen, 1).await;
+    assert_eq!(command_calls(&server)("xrevrange"), 1);
+    wait_for(&seen, 3).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(seen.lock().unwrap().len(), 1, "the retry was not broadcast");
-    assert_eq!(store.history("r", None, 0).await.unwrap().messages.len(), 1);
+    assert_eq!(seen.lock().unwrap().len(), 3, "the retry was not broadcast");
+    assert_eq!(store.history("r", None, 0).await.unwrap().messages.len(), 3);
+    let records = server.command(&["KEYS", "rc:{r}:idem:*"]);
+    assert_eq!(records, redis::Value::Array(vec![]), "no record keys");
+}
+
+/// A retry whose first try never reached Redis is stored, once; a room without history keeps
+/// record keys for the gateway's retries.
+#[tokio::test]
+async fn a_retry_of_a_lost_first_try_is_stored_once() {
+    let server = RedisServer::start();
+    let store = store(&server, 10);
+    store.publish("r", "u", "c", "0").await.unwrap();
+    let retry = store
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:1", false))
+        .await
+        .unwrap();
+    let again = store
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:1", false))
+        .await
+        .unwrap();
+    assert_eq!((retry.offset, again.offset), (2, 2));
+    assert_eq!(store.history("r", None, 0).await.unwrap().messages.len(), 2);
+
+    let without_history =
+        RedisStore::new(&server.url(), limits(0, Duration::from_secs(3600))).expect("store");
+    let first = without_history
+        .publish_once("q", "u", "c", "1", retry_once("retry:c:1", true))
+        .await
+        .unwrap();
+    let retry = without_history
+        .publish_once("q", "u", "c", "1", retry_once("retry:c:1", false))
+        .await
+        .unwrap();
+    assert_eq!(retry, first);
+}
+
+/// When more than the history size was published between a first try and its retry, history
+/// no longer tells whether the first try was stored: the retry is refused, not stored again.
+/// Entries older than the retry window do not count: a first try cannot be that old.
+#[tokio::test]
+async fn a_retry_that_history_cannot_settle_is_refused() {
+    use roomcast_room::store::StoreError;
+    let server = RedisServer::start();
+    // Small stream nodes, so that trimming to the size removes entries soon.
+    server.command(&["CONFIG", "SET", "stream-node-max-entries", "4"]);
+    let store = store(&server, 10);
+    store
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:1", true))
+        .await
+        .unwrap();
+    for i in 0..40 {
+        store.publish("r", "u", "d", &i.to_string()).await.unwrap();
+    }
+    assert!(xlen(&server, "rc:{r}:hist") < 41, "the stream was trimmed");
+    let retry = store
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:1", false))
+        .await;
+    assert!(matches!(retry, Err(StoreError::Unsure)), "{retry:?}");
+    let unknown = store
+        .publish_once("r", "u", "c", "1", retry_once("retry:c:2", false))
+        .await;
+    assert!(matches!(unknown, Err(StoreError::Unsure)), "{unknown:?}");
+    assert_eq!(store.history("r", None, 0).await.unwrap().offset, 41);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let short = |key| {
+        Some(roomcast_room::store::Once {
+            key,
+            window: Duration::from_millis(200),
+            unused: false,
+        })
+    };
+    let stored = store
+        .publish_once("r", "u", "c", "1", short("retry:c:2"))
+        .await
+        .unwrap();
+    assert_eq!(stored.offset, 42);
+}
+
+/// The idempotency of a gateway's own key, as room-service passes it.
+fn retry_once(key: &str, unused: bool) -> Option<roomcast_room::store::Once<'_>> {
+    Some(roomcast_room::store::Once {
+        key,
+        window: Duration::from_secs(30),
+        unused,
+    })
 }
 
 #[tokio::test]

@@ -97,6 +97,14 @@ pub enum StoreError {
     /// The backend answered something this store does not understand.
     #[error("malformed store reply: {0}")]
     Malformed(String),
+    /// A publish retried after a call whose outcome was lost, whose first try the room's
+    /// history can no longer confirm or rule out: more than the history size was published
+    /// in the room between the tries. Storing it could repeat it, so it is not.
+    #[error(
+        "cannot tell whether an earlier try of this publish was stored (more than the room's \
+         history size was published since); not stored again"
+    )]
+    Unsure,
     /// A record could not be encoded for the backend.
     #[error("cannot encode a store record: {0}")]
     Encode(#[source] Arc<serde_json::Error>),

@@ -37,8 +37,10 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// One publish, encoded for `publish.lua` (see its header for the arguments).
 pub(super) struct Message {
-    /// epoch, seq, hist, then the idempotency record when there is one.
+    /// epoch, seq, hist.
     pub keys: Vec<String>,
+    /// The idempotency record's key, when the publish has one.
+    pub record_key: Option<String>,
     pub ttl_ms: u64,
     pub size: usize,
     /// Empty when another broker carries the broadcast.
@@ -53,6 +55,9 @@ pub(super) struct Message {
     pub window_ms: Option<u64>,
     /// Its idempotency key was never used before: nothing to look up.
     pub key_unused: bool,
+    /// A gateway's retry key whose record can be the history entry (`publish.lua`, flag 4):
+    /// the try's number. Set for rooms with history that outlives the retry window.
+    pub try_number: Option<u64>,
     /// The room, for a broadcast on another broker.
     pub room: String,
 }
@@ -220,20 +225,40 @@ impl<C: Backend> Sender<C> {
     /// slot on a cluster.
     async fn call(&self, messages: Vec<(&Message, bool)>) -> Result<Vec<Value>, StoreError> {
         let mut invocation = self.scripts.publish.prepare_invoke();
+        // A client that may send a script call again after a dropped connection (a cluster's)
+        // could run a first try twice: those always write and look up a record key.
+        let in_history = |message: &Message| message.try_number.is_some() && !C::MAY_RESEND;
         let flags: String = messages
             .iter()
             .map(|&(message, lasting)| {
                 let unused = message.key_unused && !C::MAY_RESEND;
-                char::from(b'0' + u8::from(lasting) + 2 * u8::from(unused))
+                char::from(
+                    b'0' + u8::from(lasting)
+                        + 2 * u8::from(unused)
+                        + 4 * u8::from(in_history(message)),
+                )
             })
             .collect();
+        let retry_window = messages
+            .iter()
+            .filter(|(message, _)| in_history(message))
+            .filter_map(|(message, _)| message.window_ms)
+            .max()
+            .unwrap_or(0);
         invocation
             .arg(messages.len())
             .arg(super::super::new_epoch())
             .arg(C::BROADCAST)
-            .arg(flags);
+            .arg(flags)
+            .arg(retry_window);
         for (message, _) in &messages {
             for key in &message.keys {
+                invocation.key(key);
+            }
+            let in_history = in_history(message);
+            if let Some(key) = &message.record_key
+                && !(in_history && message.key_unused)
+            {
                 invocation.key(key);
             }
             invocation
@@ -245,9 +270,10 @@ impl<C: Backend> Sender<C> {
                 .arg(&message.user)
                 .arg(&message.data_json)
                 .arg(&message.sender);
-            match message.window_ms {
-                Some(window) => invocation.arg(window),
-                None => invocation.arg(""),
+            match (message.try_number, message.window_ms) {
+                (Some(n), _) if in_history => invocation.arg(n),
+                (_, Some(window)) => invocation.arg(window),
+                _ => invocation.arg(""),
             };
         }
         let mut connection = self.connection.clone();
@@ -372,6 +398,9 @@ fn parse_reply(reply: Vec<Value>, count: usize) -> Result<Vec<(Published, bool)>
             let epoch: String = redis::from_redis_value_ref(&triple[0]).map_err(malformed)?;
             let offset: u64 = redis::from_redis_value_ref(&triple[1]).map_err(malformed)?;
             let fresh: i64 = redis::from_redis_value_ref(&triple[2]).map_err(malformed)?;
+            if fresh == 2 {
+                return Err(StoreError::Unsure);
+            }
             Ok((Published { epoch, offset }, fresh == 1))
         })
         .collect()

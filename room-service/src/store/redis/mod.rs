@@ -14,7 +14,9 @@
 //!   half TTL.
 //! - `rc:{<room>}:idem:<key>` the first result of an idempotent publish, for its window (not
 //!   looked up on the gateway's first try with a key of its own, `Once::unused`, except on a
-//!   cluster: `Backend::MAY_RESEND`).
+//!   cluster: `Backend::MAY_RESEND`). The gateway's keys in rooms with history have no such
+//!   key: the history entry holds the try (fields `c`, `n`), and a retry looks for it there
+//!   (`publish.lua`'s `find_try`): a SET and a key to expire less per client publish.
 //! - `rc:{<room>}:members` hash client id -> `{"user":…,"gateway":…}`; no expiry: members
 //!   leave explicitly or drop out when their gateway's lease runs out.
 //! - `rc:gw:{<gateway>}:rooms` set of the rooms a gateway had members in, for the sweeper.
@@ -100,6 +102,14 @@ impl Scripts {
             stats: with_prelude(include_str!("stats.lua")),
         }
     }
+}
+
+/// The try number of a gateway's retry key (`retry:<client id>:<n>`) made for `client_id`.
+fn try_number(key: &str, client_id: &str) -> Option<u64> {
+    let (client, n) = key
+        .strip_prefix(roomcast_common::RETRY_KEY_PREFIX)?
+        .rsplit_once(':')?;
+    (client == client_id).then(|| n.parse().ok()).flatten()
 }
 
 /// The keys of one room.
@@ -383,21 +393,25 @@ impl<C: Backend> RedisStore<C> {
             user: item.user.to_owned(),
             data_json: item.data_json.to_owned(),
             sender: message_frame_sender(item.user, item.client_id),
+            record_key: None,
             window_ms: None,
             key_unused: false,
+            try_number: None,
             room: item.room.to_owned(),
         };
         if let Some(once) = item.once {
             // The room's hash tag comes first, so the record lives in the room's slot.
-            message
-                .keys
-                .push(format!("rc:{{{}}}:idem:{}", item.room, once.key));
-            message.window_ms = Some(
-                u64::try_from(once.window.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-            );
+            message.record_key = Some(format!("rc:{{{}}}:idem:{}", item.room, once.key));
+            let window_ms = u64::try_from(once.window.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            message.window_ms = Some(window_ms);
             message.key_unused = once.unused;
+            // The history entry is the record when it surely outlives the retry window but for
+            // trimming to size, which publish.lua detects.
+            if limits.size > 0 && message.ttl_ms >= window_ms {
+                message.try_number = try_number(once.key, item.client_id);
+            }
         }
         Ok(message)
     }
