@@ -49,6 +49,17 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// A metric handle registered once, with the process's recorder ([`prometheus`], installed
+/// first if need be). The `counter!` and `histogram!` macros look their key up in the registry
+/// on every call (hashing and cloning it: about 0.5% of a gateway's and of a room-service's
+/// CPU in many small rooms), which paths taken once per message should not pay.
+pub fn cached<T>(cell: &'static OnceLock<T>, register: impl FnOnce() -> T) -> &'static T {
+    cell.get_or_init(|| {
+        prometheus();
+        register()
+    })
+}
+
 /// Router with the three endpoints.
 pub fn router(readiness: Readiness) -> Router {
     prometheus();

@@ -160,6 +160,10 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
     pacing: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(max_in_flight));
+    // Registered once: the macros look the key up on every call.
+    roomcast_common::ops::prometheus();
+    let calls = metrics::counter!("roomcast_gateway_batched_calls_total", "call" => name);
+    let batched = metrics::counter!("roomcast_gateway_batched_requests_total", "call" => name);
     // A request that did not fit the previous batch: it leads the next one.
     let mut carried = None;
     let mut last_sent: Option<Instant> = None;
@@ -205,9 +209,8 @@ async fn run<Req: Send + 'static, Resp: Send + 'static>(
             last_sent = Some(Instant::now());
         }
         let batch = batch.requests;
-        metrics::counter!("roomcast_gateway_batched_calls_total", "call" => name).increment(1);
-        metrics::counter!("roomcast_gateway_batched_requests_total", "call" => name)
-            .increment(batch.len() as u64);
+        calls.increment(1);
+        batched.increment(batch.len() as u64);
         let span = batch[0].span.clone();
         let (requests, replies): (Vec<Req>, Vec<_>) =
             batch.into_iter().map(|w| (w.request, w.reply)).unzip();

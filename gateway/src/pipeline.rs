@@ -12,7 +12,7 @@
 //! a join sees the join" and "a read sent after a publish sees it" hold as before.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use roomcast_common::telemetry::TRACING_ONLY;
 use roomcast_proto as pb;
@@ -202,7 +202,11 @@ impl Publishes {
                 }));
             return;
         }
-        metrics::histogram!("roomcast_gateway_publish_batch_size").record(publishes.len() as f64);
+        static BATCH_SIZE: OnceLock<metrics::Histogram> = OnceLock::new();
+        roomcast_common::ops::cached(&BATCH_SIZE, || {
+            metrics::histogram!("roomcast_gateway_publish_batch_size")
+        })
+        .record(publishes.len() as f64);
         // One trace per batch (its own root, whatever the reader was doing), the room-service's
         // `PublishBatch` its child. Disabled, as without an exporter, it costs nothing here.
         let span = tracing::info_span!(

@@ -10,7 +10,7 @@
 //! It does no I/O: when a gap needs history it says so ([`Repair`]) and the hub asks the
 //! repair task.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 
@@ -71,6 +71,14 @@ impl Member {
         }
         true
     }
+}
+
+/// `roomcast_gateway_deliveries_total`, counted once per message and room.
+fn deliveries_total() -> &'static metrics::Counter {
+    static COUNTER: OnceLock<metrics::Counter> = OnceLock::new();
+    roomcast_common::ops::cached(&COUNTER, || {
+        metrics::counter!("roomcast_gateway_deliveries_total")
+    })
 }
 
 /// The frames of `deliveries`, back to back: what one write sends for all of them.
@@ -317,7 +325,7 @@ impl RoomStream {
             member.conn.deliver_message(delivery);
             delivered += 1;
         }
-        metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
+        deliveries_total().increment(delivered);
     }
 
     /// Several messages, in order (see [`RoomStream::flush`]).
@@ -348,6 +356,6 @@ impl RoomStream {
                 delivered += 1;
             }
         }
-        metrics::counter!("roomcast_gateway_deliveries_total").increment(delivered);
+        deliveries_total().increment(delivered);
     }
 }

@@ -243,6 +243,8 @@ pub async fn cross_gateway_delivery(sys: &mut System) -> Result<()> {
         );
     }
 
+    let delivered_before = gateway_counter(sys, 1, "roomcast_gateway_deliveries_total").await?;
+    let published_before = published_total(sys).await?;
     let data = json!({"text": "hello", "n": 1, "nested": {"ok": true, "list": [1, "two"]}});
     let id = a
         .send_command(json!({"type": "publish", "room": room, "data": data}))
@@ -284,6 +286,15 @@ pub async fn cross_gateway_delivery(sys: &mut System) -> Result<()> {
                 .with_context(|| format!("data {data} at {}", rx.name()))?;
         }
     }
+    // The metrics count them (their handles are registered once, with the process's recorder).
+    let delivered =
+        gateway_counter(sys, 1, "roomcast_gateway_deliveries_total").await? - delivered_before;
+    let published = published_total(sys).await? - published_before;
+    ensure!(
+        delivered >= 16.0 && published >= 8.0,
+        "8 publishes to 2 members on gateway 1: it counted {delivered} deliveries, \
+         room-service {published} publishes"
+    );
     Ok(())
 }
 
@@ -2328,15 +2339,34 @@ impl RawRedis {
     }
 }
 
-/// The sum of a Prometheus counter on a gateway's /metrics (0 when absent).
-async fn gateway_counter(sys: &System, gateway: usize, name: &str) -> Result<f64> {
-    let metrics = http::get(&format!("{}/metrics", sys.http_url(gateway)), T).await?;
-    Ok(metrics
-        .body
+/// `roomcast_room_published_total` over the room-services of a cluster, or of the standalone
+/// process (whose /metrics is the gateway's).
+async fn published_total(sys: &System) -> Result<f64> {
+    const NAME: &str = "roomcast_room_published_total";
+    let Some(cluster) = sys.cluster() else {
+        return gateway_counter(sys, 0, NAME).await;
+    };
+    let mut sum = 0.0;
+    for i in 0..cluster.room_service_count() {
+        let url = format!("{}/metrics", cluster.room_service(i).http_url);
+        sum += counter_sum(&http::get(&url, T).await?.body, NAME);
+    }
+    Ok(sum)
+}
+
+/// The sum of a Prometheus counter's samples in a /metrics text.
+fn counter_sum(metrics: &str, name: &str) -> f64 {
+    metrics
         .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+        .sum()
+}
+
+/// The sum of a Prometheus counter on a gateway's /metrics (0 when absent).
+async fn gateway_counter(sys: &System, gateway: usize, name: &str) -> Result<f64> {
+    let metrics = http::get(&format!("{}/metrics", sys.http_url(gateway)), T).await?;
+    Ok(counter_sum(&metrics.body, name))
 }
 
 /// The gateways lose their broker link and cannot get it back for a while (Redis refuses new

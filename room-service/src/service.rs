@@ -187,7 +187,7 @@ impl RoomServiceImpl {
             .publish_once(room, user, client_id, data_json, once)
             .await
             .map_err(store_status)?;
-        metrics::counter!("roomcast_room_published_total").increment(1);
+        published_total().increment(1);
         Ok(pb::PublishResponse {
             epoch: published.epoch,
             offset: published.offset,
@@ -207,7 +207,7 @@ impl RoomServiceImpl {
             self.store.publish_many(&items).await.map_err(store_status)
         };
         if stored.is_ok() {
-            metrics::counter!("roomcast_room_published_total").increment(items.len() as u64);
+            published_total().increment(items.len() as u64);
         }
         let mut stored = stored.map(Vec::into_iter);
         checked
@@ -408,6 +408,14 @@ pub(crate) fn check_user(user: &str, required: bool) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// `roomcast_room_published_total`, counted once per call.
+fn published_total() -> &'static metrics::Counter {
+    static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    roomcast_common::ops::cached(&COUNTER, || {
+        metrics::counter!("roomcast_room_published_total")
+    })
 }
 
 pub(crate) fn store_status(error: StoreError) -> Status {
