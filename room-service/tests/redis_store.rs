@@ -916,17 +916,10 @@ async fn sweep_removes_members_of_expired_gateways_once() {
 
 #[tokio::test]
 async fn an_idempotency_key_publishes_once_within_its_window() {
-    use roomcast_room::store::Once;
     let server = RedisServer::start();
     let store = store(&server, 10);
     let (_subscriber, seen) = listen(&server, "rc:room:r").await;
-    let once = |key| {
-        Some(Once {
-            key,
-            window: Duration::from_millis(400),
-            unused: false,
-        })
-    };
+    let once = |key| keyed(key, Duration::from_millis(400), false);
     let first = store
         .publish_once("r", "u", "c", "1", once("k"))
         .await
@@ -1055,25 +1048,21 @@ async fn a_retry_that_history_cannot_settle_is_refused() {
     assert_eq!(store.history("r", None, 0).await.unwrap().offset, 41);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let short = |key| {
-        Some(roomcast_room::store::Once {
-            key,
-            window: Duration::from_millis(200),
-            unused: false,
-        })
-    };
-    let stored = store
-        .publish_once("r", "u", "c", "1", short("retry:c:2"))
-        .await
-        .unwrap();
+    let short = keyed("retry:c:2", Duration::from_millis(200), false);
+    let stored = store.publish_once("r", "u", "c", "1", short).await.unwrap();
     assert_eq!(stored.offset, 42);
 }
 
 /// The idempotency of a gateway's own key, as room-service passes it.
 fn retry_once(key: &str, unused: bool) -> Option<roomcast_room::store::Once<'_>> {
+    keyed(key, Duration::from_secs(30), unused)
+}
+
+/// A publish's idempotency: `key`, kept for `window`.
+fn keyed(key: &str, window: Duration, unused: bool) -> Option<roomcast_room::store::Once<'_>> {
     Some(roomcast_room::store::Once {
         key,
-        window: Duration::from_secs(30),
+        window,
         unused,
     })
 }
