@@ -340,6 +340,17 @@ for (const m of MANY) prepareRamp(m);
 const CPUB = { key: 'cpub-roomcast', name: 'Roomcast' };
 prepareRamp(CPUB);
 const manyOf = (key) => MANY.find((m) => m.key === key);
+// Small rooms at a chat's pace (small-<system>-N): one `loadgen fanout --steps 1000` step each.
+const smallRuns = (system) => Object.values(runs)
+  .filter((r) => new RegExp(`^small-${system}-\\d+$`).test(r.name) && r.r && Array.isArray(r.r.steps) && r.r.steps.length)
+  .sort((a, b) => a.name.localeCompare(b.name, 'en', { numeric: true }));
+const smallStep = (run) => run.r.steps[0];
+const smallRedis = (st) => Object.values(st.redis_cpu_seconds || {}).reduce((a, b) => a + Number(b), 0);
+const smallPerPublish = (run) => {
+  const st = smallStep(run);
+  return us(Number(st.cpu_seconds && st.cpu_seconds.server) + smallRedis(st), st.published);
+};
+const SMALL = { roomcast: smallRuns('roomcast'), floor: smallRuns('floor') };
 const maxRate = (m) => (!m.run ? null : m.best ? m.best.rate_target : 0);
 const maxText = (m) => {
   if (!m.run) return m.skip ? 'skipped' : 'not run';
@@ -678,6 +689,16 @@ p(`| ≤ 4 KiB gateway RSS per idle connection (~19,000 on one gateway; 100,000 
   p(`| server CPU per publish, all Roomcast processes incl. Redis, many small rooms ≤ 1.5× the floor's | ` +
     `${rcPub != null && flPub != null ? `${f(rcPub, 0)} µs vs ${f(flPub, 0)} µs at ${int(at.rate_target)} publishes/s: ${f(ratio(rcPub, flPub), 2)}×` : 'not measured'} | ` +
     `${met(rcPub == null || flPub == null ? null : rcPub / flPub <= 1.5)} |`);
+  {
+    // The same target in its own case: 2,000 members over 100 rooms, 10 msg/s each.
+    const per = (runsOf) => median(runsOf.map(smallPerPublish));
+    const rcS = per(SMALL.roomcast);
+    const flS = per(SMALL.floor);
+    const rounds = (runsOf) => runsOf.map((run) => f(smallPerPublish(run), 0)).join(', ');
+    p(`| the same, small rooms at a chat's pace (2,000 members over 100 rooms, 10 msg/s each: the target's own case) | ` +
+      `${rcS != null && flS != null ? `${f(rcS, 0)} µs vs ${f(flS, 0)} µs at 1,000 publishes/s: ${f(ratio(rcS, flS), 2)}× (medians; rounds ${rounds(SMALL.roomcast)} vs ${rounds(SMALL.floor)})` : 'not measured by this run'} | ` +
+      `${met(rcS == null || flS == null ? null : rcS / flS <= 1.5)} |`);
+  }
   // Measured twice: in the many-rooms ramp (4 deliveries a publish) and into the server-API
   // rounds' rooms (one subscriber each), the like-for-like of the server-API target.
   const cpubRate = maxRate(CPUB);
@@ -1142,6 +1163,37 @@ if (!CPUB.run) {
   p();
 }
 
+p("## Small rooms at a chat's pace");
+p();
+if (!SMALL.roomcast.length && !SMALL.floor.length) {
+  p('(not run)');
+  p();
+} else {
+  p('2,000 members over 100 rooms (19 subscribers and 1 publisher each), 10 msg/s per room: 1,000 publishes/s for ' +
+    `${machine.small_step || 10} s, drained and counted (one \`loadgen fanout --steps 1000\` run per round), the case the ` +
+    'server-CPU-per-publish target names. Roomcast: the fan-out rounds\' cluster (`roomcast-cluster --gateways 2 ' +
+    '--room-services 2 --worker-threads 1`, one Redis, members spread over the gateways); floor: one process of four ' +
+    'runtime threads; rounds in alternation. CPU per publish over publishing + drain, Redis included. At this pace ' +
+    'little batches: each publish is about one gRPC call and one script call, and each gateway with members of the ' +
+    'room reads it from Redis on its own.');
+  p();
+  p('| round | published/s | deliveries/s | loss | p50 (ms) | p99 (ms) | server CPU µs/publish (incl. Redis) | front processes µs/publish | Redis µs/publish | load generator CPU (s) | |');
+  p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|');
+  const rows = [];
+  for (let i = 0; i < Math.max(SMALL.roomcast.length, SMALL.floor.length); i++) {
+    for (const run of [SMALL.roomcast[i], SMALL.floor[i]]) if (run) rows.push(run);
+  }
+  for (const run of rows) {
+    const st = smallStep(run);
+    const front = Number(st.cpu_seconds && st.cpu_seconds.gateways);
+    const redis = Object.keys(st.redis_cpu_seconds || {}).length ? f(us(smallRedis(st), st.published), 1) : '–';
+    p(`| ${run.name} | ${int(st.published_per_sec)} | ${int(st.deliveries_per_sec)} | ${int(st.loss)} | ${f(st.latency_ms.p50, 2)} | ` +
+      `${f(st.latency_ms.p99, 2)} | ${f(smallPerPublish(run), 0)} | ${f(us(front, st.published), 0)} | ${redis} | ${f(st.loadgen_cpu_seconds, 2)} | ` +
+      `${st.passed ? 'pass' : '**fail**'} |`);
+  }
+  p();
+}
+
 p('## Command lines');
 p();
 p('As run by `bench/run.sh` (`$SECRET` is a per-run HS256 secret; URLs are the free ports of that run):');
@@ -1162,6 +1214,9 @@ p('PORT=$P0 REDIS_URL=redis://127.0.0.1:$PORT JWT_SECRET=$SECRET node bench/sock
 p('target/release/floor --addr 127.0.0.1:$PF --threads T   # the floor reference, one per process: T = 4 beside two gateways, 2 per process beside three');
 if (MANY.some((m) => m.run)) {
   p('target/release/roomcast-cluster --gateways 3 --room-services 2 --worker-threads 1 --secret "$SECRET"   # many small rooms');
+}
+if (SMALL.roomcast.length) {
+  p('target/release/roomcast-cluster --gateways 2 --room-services 2 --worker-threads 1 --secret "$SECRET"   # small rooms at a chat\'s pace');
 }
 const shown = new Set();
 for (const run of Object.values(runs).sort((a, b) => Number(a.meta.start) - Number(b.meta.start))) {

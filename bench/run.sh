@@ -860,6 +860,45 @@ log "cpub-roomcast: $(node -e '
     `${s.rate_target}${s.attempt ? "(retry)" : ""}: ${s.published_per_sec}/s p99 ${s.latency_ms.p99}${s.passed ? "" : " FAIL"}`).join(", "));' "$WORK/cpub-roomcast.json")"
 stop_cluster
 
+# ---------------------------------------------------------------------------------------------
+# 8. Small rooms at a chat's pace, the server-CPU-per-publish target's own case: 2,000 members
+#    over 100 rooms (19 subscribers and 1 publisher each), 10 msg/s per room (1,000 publishes/s
+#    in all), Roomcast (the fan-out rounds' cluster) and the floor (one process, as in the
+#    fan-out rounds), SMALL_PAIRS rounds each in alternation. At this pace every publish costs
+#    its own gRPC call and script call: the per-publish work weighs as much as the deliveries.
+# ---------------------------------------------------------------------------------------------
+SMALL_PAIRS=$PAIRS
+SMALL_STEP=10
+[ "$QUICK" = 1 ] && SMALL_STEP=5
+printf 'small_step\t%s\n' "$SMALL_STEP" >>"$WORK/machine.tsv"
+small_rooms() { # name servers redis [loadgen options…]
+  local name=$1 servers=$2 redis=$3
+  shift 3
+  run "$name" "$servers" "$redis" 120 -- \
+    "$BIN/loadgen" fanout --secret "$SECRET" --subscribers 1900 --rooms 100 --payload 100 --connect-rate 0 \
+    --steps 1000 --step-duration "${SMALL_STEP}s" --json "$@"
+  log "$name: $(node -e '
+    let r; try { r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); } catch { console.log("no result"); process.exit(0); }
+    const s = (r.steps || [])[0]; if (!s) { console.log("no step"); process.exit(0); }
+    const cpu = (s.cpu_seconds || {}).server + Object.values(s.redis_cpu_seconds || {}).reduce((a, b) => a + b, 0);
+    console.log(`${s.published_per_sec}/s, p99 ${s.latency_ms.p99} ms, ${(cpu * 1e6 / s.published).toFixed(0)} µs of server CPU per publish${s.passed ? "" : " FAIL"}`);' "$WORK/$name.json")"
+}
+for i in $(seq "$SMALL_PAIRS"); do
+  round_start "small-roomcast-$i"
+  start_cluster "small-$i" 2 2 --worker-threads 1
+  small_rooms "small-roomcast-$i" "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" --url "$GW_URLS" \
+    --measure-pid "server=$(IFS=,; echo "${ROOMCAST_PIDS[*]}")" \
+    --measure-pid "gateways=$(IFS=,; echo "${GW_PIDS[*]}")" \
+    --measure-redis "redis=127.0.0.1:$CREDIS_PORT"
+  stop_cluster
+  round_start "small-floor-$i"
+  start_floor 1 4
+  small_rooms "small-floor-$i" "${FLOOR_PIDS[*]}" "" --url "$FLOOR_URLS_CSV" \
+    --measure-pid "server=$(IFS=,; echo "${FLOOR_PIDS[*]}")" \
+    --measure-pid "gateways=$(IFS=,; echo "${FLOOR_PIDS[*]}")"
+  stop_floor
+done
+
 printf 'loadavg_end\t%s\nelapsed_s\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" "$((SECONDS - T_START))" >>"$WORK/machine.tsv"
 
 # ---------------------------------------------------------------------------------------------
