@@ -39,7 +39,7 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 pub(super) struct Message {
     /// epoch, seq, hist.
     pub keys: Vec<String>,
-    /// The idempotency record's key, when the publish has one.
+    /// The idempotency record's key, when the script looks it up or writes it.
     pub record_key: Option<String>,
     pub ttl_ms: u64,
     pub size: usize,
@@ -53,10 +53,12 @@ pub(super) struct Message {
     pub sender: String,
     /// With an idempotency record: how long it is kept.
     pub window_ms: Option<u64>,
-    /// Its idempotency key was never used before: nothing to look up.
+    /// Its idempotency key was never used before: nothing to look up (never set where the
+    /// client may send a script call again, `Backend::MAY_RESEND`).
     pub key_unused: bool,
-    /// A gateway's retry key whose record can be the history entry (`publish.lua`, flag 4):
-    /// the try's number. Set for rooms with history that outlives the retry window.
+    /// A gateway's retry key whose record is the history entry (`publish.lua`, flag 4): the
+    /// try's number. Set for rooms with history that outlives the retry window, and not where
+    /// the client may send a script call again.
     pub try_number: Option<u64>,
     /// The room, for a broadcast on another broker.
     pub room: String,
@@ -225,23 +227,19 @@ impl<C: Backend> Sender<C> {
     /// slot on a cluster.
     async fn call(&self, messages: Vec<(&Message, bool)>) -> Result<Vec<Value>, StoreError> {
         let mut invocation = self.scripts.publish.prepare_invoke();
-        // A client that may send a script call again after a dropped connection (a cluster's)
-        // could run a first try twice: those always write and look up a record key.
-        let in_history = |message: &Message| message.try_number.is_some() && !C::MAY_RESEND;
         let flags: String = messages
             .iter()
             .map(|&(message, lasting)| {
-                let unused = message.key_unused && !C::MAY_RESEND;
                 char::from(
                     b'0' + u8::from(lasting)
-                        + 2 * u8::from(unused)
-                        + 4 * u8::from(in_history(message)),
+                        + 2 * u8::from(message.key_unused)
+                        + 4 * u8::from(message.try_number.is_some()),
                 )
             })
             .collect();
         let retry_window = messages
             .iter()
-            .filter(|(message, _)| in_history(message))
+            .filter(|(message, _)| message.try_number.is_some())
             .filter_map(|(message, _)| message.window_ms)
             .max()
             .unwrap_or(0);
@@ -255,10 +253,7 @@ impl<C: Backend> Sender<C> {
             for key in &message.keys {
                 invocation.key(key);
             }
-            let in_history = in_history(message);
-            if let Some(key) = &message.record_key
-                && !(in_history && message.key_unused)
-            {
+            if let Some(key) = &message.record_key {
                 invocation.key(key);
             }
             invocation
@@ -271,9 +266,9 @@ impl<C: Backend> Sender<C> {
                 .arg(&message.data_json)
                 .arg(&message.sender);
             match (message.try_number, message.window_ms) {
-                (Some(n), _) if in_history => invocation.arg(n),
-                (_, Some(window)) => invocation.arg(window),
-                _ => invocation.arg(""),
+                (Some(n), _) => invocation.arg(n),
+                (None, Some(window)) => invocation.arg(window),
+                (None, None) => invocation.arg(""),
             };
         }
         let mut connection = self.connection.clone();

@@ -400,17 +400,22 @@ impl<C: Backend> RedisStore<C> {
             room: item.room.to_owned(),
         };
         if let Some(once) = item.once {
-            // The room's hash tag comes first, so the record lives in the room's slot.
-            message.record_key = Some(format!("rc:{{{}}}:idem:{}", item.room, once.key));
             let window_ms = u64::try_from(once.window.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
             message.window_ms = Some(window_ms);
-            message.key_unused = once.unused;
+            // A client that may send a script call again by itself (a cluster's) could run a
+            // first try twice: there every publish looks its record key up.
+            message.key_unused = once.unused && !C::MAY_RESEND;
             // The history entry is the record when it surely outlives the retry window but for
             // trimming to size, which publish.lua detects.
-            if limits.size > 0 && message.ttl_ms >= window_ms {
+            if limits.size > 0 && message.ttl_ms >= window_ms && !C::MAY_RESEND {
                 message.try_number = try_number(once.key, item.client_id);
+            }
+            // A first try whose record is its history entry has no record key to look up or
+            // write. The room's hash tag comes first, so the key lives in the room's slot.
+            if !(message.try_number.is_some() && message.key_unused) {
+                message.record_key = Some(format!("rc:{{{}}}:idem:{}", item.room, once.key));
             }
         }
         Ok(message)
