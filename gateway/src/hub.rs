@@ -7,7 +7,9 @@
 //! frame. Order within a room is the [`RoomStream`]'s business; the hub only finds the room.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +29,7 @@ const SHARDS: usize = 32;
 /// payloads). Redis would disconnect a subscriber that lags much more than this anyway.
 pub const MAX_INBOX: usize = 65_536;
 
-type Rooms = HashMap<Arc<str>, RoomStream>;
+type Rooms = HashMap<Arc<str>, RoomStream, RandomState>;
 
 /// Work for the repair task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +199,7 @@ impl Hub {
         let _clock = crate::ping::RunClock::start();
         // Rooms in order of their first payload, each with its payloads in order.
         let mut runs: Vec<(Arc<str>, Vec<Envelope>)> = Vec::new();
-        let mut run_of: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut run_of: HashMap<Arc<str>, usize, RandomState> = HashMap::default();
         for event in events {
             let BrokerEvent::Message { channel, payload } = event else {
                 tracing::warn!(

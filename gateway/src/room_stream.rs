@@ -92,8 +92,8 @@ fn joined_frames(deliveries: &[&Arc<Delivery>]) -> Bytes {
 
 /// A client id's hash (equal ids, equal hashes).
 fn id_hash(id: &str) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(id)
 }
 
 /// One room with local members.

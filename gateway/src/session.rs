@@ -103,7 +103,7 @@ struct Joined {
 pub struct Session {
     gateway: Arc<Gateway>,
     conn: Arc<ConnHandle>,
-    rooms: HashMap<Arc<str>, Joined>,
+    rooms: HashMap<Arc<str>, Joined, foldhash::fast::RandomState>,
     /// The current token, presented to the auth service on every join.
     token: String,
     expires_at: i64,
@@ -200,7 +200,7 @@ impl Session {
             read_bucket: TokenBucket::new(settings.read_rate, f64::from(settings.read_burst)),
             gateway: gateway.clone(),
             conn,
-            rooms: HashMap::new(),
+            rooms: HashMap::default(),
             token: auth.token,
             expires_at: auth.expires_at,
             refused_in_a_row: 0,
