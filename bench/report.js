@@ -350,7 +350,16 @@ const smallPerPublish = (run) => {
   const st = smallStep(run);
   return us(Number(st.cpu_seconds && st.cpu_seconds.server) + smallRedis(st), st.published);
 };
-const SMALL = { roomcast: smallRuns('roomcast'), floor: smallRuns('floor') };
+const SMALL = { roomcast: smallRuns('roomcast'), batched: smallRuns('batched'), floor: smallRuns('floor') };
+// The batched rounds' gateway PUBLISH_BATCH_MS (run.sh: SMALL_BATCH_MS).
+const smallBatchMs = Number(machine.small_batch_ms || 20);
+// Publishes per gateway PublishBatch call of a Roomcast round (run.sh: NAME.calls), or null.
+const publishesPerCall = (run) => {
+  const file = path.join(work, `${run.name}.calls`);
+  if (!fs.existsSync(file)) return null;
+  const [calls, publishes] = fs.readFileSync(file, 'utf8').trim().split(/\s+/).map(Number);
+  return calls > 0 ? publishes / calls : null;
+};
 const maxRate = (m) => (!m.run ? null : m.best ? m.best.rate_target : 0);
 const maxText = (m) => {
   if (!m.run) return m.skip ? 'skipped' : 'not run';
@@ -698,6 +707,14 @@ p(`| ≤ 4 KiB gateway RSS per idle connection (~19,000 on one gateway; 100,000 
     p(`| the same, small rooms at a chat's pace (2,000 members over 100 rooms, 10 msg/s each: the target's own case) | ` +
       `${rcS != null && flS != null ? `${f(rcS, 0)} µs vs ${f(flS, 0)} µs at 1,000 publishes/s: ${f(ratio(rcS, flS), 2)}× (medians; rounds ${rounds(SMALL.roomcast)} vs ${rounds(SMALL.floor)})` : 'not measured by this run'} | ` +
       `${met(rcS == null || flS == null ? null : rcS / flS <= 1.5)} |`);
+    const bS = per(SMALL.batched);
+    if (SMALL.batched.length) {
+      const p99s = SMALL.batched.map((run) => f(smallStep(run).latency_ms.p99, 1)).join(', ');
+      const ok = bS != null && flS != null && bS / flS <= 1.5 && SMALL.batched.every((run) => smallStep(run).passed);
+      p(`| the same with \`PUBLISH_BATCH_MS=${smallBatchMs}\` on the gateways (more publishes per call, for latency) | ` +
+        `${bS != null && flS != null ? `${f(bS, 0)} µs vs ${f(flS, 0)} µs: ${f(ratio(bS, flS), 2)}× (median; rounds ${rounds(SMALL.batched)}); p99 ${p99s} ms` : 'not measured by this run'} | ` +
+        `${bS == null || flS == null ? 'not measured' : ok ? 'met with this setting' : 'not met'} |`);
+    }
   }
   // Measured twice: in the many-rooms ramp (4 deliveries a publish) and into the server-API
   // rounds' rooms (one subscriber each), the like-for-like of the server-API target.
@@ -1173,22 +1190,26 @@ if (!SMALL.roomcast.length && !SMALL.floor.length) {
     `${machine.small_step || 10} s, drained and counted (one \`loadgen fanout --steps 1000\` run per round), the case the ` +
     'server-CPU-per-publish target names. Roomcast: the fan-out rounds\' cluster (`roomcast-cluster --gateways 2 ' +
     '--room-services 2 --worker-threads 1`, one Redis, members spread over the gateways); floor: one process of four ' +
-    'runtime threads; rounds in alternation. CPU per publish over publishing + drain, Redis included. At this pace ' +
-    'little batches: each publish is about one gRPC call and one script call, and each gateway with members of the ' +
-    'room reads it from Redis on its own.');
+    'runtime threads; rounds in alternation, with a third system: the same Roomcast cluster with ' +
+    `\`--gateway-env PUBLISH_BATCH_MS=${smallBatchMs}\` (small-batched: a gateway's publish calls at most one per ` +
+    `${smallBatchMs} ms instead of 5, so each carries more publishes, for that much more latency). CPU per publish over ` +
+    'publishing + drain, Redis included. At this pace a call carries few publishes (publishes per call: the gateways\' ' +
+    '`PublishBatch` calls over the round), so each call\'s own work (the gRPC hop, the script call, a wake-up of each ' +
+    'process on the way) weighs as much as the deliveries; each gateway with members of the room reads every ' +
+    'message from Redis.');
   p();
-  p('| round | published/s | deliveries/s | loss | p50 (ms) | p99 (ms) | server CPU µs/publish (incl. Redis) | front processes µs/publish | Redis µs/publish | load generator CPU (s) | |');
-  p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|');
+  p('| round | published/s | deliveries/s | loss | p50 (ms) | p99 (ms) | server CPU µs/publish (incl. Redis) | front processes µs/publish | Redis µs/publish | publishes per call | load generator CPU (s) | |');
+  p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|');
   const rows = [];
-  for (let i = 0; i < Math.max(SMALL.roomcast.length, SMALL.floor.length); i++) {
-    for (const run of [SMALL.roomcast[i], SMALL.floor[i]]) if (run) rows.push(run);
+  for (let i = 0; i < Math.max(SMALL.roomcast.length, SMALL.batched.length, SMALL.floor.length); i++) {
+    for (const run of [SMALL.roomcast[i], SMALL.batched[i], SMALL.floor[i]]) if (run) rows.push(run);
   }
   for (const run of rows) {
     const st = smallStep(run);
     const front = Number(st.cpu_seconds && st.cpu_seconds.gateways);
     const redis = Object.keys(st.redis_cpu_seconds || {}).length ? f(us(smallRedis(st), st.published), 1) : '–';
     p(`| ${run.name} | ${int(st.published_per_sec)} | ${int(st.deliveries_per_sec)} | ${int(st.loss)} | ${f(st.latency_ms.p50, 2)} | ` +
-      `${f(st.latency_ms.p99, 2)} | ${f(smallPerPublish(run), 0)} | ${f(us(front, st.published), 0)} | ${redis} | ${f(st.loadgen_cpu_seconds, 2)} | ` +
+      `${f(st.latency_ms.p99, 2)} | ${f(smallPerPublish(run), 0)} | ${f(us(front, st.published), 0)} | ${redis} | ${f(publishesPerCall(run), 1)} | ${f(st.loadgen_cpu_seconds, 2)} | ` +
       `${st.passed ? 'pass' : '**fail**'} |`);
   }
   p();
@@ -1217,6 +1238,10 @@ if (MANY.some((m) => m.run)) {
 }
 if (SMALL.roomcast.length) {
   p('target/release/roomcast-cluster --gateways 2 --room-services 2 --worker-threads 1 --secret "$SECRET"   # small rooms at a chat\'s pace');
+}
+if (SMALL.batched.length) {
+  p('target/release/roomcast-cluster --gateways 2 --room-services 2 --worker-threads 1 --secret "$SECRET" \\');
+  p(`  --gateway-env PUBLISH_BATCH_MS=${smallBatchMs}   # small rooms at a chat's pace, batched`);
 }
 const shown = new Set();
 for (const run of Object.values(runs).sort((a, b) => Number(a.meta.start) - Number(b.meta.start))) {

@@ -864,13 +864,40 @@ stop_cluster
 # 8. Small rooms at a chat's pace, the server-CPU-per-publish target's own case: 2,000 members
 #    over 100 rooms (19 subscribers and 1 publisher each), 10 msg/s per room (1,000 publishes/s
 #    in all), Roomcast (the fan-out rounds' cluster) and the floor (one process, as in the
-#    fan-out rounds), SMALL_PAIRS rounds each in alternation. At this pace every publish costs
-#    its own gRPC call and script call: the per-publish work weighs as much as the deliveries.
+#    fan-out rounds), SMALL_PAIRS rounds each in alternation, and Roomcast once more with
+#    `PUBLISH_BATCH_MS=20` on the gateways (SMALL_BATCH_MS: more publishes per gRPC call and
+#    script call, for more latency). At this pace a call carries few publishes: the per-call work
+#    weighs as much as the deliveries. Each Roomcast round records its gateways' publish calls.
 # ---------------------------------------------------------------------------------------------
 SMALL_PAIRS=$PAIRS
 SMALL_STEP=10
+SMALL_BATCH_MS=20
 [ "$QUICK" = 1 ] && SMALL_STEP=5
 printf 'small_step\t%s\n' "$SMALL_STEP" >>"$WORK/machine.tsv"
+printf 'small_batch_ms\t%s\n' "$SMALL_BATCH_MS" >>"$WORK/machine.tsv"
+# The gateways' PublishBatch calls and the publishes they carried, summed ("calls publishes"):
+# read before the cluster stops.
+publish_calls() { # name
+  local url
+  for url in ${GW_URLS//,/ }; do
+    url=${url#ws://}
+    curl -fs "http://${url%%/*}/metrics" || true
+  done | awk '/^roomcast_gateway_batched_calls_total\{call="publish_batch"\}/ { c += $2 }
+    /^roomcast_gateway_batched_requests_total\{call="publish_batch"\}/ { r += $2 }
+    END { print c + 0, r + 0 }' >"$WORK/$1.calls"
+}
+small_roomcast() { # name [more roomcast-cluster options]
+  local name=$1
+  shift
+  round_start "$name"
+  start_cluster "$name" 2 2 --worker-threads 1 "$@"
+  small_rooms "$name" "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" --url "$GW_URLS" \
+    --measure-pid "server=$(IFS=,; echo "${ROOMCAST_PIDS[*]}")" \
+    --measure-pid "gateways=$(IFS=,; echo "${GW_PIDS[*]}")" \
+    --measure-redis "redis=127.0.0.1:$CREDIS_PORT"
+  publish_calls "$name"
+  stop_cluster
+}
 small_rooms() { # name servers redis [loadgen options…]
   local name=$1 servers=$2 redis=$3
   shift 3
@@ -884,13 +911,8 @@ small_rooms() { # name servers redis [loadgen options…]
     console.log(`${s.published_per_sec}/s, p99 ${s.latency_ms.p99} ms, ${(cpu * 1e6 / s.published).toFixed(0)} µs of server CPU per publish${s.passed ? "" : " FAIL"}`);' "$WORK/$name.json")"
 }
 for i in $(seq "$SMALL_PAIRS"); do
-  round_start "small-roomcast-$i"
-  start_cluster "small-$i" 2 2 --worker-threads 1
-  small_rooms "small-roomcast-$i" "${ROOMCAST_PIDS[*]}" "$CREDIS_PID" --url "$GW_URLS" \
-    --measure-pid "server=$(IFS=,; echo "${ROOMCAST_PIDS[*]}")" \
-    --measure-pid "gateways=$(IFS=,; echo "${GW_PIDS[*]}")" \
-    --measure-redis "redis=127.0.0.1:$CREDIS_PORT"
-  stop_cluster
+  small_roomcast "small-roomcast-$i"
+  small_roomcast "small-batched-$i" --gateway-env "PUBLISH_BATCH_MS=$SMALL_BATCH_MS"
   round_start "small-floor-$i"
   start_floor 1 4
   small_rooms "small-floor-$i" "${FLOOR_PIDS[*]}" "" --url "$FLOOR_URLS_CSV" \
