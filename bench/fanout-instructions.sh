@@ -9,9 +9,14 @@
 #
 #   bench/fanout-instructions.sh [--bin DIR] [--system roomcast|floor] [--subscribers N]
 #                                [--rooms R] [--rate R] [--window S]
+#                                [--process gateway|room-service] [--gateway-env KEY=VALUE]…
 #
 # Roomcast: `roomcast-cluster` with 2 gateways (each started under callgrind through a wrapper),
-# 1 room-service, `WRITE_DELAY_MS=0` (one write per delivery, as the floor does); the floor: one
+# 1 room-service, `WRITE_DELAY_MS=0` (one write per delivery, as the floor does); with
+# `--process room-service` the room-service runs under callgrind instead (its user-space
+# instructions per message); `--gateway-env` adds a gateway setting (e.g.
+# `PUBLISH_BATCH_MS=100`: calls that carry many publishes, to count the per-message work
+# without the per-call work); the floor: one
 # `floor` process under callgrind. Then `loadgen fanout` into one room (1 publisher, R msg/s,
 # 100-byte payloads), or with `--rooms` into that many rooms (one more member each, its
 # publisher; R msg/s in all), where the per-message work (the publish call, the broker's
@@ -27,6 +32,8 @@ SUBSCRIBERS=1000
 ROOMS=1
 RATE=20
 WINDOW=10
+PROCESS=gateway
+GATEWAY_ENV=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) BIN="$2"; shift 2 ;;
@@ -35,7 +42,9 @@ while [ $# -gt 0 ]; do
     --rooms) ROOMS="$2"; shift 2 ;;
     --rate) RATE="$2"; shift 2 ;;
     --window) WINDOW="$2"; shift 2 ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    --process) PROCESS="$2"; shift 2 ;;
+    --gateway-env) GATEWAY_ENV+=(--gateway-env "$2"); shift 2 ;;
+    -h|--help) sed -n 2,25p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -65,12 +74,18 @@ case "$SYSTEM" in
     # roomcast-cluster runs the binaries in ROOMCAST_BIN_DIR: there the gateway is a wrapper
     # that starts the real one under callgrind.
     mkdir -p "$WORK/bin"
-    for b in room-service auth-service; do ln -s "$BIN/$b" "$WORK/bin/$b"; done
-    printf '#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file=%s/cg.%%p %s/gateway "$@"\n' \
-      "$WORK" "$BIN" >"$WORK/bin/gateway"
-    chmod +x "$WORK/bin/gateway"
+    case "$PROCESS" in
+      gateway|room-service) ;;
+      *) echo "--process gateway or room-service" >&2; exit 2 ;;
+    esac
+    for b in gateway room-service auth-service; do
+      [ "$b" = "$PROCESS" ] || ln -s "$BIN/$b" "$WORK/bin/$b"
+    done
+    printf '#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file=%s/cg.%%p %s "$@"\n' \
+      "$WORK" "$BIN/$PROCESS" >"$WORK/bin/$PROCESS"
+    chmod +x "$WORK/bin/$PROCESS"
     ROOMCAST_BIN_DIR="$WORK/bin" "$BIN/roomcast-cluster" --gateways 2 --room-services 1 --secret s --worker-threads 1 \
-      --log-dir "$WORK/logs" --gateway-env WRITE_DELAY_MS=0 >"$WORK/cluster.out" 2>&1 &
+      --log-dir "$WORK/logs" --gateway-env WRITE_DELAY_MS=0 "${GATEWAY_ENV[@]}" >"$WORK/cluster.out" 2>&1 &
     SERVER=$!
     for _ in $(seq 600); do
       grep -q 'Ctrl-C or SIGTERM stops everything' "$WORK/cluster.out" && break
@@ -109,7 +124,10 @@ for f in "$WORK"/cg.*.1; do
   n=$(awk '/^(summary|totals):/ { print $2; exit }' "$f")
   total=$((total + n))
 done
-python3 - "$WORK/loadgen.json" "$total" "$WINDOW" "$SYSTEM" "$SUBSCRIBERS" "$RATE" "$ROOMS" <<'PY'
+LABEL=$SYSTEM
+# run.sh reads "roomcast:" and "floor:" lines (the gateways and the floor).
+[ "$PROCESS" = room-service ] && LABEL="roomcast room-service"
+python3 - "$WORK/loadgen.json" "$total" "$WINDOW" "$LABEL" "$SUBSCRIBERS" "$RATE" "$ROOMS" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 total, window = int(sys.argv[2]), float(sys.argv[3])
